@@ -1,0 +1,131 @@
+"""The public entry points: :func:`estimate`, :func:`list_backends`, :func:`get_backend`."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deconcnn_curvature.backend import QUANTITIES, Backend
+from deconcnn_curvature.errors import (
+    BackendFailedError,
+    BackendUnavailableError,
+    CurvatureError,
+    InvalidOptionError,
+    UnsupportedQuantityError,
+)
+from deconcnn_curvature.problem import Batch, LossFn, build_problem, preserve_state
+from deconcnn_curvature.registry import default_backend_name, get_registry
+from deconcnn_curvature.results import CurvatureResult
+
+__all__ = ["estimate", "get_backend", "list_backends", "resolve"]
+
+
+def list_backends() -> list[dict[str, Any]]:
+    """One dictionary per registered backend: ``name``, ``plugin``, ``available``, ``reason``,
+    ``install``, ``quantities``, ``exact``, ``distributed``, ``options``, ``description``."""
+    return get_registry().describe_all()
+
+
+def get_backend(name: str | None = None) -> type[Backend]:
+    """The backend class registered as ``name`` (default: the configured default backend)."""
+    return get_registry().get(name or default_backend_name())
+
+
+def resolve(
+    quantity: str, backend: str | None = None, options: dict[str, Any] | None = None
+) -> tuple[type[Backend], dict[str, Any]]:
+    """Check that ``backend`` exists, is available and computes ``quantity``; validate options.
+
+    Front ends call this at setup time to fail before any work. Returns the class and the
+    complete option dictionary.
+    """
+    registry = get_registry()
+    cls = registry.get(backend or default_backend_name())
+    if quantity not in cls.quantities and not registry.supporting(quantity):
+        raise UnsupportedQuantityError(
+            f"unknown quantity {quantity!r}; known quantities: "
+            f"{', '.join(sorted(set(QUANTITIES) | {q for n in registry.names() for q in registry.entries[n].cls.quantities}))}."
+        )
+    registry.check_quantity(cls, quantity)
+    avail = cls.availability()
+    if not avail.available:
+        hint = f" Install it with: {avail.install}" if avail.install else ""
+        raise BackendUnavailableError(
+            f"backend {cls.name!r} is not available here ({avail.reason}).{hint}"
+        )
+    return cls, cls.resolve_options(quantity, options or {})
+
+
+def _check_seed(seed: Any) -> int:
+    if seed is None:
+        return secrets.randbits(31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidOptionError(f"seed must be a non-negative integer or None, got {seed!r}.")
+    return seed
+
+
+def estimate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Batch | Iterable[Batch],
+    quantity: str = "trace",
+    backend: str | None = None,
+    *,
+    seed: int | None = 0,
+    **options: Any,
+) -> CurvatureResult:
+    """Measure ``quantity`` of the Hessian of ``loss_fn(model(x), y)`` with one backend.
+
+    Args:
+        model: the network; measured in eval mode unless ``eval_mode=False`` and left exactly as
+            it was (modes, ``.grad``, ``requires_grad``, buffers, RNG states).
+        loss_fn: mean-reduced loss ``loss_fn(outputs, targets) -> scalar``.
+        data: one ``(inputs, targets)`` batch or an iterable of batches; with several, the Hessian
+            is that of the mean loss over all samples.
+        quantity: ``"trace"``, ``"eigenvalues"``, ``"density"`` or a backend-specific quantity.
+        backend: a registered backend name; default ``$DECONCNN_CURVATURE_BACKEND`` or
+            ``"pyhessian"``.
+        seed: probes are drawn from a private generator seeded with this (``None``: a fresh random
+            seed, recorded in the result). The global RNG is never consumed.
+        **options: backend options (see ``deconcnn-curv list-backends --json``).
+    """
+    cls, opts = resolve(quantity, backend, options)
+    seed = _check_seed(seed)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if not cls.supports_distributed:
+            raise CurvatureError(
+                f"backend {cls.name!r} does not support torch.distributed: under a process group "
+                "it would return a per-rank number. Use a backend that does (see "
+                "`deconcnn-curv list-backends`), or call it outside the process group."
+            )
+    cls.validate_model(model)
+    eval_mode = opts.get("eval_mode", True)
+    problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
+    cuda = problem.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(problem.device)
+        base = torch.cuda.memory_allocated(problem.device)
+    start = time.perf_counter()
+    with preserve_state(model, eval_mode=eval_mode):
+        try:
+            result = cls().compute(problem, quantity, seed=seed, options=opts)
+        except CurvatureError:
+            raise
+        except Exception as exc:
+            raise BackendFailedError(
+                f"backend {cls.name!r} failed computing {quantity!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if cuda:
+            torch.cuda.synchronize(problem.device)
+    seconds = time.perf_counter() - start
+    extra: dict[str, Any] = {"seconds": seconds}
+    if cuda:
+        extra["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(problem.device) - base)
+    return dataclasses.replace(result, **extra)

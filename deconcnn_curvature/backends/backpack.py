@@ -1,0 +1,1 @@
+"""The optional ``backpack`` backend — being built."""

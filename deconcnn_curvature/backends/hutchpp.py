@@ -1,0 +1,1 @@
+"""The ``hutchpp`` backend (Hutch++ trace on PyHessian's HVPs) — being built."""

@@ -1,0 +1,1 @@
+"""Loading checkpoints into curvature problems — being built."""

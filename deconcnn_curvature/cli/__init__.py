@@ -1,0 +1,107 @@
+"""``deconcnn-curv``: a thin Click front end over :mod:`deconcnn_curvature`.
+
+Each command parses options, calls one library function and prints (a rich table for people,
+``--json`` for programs). Package errors become a one-line message on stderr and exit code 1;
+usage errors are Click's (exit code 2).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import deconcnn_curvature as dcc
+from deconcnn_curvature.errors import CurvatureError
+
+__all__ = ["cli", "main", "print_json", "user_errors"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(func: F) -> F:
+    """Turn package errors (user mistakes) into ``Error: <message>`` and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CurvatureError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, allow_nan=False))
+
+
+def console() -> Console:
+    return Console(soft_wrap=False, width=max(100, Console().width))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(dcc.__version__, "--version", "-V", prog_name="deconcnn-curv")
+def cli() -> None:
+    """Curvature of a network's loss: Hessian trace, top eigenvalues, spectral density."""
+
+
+@cli.command("list-backends")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@user_errors
+def list_backends_cmd(as_json: bool) -> None:
+    """List the registered curvature backends and whether each can run here."""
+    from deconcnn_curvature.registry import default_backend_name, get_registry
+
+    rows = dcc.list_backends()
+    broken = [b.to_dict() for b in get_registry().broken]
+    if as_json:
+        print_json({"default": default_backend_name(), "backends": rows, "broken_plugins": broken})
+        return
+    table = Table(title="deconcnn-curvature backends")
+    for col in ("name", "plugin", "quantities", "kind", "available"):
+        table.add_column(col)
+    for r in rows:
+        status = (
+            "yes"
+            if r["available"]
+            else f"no: {r['reason']}" + (f" (install: {r['install']})" if r.get("install") else "")
+        )
+        table.add_row(
+            r["name"] + (" (default)" if r["name"] == default_backend_name() else ""),
+            r["plugin"],
+            ", ".join(r["quantities"]),
+            "exact" if r["exact"] else "stochastic",
+            status,
+        )
+    out = console()
+    out.print(table)
+    for b in broken:
+        out.print(f"[red]broken plugin[/red] {b['name']} ({b['where']}): {b['error']}")
+
+
+def _load_subcommands() -> None:
+    # Commands that live in their own modules register themselves on `cli` when imported.
+    import importlib
+
+    for mod in ("estimate", "train"):
+        try:
+            importlib.import_module(f"deconcnn_curvature.cli.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"deconcnn_curvature.cli.{mod}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    _load_subcommands()
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="deconcnn-curv")
+
+
+_load_subcommands()

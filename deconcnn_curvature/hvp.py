@@ -1,0 +1,164 @@
+"""The Hessian of a network's loss as a linear operator, multiplied through PyHessian.
+
+The gradient graph of each batch is built once with ``torch.autograd.grad(create_graph=True)`` —
+never ``backward()``, so no parameter's ``.grad`` is written — and every Hessian-vector product is a
+second differentiation of that graph via :func:`pyhessian.utils.hessian_vector_product` (the same
+primitive PyHessian's own estimators use). A block of probes can instead be multiplied in one
+vectorised call (``is_grads_batched=True``); both paths give the same products to float tolerance.
+
+Parameters that do not influence the loss ("unused") have zero rows and columns: they are kept in
+the operator's dimension (they are trainable, with zero curvature) but never differentiated, which
+is what makes PyHessian's own HVP crash on them.
+
+Under an initialised ``torch.distributed`` process group (``distributed=True``), each rank
+multiplies with its local batches and one all-reduce, weighted by sample count, gives the product of
+the Hessian of the mean loss over the union of all ranks' samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from pyhessian.utils import hessian_vector_product
+
+from deconcnn_curvature.errors import NonFiniteError
+from deconcnn_curvature.problem import CurvatureProblem, _batch_size
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator:
+    """``H = ∇²_θ L(θ)`` for a :class:`~deconcnn_curvature.problem.CurvatureProblem`.
+
+    Args:
+        problem: the model, loss, batches and trainable parameters (call inside
+            :func:`~deconcnn_curvature.problem.preserve_state`).
+        probe_batch: how many probes one autograd call multiplies. ``1`` uses PyHessian's
+            sequential product; ``> 1`` uses a vectorised batched product.
+        retain_graphs: with several batches, keep every batch's gradient graph in memory (fast) or
+            rebuild them on each ``matmat`` (memory of one batch). A single batch is always kept.
+        distributed: all-reduce products across the default process group.
+    """
+
+    def __init__(
+        self,
+        problem: CurvatureProblem,
+        *,
+        probe_batch: int = 1,
+        retain_graphs: bool = False,
+        distributed: bool = False,
+    ) -> None:
+        self.problem = problem
+        self.probe_batch = max(1, int(probe_batch))
+        self._n = 0
+        self._slices = list(problem.slices().values())
+        self._shapes = [p.shape for p in problem.params]
+        self._dim = problem.dim
+        self._distributed = distributed and dist.is_available() and dist.is_initialized()
+        sizes = [_batch_size(x, y) for x, y in problem.batches]
+        self._sizes = sizes
+        local = float(sum(sizes))
+        if self._distributed:
+            t = torch.tensor([local], dtype=torch.float64, device=self._comm_device())
+            dist.all_reduce(t)
+            self._total = float(t.item())
+        else:
+            self._total = local
+        self._keep = retain_graphs or len(problem.batches) == 1
+        self._graphs: list[tuple[list[int], list[torch.Tensor]]] | None = None
+        if self._keep:
+            self._graphs = [self._gradient_graph(b) for b in range(len(problem.batches))]
+
+    # -- LinearOperator protocol --------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.problem.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.problem.device
+
+    @property
+    def n_matvecs(self) -> int:
+        return self._n
+
+    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+        """``H @ v`` for a ``(dim, k)`` block ``v``."""
+        if v.ndim != 2 or v.shape[0] != self._dim:
+            raise ValueError(f"expected a ({self._dim}, k) block, got {tuple(v.shape)}")
+        k = v.shape[1]
+        out = torch.zeros_like(v)
+        for b in range(len(self.problem.batches)):
+            live, grads = self._graphs[b] if self._graphs is not None else self._gradient_graph(b)
+            if live:
+                weight = self._sizes[b] / self._total
+                for start in range(0, k, self.probe_batch):
+                    cols = slice(start, min(k, start + self.probe_batch))
+                    out[:, cols] += weight * self._product(live, grads, v[:, cols])
+            del live, grads
+        if self._distributed:
+            dist.all_reduce(out)
+        self._n += k
+        return out
+
+    def close(self) -> None:
+        """Free the retained gradient graphs."""
+        self._graphs = None
+
+    # -- internals ----------------------------------------------------------------------------
+    def _comm_device(self) -> torch.device:
+        backend = dist.get_backend()
+        return self.problem.device if backend == "nccl" else torch.device("cpu")
+
+    def _gradient_graph(self, b: int) -> tuple[list[int], list[torch.Tensor]]:
+        problem = self.problem
+        inputs, targets = problem.batches[b]
+        loss = problem.loss_fn(problem.model(inputs), targets)
+        if loss.ndim != 0:
+            raise ValueError(
+                f"loss_fn must return a scalar (mean-reduced) loss, got shape {tuple(loss.shape)}"
+            )
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteError(
+                f"the loss is {loss.item()} on batch {b}; curvature of a non-finite loss is "
+                "undefined. Check the data and the model's parameters (diverged training?)."
+            )
+        grads = torch.autograd.grad(loss, problem.params, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return live, [grads[i] for i in live]
+
+    def _product(self, live: list[int], grads: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        params = [self.problem.params[i] for i in live]
+        k = v.shape[1]
+        if k == 1:
+            vecs = [v[self._slices[i], 0].view(self._shapes[i]) for i in live]
+            try:
+                hv = hessian_vector_product(grads, params, vecs)
+            except RuntimeError as exc:
+                if "appears to not have been used" not in str(exc):
+                    raise
+                # A parameter reaches the loss only linearly: its Hessian rows are zero.
+                hv = torch.autograd.grad(
+                    grads, params, grad_outputs=vecs, retain_graph=True, allow_unused=True
+                )
+            cols = [h.reshape(-1, 1) if h is not None else None for h in hv]
+        else:
+            vecs = [v[self._slices[i]].T.reshape(k, *self._shapes[i]) for i in live]
+            hv = torch.autograd.grad(
+                grads,
+                params,
+                grad_outputs=vecs,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            cols = [h.reshape(k, -1).T if h is not None else None for h in hv]
+        out = torch.zeros_like(v)
+        for i, col in zip(live, cols, strict=True):
+            if col is not None:
+                out[self._slices[i]] = col
+        return out

@@ -1,0 +1,22 @@
+"""The numerics, free of ``torch.nn``: linear operators and the estimators that run on them.
+
+Every estimator is a plain function over a :class:`LinearOperator` (anything that multiplies a block
+of vectors), so each one is tested on small dense matrices with known spectra before it meets a
+network. The Hessian of a network is just one such operator (:mod:`deconcnn_curvature.hvp`).
+"""
+
+from deconcnn_curvature.linalg.hutchinson import TraceEstimate, hutchinson
+from deconcnn_curvature.linalg.lanczos import EigenEstimate, lanczos_top_eigenvalues
+from deconcnn_curvature.linalg.operator import DenseOperator, LinearOperator, rademacher
+from deconcnn_curvature.linalg.slq import slq_density
+
+__all__ = [
+    "DenseOperator",
+    "EigenEstimate",
+    "LinearOperator",
+    "TraceEstimate",
+    "hutchinson",
+    "lanczos_top_eigenvalues",
+    "rademacher",
+    "slq_density",
+]

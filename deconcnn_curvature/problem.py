@@ -1,0 +1,237 @@
+"""A curvature problem (model + loss + data + trainable parameters) and the state guard.
+
+The state guard is the one place where "nothing disturbs training" is enforced: every backend runs
+inside :func:`preserve_state`, which restores module modes, every parameter's ``.grad`` (the same
+tensor object, untouched), ``requires_grad`` flags, all buffers (e.g. BatchNorm running statistics)
+and the global RNG states (torch CPU and CUDA, Python's ``random``, NumPy's legacy global state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deconcnn_curvature.errors import InvalidProblemError
+
+__all__ = ["Batch", "CurvatureProblem", "build_problem", "preserve_state"]
+
+Batch = tuple[Any, torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, tuple | list):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def _batch_size(inputs: Any, targets: Any) -> int:
+    if isinstance(targets, torch.Tensor) and targets.ndim > 0:
+        return int(targets.shape[0])
+    if isinstance(inputs, torch.Tensor) and inputs.ndim > 0:
+        return int(inputs.shape[0])
+    raise InvalidProblemError(
+        "cannot tell the batch size: targets (or inputs) must be a tensor whose first dimension "
+        f"is the batch; got targets of type {type(targets).__name__}."
+    )
+
+
+def _is_single_batch(data: Any) -> bool:
+    return (
+        isinstance(data, tuple | list)
+        and len(data) == 2
+        and isinstance(data[1], torch.Tensor)
+        and not (
+            isinstance(data[0], tuple | list)
+            and len(data[0]) == 2
+            and isinstance(data[0][1], torch.Tensor)
+        )
+    )
+
+
+@dataclass
+class CurvatureProblem:
+    """What a backend measures: the Hessian of the (sample-weighted) mean loss over ``batches``
+    with respect to ``params`` (the trainable parameters, in ``model.named_parameters()`` order).
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: list[Batch]
+    names: list[str]
+    params: list[torch.Tensor]
+    device: torch.device
+    dtype: torch.dtype
+    eval_mode: bool
+
+    @property
+    def num_samples(self) -> int:
+        return sum(_batch_size(x, y) for x, y in self.batches)
+
+    @property
+    def dim(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def slices(self) -> dict[str, slice]:
+        """Name → slice of the flattened parameter vector."""
+        out, start = {}, 0
+        for name, p in zip(self.names, self.params, strict=True):
+            out[name] = slice(start, start + p.numel())
+            start += p.numel()
+        return out
+
+    def batch_weights(self) -> list[float]:
+        sizes = [_batch_size(x, y) for x, y in self.batches]
+        total = sum(sizes)
+        return [s / total for s in sizes]
+
+
+def build_problem(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Batch | Iterable[Batch],
+    *,
+    eval_mode: bool = True,
+) -> CurvatureProblem:
+    """Validate the inputs and collect trainable parameters and batches on the model's device.
+
+    ``data`` is one ``(inputs, targets)`` batch or an iterable of them (a list, a DataLoader). The
+    loss must be mean-reduced over the batch; batches are then weighted by size, so the Hessian is
+    that of the mean loss over all samples.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidProblemError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not callable(loss_fn):
+        raise InvalidProblemError(
+            f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}."
+        )
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction != "mean":
+        raise InvalidProblemError(
+            f"loss_fn has reduction={reduction!r}; curvature is defined for the mean loss over "
+            "samples, so pass a mean-reduced loss (e.g. nn.CrossEntropyLoss(reduction='mean'))."
+        )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise InvalidProblemError(
+            "the model has no trainable parameters (every parameter has requires_grad=False); "
+            "unfreeze the parameters whose curvature you want to measure."
+        )
+    devices = {p.device for _, p in named}
+    dtypes = {p.dtype for _, p in named}
+    if len(devices) > 1 or len(dtypes) > 1:
+        raise InvalidProblemError(
+            "all trainable parameters must share one device and dtype; found devices "
+            f"{sorted(map(str, devices))} and dtypes {sorted(map(str, dtypes))}."
+        )
+    device, dtype = devices.pop(), dtypes.pop()
+    if not dtype.is_floating_point:
+        raise InvalidProblemError(f"trainable parameters must be floating point, got {dtype}.")
+
+    if data is None:
+        raise InvalidProblemError(
+            "data is None; pass an (inputs, targets) batch or a list of them."
+        )
+    raw: Sequence[Any] = [data] if _is_single_batch(data) else _iterate(data)
+    batches: list[Batch] = []
+    for i, batch in enumerate(raw):
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            raise InvalidProblemError(
+                f"batch {i} is a {type(batch).__name__}; each batch must be an (inputs, targets) "
+                "pair."
+            )
+        inputs, targets = batch
+        n = _batch_size(inputs, targets)
+        if n == 0:
+            raise InvalidProblemError(f"batch {i} is empty; drop empty batches.")
+        batches.append((_to_device(inputs, device), _to_device(targets, device)))
+    if not batches:
+        raise InvalidProblemError(
+            "data holds no batches; pass at least one (inputs, targets) pair."
+        )
+    return CurvatureProblem(
+        model=model,
+        loss_fn=loss_fn,
+        batches=batches,
+        names=[n for n, _ in named],
+        params=[p for _, p in named],
+        device=device,
+        dtype=dtype,
+        eval_mode=eval_mode,
+    )
+
+
+def _iterate(data: Any) -> list[Any]:
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise InvalidProblemError(
+            f"data must be an (inputs, targets) batch or an iterable of batches, got "
+            f"{type(data).__name__}."
+        )
+    return list(data)
+
+
+@contextlib.contextmanager
+def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None]:
+    """Run the body with ``model`` prepared for curvature and restore everything afterwards.
+
+    Inside: every parameter's ``.grad`` is detached from it (set to ``None``) so nothing can
+    accumulate into the training gradient; the model is in eval mode if ``eval_mode``; autograd is
+    enabled. Afterwards, exactly as before: module modes, ``.grad`` objects, ``requires_grad``
+    flags, buffer values and identities, and the global RNG states.
+    """
+    if torch.is_inference_mode_enabled():
+        raise InvalidProblemError(
+            "curvature cannot be computed under torch.inference_mode() (Lightning runs validation "
+            "and testing in it); compute it in a training hook, e.g. on_train_batch_end."
+        )
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    flags = [p.requires_grad for p in params]
+    buffer_slots = [(m, dict(m._buffers)) for m in model.modules() if m._buffers]
+    buffer_values = [
+        (b, b.detach().clone())
+        for _, slots in buffer_slots
+        for b in slots.values()
+        if b is not None
+    ]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    py_rng = random.getstate()
+    np_rng = np.random.get_state()
+    try:
+        for p in params:
+            p.grad = None
+        if eval_mode:
+            model.eval()
+        with torch.enable_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for module, slots in buffer_slots:
+                for key, buf in slots.items():
+                    module._buffers[key] = buf
+            for buf, value in buffer_values:
+                if buf.shape != value.shape or not torch.equal(buf, value):
+                    buf.copy_(value)
+        for p, g, f in zip(params, grads, flags, strict=True):
+            p.requires_grad_(f)
+            p.grad = g
+        for m, training in modes:
+            m.training = training
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)

@@ -1,0 +1,180 @@
+"""Backend lookup by name: built once from the plugins, with did-you-mean and duplicate detection."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from deconcnn_curvature.backend import Backend, describe
+from deconcnn_curvature.errors import (
+    DuplicateBackendError,
+    PluginError,
+    UnknownBackendError,
+    UnsupportedQuantityError,
+)
+from deconcnn_curvature.plugins import BrokenPlugin, _describe_error, load_plugins
+
+__all__ = [
+    "DEFAULT_BACKEND",
+    "ENV_BACKEND",
+    "BackendEntry",
+    "Registry",
+    "default_backend_name",
+    "get_registry",
+    "reset_registry",
+]
+
+ENV_BACKEND = "DECONCNN_CURVATURE_BACKEND"
+DEFAULT_BACKEND = "pyhessian"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
+
+
+def default_backend_name() -> str:
+    """The backend used when none is named: ``$DECONCNN_CURVATURE_BACKEND`` or ``pyhessian``."""
+    return os.environ.get(ENV_BACKEND) or DEFAULT_BACKEND
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    cls: type[Backend]
+    plugin: str
+
+
+@dataclass
+class Registry:
+    """Backends by name, the plugin that registered each, conflicts and broken plugins."""
+
+    entries: dict[str, BackendEntry] = field(default_factory=dict)
+    conflicts: dict[str, list[str]] = field(default_factory=dict)
+    broken: list[BrokenPlugin] = field(default_factory=list)
+    manager: Any = None
+
+    # -- building -----------------------------------------------------------------------------
+    def _register(self, cls: Any, plugin: str) -> None:
+        if not (inspect.isclass(cls) and issubclass(cls, Backend)):
+            raise PluginError(
+                f"plugin {plugin!r} registered {cls!r}, which is not a subclass of "
+                "deconcnn_curvature.Backend."
+            )
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise PluginError(
+                f"plugin {plugin!r} registered {cls.__qualname__} with invalid name {name!r}; use "
+                "lower-case letters, digits, '_' or '-', starting with a letter."
+            )
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise PluginError(
+                f"plugin {plugin!r} registered backend {name!r} ({cls.__qualname__}) without "
+                f"implementing: {missing}."
+            )
+        quantities = getattr(cls, "quantities", None)
+        if not quantities or not all(isinstance(q, str) for q in quantities):
+            raise PluginError(
+                f"plugin {plugin!r} registered backend {name!r} without a non-empty set of "
+                "quantity names in `quantities`."
+            )
+        if name in self.entries:
+            first = self.entries[name].plugin
+            self.conflicts.setdefault(name, [first]).append(plugin)
+            raise DuplicateBackendError(
+                f"backend name {name!r} is registered by both {first!r} and {plugin!r}; rename one "
+                "of them (selecting this name fails until then)."
+            )
+        self.entries[name] = BackendEntry(cls, plugin)
+
+    @classmethod
+    def build(cls, extra_plugins: tuple[object, ...] = ()) -> Registry:
+        loaded = load_plugins(extra_plugins)
+        pm = loaded.manager
+        reg = cls(broken=list(loaded.broken), manager=pm)
+        for plugin in pm.get_plugins():
+            pname = pm.get_name(plugin) or repr(plugin)
+            if not any(impl.plugin is plugin for impl in pm.hook.register_backends.get_hookimpls()):
+                continue
+            others = [p for p in pm.get_plugins() if p is not plugin]
+            call = pm.subset_hook_caller("register_backends", remove_plugins=others)
+            try:
+                call(register=lambda backend, _p=pname: reg._register(backend, _p))
+            except DuplicateBackendError as exc:
+                reg.broken.append(BrokenPlugin(pname, str(exc), "register_backends"))
+            except Exception as exc:  # keep every other plugin working
+                if pname.startswith("builtin:"):
+                    raise
+                reg.broken.append(BrokenPlugin(pname, _describe_error(exc), "register_backends"))
+        return reg
+
+    # -- lookup -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def get(self, name: str) -> type[Backend]:
+        """The backend class registered as ``name`` (errors say what to do otherwise)."""
+        if name in self.conflicts:
+            raise DuplicateBackendError(
+                f"backend name {name!r} is registered by several plugins "
+                f"({', '.join(map(repr, self.conflicts[name]))}); uninstall or rename one of them."
+            )
+        if name not in self.entries:
+            known = self.names()
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownBackendError(
+                f"unknown backend {name!r}.{hint} Known backends: {', '.join(known) or '(none)'}. "
+                "Run `deconcnn-curv list-backends` to see them and whether they are available."
+            )
+        return self.entries[name].cls
+
+    def supporting(self, quantity: str) -> list[str]:
+        return [n for n in self.names() if quantity in self.entries[n].cls.quantities]
+
+    def check_quantity(self, backend: type[Backend], quantity: str) -> None:
+        if quantity not in backend.quantities:
+            others = self.supporting(quantity)
+            alt = (
+                f" Backends that compute it: {', '.join(others)}."
+                if others
+                else " No registered backend computes it."
+            )
+            raise UnsupportedQuantityError(
+                f"backend {backend.name!r} cannot compute quantity {quantity!r} (it computes: "
+                f"{', '.join(sorted(backend.quantities))}).{alt}"
+            )
+
+    def describe_all(self) -> list[dict[str, Any]]:
+        rows = []
+        for name in self.names():
+            info = describe(self.entries[name].cls)
+            info["plugin"] = self.entries[name].plugin
+            if name in self.conflicts:
+                info["available"] = False
+                info["reason"] = "name registered by several plugins: " + ", ".join(
+                    self.conflicts[name]
+                )
+            rows.append(info)
+        return rows
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = Registry.build()
+        return _registry
+
+
+def reset_registry() -> None:
+    """Forget the registry so the next lookup reloads plugins (tests, or after installing one)."""
+    global _registry
+    with _lock:
+        _registry = None
