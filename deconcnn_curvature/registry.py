@@ -1,4 +1,4 @@
-"""Backend lookup by name: built once from the plugins, with did-you-mean and duplicate detection."""
+"""Backend lookup by name, built once from the plugins: did-you-mean and duplicate detection."""
 
 from __future__ import annotations
 

@@ -71,10 +71,10 @@ class CurvatureResult:
 
     ``value`` is a float for ``trace``, a list of floats (descending) for ``eigenvalues``, a
     :class:`Density` for ``density``, and a mapping of parameter name to tensor for ``diagonal``.
-    ``stderr`` is the standard error of a stochastic estimate (0.0 for an exact one, ``None`` where it
-    has no meaning); ``ci`` is a two-sided interval at ``ci_level``. ``method`` names the algorithm
-    that produced the number(s); ``details`` carries backend-specific extras (per-layer traces,
-    Ritz residuals, HVP timing) that are JSON-serialisable through :meth:`to_dict`.
+    ``stderr`` is the standard error of a stochastic estimate (0.0 for an exact one, ``None``
+    where it has no meaning); ``ci`` is a two-sided interval at ``ci_level``. ``method`` names the
+    algorithm that produced the number(s); ``details`` carries backend-specific extras (Ritz
+    residuals, HVP timing) that are JSON-serialisable through :meth:`to_dict`.
     """
 
     backend: str
