@@ -29,6 +29,12 @@ setup() {
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo ">> installing deconcnn-curvature[all] (torch pinned: $(cat "$constraints"))" >&2
     "$py" -m pip install -q -c "$constraints" -e ".[all]"
+    # BackPACK requires torchvision but only imports it in its examples; a torchvision that does
+    # not match the installed torch breaks `import lightning` (torchmetrics imports it when present).
+    if ! "$py" -c "import torchvision" 2>/dev/null; then
+      echo ">> removing torchvision (does not load against this torch; nothing here needs it)" >&2
+      "$py" -m pip uninstall -y -q torchvision
+    fi
     touch "$stamp"
   fi
 }
