@@ -1,0 +1,838 @@
+"""Curvature measured inside a Lightning training run: :class:`CurvatureMonitor` and its records.
+
+:class:`CurvatureMonitor` is a ``lightning.pytorch`` callback built from plain arguments (so Hydra
+can build it from YAML, see ``configs/callbacks/curvature_monitor.yaml``). Every
+``compute_every_n_steps`` optimiser steps it measures the Hessian trace and top eigenvalue(s) of
+the training loss on a curvature batch drawn from the training data, through
+:func:`deconcnn_curvature.estimate` (which restores modes, ``.grad``, ``requires_grad``, buffers
+and RNG states), logs them with deconCNN's metric names and appends one JSON line per quantity to
+``curvature.jsonl`` (:class:`CurvatureRecordWriter`), flushed and fsync'd at each write.
+
+Guarantees (each has a test with a real ``Trainer``):
+
+* **Training is unchanged.** The curvature batch is read through a private copy of the training
+  data set (its random generators copied, the global RNGs restored), never through the training
+  loader's iterator, and the measurement itself goes through the state guard; training with the
+  monitor on is bit-identical to training with it off.
+* **Failures are isolated.** With ``on_error="warn"`` a failing measurement is reported once per
+  distinct reason (``rank_zero_warn``), written to the JSONL with ``value: null`` and its error,
+  nothing is logged for it (never a fake 0.0), and later measurements still run. With
+  ``on_error="raise"`` the run stops with the error.
+* **Bad configuration fails fast**: argument checks in ``__init__``; backend, quantities and
+  options are checked with :func:`deconcnn_curvature.resolve` in ``setup`` and the training data
+  in ``on_train_start``, all before the first training step.
+* **Resume writes the same records.** The schedule position, the fixed curvature batch (its
+  indices) and the seed travel in Lightning checkpoints; every random choice is a function of the
+  seed and the step, so a resumed run measures what an uninterrupted one would.
+
+The algorithms are those of the chosen backend: Hutchinson's trace estimator (Hutchinson 1989),
+Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021), Lanczos for the top eigenvalues (Lanczos
+1950; Golub & Van Loan, *Matrix Computations*, ch. 10).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deconcnn_curvature.api import estimate, get_backend, resolve
+from deconcnn_curvature.backend import Backend
+from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.results import CurvatureResult, _plain
+from deconcnn_curvature.training._lightning import pl
+
+__all__ = [
+    "BATCH_MODES",
+    "DEFAULT_METRIC_KEYS",
+    "ON_ERROR",
+    "CurvatureMonitor",
+    "CurvatureRecordWriter",
+    "read_curvature_jsonl",
+]
+
+#: Allowed values of ``batch_mode``.
+BATCH_MODES: tuple[str, ...] = ("fixed", "refresh")
+#: Allowed values of ``on_error``.
+ON_ERROR: tuple[str, ...] = ("warn", "raise")
+#: Metric names logged through ``pl_module.log`` (deconCNN's names for the trace and λ_max).
+DEFAULT_METRIC_KEYS: Mapping[str, str] = {
+    "trace": "curvature/hutch_trace",
+    "trace_stderr": "curvature/hutch_trace_stderr",
+    "eigenvalues": "curvature/lambda_max",
+    "n_hvp": "curvature/n_hvp",
+    "seconds": "curvature/seconds",
+}
+#: Names under which a backend may declare its probe budget for the trace, in order of preference.
+_BUDGET_OPTIONS: tuple[str, ...] = ("num_hvps", "num_samples", "num_probes", "num_matvecs")
+_MASK63 = (1 << 63) - 1
+
+
+# ------------------------------------------------------------------------------------- records
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON values; non-finite floats become ``None`` so every line is strict JSON."""
+    value = _plain(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class CurvatureRecordWriter:
+    """Append JSON records, one per line, to ``path``; each line is flushed and fsync'd.
+
+    The file is opened in append mode on the first write (a resumed run continues it) and its
+    folder is created. ``fsync`` makes a line survive a crash of the process or the machine right
+    after the measurement that produced it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = bool(fsync)
+        self._file: IO[str] | None = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` as one line of strict JSON and push it to disk."""
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._file.write(json.dumps(_json_safe(dict(record)), allow_nan=False) + "\n")
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Close the file (a later :meth:`write` reopens it in append mode)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a ``curvature.jsonl`` file, in order (blank lines skipped)."""
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _mix_seed(*parts: Any) -> int:
+    """A 63-bit seed determined by ``parts`` (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _MASK63
+
+
+@contextmanager
+def _global_rng_preserved() -> Iterator[None]:
+    """Restore the global torch (CPU and initialised CUDA), ``random`` and NumPy RNG states."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    py = random.getstate()
+    npy = np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def _private_rng(value: Any) -> Any:
+    """A copy of a random generator with the same state (``value`` itself if it is none)."""
+    if isinstance(value, torch.Generator):
+        clone = torch.Generator(device=value.device)
+        clone.set_state(value.get_state())
+        return clone
+    if isinstance(value, random.Random | np.random.Generator | np.random.RandomState):
+        return copy.deepcopy(value)
+    return value
+
+
+def _private_view(dataset: Any, depth: int = 0) -> Any:
+    """A shallow copy of ``dataset`` that shares its data but not its random generators.
+
+    Reading items through it draws augmentation from copies of the data set's generators (the
+    copy goes through ``__getstate__`` when the class defines one, which is how a data set drops
+    per-process generators), so the training data set's own streams never advance. Wrapped data
+    sets (``Subset``, ``ConcatDataset``) are copied the same way, a few levels deep.
+    """
+    try:
+        clone = copy.copy(dataset)
+    except Exception:  # an uncopyable data set: read it in place, under the global RNG guard
+        return dataset
+    attrs = getattr(clone, "__dict__", None)
+    if isinstance(attrs, dict) and depth < 4:
+        for name, value in list(attrs.items()):
+            if isinstance(value, torch.utils.data.Dataset):
+                attrs[name] = _private_view(value, depth + 1)
+            elif (
+                isinstance(value, list | tuple)
+                and value
+                and all(isinstance(v, torch.utils.data.Dataset) for v in value)
+            ):
+                attrs[name] = type(value)(_private_view(v, depth + 1) for v in value)
+            else:
+                attrs[name] = _private_rng(value)
+    return clone
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or null" if allow_none else ""
+        raise ConfigurationError(
+            f"CurvatureMonitor: {name} must be an integer >= {minimum}{extra}; got {value!r}."
+        )
+    return int(value)
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigurationError(
+            f"CurvatureMonitor: {name} must be one of {', '.join(map(repr, choices))}; got "
+            f"{value!r}."
+        )
+    return str(value)
+
+
+def _as_mapping(name: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) and not hasattr(value, "items"):
+        raise ConfigurationError(
+            f"CurvatureMonitor: {name} must be a mapping (e.g. {{'probe_batch': 4}}); got "
+            f"{type(value).__name__}."
+        )
+    return {str(k): v for k, v in value.items()}
+
+
+# ------------------------------------------------------------------------------------- monitor
+
+
+class CurvatureMonitor(pl.Callback):
+    """Measure Hessian trace and λ_max every ``compute_every_n_steps`` optimiser steps.
+
+    Args:
+        backend: A registered backend name (``deconcnn-curv list-backends``); ``None`` is the
+            default backend (``$DECONCNN_CURVATURE_BACKEND`` or ``pyhessian``).
+        quantities: What to measure at each step: ``"trace"``, ``"eigenvalues"`` (λ_max, or the
+            top ``k``), ``"density"`` (spectral density, expensive; recorded in the JSONL only) or
+            another quantity the backend declares (not ``"diagonal"``).
+        compute_every_n_steps: Cadence in optimiser steps (``trainer.global_step``): a measurement
+            follows the optimiser step that brings ``global_step`` to a multiple of it. With
+            gradient accumulation that is once per accumulation window.
+        compute_at_step_zero: Also measure the initial model, before the first optimiser step.
+        num_samples: The trace's probe (HVP) budget, passed to the backend's budget option
+            (``num_hvps`` for ``pyhessian`` and ``hutchpp``) exactly, never capped. ``None``
+            keeps the backend's default (logged at setup). With ``rtol`` it is the most the
+            backend may spend. Exact backends have no budget; it is then ignored (logged).
+        rtol: Target relative error of the trace (the backend's ``rtol``): stop once the
+            confidence interval's half-width is at most ``rtol * |trace|``. ``None``: spend
+            ``num_samples``.
+        k: Number of top eigenvalues for ``"eigenvalues"`` (the first one is λ_max).
+        hessian_batch_size: Samples in the curvature batch (across all ranks; each rank takes
+            its share).
+        batch_mode: ``"fixed"``: one batch drawn from the training data by ``seed`` and kept for
+            the whole run (the values then differ only through the parameters); ``"refresh"``:
+            a new draw at each measurement, determined by ``seed`` and the step.
+        seed: Seeds the batch draw and the probes (probe seed = f(seed, step, quantity)).
+        on_error: ``"warn"``: a failure is reported once per distinct reason, recorded with
+            ``value: null`` and training goes on; ``"raise"``: the run stops with the error.
+        metric_keys: Names logged through ``pl_module.log``, overriding
+            :data:`DEFAULT_METRIC_KEYS` by key (``trace``, ``trace_stderr``, ``eigenvalues``,
+            ``n_hvp``, ``seconds``); a key mapped to ``None`` is not logged. With ``k > 1``, the
+            i-th eigenvalue is logged as ``<eigenvalues key>_<i>`` for i ≥ 2.
+        jsonl: The records file: a name relative to ``trainer.log_dir`` (the default root
+            folder when there is no logger), or an absolute path; ``None`` writes no file.
+        backend_options: Extra backend options (``deconcnn-curv list-backends --json``), e.g.
+            ``{"probe_batch": 4, "tol": 1e-3}``; each is passed to the quantities it applies to.
+        loss_fn: The mean-reduced loss ``loss_fn(outputs, targets)``; default
+            ``pl_module.loss_fn``.
+        model_attr: Measure ``pl_module.<model_attr>`` (dotted path) instead of ``pl_module``
+            itself; the module's ``forward`` must map the batch's inputs to the loss's outputs.
+        enabled: ``False`` makes the callback do nothing (one flag in a config turns it off).
+        log_metrics: Log through ``pl_module.log`` (the JSONL is written either way).
+
+    Every measurement writes one line per quantity to the JSONL file: ``timestamp``, ``step``,
+    ``epoch``, ``backend``, ``quantity``, ``value`` (a float for the trace, a list for
+    eigenvalues, a dict for the density; ``null`` on failure), ``stderr``, ``ci``,
+    ``ci_level``, ``n_hvp``, ``seconds``, ``seed`` (of the probes), ``method``, ``exact``,
+    ``rtol``, ``target_met``, ``batch_mode``, ``batch_size``, ``details`` and ``error``
+    (``null``, or ``"<ErrorType>: <message>"``).
+    """
+
+    def __init__(
+        self,
+        backend: str | None = None,
+        quantities: Sequence[str] = ("trace", "eigenvalues"),
+        compute_every_n_steps: int = 500,
+        compute_at_step_zero: bool = False,
+        num_samples: int | None = None,
+        rtol: float | None = None,
+        k: int = 1,
+        hessian_batch_size: int = 128,
+        batch_mode: str = "fixed",
+        seed: int = 0,
+        on_error: str = "warn",
+        metric_keys: Mapping[str, str | None] | None = None,
+        jsonl: str | os.PathLike[str] | None = "curvature.jsonl",
+        backend_options: Mapping[str, Any] | None = None,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        model_attr: str | None = None,
+        enabled: bool = True,
+        log_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        if backend is not None and not isinstance(backend, str):
+            raise ConfigurationError(
+                f"CurvatureMonitor: backend must be a backend name or null; got {backend!r}."
+            )
+        if isinstance(quantities, str):
+            quantities = (quantities,)
+        if not isinstance(quantities, Sequence) and not hasattr(quantities, "__iter__"):
+            raise ConfigurationError(
+                f"CurvatureMonitor: quantities must be a list such as ['trace', 'eigenvalues']; "
+                f"got {quantities!r}."
+            )
+        quantities = tuple(str(q) for q in quantities)
+        if not quantities:
+            raise ConfigurationError(
+                "CurvatureMonitor: quantities is empty; list at least one, e.g. ['trace']."
+            )
+        if len(set(quantities)) != len(quantities):
+            raise ConfigurationError(
+                f"CurvatureMonitor: quantities lists one quantity twice: {list(quantities)}."
+            )
+        if "diagonal" in quantities:
+            raise ConfigurationError(
+                "CurvatureMonitor: 'diagonal' has one number per parameter, too big for a per-step "
+                "record; measure it after training with `deconcnn-curv estimate`, or monitor "
+                "'layer_trace' instead."
+            )
+        self.backend = backend
+        self.quantities = quantities
+        self.compute_every_n_steps = _check_int("compute_every_n_steps", compute_every_n_steps, 1)
+        self.compute_at_step_zero = bool(compute_at_step_zero)
+        self.num_samples = _check_int("num_samples", num_samples, 1, allow_none=True)
+        if rtol is not None and (
+            isinstance(rtol, bool)
+            or not isinstance(rtol, int | float)
+            or not math.isfinite(rtol)
+            or rtol <= 0
+        ):
+            raise ConfigurationError(
+                f"CurvatureMonitor: rtol must be a number > 0 or null; got {rtol!r}."
+            )
+        self.rtol = None if rtol is None else float(rtol)
+        self.k = _check_int("k", k, 1)
+        self.hessian_batch_size = _check_int("hessian_batch_size", hessian_batch_size, 1)
+        self.batch_mode = _check_choice("batch_mode", batch_mode, BATCH_MODES)
+        self.seed = _check_int("seed", seed, 0)
+        self.on_error = _check_choice("on_error", on_error, ON_ERROR)
+        keys = _as_mapping("metric_keys", metric_keys)
+        unknown = sorted(set(keys) - set(DEFAULT_METRIC_KEYS))
+        if unknown:
+            raise ConfigurationError(
+                f"CurvatureMonitor: unknown metric_keys {unknown}; the keys are "
+                f"{', '.join(DEFAULT_METRIC_KEYS)}."
+            )
+        self.metric_keys: dict[str, str | None] = {**DEFAULT_METRIC_KEYS, **keys}
+        for name, key in self.metric_keys.items():
+            if key is not None and (not isinstance(key, str) or not key):
+                raise ConfigurationError(
+                    f"CurvatureMonitor: metric_keys[{name!r}] must be a non-empty string or "
+                    f"null; got {key!r}."
+                )
+        self.jsonl = None if jsonl is None else Path(jsonl)
+        self.backend_options = _as_mapping("backend_options", backend_options)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigurationError(
+                f"CurvatureMonitor: loss_fn must be callable as loss_fn(outputs, targets); got "
+                f"{type(loss_fn).__name__}."
+            )
+        self.loss_fn = loss_fn
+        if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
+            raise ConfigurationError(
+                f"CurvatureMonitor: model_attr must be an attribute name such as 'model' or "
+                f"null; got {model_attr!r}."
+            )
+        self.model_attr = model_attr
+        self.enabled = bool(enabled)
+        self.log_metrics = bool(log_metrics)
+
+        # Resolved in setup().
+        self._backend_name: str | None = None
+        self._plan: list[tuple[str, dict[str, Any]]] = []
+        self._writer: CurvatureRecordWriter | None = None
+        # Checkpointed state.
+        self._last_step = -1
+        self._count = 0
+        self._indices: list[int] | None = None
+        self._dataset_len: int | None = None
+        self._warned: set[str] = set()
+        # Cache of the fixed batch (rebuilt from the indices after a resume).
+        self._batch: tuple[Any, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------ identity
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes monitors with different settings, so several can share one Trainer."""
+        return self._generate_state_key(
+            backend=self.backend,
+            quantities=self.quantities,
+            every=self.compute_every_n_steps,
+            batch_mode=self.batch_mode,
+            seed=self.seed,
+        )
+
+    @property
+    def backend_name(self) -> str | None:
+        """The backend measurements use (known after ``setup``)."""
+        return self._backend_name
+
+    @property
+    def measurements(self) -> int:
+        """How many measurement steps have run (failed ones included)."""
+        return self._count
+
+    @property
+    def curvature_indices(self) -> list[int] | None:
+        """Indices (into the training data set) of the fixed curvature batch, once drawn."""
+        return None if self._indices is None else list(self._indices)
+
+    def probe_seed(self, step: int, quantity: str) -> int:
+        """The seed :func:`~deconcnn_curvature.estimate` gets for ``quantity`` at ``step``."""
+        return _mix_seed("probes", self.seed, int(step), quantity)
+
+    def batch_indices(self, step: int, dataset_len: int) -> list[int]:
+        """The training-set indices of the curvature batch measured at ``step`` (all ranks)."""
+        if self.batch_mode == "fixed":
+            if self._indices is not None:
+                return list(self._indices)
+            seed = _mix_seed("batch", self.seed)
+        else:
+            seed = _mix_seed("batch", self.seed, int(step))
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randperm(dataset_len, generator=gen)[: self.hessian_batch_size].tolist()
+
+    # ------------------------------------------------------------------------------ setup
+
+    def _budget_options(self, cls: type[Backend], quantity: str) -> dict[str, Any]:
+        declared = cls.option_map()
+
+        def applies(name: str) -> bool:
+            opt = declared.get(name)
+            return opt is not None and (not opt.quantities or quantity in opt.quantities)
+
+        opts: dict[str, Any] = {}
+        if quantity == "trace":
+            if self.num_samples is not None:
+                budget = next((n for n in _BUDGET_OPTIONS if applies(n)), None)
+                if budget is not None:
+                    opts[budget] = self.num_samples
+                elif not cls.exact:
+                    raise ConfigurationError(
+                        f"CurvatureMonitor: backend {cls.name!r} declares no probe-budget option "
+                        f"for the trace, so num_samples={self.num_samples} cannot be honoured; "
+                        "set num_samples to null or choose another backend."
+                    )
+            if self.rtol is not None:
+                if applies("rtol"):
+                    opts["rtol"] = self.rtol
+                elif not cls.exact:
+                    raise ConfigurationError(
+                        f"CurvatureMonitor: backend {cls.name!r} has no 'rtol' option for the "
+                        "trace; set rtol to null or choose another backend."
+                    )
+        if quantity == "eigenvalues" and applies("k"):
+            opts["k"] = self.k
+        elif quantity == "eigenvalues" and self.k != 1:
+            raise ConfigurationError(
+                f"CurvatureMonitor: backend {cls.name!r} has no 'k' option for eigenvalues; "
+                "set k to 1 or choose another backend."
+            )
+        for name, value in self.backend_options.items():
+            if applies(name):
+                opts[name] = value
+        return opts
+
+    def _check_backend_options(self, cls: type[Backend]) -> None:
+        declared = cls.option_map()
+        unknown = sorted(set(self.backend_options) - set(declared))
+        if unknown:
+            raise ConfigurationError(
+                f"CurvatureMonitor: unknown backend_options {unknown} for backend {cls.name!r}; "
+                f"its options are: {', '.join(sorted(declared)) or '(none)'}."
+            )
+        for name in self.backend_options:
+            opt = declared[name]
+            if opt.quantities and not (opt.quantities & set(self.quantities)):
+                raise ConfigurationError(
+                    f"CurvatureMonitor: backend option {name!r} of {cls.name!r} applies to "
+                    f"{', '.join(sorted(opt.quantities))} only, none of the monitored quantities "
+                    f"({', '.join(self.quantities)}); drop it."
+                )
+
+    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
+        model: Any = pl_module
+        if self.model_attr is not None:
+            for part in self.model_attr.split("."):
+                model = getattr(model, part, None)
+            if not isinstance(model, nn.Module):
+                raise ConfigurationError(
+                    f"CurvatureMonitor: model_attr={self.model_attr!r} does not name a "
+                    f"torch.nn.Module on {type(pl_module).__name__}; got "
+                    f"{type(model).__name__}."
+                )
+        return model
+
+    def _loss(self, pl_module: pl.LightningModule) -> Callable[..., torch.Tensor]:
+        loss_fn = self.loss_fn if self.loss_fn is not None else getattr(pl_module, "loss_fn", None)
+        if not callable(loss_fn):
+            raise ConfigurationError(
+                f"CurvatureMonitor needs the training loss: give {type(pl_module).__name__} a "
+                "mean-reduced `loss_fn` attribute (e.g. self.loss_fn = nn.CrossEntropyLoss()) "
+                "or pass loss_fn=... to the monitor."
+            )
+        reduction = getattr(loss_fn, "reduction", "mean")
+        if reduction != "mean":
+            raise ConfigurationError(
+                f"CurvatureMonitor: the loss has reduction={reduction!r}; curvature is measured "
+                "for the mean loss over the batch, so use a mean-reduced loss."
+            )
+        return loss_fn
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check backend, quantities, options, model and loss before any training step."""
+        if not self.enabled or stage != "fit":
+            return
+        cls = get_backend(self.backend)
+        self._check_backend_options(cls)
+        plan = []
+        for quantity in self.quantities:
+            opts = self._budget_options(cls, quantity)
+            _, full = resolve(quantity, cls.name, opts)
+            plan.append((quantity, opts))
+            budget = {n: full[n] for n in (*_BUDGET_OPTIONS, "rtol", "k") if n in full}
+            pl.utilities.rank_zero_info(
+                f"CurvatureMonitor: {quantity} by backend {cls.name!r} every "
+                f"{self.compute_every_n_steps} steps on {self.hessian_batch_size} samples "
+                f"({self.batch_mode} batch); budget {budget}; all options {full}"
+            )
+            if (
+                quantity == "trace"
+                and self.num_samples is not None
+                and cls.exact
+                and not any(name in full for name in _BUDGET_OPTIONS)
+            ):
+                pl.utilities.rank_zero_info(
+                    f"CurvatureMonitor: backend {cls.name!r} is exact; num_samples="
+                    f"{self.num_samples} does not apply to it."
+                )
+        self._model(pl_module)
+        self._loss(pl_module)
+        if self.hessian_batch_size < trainer.world_size:
+            raise ConfigurationError(
+                f"CurvatureMonitor: hessian_batch_size={self.hessian_batch_size} is smaller than "
+                f"the number of processes ({trainer.world_size}); every rank needs at least one "
+                "sample."
+            )
+        self._backend_name = cls.name
+        self._plan = plan
+        self._last_step = -1
+        self._count = 0
+        self._indices = None
+        self._dataset_len = None
+        self._warned = set()
+        self._batch = None
+        if self.jsonl is not None and trainer.is_global_zero:
+            path = (
+                self.jsonl
+                if self.jsonl.is_absolute()
+                else Path(trainer.log_dir or ".") / self.jsonl
+            )
+            self._writer = CurvatureRecordWriter(path)
+
+    def _train_loader(self, trainer: pl.Trainer) -> DataLoader:
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ConfigurationError(
+                "CurvatureMonitor draws its batch from the training DataLoader's data set, but "
+                f"the training data is a {type(loader).__name__}; use a single torch DataLoader."
+            )
+        dataset = loader.dataset
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ConfigurationError(
+                "CurvatureMonitor needs a map-style training data set (with __len__ and "
+                f"__getitem__) to draw a reproducible batch from; got {type(dataset).__name__}."
+            )
+        return loader
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the training data before the first step (fail fast)."""
+        if not self.enabled:
+            return
+        dataset = self._train_loader(trainer).dataset
+        size = len(dataset)
+        if size < self.hessian_batch_size:
+            raise ConfigurationError(
+                f"CurvatureMonitor: hessian_batch_size={self.hessian_batch_size} but the training "
+                f"data set has only {size} samples; lower hessian_batch_size."
+            )
+        if (
+            self.log_metrics
+            and trainer.loggers
+            and trainer.log_every_n_steps > 0
+            and self.compute_every_n_steps % trainer.log_every_n_steps != 0
+        ):
+            pl.utilities.rank_zero_warn(
+                f"CurvatureMonitor: compute_every_n_steps={self.compute_every_n_steps} is not a "
+                f"multiple of the Trainer's log_every_n_steps={trainer.log_every_n_steps}, so "
+                "Lightning loggers drop most curvature values (the JSONL records keep all of "
+                "them); make the cadence a multiple of log_every_n_steps."
+            )
+
+    # ------------------------------------------------------------------------------ measuring
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Measure the initial model (``compute_at_step_zero``)."""
+        if (
+            self.enabled
+            and self.compute_at_step_zero
+            and trainer.global_step == 0
+            and self._last_step < 0
+        ):
+            self._measure(trainer, pl_module, 0)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Measure after the optimiser step that brings ``global_step`` onto the cadence."""
+        if not self.enabled:
+            return
+        step = trainer.global_step
+        if step > 0 and step > self._last_step and step % self.compute_every_n_steps == 0:
+            self._measure(trainer, pl_module, step)
+
+    def _curvature_batch(self, trainer: pl.Trainer, step: int) -> tuple[Any, torch.Tensor]:
+        if self.batch_mode == "fixed" and self._batch is not None:
+            return self._batch
+        loader = self._train_loader(trainer)
+        dataset = loader.dataset
+        if self._dataset_len is None:
+            self._dataset_len = len(dataset)
+        indices = self.batch_indices(step, self._dataset_len)
+        if self.batch_mode == "fixed":
+            self._indices = indices
+        local = indices[trainer.global_rank :: trainer.world_size]
+        view = _private_view(dataset)
+        with _global_rng_preserved():
+            batch = loader.collate_fn([view[i] for i in local])
+        if self.batch_mode == "fixed":
+            self._batch = batch
+        return batch
+
+    def _record(self, trainer: pl.Trainer, step: int, quantity: str, **fields: Any) -> None:
+        record = {
+            "timestamp": time.time(),
+            "step": step,
+            "epoch": trainer.current_epoch,
+            "backend": self._backend_name,
+            "quantity": quantity,
+            "value": None,
+            "stderr": None,
+            "ci": None,
+            "ci_level": None,
+            "n_hvp": None,
+            "seconds": None,
+            "seed": self.probe_seed(step, quantity),
+            "method": None,
+            "exact": None,
+            "rtol": None,
+            "target_met": None,
+            "batch_mode": self.batch_mode,
+            "batch_size": self.hessian_batch_size,
+            "details": None,
+            "error": None,
+            **fields,
+        }
+        if self._writer is not None:
+            self._writer.write(record)
+
+    def _fail(self, trainer: pl.Trainer, step: int, exc: Exception, seconds: float) -> None:
+        """Record a failed measurement of every quantity; warn once per reason or re-raise."""
+        reason = f"{type(exc).__name__}: {exc}"
+        for quantity in self.quantities:
+            self._record(trainer, step, quantity, seconds=seconds, error=reason)
+        self._after_failure(reason, step)
+        if self.on_error == "raise":
+            raise exc
+
+    def _after_failure(self, reason: str, step: int) -> None:
+        if self.on_error == "warn" and reason not in self._warned:
+            self._warned.add(reason)
+            where = f" (recorded in {self._writer.path})" if self._writer is not None else ""
+            pl.utilities.rank_zero_warn(
+                f"CurvatureMonitor: measurement at step {step} failed and is recorded as null"
+                f"{where}; training continues and later measurements still run. This reason is "
+                f"reported once: {reason}"
+            )
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        start = time.perf_counter()
+        self._last_step = step
+        self._count += 1
+        try:
+            batch = self._curvature_batch(trainer, step)
+            model = self._model(pl_module)
+            loss_fn = self._loss(pl_module)
+        except Exception as exc:
+            self._fail(trainer, step, exc, time.perf_counter() - start)
+            return
+        logged: dict[str, float] = {}
+        n_hvp = 0
+        succeeded = False
+        for quantity, opts in self._plan:
+            began = time.perf_counter()
+            try:
+                result = estimate(
+                    model,
+                    loss_fn,
+                    batch,
+                    quantity,
+                    self._backend_name,
+                    seed=self.probe_seed(step, quantity),
+                    **opts,
+                )
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                self._record(
+                    trainer, step, quantity, seconds=time.perf_counter() - began, error=reason
+                )
+                self._after_failure(reason, step)
+                if self.on_error == "raise":
+                    raise
+                continue
+            succeeded = True
+            n_hvp += int(result.n_hvp)
+            self._record(trainer, step, quantity, **self._result_fields(result))
+            logged.update(self._scalars(result))
+        if succeeded:
+            if self.metric_keys["n_hvp"]:
+                logged[self.metric_keys["n_hvp"]] = float(n_hvp)
+            if self.metric_keys["seconds"]:
+                logged[self.metric_keys["seconds"]] = time.perf_counter() - start
+        if self.log_metrics:
+            for key, value in logged.items():
+                pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    @staticmethod
+    def _result_fields(result: CurvatureResult) -> dict[str, Any]:
+        return {
+            "value": result.value,
+            "stderr": result.stderr,
+            "ci": result.ci,
+            "ci_level": result.ci_level,
+            "n_hvp": result.n_hvp,
+            "seconds": result.seconds,
+            "seed": result.seed,
+            "method": result.method,
+            "exact": result.exact,
+            "rtol": result.rtol,
+            "target_met": result.target_met,
+            "details": dict(result.details) or None,
+        }
+
+    def _scalars(self, result: CurvatureResult) -> dict[str, float]:
+        out: dict[str, float] = {}
+        keys = self.metric_keys
+        if result.quantity == "trace":
+            if keys["trace"]:
+                out[keys["trace"]] = float(result.value)
+            if keys["trace_stderr"] and result.stderr is not None:
+                out[keys["trace_stderr"]] = float(result.stderr)
+        elif result.quantity == "eigenvalues" and keys["eigenvalues"]:
+            for i, value in enumerate(result.value):
+                name = keys["eigenvalues"] if i == 0 else f"{keys['eigenvalues']}_{i + 1}"
+                out[name] = float(value)
+        return out
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule position, curvature batch, seed and measurement count (for resuming)."""
+        return {
+            "version": 1,
+            "seed": self.seed,
+            "batch_mode": self.batch_mode,
+            "hessian_batch_size": self.hessian_batch_size,
+            "last_step": self._last_step,
+            "count": self._count,
+            "indices": None if self._indices is None else list(self._indices),
+            "dataset_len": self._dataset_len,
+            "warned": sorted(self._warned),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue where the checkpointed run stopped (same batch, same seeds)."""
+        if state_dict.get("seed", self.seed) != self.seed:
+            pl.utilities.rank_zero_warn(
+                f"CurvatureMonitor: the checkpoint was measured with seed={state_dict['seed']}, "
+                f"this monitor has seed={self.seed}; continuing with the checkpoint's seed so "
+                "the resumed records match the original run."
+            )
+            self.seed = int(state_dict["seed"])
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._count = int(state_dict.get("count", 0))
+        same_batch = (
+            state_dict.get("batch_mode") == self.batch_mode
+            and state_dict.get("hessian_batch_size") == self.hessian_batch_size
+        )
+        indices = state_dict.get("indices")
+        self._indices = list(indices) if indices is not None and same_batch else None
+        self._dataset_len = state_dict.get("dataset_len") if same_batch else None
+        self._warned = set(state_dict.get("warned", ()))
+        self._batch = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Close the records file (every line is already on disk)."""
+        if self._writer is not None:
+            self._writer.close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Close the records file and drop the cached batch."""
+        if self._writer is not None:
+            self._writer.close()
+        self._batch = None
