@@ -1,1 +1,586 @@
-"""Loading checkpoints into curvature problems — being built."""
+"""Turning a checkpoint file into a curvature problem: a model, a loss and batches of data.
+
+:func:`open_checkpoint` reads the file once (``torch.load`` on the CPU) and asks the
+``load_checkpoint`` hook (:mod:`deconcnn_curvature.hookspecs`) for a :class:`LoadedCheckpoint`.
+Plugins are asked first; this module's own implementation is registered ``trylast`` and
+understands two kinds of file:
+
+1. **Checkpoints of the reference training run** (:class:`deconcnn_curvature.training.module.
+   ClassificationModule`, written by Lightning): the model is rebuilt from the saved
+   ``hyper_parameters`` (``model_name``, ``model_kwargs``) with
+   :func:`deconcnn_curvature.training.resnet_cifar.build_model` (torch only, Lightning is not
+   imported), the loss is cross-entropy, and the data come from the saved data configuration
+   (``datamodule_hyper_parameters``, which Lightning writes when the data module saves its
+   hyper-parameters, or a ``data`` entry of the module's hyper-parameters) unless ``data`` is set.
+2. **Anything else with a model factory** (``model="package.module:factory"`` plus
+   ``model_args``): a plain state dict, or a checkpoint holding one under ``state_dict`` (Lightning)
+   or ``model_state_dict``. Prefixes such as ``model.`` (a LightningModule attribute) or
+   ``module.`` (DistributedDataParallel) are stripped when the keys then fit the model exactly.
+
+``settings`` (see :data:`DEFAULT_SETTINGS`) carry the command line's choices: data source and
+shape, batch size and count, seed, model factory and arguments, loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from deconcnn_curvature.data_sources import DATA_SOURCES, DataSpec, build_batches
+from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
+from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.problem import Batch, LossFn, preserve_state
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "LOSSES",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "checkpoint_settings",
+    "import_factory",
+    "load_checkpoint",
+    "open_checkpoint",
+    "parse_key_values",
+    "parse_value",
+    "read_checkpoint",
+]
+
+#: Loss names accepted by ``--loss`` → mean-reduced loss classes.
+LOSSES: Mapping[str, Callable[[], nn.Module]] = MappingProxyType(
+    {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
+)
+
+#: Every setting the loaders receive, with its default. ``None`` means "not given": the loader
+#: decides (from the checkpoint where it can, otherwise the documented fallback).
+DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
+    {
+        "batch_size": 128,
+        "num_batches": 1,
+        "data": None,  # one of data_sources.DATA_SOURCES
+        "data_root": None,  # CIFAR-10 folder
+        "seed": 0,
+        "model": None,  # "package.module:factory"
+        "model_args": {},
+        "loss": None,  # a key of LOSSES
+        "device": "cpu",
+        "input_shape": None,  # tuple of ints; default (3, 32, 32)
+        "num_classes": None,  # default: the reference model's, else 10
+    }
+)
+
+_REFERENCE = "reference run (ClassificationModule)"
+_DATA_HINT = (
+    "--data synthetic-cifar (the reference run's synthetic images), --data cifar10 --data-root "
+    "DIR, or --data synthetic (random inputs)"
+)
+
+
+class CheckpointError(ConfigurationError):
+    """A checkpoint file is missing, unreadable, or does not describe a model we can rebuild."""
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What a ``load_checkpoint`` implementation returns: a curvature problem ready to measure.
+
+    ``model`` holds the checkpoint's weights (on the CPU or on ``settings["device"]``; the caller
+    moves it to the chosen device). ``loss_fn`` is mean-reduced, ``loss_fn(model(x), y)``.
+    ``data`` is a list of ``(inputs, targets)`` batches. ``loader`` names who understood the file
+    (e.g. ``"builtin:reference"`` or a plugin's name); ``model_description`` and
+    ``data_description`` are one line each for people; ``metadata`` holds JSON-serialisable facts
+    such as ``epoch`` and ``global_step``.
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    data: list[Batch]
+    loader: str
+    model_description: str
+    data_description: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable summary (no tensors)."""
+        return {
+            "loader": self.loader,
+            "model": self.model_description,
+            "data": self.data_description,
+            "num_batches": len(self.data),
+            "metadata": dict(self.metadata),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# settings and small parsers
+
+
+def parse_value(text: str) -> int | float | bool | str:
+    """``"3"`` → 3, ``"0.5"`` → 0.5, ``"true"``/``"false"`` (any case) → bool, else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_key_values(items: Any, what: str = "--model-arg") -> dict[str, Any]:
+    """Parse ``["width=4", "norm_type=none"]`` into ``{"width": 4, "norm_type": "none"}``."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigurationError(
+                f"{what} must look like key=value with a Python identifier as key, got {item!r}."
+            )
+        if key in out:
+            raise ConfigurationError(f"{what} {key!r} is given twice.")
+        out[key] = parse_value(value)
+    return out
+
+
+def checkpoint_settings(**given: Any) -> dict[str, Any]:
+    """:data:`DEFAULT_SETTINGS` updated with ``given``, validated (raises ConfigurationError)."""
+    unknown = sorted(set(given) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise ConfigurationError(
+            f"unknown checkpoint setting(s) {', '.join(unknown)}; known: "
+            f"{', '.join(DEFAULT_SETTINGS)}."
+        )
+    s = {**DEFAULT_SETTINGS, **given}
+    s["model_args"] = dict(s["model_args"] or {})
+    for name in ("batch_size", "num_batches"):
+        if isinstance(s[name], bool) or not isinstance(s[name], int) or s[name] < 1:
+            raise ConfigurationError(f"{name} must be an integer >= 1, got {s[name]!r}.")
+    if isinstance(s["seed"], bool) or not isinstance(s["seed"], int) or s["seed"] < 0:
+        raise ConfigurationError(f"seed must be an integer >= 0, got {s['seed']!r}.")
+    if s["data"] is not None and s["data"] not in DATA_SOURCES:
+        raise ConfigurationError(
+            f"unknown data source {s['data']!r}; use one of {', '.join(DATA_SOURCES)}."
+        )
+    if s["loss"] is not None and s["loss"] not in LOSSES:
+        raise ConfigurationError(f"unknown loss {s['loss']!r}; use one of {', '.join(LOSSES)}.")
+    if s["input_shape"] is not None:
+        s["input_shape"] = tuple(s["input_shape"])
+    if s["data_root"] is not None:
+        s["data_root"] = Path(s["data_root"])
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# reading the file
+
+
+def _describe_error(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any | None, str | None]:
+    """``(contents, None)``, or ``(None, reason)`` when ``path`` cannot be read as a torch file.
+
+    Uses ``torch.load(map_location="cpu", weights_only=False)``: a checkpoint may hold pickled
+    objects of the training code, so only open files you trust.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return None, "it is a directory"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), None
+    except Exception as exc:  # any failure to unpickle means "not a readable torch file"
+        return None, _describe_error(exc)
+
+
+def _hook_caller(manager: Any) -> Any:
+    if manager is None:
+        from deconcnn_curvature.registry import get_registry
+
+        manager = get_registry().manager
+    return manager.hook.load_checkpoint
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    settings: Mapping[str, Any] | None = None,
+    *,
+    manager: Any = None,
+) -> LoadedCheckpoint:
+    """Read ``path`` and turn it into a :class:`LoadedCheckpoint` through the ``load_checkpoint``
+    hook (plugins first, the built-in loaders last).
+
+    ``settings`` are completed with :func:`checkpoint_settings`; ``manager`` is a pluggy plugin
+    manager (default: the registry's). Every failure is a :class:`CurvatureError` whose message
+    says what to change.
+    """
+    path = Path(path).expanduser()
+    resolved = checkpoint_settings(**dict(settings or {}))
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist.")
+    checkpoint, _reason = read_checkpoint(path)
+    hook = _hook_caller(manager)
+    try:
+        loaded = hook(path=path, checkpoint=checkpoint, settings=MappingProxyType(resolved))
+    except CurvatureError:
+        raise
+    except Exception as exc:
+        implementers = [impl.plugin_name for impl in hook.get_hookimpls()]
+        raise PluginError(
+            f"loading {path} failed inside a load_checkpoint hook (implemented by "
+            f"{', '.join(implementers)}): {_describe_error(exc)}"
+        ) from exc
+    if not isinstance(loaded, LoadedCheckpoint):
+        raise PluginError(
+            f"a load_checkpoint hook returned {type(loaded).__name__} for {path}; it must return "
+            "a deconcnn_curvature.checkpoints.LoadedCheckpoint or None."
+        )
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    # Like `python -m` and uvicorn: a module in the current directory can be named directly.
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+def import_factory(spec: str) -> Callable[..., Any]:
+    """Import ``"package.module:factory"`` (the current directory is searched too)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name.strip() or not attr.strip():
+        raise ConfigurationError(
+            f"--model must look like package.module:factory (a module path, a colon, a callable "
+            f"that returns the torch.nn.Module), got {spec!r}."
+        )
+    try:
+        with _cwd_on_path():
+            obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"--model {spec}: cannot import module {module_name!r} ({_describe_error(exc)}); "
+            "check the name, and that it is installed or in the current directory."
+        ) from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(
+                f"--model {spec}: module {module_name!r} has no attribute {attr!r}."
+            ) from None
+    if not callable(obj):
+        raise ConfigurationError(f"--model {spec}: {attr!r} is not callable.")
+    return obj
+
+
+def _call_repr(name: str, kwargs: Mapping[str, Any]) -> str:
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def _build_from_factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    factory = import_factory(spec)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{_call_repr(spec, kwargs)} failed: {_describe_error(exc)}; fix --model-arg."
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"{_call_repr(spec, kwargs)} returned {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def _find_state_dict(checkpoint: Mapping[str, Any], path: Path) -> tuple[Mapping[str, Any], str]:
+    if _is_state_dict(checkpoint):
+        return checkpoint, "state dict"
+    for key in ("state_dict", "model_state_dict"):
+        if _is_state_dict(checkpoint.get(key)):
+            return checkpoint[key], f"{key!r} entry"
+    keys = ", ".join(map(str, list(checkpoint)[:8])) or "(none)"
+    raise CheckpointError(
+        f"{path} holds no state dict: expected a mapping of parameter names to tensors, or a "
+        f"checkpoint with one under 'state_dict' (Lightning) or 'model_state_dict'; its top-level "
+        f"keys are: {keys}."
+    )
+
+
+_PREFIXES = ("", "model.", "module.", "model.module.", "_orig_mod.", "model._orig_mod.")
+
+
+def _few(names: Any, n: int = 4) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _load_weights(
+    model: nn.Module, state: Mapping[str, Any], where: str, prefixes: tuple[str, ...], fix: str
+) -> str:
+    """Load ``state`` into ``model`` strictly, after stripping the first prefix that fits."""
+    expected = model.state_dict()
+    best: tuple[int, str, dict[str, Any]] | None = None
+    for prefix in prefixes:
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(sub) == set(expected):
+            wrong = [
+                f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                for k, v in sub.items()
+                if tuple(v.shape) != tuple(expected[k].shape)
+            ]
+            if wrong:
+                raise CheckpointError(
+                    f"the weights in {where} do not fit the model: shape mismatch for "
+                    f"{_few(wrong, 3)}; {fix}."
+                )
+            try:
+                model.load_state_dict(sub, strict=True)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"loading the weights of {where} failed: {_describe_error(exc)}; {fix}."
+                ) from exc
+            return prefix
+        overlap = len(set(sub) & set(expected))
+        if best is None or overlap > best[0]:
+            best = (overlap, prefix, sub)
+    assert best is not None
+    _, prefix, sub = best
+    missing, unexpected = set(expected) - set(sub), set(sub) - set(expected)
+    parts = []
+    if missing:
+        parts.append(f"missing {_few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {_few(unexpected)}")
+    stripped = f" (after stripping prefix {prefix!r})" if prefix else ""
+    raise CheckpointError(
+        f"the weights in {where} do not fit the model{stripped}: {'; '.join(parts)}; {fix}."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def _saved_data_config(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for candidate in (
+        checkpoint.get("datamodule_hyper_parameters"),
+        (checkpoint.get("hyper_parameters") or {}).get("data")
+        if isinstance(checkpoint.get("hyper_parameters"), Mapping)
+        else None,
+    ):
+        if isinstance(candidate, Mapping) and candidate.get("source") in ("synthetic", "cifar10"):
+            return candidate
+    return None
+
+
+def _data_spec(
+    settings: Mapping[str, Any],
+    saved: Mapping[str, Any] | None,
+    num_classes: int,
+    loss: str,
+) -> DataSpec:
+    source = settings["data"]
+    seed = settings["seed"]
+    root = settings["data_root"]
+    noise_std = 0.25
+    if saved is not None:
+        saved_source = "synthetic-cifar" if saved["source"] == "synthetic" else "cifar10"
+        if source is None or source == saved_source:
+            source = saved_source
+            if source == "synthetic-cifar":
+                seed = int(saved.get("seed", 0))
+                noise_std = float(saved.get("synthetic_noise_std", noise_std))
+            if root is None and saved.get("root") is not None:
+                root = Path(saved["root"])
+    if source is None:
+        raise CheckpointError(f"nothing says which data to measure on; pass {_DATA_HINT}.")
+    shape = settings["input_shape"] or (3, 32, 32)
+    return DataSpec(
+        source=source,
+        batch_size=settings["batch_size"],
+        num_batches=settings["num_batches"],
+        input_shape=tuple(shape),
+        num_classes=num_classes,
+        seed=seed,
+        root=root,
+        noise_std=noise_std,
+        one_hot=loss == "mse",
+    )
+
+
+def _check_forward(model: nn.Module, batch: Batch, spec: DataSpec, what: str) -> None:
+    """One forward pass on two samples (eval mode, state restored) to give shape errors early."""
+    inputs = batch[0][:2]
+    try:
+        with preserve_state(model), torch.no_grad():
+            out = model(inputs)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{what} fails on inputs of shape {','.join(map(str, inputs.shape[1:]))}: "
+            f"{_describe_error(exc)}; pass --input-shape (C,H,W) matching the model."
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != spec.num_classes:
+        got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        fix = (
+            f"pass --num-classes {out.shape[1]}"
+            if isinstance(out, torch.Tensor) and out.ndim == 2
+            else "the model must return one row of logits per sample"
+        )
+        raise CheckpointError(
+            f"{what} returns {got} per sample, but the data have {spec.num_classes} classes; {fix}."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the built-in loader
+
+
+def _reference_model(hparams: Mapping[str, Any], path: Path) -> tuple[nn.Module, str]:
+    from deconcnn_curvature.training.resnet_cifar import build_model
+
+    name = hparams["model_name"]
+    kwargs = dict(hparams.get("model_kwargs") or {})
+    try:
+        model = build_model(name, **kwargs)
+    except CurvatureError as exc:
+        raise CheckpointError(
+            f"cannot rebuild the model of {path} from its hyper-parameters: {exc} Pass "
+            "--model package.module:factory (and --model-arg key=value) to build it yourself."
+        ) from exc
+    return model, _call_repr(str(name), kwargs)
+
+
+def _not_rebuildable(path: Path, checkpoint: Mapping[str, Any]) -> CheckpointError:
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, Mapping):
+        what = (
+            "a Lightning checkpoint whose hyper_parameters ("
+            + (", ".join(map(str, hparams)) or "none")
+            + ") do not name a model of the reference run (model_name, model_kwargs)"
+        )
+    elif _is_state_dict(checkpoint):
+        what = f"a bare state dict ({len(checkpoint)} tensors) with no model description"
+    else:
+        keys = ", ".join(map(str, list(checkpoint)[:8])) or "none"
+        what = f"a checkpoint (top-level keys: {keys}) without a model description"
+    return CheckpointError(
+        f"cannot rebuild the model of {path}: it is {what}. Pass --model package.module:factory "
+        "(and --model-arg key=value for its arguments) to name the network."
+    )
+
+
+@hookimpl(trylast=True)
+def load_checkpoint(
+    path: Path, checkpoint: Mapping[str, Any] | None, settings: Mapping[str, Any]
+) -> LoadedCheckpoint:
+    """The built-in loaders: the reference run's Lightning checkpoints, and any state dict with
+    ``--model``. Registered last, so every plugin is asked first; never returns ``None``."""
+    if checkpoint is None:
+        _, reason = read_checkpoint(path)
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint, or it is truncated ({reason}); pass a file "
+            "written by torch.save or a Lightning checkpoint (.ckpt)."
+        )
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint; expected a state "
+            "dict or a Lightning checkpoint (a dict with 'state_dict')."
+        )
+    hparams = checkpoint.get("hyper_parameters")
+    is_reference = (
+        isinstance(hparams, Mapping)
+        and isinstance(hparams.get("model_name"), str)
+        and isinstance(checkpoint.get("state_dict"), Mapping)
+    )
+    model_spec: str | None = settings["model"]
+    model_args: Mapping[str, Any] = settings["model_args"]
+    num_classes = settings["num_classes"]
+    metadata: dict[str, Any] = {
+        k: checkpoint[k]
+        for k in ("epoch", "global_step", "pytorch-lightning_version")
+        if isinstance(checkpoint.get(k), int | str)
+    }
+
+    if model_spec is not None:
+        loader = "builtin:factory"
+        model = _build_from_factory(model_spec, model_args)
+        state, kind = _find_state_dict(checkpoint, path)
+        _load_weights(
+            model,
+            state,
+            f"{path} ({kind})",
+            _PREFIXES,
+            f"check --model {model_spec} and --model-arg",
+        )
+        description = _call_repr(model_spec, model_args)
+        default_loss = "cross_entropy"
+    elif is_reference:
+        assert isinstance(hparams, Mapping)
+        loader = "builtin:reference"
+        if model_args:
+            raise ConfigurationError(
+                "--model-arg needs --model: the reference run's model is rebuilt from the "
+                "checkpoint's own hyper-parameters."
+            )
+        model, description = _reference_model(hparams, path)
+        _load_weights(
+            model,
+            checkpoint["state_dict"],
+            f"{path} ('state_dict' entry)",
+            ("model.",),
+            "the checkpoint does not match its own hyper-parameters; pass --model to rebuild it",
+        )
+        description = f"{_REFERENCE}: {description}"
+        if num_classes is None:
+            num_classes = int((hparams.get("model_kwargs") or {}).get("num_classes", 10))
+        default_loss = "cross_entropy"
+    else:
+        raise _not_rebuildable(path, checkpoint)
+
+    loss_name = settings["loss"] or default_loss
+    spec = _data_spec(settings, _saved_data_config(checkpoint), num_classes or 10, loss_name)
+    batches = build_batches(spec)
+    _check_forward(model, batches[0], spec, f"the model {description}")
+    return LoadedCheckpoint(
+        model=model,
+        loss_fn=LOSSES[loss_name](),
+        data=batches,
+        loader=loader,
+        model_description=description,
+        data_description=spec.describe(),
+        metadata={**metadata, "loss": loss_name, "data": spec.to_dict()},
+    )
