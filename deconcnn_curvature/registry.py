@@ -80,12 +80,19 @@ class Registry:
                 "quantity names in `quantities`."
             )
         if name in self.entries:
+            # Not raised: the plugin's other backends must still register. The name is ambiguous
+            # from now on; selecting it raises DuplicateBackendError naming every plugin.
             first = self.entries[name].plugin
             self.conflicts.setdefault(name, [first]).append(plugin)
-            raise DuplicateBackendError(
-                f"backend name {name!r} is registered by both {first!r} and {plugin!r}; rename one "
-                "of them (selecting this name fails until then)."
+            self.broken.append(
+                BrokenPlugin(
+                    plugin,
+                    f"backend name {name!r} is registered by both {first!r} and {plugin!r}; "
+                    "rename one of them (selecting this name fails until then).",
+                    "register_backends",
+                )
             )
+            return
         self.entries[name] = BackendEntry(cls, plugin)
 
     @classmethod
@@ -93,16 +100,16 @@ class Registry:
         loaded = load_plugins(extra_plugins)
         pm = loaded.manager
         reg = cls(broken=list(loaded.broken), manager=pm)
-        for plugin in pm.get_plugins():
-            pname = pm.get_name(plugin) or repr(plugin)
+        # Registration order (built-ins, then entry points, then extras), not get_plugins()'s set
+        # order: which plugin counts as "first" for a duplicate name must not vary between runs.
+        plugins = [(n, p) for n, p in pm.list_name_plugin() if p is not None]
+        for pname, plugin in plugins:
             if not any(impl.plugin is plugin for impl in pm.hook.register_backends.get_hookimpls()):
                 continue
-            others = [p for p in pm.get_plugins() if p is not plugin]
+            others = [p for _, p in plugins if p is not plugin]
             call = pm.subset_hook_caller("register_backends", remove_plugins=others)
             try:
                 call(register=lambda backend, _p=pname: reg._register(backend, _p))
-            except DuplicateBackendError as exc:
-                reg.broken.append(BrokenPlugin(pname, str(exc), "register_backends"))
             except Exception as exc:  # keep every other plugin working
                 if pname.startswith("builtin:"):
                     raise
