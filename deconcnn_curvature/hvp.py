@@ -65,6 +65,10 @@ class HessianOperator:
         else:
             self._total = local
         self._keep = retain_graphs or len(problem.batches) == 1
+        # RNG state before each batch's first forward pass: a rebuilt graph replays it, so a model
+        # measured in train mode (eval_mode=False) sees the same Dropout masks on every rebuild and
+        # the operator stays one fixed symmetric matrix. The state guard restores the global RNG.
+        self._rng: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._graphs: list[tuple[list[int], list[torch.Tensor]]] | None = None
         if self._keep:
             self._graphs = [self._gradient_graph(b) for b in range(len(problem.batches))]
@@ -117,6 +121,7 @@ class HessianOperator:
     def _gradient_graph(self, b: int) -> tuple[list[int], list[torch.Tensor]]:
         problem = self.problem
         inputs, targets = problem.batches[b]
+        self._replay_rng(b)
         loss = problem.loss_fn(problem.model(inputs), targets)
         if loss.ndim != 0:
             raise ValueError(
@@ -130,6 +135,17 @@ class HessianOperator:
         grads = torch.autograd.grad(loss, problem.params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         return live, [grads[i] for i in live]
+
+    def _replay_rng(self, b: int) -> None:
+        cuda = self.problem.device.type == "cuda"
+        saved = self._rng.get(b)
+        if saved is None:
+            cuda_state = torch.cuda.get_rng_state(self.problem.device) if cuda else None
+            self._rng[b] = (torch.get_rng_state(), cuda_state)
+            return
+        torch.set_rng_state(saved[0])
+        if saved[1] is not None:
+            torch.cuda.set_rng_state(saved[1], self.problem.device)
 
     def _product(self, live: list[int], grads: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
         params = [self.problem.params[i] for i in live]
