@@ -23,6 +23,7 @@ from typing import Any
 
 from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.backends._common import COMMON_OPTIONS, check_finite, default_probe_batch
+from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.hvp import HessianOperator
 from deconcnn_curvature.linalg.hutchinson import hutchinson
@@ -102,6 +103,8 @@ class PyHessianBackend(Backend):
         seed: int,
         options: Mapping[str, Any],
     ) -> CurvatureResult:
+        if quantity == "eigenvalues":
+            _check_k(options["k"], options["max_hvps"], problem.dim)
         op = HessianOperator(
             problem,
             probe_batch=default_probe_batch(options["probe_batch"], problem.device),
@@ -144,13 +147,6 @@ class PyHessianBackend(Backend):
                     **common,
                 )
             if quantity == "eigenvalues":
-                if options["k"] > problem.dim:
-                    from deconcnn_curvature.errors import InvalidOptionError
-
-                    raise InvalidOptionError(
-                        f"option 'k' ({options['k']}) exceeds the number of trainable parameters "
-                        f"({problem.dim}); pass k <= {problem.dim}."
-                    )
                 eig = lanczos_top_eigenvalues(
                     op,
                     options["k"],
@@ -195,6 +191,20 @@ class PyHessianBackend(Backend):
             raise AssertionError(f"unhandled quantity {quantity!r}")  # registry checked it
         finally:
             op.close()
+
+
+def _check_k(k: int, max_hvps: int, dim: int) -> None:
+    # Checked before any HVP: k beyond the dimension, or more eigenvalues than Lanczos steps,
+    # cannot be answered (the latter used to surface as a BackendFailedError from Lanczos).
+    if k > dim:
+        raise InvalidOptionError(
+            f"option 'k' ({k}) exceeds the number of trainable parameters ({dim}); pass k <= {dim}."
+        )
+    if max_hvps < k:
+        raise InvalidOptionError(
+            f"option 'max_hvps' ({max_hvps}) is smaller than k ({k}): Lanczos needs at least k "
+            f"steps to find k eigenvalues; pass max_hvps >= {k} (or leave the default)."
+        )
 
 
 @hookimpl
