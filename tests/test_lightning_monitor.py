@@ -1,0 +1,618 @@
+"""CurvatureMonitor inside real Lightning Trainers (CPU, tiny models, a few steps each).
+
+What is proven here: training is bit-identical with monitoring on and off; failures are isolated,
+recorded once per reason and never logged as 0.0; bad configuration fails before the first
+training step; a resumed run writes the same records as an uninterrupted one; measurements land
+on exactly the configured steps; the values are those of ``dcc.estimate`` on the same batch and
+parameters, and λ_max matches the dense Hessian.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import deconcnn_curvature as dcc
+from deconcnn_curvature import registry as registry_module
+from deconcnn_curvature.backend import Backend, Option
+from deconcnn_curvature.errors import (
+    BackendFailedError,
+    ConfigurationError,
+    UnknownBackendError,
+    UnsupportedModelError,
+    UnsupportedQuantityError,
+)
+from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.lightning import (
+    CurvatureMonitor,
+    CurvatureRecordWriter,
+    read_curvature_jsonl,
+)
+from deconcnn_curvature.registry import Registry
+from deconcnn_curvature.results import CurvatureResult
+from tests.cases import dense_hessian
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+class Tiny(pl.LightningModule):
+    """A float64 MLP classifier trained with SGD + momentum; counts its training steps."""
+
+    def __init__(self, lr: float = 0.2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.lr = lr
+        self.steps_run = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        x, y = batch
+        return self.loss_fn(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def tiny_data(n: int = 32, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    loader_gen = torch.Generator().manual_seed(2)
+    return DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=loader_gen
+    )
+
+
+def make_trainer(root: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    settings: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+    settings.update(kwargs)
+    return pl.Trainer(**settings)
+
+
+def fit_tiny(
+    root: Path, monitor: CurvatureMonitor | None, **kwargs: Any
+) -> tuple[Tiny, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    module = Tiny()
+    loader_kwargs = kwargs.pop("loader", {})
+    trainer = make_trainer(root, [monitor] if monitor else [], **kwargs)
+    trainer.fit(module, tiny_data(**loader_kwargs))
+    return module, trainer
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return read_curvature_jsonl(path) if path.exists() else []
+
+
+def comparable(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records without wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("timestamp", "seconds")} for r in recs]
+
+
+def use_plugin(monkeypatch: pytest.MonkeyPatch, plugin: object) -> None:
+    """Make the process registry the built-ins plus ``plugin``."""
+    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(plugin,)))
+
+
+_TRACE = frozenset({"trace"})
+
+
+class _FlakyBackend(Backend):
+    """Raises for its first ``fail_calls`` computations, then returns 1.0 / [2.0]."""
+
+    name = "flaky"
+    description = "test backend"
+    quantities = frozenset({"trace", "eigenvalues"})
+    options = (Option("num_hvps", int, 4, "budget", min=1, quantities=_TRACE),)
+    fail_calls = 10**9
+    calls = 0
+
+    def compute(self, problem, quantity, *, seed, options):  # type: ignore[no-untyped-def]
+        type(self).calls += 1
+        if type(self).calls <= type(self).fail_calls:
+            raise RuntimeError("kaboom: the backend broke")
+        value: Any = 1.0 if quantity == "trace" else [2.0]
+        return CurvatureResult(
+            backend=self.name,
+            quantity=quantity,
+            value=value,
+            stderr=0.5 if quantity == "trace" else None,
+            n_hvp=options.get("num_hvps", 3),
+            seconds=0.0,
+            seed=seed,
+            device="cpu",
+            exact=False,
+            method="test",
+            dim=problem.dim,
+        )
+
+
+class _PickyBackend(_FlakyBackend):
+    """Refuses every model with a Tanh layer (an 'unsupported model')."""
+
+    name = "picky"
+    fail_calls = 0
+
+    @classmethod
+    def validate_model(cls, model: Any) -> None:
+        if any(isinstance(m, nn.Tanh) for m in model.modules()):
+            raise UnsupportedModelError("picky cannot handle nn.Tanh layers; use ReLU.")
+
+
+class _TraceOnlyBackend(_FlakyBackend):
+    name = "traceonly"
+    quantities = frozenset({"trace"})
+    fail_calls = 0
+
+
+class _TestPlugin:
+    def __init__(self, *backends: type[Backend]) -> None:
+        self.backends = backends
+
+    @hookimpl
+    def register_backends(self, register: Any) -> None:
+        for cls in self.backends:
+            register(cls)
+
+
+# ------------------------------------------------------------------------------------ identity
+
+
+def _state(module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, Any]:
+    return {
+        "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in module.named_buffers()},
+        "optim": trainer.optimizers[0].state_dict(),
+        "sched": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, Mapping):
+        assert set(a) == set(b), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("batch_mode", ["fixed", "refresh"])
+def test_training_is_bit_identical_with_monitor_on_and_off(tmp_path: Path, batch_mode: str) -> None:
+    """The deconCNN-shaped pieces (augmented synthetic CIFAR, BatchNorm CNN, warm-up + cosine
+    SGD): monitoring on vs off gives bitwise equal parameters, buffers, optimiser and scheduler
+    state and global RNG state."""
+    from deconcnn_curvature.training import CIFARDataModule, ClassificationModule
+
+    def run(monitor: CurvatureMonitor | None, root: Path) -> dict[str, Any]:
+        pl.seed_everything(0, verbose=False)
+        data = CIFARDataModule(source="synthetic", batch_size=16, num_train=64, num_val=16)
+        module = ClassificationModule(
+            "small_cnn", {"width": 4, "norm_type": "batchnorm"}, lr=0.1, warmup_epochs=1
+        )
+        trainer = make_trainer(root, [monitor] if monitor else [], max_epochs=2)
+        trainer.fit(module, datamodule=data)
+        assert trainer.global_step == 8
+        return _state(module, trainer)
+
+    off = run(None, tmp_path / "off")
+    monitor = CurvatureMonitor(
+        compute_every_n_steps=2,
+        compute_at_step_zero=True,
+        num_samples=6,
+        hessian_batch_size=8,
+        batch_mode=batch_mode,
+        backend_options={"max_hvps": 6},
+    )
+    on = run(monitor, tmp_path / "on")
+    recs = records(tmp_path / "on" / "curvature.jsonl")
+    assert [r["step"] for r in recs if r["quantity"] == "trace"] == [0, 2, 4, 6, 8]
+    assert all(r["error"] is None and r["value"] is not None for r in recs)
+    _assert_same(off, on)
+
+
+# ------------------------------------------------------------------------------------ cadence
+
+
+def test_measurements_land_on_the_cadence(tmp_path: Path) -> None:
+    monitor = CurvatureMonitor(
+        compute_every_n_steps=3,
+        num_samples=4,
+        hessian_batch_size=8,
+        backend_options={"max_hvps": 4},
+    )
+    fit_tiny(tmp_path, monitor, max_steps=10)
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [(r["step"], r["quantity"]) for r in recs] == [
+        (s, q) for s in (3, 6, 9) for q in ("trace", "eigenvalues")
+    ]
+    assert monitor.measurements == 3
+
+
+def test_step_zero_and_gradient_accumulation(tmp_path: Path) -> None:
+    """With accumulation, global_step moves once per window: one measurement per cadence step."""
+    monitor = CurvatureMonitor(
+        quantities=["trace"],
+        compute_every_n_steps=2,
+        compute_at_step_zero=True,
+        num_samples=3,
+        hessian_batch_size=4,
+    )
+    module, trainer = fit_tiny(tmp_path, monitor, max_steps=6, accumulate_grad_batches=2)
+    assert module.steps_run == 12 and trainer.global_step == 6
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [r["step"] for r in recs] == [0, 2, 4, 6]
+    # 4 batches = 2 optimiser steps per epoch; step 2 follows the last batch of epoch 0.
+    assert [r["epoch"] for r in recs] == [0, 0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+def test_record_content_and_logged_metrics(tmp_path: Path) -> None:
+    from deconcnn_curvature.training import MetricsJSONL, read_metrics_jsonl
+
+    monitor = CurvatureMonitor(
+        compute_every_n_steps=4,
+        num_samples=7,
+        k=2,
+        hessian_batch_size=16,
+        backend_options={"max_hvps": 30},
+        seed=5,
+    )
+    metrics = MetricsJSONL(tmp_path / "metrics.jsonl")
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, [monitor, metrics], max_steps=8)
+    trainer.fit(Tiny(), tiny_data())
+    recs = records(tmp_path / "curvature.jsonl")
+    assert len(recs) == 4
+    trace, eig = recs[2], recs[3]
+    assert trace["quantity"] == "trace" and eig["quantity"] == "eigenvalues"
+    for rec in (trace, eig):
+        assert rec["step"] == 8 and rec["epoch"] == 1 and rec["backend"] == "pyhessian"
+        assert rec["error"] is None and rec["batch_size"] == 16 and rec["batch_mode"] == "fixed"
+        assert rec["seed"] == monitor.probe_seed(8, rec["quantity"])
+        assert rec["seconds"] > 0
+    assert trace["n_hvp"] == 7  # the budget is spent exactly, never capped
+    assert isinstance(trace["value"], float) and trace["stderr"] > 0
+    assert trace["ci"][0] < trace["value"] < trace["ci"][1] and trace["ci_level"] == 0.95
+    assert trace["method"] == "hutchinson" and trace["exact"] is False
+    assert len(eig["value"]) == 2 and eig["value"][0] >= eig["value"][1]
+    assert eig["method"] == "lanczos" and eig["details"]["converged"] is True
+
+    logged = trainer.callback_metrics
+    assert float(logged["curvature/hutch_trace"]) == pytest.approx(trace["value"], rel=1e-6)
+    assert float(logged["curvature/hutch_trace_stderr"]) == pytest.approx(trace["stderr"], rel=1e-6)
+    assert float(logged["curvature/lambda_max"]) == pytest.approx(eig["value"][0], rel=1e-6)
+    assert float(logged["curvature/lambda_max_2"]) == pytest.approx(eig["value"][1], rel=1e-6)
+    assert float(logged["curvature/n_hvp"]) == trace["n_hvp"] + eig["n_hvp"]
+    assert float(logged["curvature/seconds"]) >= trace["seconds"] + eig["seconds"]
+
+    # deconCNN's metrics.jsonl gets the values on the line of the step they were measured at.
+    lines = {r["step"]: r["metrics"] for r in read_metrics_jsonl(tmp_path / "metrics.jsonl")}
+    assert lines[4]["curvature/hutch_trace"] == pytest.approx(recs[0]["value"], rel=1e-6)
+    assert lines[8]["curvature/lambda_max"] == pytest.approx(eig["value"][0], rel=1e-6)
+    assert not any("curvature/hutch_trace" in lines[s] for s in lines if s not in (4, 8))
+
+
+def test_custom_metric_keys_and_paths(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere" / "curv.jsonl"
+    monitor = CurvatureMonitor(
+        quantities="trace",
+        compute_every_n_steps=2,
+        num_samples=3,
+        hessian_batch_size=4,
+        metric_keys={"trace": "hess/tr", "trace_stderr": None, "seconds": None},
+        jsonl=str(target),
+    )
+    _, trainer = fit_tiny(tmp_path, monitor, max_steps=2)
+    assert set(trainer.callback_metrics) == {"hess/tr", "curvature/n_hvp"}
+    assert len(records(target)) == 1
+
+
+def test_disabled_monitor_does_nothing(tmp_path: Path) -> None:
+    monitor = CurvatureMonitor(backend="no-such-backend", enabled=False, compute_every_n_steps=1)
+    _, trainer = fit_tiny(tmp_path, monitor, max_steps=3)
+    assert not (tmp_path / "curvature.jsonl").exists() and not trainer.callback_metrics
+
+
+def test_record_writer_is_strict_json_and_readable_before_close(tmp_path: Path) -> None:
+    writer = CurvatureRecordWriter(tmp_path / "sub" / "c.jsonl")
+    writer.write({"value": float("nan"), "ci": (1.0, float("inf")), "t": torch.tensor(2.5)})
+    line = (tmp_path / "sub" / "c.jsonl").read_text()  # flushed before close
+    assert json.loads(line) == {"value": None, "ci": [1.0, None], "t": 2.5}
+    writer.close()
+    writer.write({"step": 2})  # reopens in append mode
+    writer.close()
+    assert [r.get("step") for r in read_curvature_jsonl(tmp_path / "sub" / "c.jsonl")] == [None, 2]
+
+
+# ------------------------------------------------------------------------------------ values
+
+
+def test_values_match_estimate_and_the_dense_hessian(tmp_path: Path) -> None:
+    """The last measurement (step 6) is taken on the final parameters: recompute it with
+    dcc.estimate on the same batch and seeds, and check λ_max against the dense Hessian."""
+    monitor = CurvatureMonitor(
+        compute_every_n_steps=3,
+        num_samples=40,
+        hessian_batch_size=12,
+        backend_options={"tol": 1e-10, "max_hvps": 83},
+    )
+    module, trainer = fit_tiny(tmp_path, monitor, max_steps=6)
+    trace, eig = records(tmp_path / "curvature.jsonl")[2:]
+    assert trace["step"] == eig["step"] == 6
+
+    dataset = trainer.train_dataloader.dataset
+    indices = monitor.curvature_indices
+    assert indices == monitor.batch_indices(6, len(dataset)) and len(set(indices)) == 12
+    x = torch.stack([dataset[i][0] for i in indices])
+    y = torch.stack([dataset[i][1] for i in indices])
+    again = dcc.estimate(
+        module, module.loss_fn, (x, y), "trace", seed=monitor.probe_seed(6, "trace"), num_hvps=40
+    )
+    assert again.value == trace["value"] and again.stderr == trace["stderr"]
+    top = dcc.estimate(
+        module,
+        module.loss_fn,
+        (x, y),
+        "eigenvalues",
+        seed=monitor.probe_seed(6, "eigenvalues"),
+        tol=1e-10,
+        max_hvps=83,
+    )
+    assert top.value == eig["value"]
+
+    module.eval()
+    exact = dense_hessian(module, module.loss_fn, [(x, y)])
+    torch.testing.assert_close(
+        torch.tensor(eig["value"][0], dtype=torch.float64),
+        torch.linalg.eigvalsh(exact).max(),
+        rtol=1e-7,
+        atol=1e-9,
+    )
+    exact_trace = float(torch.trace(exact))
+    assert abs(trace["value"] - exact_trace) <= 5 * trace["stderr"]
+
+
+# ------------------------------------------------------------------------------------ failures
+
+
+def test_failures_are_isolated_recorded_once_and_never_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flaky = type("Flaky", (_FlakyBackend,), {"fail_calls": 4, "calls": 0})
+    use_plugin(monkeypatch, _TestPlugin(flaky))
+    monitor = CurvatureMonitor(
+        backend="flaky", compute_every_n_steps=2, num_samples=5, hessian_batch_size=4
+    )
+    with pytest.warns(UserWarning, match="kaboom") as caught:
+        module, trainer = fit_tiny(tmp_path, monitor, max_steps=6)
+    assert trainer.global_step == 6 and module.steps_run == 6
+    # Once per distinct reason: the trace's and the eigenvalues' errors, not once per failure.
+    kaboom = [str(w.message) for w in caught if "kaboom" in str(w.message)]
+    assert len(kaboom) == 2  # 4 failures, 2 distinct reasons (one per quantity)
+    assert any("computing 'trace'" in m for m in kaboom)
+    assert any("computing 'eigenvalues'" in m for m in kaboom)
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [r["step"] for r in recs] == [2, 2, 4, 4, 6, 6]
+    for rec in recs[:4]:
+        assert rec["value"] is None and rec["stderr"] is None and rec["n_hvp"] is None
+        assert (
+            rec["error"]
+            == "BackendFailedError: backend 'flaky' failed computing "
+            + repr(rec["quantity"])
+            + ": RuntimeError: kaboom: the backend broke"
+        )
+    assert recs[4]["value"] == 1.0 and recs[5]["value"] == [2.0] and recs[4]["error"] is None
+    assert float(trainer.callback_metrics["curvature/hutch_trace"]) == 1.0  # from step 6 only
+
+
+def test_unsupported_model_is_recorded_not_fatal_and_not_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_plugin(monkeypatch, _TestPlugin(_PickyBackend))
+    monitor = CurvatureMonitor(
+        backend="picky", compute_every_n_steps=2, num_samples=5, hessian_batch_size=4
+    )
+    with pytest.warns(UserWarning, match="picky cannot handle") as caught:
+        _, trainer = fit_tiny(tmp_path, monitor, max_steps=6)
+    assert trainer.global_step == 6
+    assert sum("picky cannot handle" in str(w.message) for w in caught) == 1
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [r["step"] for r in recs] == [2, 2, 4, 4, 6, 6]
+    assert all(r["value"] is None and "UnsupportedModelError" in r["error"] for r in recs)
+    assert not any(k.startswith("curvature/") for k in trainer.callback_metrics)
+
+
+def test_on_error_raise_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flaky = type("Flaky", (_FlakyBackend,), {"calls": 0})
+    use_plugin(monkeypatch, _TestPlugin(flaky))
+    monitor = CurvatureMonitor(
+        backend="flaky",
+        quantities=["trace"],
+        compute_every_n_steps=2,
+        num_samples=5,
+        hessian_batch_size=4,
+        on_error="raise",
+    )
+    pl.seed_everything(0, verbose=False)
+    module = Tiny()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6)
+    with pytest.raises(BackendFailedError, match="kaboom"):
+        trainer.fit(module, tiny_data())
+    assert trainer.global_step == 2 and module.steps_run == 2
+    (rec,) = records(tmp_path / "curvature.jsonl")
+    assert rec["value"] is None and "kaboom" in rec["error"]
+
+
+# ------------------------------------------------------------------------------------ fail fast
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"compute_every_n_steps": 0}, "compute_every_n_steps must be an integer >= 1"),
+        ({"compute_every_n_steps": -5}, "compute_every_n_steps"),
+        ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+        ({"hessian_batch_size": 0}, "hessian_batch_size"),
+        ({"rtol": 0.0}, "rtol must be a number > 0"),
+        ({"k": 0}, "k must be"),
+        ({"batch_mode": "sometimes"}, "batch_mode must be one of 'fixed', 'refresh'"),
+        ({"on_error": "ignore"}, "on_error must be one of 'warn', 'raise'"),
+        ({"quantities": []}, "quantities is empty"),
+        ({"quantities": ["diagonal"]}, "too big"),
+        ({"metric_keys": {"lambda": "x"}}, "unknown metric_keys"),
+        ({"seed": -1}, "seed must be"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        CurvatureMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"backend": "pyhesian"}, UnknownBackendError, "Did you mean 'pyhessian'"),
+        ({"backend": "traceonly"}, UnsupportedQuantityError, "cannot compute quantity"),
+        ({"backend_options": {"nope": 1}}, ConfigurationError, "unknown backend_options"),
+        ({"backend_options": {"num_runs": 2}}, ConfigurationError, "applies to density only"),
+        ({"backend_options": {"tol": -1.0}}, dcc.InvalidOptionError, "'tol'"),
+        ({"hessian_batch_size": 33}, ConfigurationError, "only 32 samples"),
+        ({"model_attr": "missing"}, ConfigurationError, "does not name a torch.nn.Module"),
+    ],
+)
+def test_bad_configuration_fails_before_the_first_training_step(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kwargs: dict[str, Any],
+    error: type[Exception],
+    match: str,
+) -> None:
+    use_plugin(monkeypatch, _TestPlugin(_TraceOnlyBackend))
+    monitor = CurvatureMonitor(compute_every_n_steps=1, **kwargs)
+    module = Tiny()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=3)
+    with pytest.raises(error, match=match):
+        trainer.fit(module, tiny_data())
+    assert module.steps_run == 0 and trainer.global_step == 0
+
+
+def test_missing_loss_fails_fast(tmp_path: Path) -> None:
+    module = Tiny()
+    del module.loss_fn
+    module.training_step = lambda batch, i: nn.functional.cross_entropy(module(batch[0]), batch[1])
+    trainer = make_trainer(tmp_path, [CurvatureMonitor()], max_steps=1)
+    with pytest.raises(ConfigurationError, match="needs the training loss"):
+        trainer.fit(module, tiny_data())
+
+
+def test_unaligned_logger_cadence_is_reported(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    monitor = CurvatureMonitor(
+        quantities=["trace"], compute_every_n_steps=3, num_samples=2, hessian_batch_size=8
+    )
+    with pytest.warns(UserWarning, match="not a multiple of the Trainer's log_every_n_steps=2"):
+        fit_tiny(tmp_path, monitor, max_steps=1, logger=CSVLogger(tmp_path), log_every_n_steps=2)
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("batch_mode", ["fixed", "refresh"])
+def test_resume_writes_the_same_records(tmp_path: Path, batch_mode: str) -> None:
+    def monitor() -> CurvatureMonitor:
+        return CurvatureMonitor(
+            compute_every_n_steps=3,
+            compute_at_step_zero=True,
+            num_samples=4,
+            hessian_batch_size=8,
+            batch_mode=batch_mode,
+            backend_options={"max_hvps": 5},
+            seed=3,
+        )
+
+    whole = monitor()
+    fit_tiny(tmp_path / "whole", whole, max_epochs=4)  # 4 steps per epoch: 16 steps
+
+    pl.seed_everything(0, verbose=False)
+    first = monitor()
+    trainer = make_trainer(tmp_path / "parts", [first], max_epochs=2)
+    trainer.fit(Tiny(), tiny_data())
+    ckpt = tmp_path / "parts" / "epoch2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=False)["callbacks"][first.state_key]["last_step"] == 6
+
+    pl.seed_everything(123, verbose=False)  # a resumed run must not depend on the global seed
+    second = monitor()
+    trainer = make_trainer(tmp_path / "parts", [second], max_epochs=4)
+    trainer.fit(Tiny(), tiny_data(), ckpt_path=ckpt)
+    assert trainer.global_step == 16
+
+    expected = comparable(records(tmp_path / "whole" / "curvature.jsonl"))
+    assert [r["step"] for r in expected][::2] == [0, 3, 6, 9, 12, 15]
+    assert comparable(records(tmp_path / "parts" / "curvature.jsonl")) == expected
+    assert second.curvature_indices == whole.curvature_indices
+    assert second.measurements == whole.measurements == 6
+
+
+def test_two_monitors_keep_separate_state(tmp_path: Path) -> None:
+    a = CurvatureMonitor(
+        quantities=["trace"],
+        compute_every_n_steps=2,
+        num_samples=2,
+        jsonl="a",
+        hessian_batch_size=8,
+    )
+    b = CurvatureMonitor(
+        quantities=["trace"],
+        compute_every_n_steps=3,
+        num_samples=2,
+        jsonl="b",
+        hessian_batch_size=8,
+    )
+    assert a.state_key != b.state_key
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, [a, b], max_steps=4)
+    trainer.fit(Tiny(), tiny_data())
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=False)["callbacks"]
+    assert saved[a.state_key]["count"] == 2 and saved[b.state_key]["count"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = CurvatureMonitor(
+            quantities=["trace"], compute_every_n_steps=2, num_samples=2, hessian_batch_size=8
+        )
+        c.load_state_dict(saved[a.state_key])
+    assert c.measurements == 2 and c.curvature_indices == a.curvature_indices
