@@ -1,1 +1,637 @@
-"""The optional ``backpack`` backend — being built."""
+"""The optional ``backpack`` backend: the exact Hessian diagonal and trace through BackPACK.
+
+BackPACK (Dangel, Kunstner, Hennig, "BackPACK: Packing more into backprop", ICLR 2020) extends
+backpropagation with second-order quantities. Its ``DiagHessian`` extension backpropagates a
+symmetric factorisation of the loss Hessian with respect to each layer's output, adding the
+residual terms of non-linear activations, and returns ``diag ∇²_θ L`` for every parameter of a
+supported layer (Dangel, Harmeling, Hennig, "Modular block-diagonal curvature approximations for
+feedforward architectures", AISTATS 2020). Its sum is the **exact** trace: no probes, no standard
+error. Quantities:
+
+- ``"trace"``: ``Σ_i H_ii``, exact, with the trace of each parameter tensor in ``layers``.
+- ``"diagonal"``: ``{name: H_ii shaped like the parameter}`` for every trainable parameter.
+
+What this backend guarantees on top of BackPACK:
+
+- **The caller's module is never touched.** BackPACK's ``extend()`` installs hooks and writes
+  ``input0``/``output``/``diag_h`` attributes in place, so it is applied to a ``copy.deepcopy``
+  of the model (frozen parameters stay frozen; the copy's ``.grad`` are its own), and to a copy
+  of the loss module.
+- **Unsupported models are refused before any work**, naming the first unsupported module (its
+  dotted path and type) and pointing to ``pyhessian``/``hutchpp``. BackPACK's module→rule table
+  for ``DiagHessian`` is private, so support is decided by an explicit allow-list of layer types,
+  each verified here against a dense Hessian (see ``tests/backends/test_backpack.py``). The
+  forward is traced with ``torch.fx`` so that operations BackPACK cannot see — residual sums,
+  functional activations, tensor arithmetic, reused layers with parameters — are found
+  statically, even inside custom modules; BatchNorm (in any mode) is refused with its own
+  message. Calls to ``flatten`` and parameter-free layers used twice are handed to BackPACK's own
+  converter (``extend(..., use_converter=True)``), whose failures are reported, not hidden.
+- When ``torch.fx`` cannot trace the forward (data-dependent control flow), the layers are still
+  checked by type, and before measuring, BackPACK runs on one sample and its diagonal is compared
+  with exact autograd Hessian-vector products on one coordinate of every parameter tensor; any
+  disagreement refuses the model.
+- Several batches give the Hessian of the mean loss over all samples (per-batch diagonals
+  weighted by batch size); under ``torch.distributed`` one all-reduce weighted by sample count
+  gives the diagonal over every rank's samples.
+
+BackPACK is imported lazily, inside :meth:`BackpackBackend.compute`, so this module imports (and
+the backend is listed, as unavailable) without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+
+from deconcnn_curvature.backend import Backend, Option
+from deconcnn_curvature.backends._common import COMMON_OPTIONS
+from deconcnn_curvature.errors import NonFiniteError, UnsupportedModelError
+from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.problem import CurvatureProblem, _batch_size
+from deconcnn_curvature.results import CurvatureResult
+
+__all__ = ["SUPPORTED_LAYERS", "SUPPORTED_LOSSES", "BackpackBackend", "register_backends"]
+
+#: Layer types whose exact Hessian diagonal BackPACK 1.7.1 computes, each checked against a dense
+#: Hessian in the tests. BackPACK matches the exact class, so subclasses are not included.
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ELU,
+    nn.SELU,
+    nn.LogSigmoid,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.Dropout,
+    nn.ZeroPad2d,
+    nn.Identity,  # removed from the traced copy: it computes nothing
+)
+
+#: Loss modules BackPACK's ``DiagHessian`` supports (mean reduction; no class weights).
+SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (nn.CrossEntropyLoss, nn.MSELoss)
+
+#: BackPACK 1.7.1's average-pooling Hessian rules build float32 tensors and fail in float64.
+_FLOAT32_ONLY = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+
+_NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+_ALTERNATIVES = (
+    "Use backend='pyhessian' or backend='hutchpp' for this model (both work on any "
+    "differentiable network), e.g. `deconcnn-curv estimate CKPT --backend pyhessian`."
+)
+_INSTALL = "pip install 'deconcnn-curvature[backpack]'"
+
+
+# -- static model analysis (no BackPACK needed) ------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """How to hand a model to BackPACK: traced by torch.fx (statically verified) or not."""
+
+    graph: fx.Graph | None  # traced forward of the deep copy it was made from; None: untraceable
+    root: nn.Module  # the deep copy the graph refers to
+    convert: bool  # needs BackPACK's converter (flatten calls, reused parameter-free layers)
+    untraced_reason: str | None = None
+
+
+def _describe(path: str, module: nn.Module) -> str:
+    where = f"'{path}'" if path else "the model itself"
+    return f"{where} ({type(module).__name__})"
+
+
+def _refuse(what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"backend 'backpack' cannot handle this model: {what}. {_ALTERNATIVES}"
+    )
+
+
+def _check_layer(path: str, module: nn.Module, dtype: torch.dtype | None) -> None:
+    """Raise unless BackPACK computes an exact Hessian diagonal through this (leaf) layer."""
+    if isinstance(module, _NORM_LAYERS):
+        raise _refuse(
+            f"{_describe(path, module)} is a normalisation layer; BackPACK has no exact Hessian "
+            "rule for it (BatchNorm is refused in train and in eval mode alike). deconCNN models "
+            "qualify only with `norm_type: none`"
+        )
+    if type(module) not in SUPPORTED_LAYERS:
+        raise _refuse(
+            f"{_describe(path, module)} is not a layer BackPACK's DiagHessian supports "
+            f"(supported: {', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))})"
+        )
+    if dtype == torch.float64 and type(module) in _FLOAT32_ONLY:
+        raise _refuse(
+            f"{_describe(path, module)}: BackPACK 1.7.1's average-pooling rule fails in float64 "
+            "(it builds float32 tensors); measure the model in float32"
+        )
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.requires_grad), None)
+
+
+def _check_shared_parameters(model: nn.Module) -> None:
+    owners: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        if id(p) in owners:
+            raise _refuse(
+                f"parameter '{name}' is the same tensor as '{owners[id(p)]}' (tied weights); "
+                "BackPACK computes one diagonal per layer and would miss the cross terms"
+            )
+        owners[id(p)] = name
+
+
+def _enclosing(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "the model's own forward"
+    path, (_, cls) = list(stack.items())[-1]
+    name = getattr(cls, "__name__", str(cls))
+    return f"the forward of '{path}' ({name})"
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if node.op == "call_method":
+        return f"the tensor method `.{target}()`"
+    if target is operator.add or target is operator.iadd or target is torch.add:
+        return "`+` (a residual sum or other tensor addition)"
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    module = getattr(target, "__module__", None)
+    return f"`{module}.{name}`" if module and module != "_operator" else f"`{name}`"
+
+
+def _is_flatten(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    )
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise _refuse(
+            f"the model cannot be deep-copied ({type(exc).__name__}: {exc}); this backend works on "
+            "a copy so that BackPACK's hooks never touch the module being trained"
+        ) from exc
+
+
+def _plan(model: nn.Module) -> _Plan:
+    """Check the whole model statically and decide how BackPACK will see it (see module doc)."""
+    if not isinstance(model, nn.Module):
+        return _Plan(None, model, False, "not a module")  # build_problem reports this
+    _check_shared_parameters(model)
+    dtype = _param_dtype(model)
+    root = _deepcopy(model)  # fx may add attributes to the module it traces
+    try:
+        graph = fx.Tracer().trace(root)
+    except Exception as exc:
+        # Untraceable (e.g. data-dependent control flow): check every layer by type, in order.
+        for path, module in root.named_modules():
+            if isinstance(module, _CONTAINERS):
+                continue
+            if any(True for _ in module.children()):
+                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                    raise _refuse(
+                        f"{_describe(path, module)} holds parameters of its own that are not in a "
+                        "supported layer, and its forward cannot be traced to check how they "
+                        "are used"
+                    ) from exc
+                continue
+            if type(module) is nn.Identity:
+                raise _refuse(
+                    f"{_describe(path, module)}: nn.Identity is supported only in models whose "
+                    "forward torch.fx can trace (it is removed from the traced copy), and this "
+                    f"one cannot be traced ({type(exc).__name__}: {exc})"
+                ) from exc
+            _check_layer(path, module, dtype)
+        return _Plan(None, root, False, f"{type(exc).__name__}: {exc}".strip())
+
+    convert = False
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                raise _refuse(
+                    "its forward returns a "
+                    f"{type(node.args[0]).__name__}; BackPACK needs a single output tensor"
+                )
+            continue
+        if node.op == "call_module":
+            module = root.get_submodule(node.target)
+            _check_layer(node.target, module, dtype)
+            if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+                raise _refuse(
+                    f"{_describe(node.target, module)} is called with extra arguments; "
+                    "BackPACK layers take one tensor"
+                )
+            calls[node.target] = calls.get(node.target, 0) + 1
+            if calls[node.target] > 1:
+                if any(True for _ in module.parameters()):
+                    raise _refuse(
+                        f"{_describe(node.target, module)} is called {calls[node.target]} times "
+                        "in one forward pass; BackPACK keeps one input per layer, so a layer "
+                        "with parameters must not be reused"
+                    )
+                convert = True
+            continue
+        if _is_flatten(node):
+            convert = True
+            continue
+        if node.op == "get_attr":
+            raise _refuse(
+                f"{_enclosing(node)} uses the tensor attribute '{node.target}' directly (a "
+                "parameter or buffer outside a supported layer), which BackPACK cannot see"
+            )
+        raise _refuse(
+            f"{_enclosing(node)} computes {_op_name(node)} outside a layer module; BackPACK only "
+            "sees nn.Module layers chained one after another, so residual sums, functional "
+            "activations (F.relu) and tensor arithmetic are not supported"
+        )
+    return _Plan(graph, root, convert)
+
+
+def _without_identities(plan: _Plan) -> nn.Module:
+    """A GraphModule over ``plan.root`` with ``nn.Identity`` calls removed (BackPACK has no rule
+    for them; they compute nothing). Parameter names are those of the original model."""
+    assert plan.graph is not None
+    gm = fx.GraphModule(plan.root, plan.graph)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _check_loss(loss_fn: Any) -> None:
+    if type(loss_fn) not in SUPPORTED_LOSSES:
+        got = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else repr(loss_fn)
+        raise UnsupportedModelError(
+            f"backend 'backpack' needs the loss as an nn.CrossEntropyLoss or nn.MSELoss module "
+            f"(BackPACK extends the loss layer too); got {got}. Pass nn.CrossEntropyLoss() or "
+            f"nn.MSELoss(), or {_ALTERNATIVES[0].lower()}{_ALTERNATIVES[1:]}"
+        )
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and (
+        loss_fn.weight is not None or loss_fn.ignore_index != -100
+    ):
+        raise UnsupportedModelError(
+            "backend 'backpack' supports nn.CrossEntropyLoss without class weights and with "
+            f"the default ignore_index (-100); got weight={loss_fn.weight is not None}, "
+            f"ignore_index={loss_fn.ignore_index}. {_ALTERNATIVES}"
+        )
+
+
+# -- running BackPACK ---------------------------------------------------------------------------
+@contextmanager
+def _quiet_hooks() -> Iterator[None]:
+    """Hide torch's note that a full backward hook fires on the first layer (whose input does not
+    require grad): expected here, and not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+class _Tracker:
+    """Records which layer BackPACK's backward hook is working on, to name it in errors."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.current: str | None = None
+        self._handles = []
+        for path, sub in module.named_modules():
+            if path and not any(True for _ in sub.children()):
+                self._handles.append(sub.register_full_backward_pre_hook(self._hook(path, sub)))
+
+    def _hook(self, path: str, sub: nn.Module) -> Any:
+        def hook(_module: nn.Module, _grad_output: Any) -> None:
+            self.current = f"{path!r} ({type(sub).__name__})"
+
+        return hook
+
+
+def _translate(exc: Exception, tracker: _Tracker | None, converted: bool) -> UnsupportedModelError:
+    where = f" at layer {tracker.current}" if tracker and tracker.current else ""
+    how = " after BackPACK's converter (extend(..., use_converter=True))" if converted else ""
+    return UnsupportedModelError(
+        f"BackPACK's DiagHessian failed{where}{how}: {type(exc).__name__}: {exc}. The model uses "
+        f"something BackPACK does not support. {_ALTERNATIVES}"
+    )
+
+
+def _no_inplace(module: nn.Module) -> None:
+    """Turn in-place activations off in the copy (same function; BackPACK needs the input kept)."""
+    for sub in module.modules():
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
+
+
+@dataclass
+class _Extended:
+    module: nn.Module
+    loss: nn.Module
+    params: dict[str, torch.Tensor]
+    tracker: _Tracker
+    converted: bool
+
+
+def _extend(problem: CurvatureProblem, plan: _Plan) -> _Extended:
+    import backpack
+
+    root = plan.root
+    if plan.graph is not None:
+        root = _without_identities(plan)
+    _no_inplace(root)
+    try:
+        with warnings.catch_warnings():
+            # The converter warns about graph nodes it leaves; our plan admits none, so any warning
+            # here is a failure to report.
+            warnings.simplefilter("error")
+            module = backpack.extend(root, use_converter=plan.convert)
+    except Exception as exc:
+        raise _translate(exc, None, plan.convert) from exc
+    loss = backpack.extend(copy.deepcopy(problem.loss_fn))
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    return _Extended(module, loss, params, _Tracker(module), plan.convert)
+
+
+def _diag_of_batch(
+    ext: _Extended,
+    names: list[str],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    what: str,
+    *,
+    trial: bool = False,
+) -> dict[str, torch.Tensor | None]:
+    """BackPACK's Hessian diagonal of the mean loss on one batch, per trainable parameter
+    (``None``: the parameter does not influence the loss). In a ``trial`` every error of the
+    forward or backward pass is reported as an unsupported model."""
+    import backpack
+    from backpack.extensions import DiagHessian
+
+    for p in ext.params.values():
+        p.grad = None
+    try:
+        out = ext.module(inputs)
+    except RuntimeError as exc:
+        if trial:
+            raise _translate(exc, ext.tracker, ext.converted) from exc
+        raise
+    if isinstance(ext.loss, nn.MSELoss) and out.ndim != 2:
+        raise UnsupportedModelError(
+            f"BackPACK's MSELoss rule needs 2-D outputs (batch, features); the model returned "
+            f"shape {tuple(out.shape)}. Flatten the output or {_ALTERNATIVES[0].lower()}"
+            f"{_ALTERNATIVES[1:]}"
+        )
+    loss = ext.loss(out, targets)
+    if not torch.isfinite(loss.detach()):
+        raise NonFiniteError(
+            f"the loss is {loss.item()} on {what}; curvature of a non-finite loss is undefined. "
+            "Check the data and the model's parameters (diverged training?)."
+        )
+    try:
+        with backpack.backpack(DiagHessian()):
+            loss.backward()
+    except (NotImplementedError, AssertionError, ValueError) as exc:
+        raise _translate(exc, ext.tracker, ext.converted) from exc
+    except RuntimeError as exc:
+        if trial:
+            raise _translate(exc, ext.tracker, ext.converted) from exc
+        raise
+    diag: dict[str, torch.Tensor | None] = {}
+    for name in names:
+        p = ext.params.get(name)
+        d = getattr(p, "diag_h", None) if p is not None else None
+        if d is None:
+            if p is not None and p.grad is not None:
+                raise _refuse(
+                    f"parameter '{name}' reaches the loss through an operation BackPACK cannot "
+                    "see, so it computed no Hessian diagonal for it"
+                )
+            diag[name] = None  # the parameter does not influence the loss: zero curvature
+        else:
+            del p.diag_h
+            diag[name] = d.detach()
+    for p in ext.params.values():
+        p.grad = None
+    return diag
+
+
+def _verify(problem: CurvatureProblem, ext: _Extended) -> dict[str, Any]:
+    """Compare BackPACK's diagonal on one sample with exact autograd HVPs (one coordinate per
+    parameter tensor: its largest diagonal entry). Raise when they disagree."""
+    inputs, targets = problem.batches[0]
+    x1, y1 = inputs[:1], targets[:1]
+    diag = _diag_of_batch(ext, problem.names, x1, y1, "the verification sample", trial=True)
+    ref = copy.deepcopy(problem.model)
+    ref_params = dict(ref.named_parameters())
+    params = [ref_params[n] for n in problem.names]
+    loss = copy.deepcopy(problem.loss_fn)(ref(x1), y1)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    tol = 1e-8 if problem.dtype == torch.float64 else 1e-3
+    worst = 0.0
+    checked = 0
+    for name, p, g in zip(problem.names, params, grads, strict=True):
+        d = diag[name]
+        if g is None or not g.requires_grad:
+            exact = 0.0
+            idx = 0
+            got = 0.0 if d is None else float(d.reshape(-1)[0])
+        else:
+            flat = d.reshape(-1) if d is not None else torch.zeros(p.numel(), dtype=p.dtype)
+            idx = int(flat.abs().argmax())
+            e = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            e[idx] = 1.0
+            (hv,) = torch.autograd.grad(
+                g, p, grad_outputs=e.view_as(p), retain_graph=True, allow_unused=True
+            )
+            exact = 0.0 if hv is None else float(hv.reshape(-1)[idx])
+            got = float(flat[idx])
+            checked += 1
+        scale = max(abs(exact), abs(got), 1e-12)
+        err = abs(got - exact) / scale
+        worst = max(worst, err)
+        if err > tol and abs(got - exact) > 1e-10:
+            raise _refuse(
+                f"BackPACK's Hessian diagonal disagrees with autograd on parameter '{name}' "
+                f"(entry {idx}: {got:.6g} vs exact {exact:.6g}); the forward uses an operation "
+                "BackPACK cannot see"
+            )
+    return {"verify_hvps": checked, "verify_max_rel_error": worst}
+
+
+class BackpackBackend(Backend):
+    """The exact Hessian diagonal and trace through BackPACK's ``DiagHessian`` extension.
+
+    Supported models are chains of the layers in :data:`SUPPORTED_LAYERS` (possibly inside custom
+    modules, with ``flatten`` calls), with an :data:`SUPPORTED_LOSSES` loss. Everything else is
+    refused before any work by :meth:`validate_model` (or, for the loss, at the start of
+    :meth:`compute`) with the module's path and type.
+    """
+
+    name = "backpack"
+    description = "BackPACK DiagHessian: exact Hessian diagonal and trace (plain CNNs/MLPs only)"
+    quantities = frozenset({"trace", "diagonal"})
+    exact = True
+    requires = ("backpack",)
+    install_hint = _INSTALL
+    supports_distributed = True
+    options = (
+        Option(
+            "verify",
+            bool,
+            False,
+            "before measuring, compare BackPACK's diagonal on one sample with exact autograd "
+            "HVPs (one entry per parameter tensor); always on for models torch.fx cannot trace",
+        ),
+        COMMON_OPTIONS[0],  # eval_mode
+    )
+
+    @classmethod
+    def validate_model(cls, model: Any) -> None:
+        """Refuse, before any work, a model BackPACK cannot differentiate exactly (see module doc).
+
+        Raises:
+            UnsupportedModelError: naming the first unsupported module (dotted path and type) and
+                suggesting ``backend="pyhessian"`` or ``"hutchpp"``.
+        """
+        _plan(model)
+
+    def compute(
+        self,
+        problem: CurvatureProblem,
+        quantity: str,
+        *,
+        seed: int,
+        options: Mapping[str, Any],
+    ) -> CurvatureResult:
+        del seed  # exact: nothing random
+        _check_loss(problem.loss_fn)
+        for i, (inputs, _) in enumerate(problem.batches):
+            if not isinstance(inputs, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"backend 'backpack' needs each batch's inputs as one tensor; batch {i} has "
+                    f"{type(inputs).__name__}. {_ALTERNATIVES}"
+                )
+        plan = _plan(problem.model)
+        shapes = {n: p.shape for n, p in zip(problem.names, problem.params, strict=True)}
+        details: dict[str, Any] = {
+            "extension": "DiagHessian",
+            "backpack_version": _backpack_version(),
+            "converter": plan.convert,
+            "traced": plan.graph is not None,
+        }
+        if plan.untraced_reason is not None:
+            details["untraced_reason"] = plan.untraced_reason
+        with _quiet_hooks():
+            ext = _extend(problem, plan)
+            if options["verify"] or plan.graph is None:
+                details.update(_verify(problem, ext))
+            sizes = [_batch_size(x, y) for x, y in problem.batches]
+            total = float(sum(sizes))
+            distributed = dist.is_available() and dist.is_initialized()
+            if distributed:
+                t = torch.tensor([total], dtype=torch.float64, device=_comm_device(problem))
+                dist.all_reduce(t)
+                total = float(t.item())
+            acc = {
+                n: torch.zeros(s, dtype=problem.dtype, device=problem.device)
+                for n, s in shapes.items()
+            }
+            for b, ((inputs, targets), n_b) in enumerate(zip(problem.batches, sizes, strict=True)):
+                diag = _diag_of_batch(ext, problem.names, inputs, targets, f"batch {b}")
+                for name, d in diag.items():
+                    if d is not None:
+                        acc[name].add_(d, alpha=n_b / total)
+            del ext
+        if distributed:
+            flat = torch.cat([acc[n].reshape(-1) for n in problem.names])
+            comm = _comm_device(problem)
+            buf = flat.to(comm)
+            dist.all_reduce(buf)
+            flat = buf.to(problem.device)
+            start = 0
+            for n in problem.names:
+                k = acc[n].numel()
+                acc[n] = flat[start : start + k].view(shapes[n])
+                start += k
+            details["world_size"] = dist.get_world_size()
+        layers = {n: float(acc[n].sum()) for n in problem.names}
+        bad = [n for n in problem.names if not bool(torch.isfinite(acc[n]).all())]
+        if bad:
+            raise NonFiniteError(
+                f"the Hessian diagonal is not finite for {', '.join(bad)}. Check the model and "
+                "data (diverged parameters, NaN inputs, a loss that overflows)."
+            )
+        trace = float(sum(acc[n].sum(dtype=torch.float64) for n in problem.names))
+        common = dict(
+            backend=self.name,
+            quantity=quantity,
+            stderr=0.0,
+            n_hvp=0,
+            seconds=0.0,
+            seed=None,
+            device=str(problem.device),
+            exact=True,
+            method="backpack-diag-hessian",
+            dim=problem.dim,
+            layers=layers,
+        )
+        if quantity == "trace":
+            return CurvatureResult(value=trace, details=details, **common)
+        if quantity == "diagonal":
+            return CurvatureResult(value=acc, details={**details, "trace": trace}, **common)
+        raise AssertionError(f"unhandled quantity {quantity!r}")  # the registry checked it
+
+
+def _comm_device(problem: CurvatureProblem) -> torch.device:
+    return problem.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _backpack_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("backpack-for-pytorch")
+    except PackageNotFoundError:
+        return None
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register(BackpackBackend)
