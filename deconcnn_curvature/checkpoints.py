@@ -75,7 +75,7 @@ DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
         "loss": None,  # a key of LOSSES
         "device": "cpu",
         "input_shape": None,  # tuple of ints; default (3, 32, 32)
-        "num_classes": None,  # default: the reference model's, else 10
+        "num_classes": None,  # default: the model's number of outputs
     }
 )
 
@@ -442,27 +442,25 @@ def _data_spec(
     )
 
 
-def _check_forward(model: nn.Module, batch: Batch, spec: DataSpec, what: str) -> None:
-    """One forward pass on two samples (eval mode, state restored) to give shape errors early."""
-    inputs = batch[0][:2]
+def _output_width(model: nn.Module, input_shape: tuple[int, ...], what: str) -> int:
+    """Logits per sample, from one forward pass on two zero inputs (eval mode, state restored);
+    turns a shape mistake into an error naming the option that fixes it."""
+    inputs = torch.zeros(2, *input_shape)
     try:
         with preserve_state(model), torch.no_grad():
             out = model(inputs)
     except Exception as exc:
         raise CheckpointError(
-            f"{what} fails on inputs of shape {','.join(map(str, inputs.shape[1:]))}: "
-            f"{_describe_error(exc)}; pass --input-shape (C,H,W) matching the model."
+            f"{what} fails on inputs of shape {','.join(map(str, input_shape))}: "
+            f"{_describe_error(exc)}; pass --input-shape (e.g. 3,32,32) matching the model."
         ) from exc
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != spec.num_classes:
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
         got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
-        fix = (
-            f"pass --num-classes {out.shape[1]}"
-            if isinstance(out, torch.Tensor) and out.ndim == 2
-            else "the model must return one row of logits per sample"
-        )
         raise CheckpointError(
-            f"{what} returns {got} per sample, but the data have {spec.num_classes} classes; {fix}."
+            f"{what} returns {got} per sample; a classifier must return one row of logits per "
+            "sample, shape (batch, classes)."
         )
+    return int(out.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,20 +563,24 @@ def load_checkpoint(
             "the checkpoint does not match its own hyper-parameters; pass --model to rebuild it",
         )
         description = f"{_REFERENCE}: {description}"
-        if num_classes is None:
-            num_classes = int((hparams.get("model_kwargs") or {}).get("num_classes", 10))
         default_loss = "cross_entropy"
     else:
         raise _not_rebuildable(path, checkpoint)
 
     loss_name = settings["loss"] or default_loss
-    spec = _data_spec(settings, _saved_data_config(checkpoint), num_classes or 10, loss_name)
-    batches = build_batches(spec)
-    _check_forward(model, batches[0], spec, f"the model {description}")
+    what = f"the model {description}"
+    shape = tuple(settings["input_shape"] or (3, 32, 32))
+    width = _output_width(model, shape, what)
+    if num_classes is not None and num_classes != width:
+        raise CheckpointError(
+            f"{what} returns {width} logits per sample, but the data should have {num_classes} "
+            f"classes; pass --num-classes {width} (or drop it)."
+        )
+    spec = _data_spec(settings, _saved_data_config(checkpoint), width, loss_name)
     return LoadedCheckpoint(
         model=model,
         loss_fn=LOSSES[loss_name](),
-        data=batches,
+        data=build_batches(spec),
         loader=loader,
         model_description=description,
         data_description=spec.describe(),
