@@ -11,7 +11,9 @@ understands two kinds of file:
    :func:`deconcnn_curvature.training.resnet_cifar.build_model` (torch only, Lightning is not
    imported), the loss is cross-entropy, and the data come from the saved data configuration
    (``datamodule_hyper_parameters``, which Lightning writes when the data module saves its
-   hyper-parameters, or a ``data`` entry of the module's hyper-parameters) unless ``data`` is set.
+   hyper-parameters, a ``data`` entry of the module's hyper-parameters, or the ``data`` section of
+   the ``config.yaml`` that ``deconcnn-curv train`` writes next to ``last.ckpt``) unless ``data``
+   is set.
 2. **Anything else with a model factory** (``model="package.module:factory"`` plus
    ``model_args``): a plain state dict, or a checkpoint holding one under ``state_dict`` (Lightning)
    or ``model_state_dict``. Prefixes such as ``model.`` (a LightningModule attribute) or
@@ -395,16 +397,40 @@ def _load_weights(
 # data
 
 
-def _saved_data_config(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def _is_data_config(candidate: Any) -> bool:
+    return isinstance(candidate, Mapping) and candidate.get("source") in ("synthetic", "cifar10")
+
+
+def _saved_data_config(checkpoint: Mapping[str, Any], path: Path) -> Mapping[str, Any] | None:
+    """The data configuration of the run that wrote ``path``, if anything records it.
+
+    Looked for, in order: ``datamodule_hyper_parameters`` (Lightning writes it when the data
+    module saved its hyper-parameters), a ``data`` entry of the module's hyper-parameters, and the
+    ``data`` section of a ``config.yaml`` next to the checkpoint (the run folder of
+    ``deconcnn-curv train``).
+    """
+    hparams = checkpoint.get("hyper_parameters")
     for candidate in (
         checkpoint.get("datamodule_hyper_parameters"),
-        (checkpoint.get("hyper_parameters") or {}).get("data")
-        if isinstance(checkpoint.get("hyper_parameters"), Mapping)
-        else None,
+        hparams.get("data") if isinstance(hparams, Mapping) else None,
     ):
-        if isinstance(candidate, Mapping) and candidate.get("source") in ("synthetic", "cifar10"):
+        if _is_data_config(candidate):
             return candidate
-    return None
+    config = path.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        import yaml
+    except ImportError:  # PyYAML comes with the lightning extra; without it, ask for --data
+        return None
+    try:
+        data = (yaml.safe_load(config.read_text()) or {}).get("data")
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read the run configuration {config} ({_describe_error(exc)}); fix it, or "
+            "pass --data to say which data to measure on."
+        ) from exc
+    return data if _is_data_config(data) else None
 
 
 def _data_spec(
@@ -576,7 +602,7 @@ def load_checkpoint(
             f"{what} returns {width} logits per sample, but the data should have {num_classes} "
             f"classes; pass --num-classes {width} (or drop it)."
         )
-    spec = _data_spec(settings, _saved_data_config(checkpoint), width, loss_name)
+    spec = _data_spec(settings, _saved_data_config(checkpoint, path), width, loss_name)
     return LoadedCheckpoint(
         model=model,
         loss_fn=LOSSES[loss_name](),

@@ -318,6 +318,26 @@ def test_reference_checkpoint_uses_its_saved_data_config(reference: Path, tmp_pa
     assert loaded.data_description.startswith("synthetic: random N(0,1) inputs 3x32x32")
 
 
+def test_reference_run_folder_config(reference: Path, tmp_path: Path) -> None:
+    """`deconcnn-curv train` writes config.yaml next to last.ckpt; its data section is used."""
+    from deconcnn_curvature.training.data import SyntheticCIFAR
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.ckpt").write_bytes(reference.read_bytes())
+    (run / "config.yaml").write_text(
+        "seed: 0\ndata:\n  _target_: x.CIFARDataModule\n  source: synthetic\n  seed: 2\n"
+        "  synthetic_noise_std: 0.5\n"
+    )
+    loaded = open_checkpoint(run / "last.ckpt", {"batch_size": 4})
+    assert "seed 2;" in loaded.data_description
+    expected = SyntheticCIFAR(4, seed=2, noise_std=0.5)
+    torch.testing.assert_close(loaded.data[0][0], torch.stack([expected[i][0] for i in range(4)]))
+    (run / "config.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(CheckpointError, match=r"cannot read the run configuration .*--data"):
+        open_checkpoint(run / "last.ckpt", {"batch_size": 4})
+
+
 def test_reference_checkpoint_errors(reference: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="nothing says which data"):
         open_checkpoint(reference, {})
