@@ -41,6 +41,7 @@ the backend is listed, as unavailable) without it.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import warnings
 from collections.abc import Iterator, Mapping
@@ -381,7 +382,15 @@ def _extend(problem: CurvatureProblem, plan: _Plan) -> _Extended:
             # The converter warns about graph nodes it leaves; our plan admits none, so any warning
             # here is a failure to report.
             warnings.simplefilter("error")
-            module = backpack.extend(root, use_converter=plan.convert)
+            if plan.graph is not None:
+                module = backpack.extend(root, use_converter=plan.convert)
+            else:
+                # BackPACK would hook the custom containers too and then find no rule for them;
+                # extend the layers only (the forward passes tensors between them as it likes).
+                module = root
+                for sub in root.modules():
+                    if not any(True for _ in sub.children()):
+                        backpack.extend(sub)
     except Exception as exc:
         raise _translate(exc, None, plan.convert) from exc
     loss = backpack.extend(copy.deepcopy(problem.loss_fn))
@@ -591,14 +600,14 @@ class BackpackBackend(Backend):
                 acc[n] = flat[start : start + k].view(shapes[n])
                 start += k
             details["world_size"] = dist.get_world_size()
-        layers = {n: float(acc[n].sum()) for n in problem.names}
+        layers = {n: float(acc[n].sum(dtype=torch.float64)) for n in problem.names}
         bad = [n for n in problem.names if not bool(torch.isfinite(acc[n]).all())]
         if bad:
             raise NonFiniteError(
                 f"the Hessian diagonal is not finite for {', '.join(bad)}. Check the model and "
                 "data (diverged parameters, NaN inputs, a loss that overflows)."
             )
-        trace = float(sum(acc[n].sum(dtype=torch.float64) for n in problem.names))
+        trace = math.fsum(layers.values())
         common = dict(
             backend=self.name,
             quantity=quantity,
