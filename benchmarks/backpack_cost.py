@@ -112,6 +112,12 @@ def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     model, loss_fn, data = _build(model_name, batch)
     params = [p for p in model.parameters() if p.requires_grad]
+    for optional in ("backpack", "pyhessian"):  # imports are not the method's memory
+        try:
+            __import__(optional)
+        except ImportError:
+            pass
+    torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)  # warm-up, untimed
     base = _rss_now_kb()
     out: dict[str, Any] = {"model": model_name, "method": method}
     times: list[float] = []
@@ -122,6 +128,7 @@ def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any
                 torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)
                 times.append(time.perf_counter() - t)
         elif method == "backpack":
+            dcc.estimate(model, loss_fn, data, "trace", backend="backpack")  # warm-up
             for _ in range(reps):
                 r = dcc.estimate(model, loss_fn, data, "trace", backend="backpack")
                 times.append(r.seconds)
@@ -237,7 +244,8 @@ def _print(table: list[dict[str, Any]], grads: dict[str, float]) -> None:
     print("-" * len(head))
 
     def f(v: Any, spec: str) -> str:
-        return format(v, spec) if isinstance(v, int | float) else "-"
+        width = int(spec.split(".")[0].rstrip("df"))
+        return format(v, spec) if isinstance(v, int | float) else "-".rjust(width)
 
     for r in table:
         print(
