@@ -24,6 +24,7 @@ Prints a table of ratios to one gradient and writes ``benchmarks/results/backpac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -113,10 +114,8 @@ def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any
     model, loss_fn, data = _build(model_name, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     for optional in ("backpack", "pyhessian"):  # imports are not the method's memory
-        try:
+        with contextlib.suppress(ImportError):
             __import__(optional)
-        except ImportError:
-            pass
     torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)  # warm-up, untimed
     base = _rss_now_kb()
     out: dict[str, Any] = {"model": model_name, "method": method}
