@@ -775,6 +775,10 @@ def compare_cmd(
 # density
 
 
+def _num_samples(loaded: LoadedCheckpoint) -> int:
+    return sum(int(y.shape[0]) if isinstance(y, torch.Tensor) else len(y) for _, y in loaded.data)
+
+
 def _default_sigma(density: Density) -> float:
     lo, hi = min(density.nodes), max(density.nodes)
     spread = hi - lo
@@ -786,6 +790,28 @@ def _grid(density: Density, eigenvalues: list[float], sigma: float, points: int)
 
     values = [*density.nodes, *eigenvalues]
     return np.linspace(min(values) - 5 * sigma, max(values) + 5 * sigma, points)
+
+
+def _check_plot_path(path: Path) -> None:
+    """Fail before any work if the plot cannot be written: folder, format, matplotlib."""
+    if not path.parent.is_dir():
+        raise ConfigurationError(
+            f"cannot write the plot to {path}: folder {path.parent} does not exist."
+        )
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"--plot needs matplotlib, which cannot be imported ({exc}); install it with "
+            "pip install matplotlib."
+        ) from exc
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise ConfigurationError(
+            f"cannot write the plot to {path}: unknown image format {path.suffix or '(none)'!r}; "
+            f"use one of {', '.join('.' + f for f in sorted(formats))}."
+        )
 
 
 def _plot(
@@ -812,7 +838,7 @@ def _plot(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if log_scale:
-        floor = float(np.max(curve)) * 1e-8
+        floor = float(np.max(curve)) * 1e-6
         ax.semilogy(grid, np.maximum(curve, floor), color="tab:blue", lw=1.4, label="SLQ density")
         ax.set_ylim(bottom=floor)
     else:
@@ -933,10 +959,8 @@ def density_cmd(
     _, density_full = dcc.resolve("density", backend_name, density_opts)
     if k > 0:
         dcc.resolve("eigenvalues", backend_name, eig_opts)
-    if plot_path is not None and not plot_path.expanduser().parent.is_dir():
-        raise ConfigurationError(
-            f"cannot write the plot to {plot_path}: folder {plot_path.parent} does not exist."
-        )
+    if plot_path is not None:
+        _check_plot_path(plot_path.expanduser())
 
     with _Progress(quiet) as progress:
         progress.step(f"loading {checkpoint.name}")
@@ -979,7 +1003,8 @@ def density_cmd(
             title=f"Hessian spectral density: {checkpoint.name}",
             subtitle=(
                 f"{backend_name} SLQ, {density.num_runs} runs x {density.lanczos_steps} steps, "
-                f"σ = {width:.3g}; {loaded.data_description.split(';')[0]}"
+                f"σ = {width:.3g}; {_num_samples(loaded)} samples of "
+                f"{loaded.data_description.split(':')[0]}"
             ),
         )
 

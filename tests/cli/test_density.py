@@ -1,0 +1,192 @@
+"""`deconcnn-curv density CHECKPOINT`: SLQ density and top eigenvalues checked against a dense
+Hessian, the smoothed curve, the plot file, and bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from cases import dense_hessian
+from checkpoint_helpers import (
+    GENERIC_ARGS,
+    HELPER_MODULE,
+    helper_model,
+    install_helper_module,
+    save_state_dict,
+)
+from click.testing import CliRunner, Result
+from torch import nn
+
+from deconcnn_curvature import Backend, CurvatureResult, Density, hookimpl
+from deconcnn_curvature import registry as registry_module
+from deconcnn_curvature.cli import cli
+from deconcnn_curvature.data_sources import DataSpec, build_batches
+from deconcnn_curvature.registry import Registry
+
+
+class DensityOnly(Backend):
+    """A plugin backend with a fixed three-point density and no eigenvalues."""
+
+    name = "density-only"
+    quantities = frozenset({"density"})
+
+    def compute(self, problem, quantity, *, seed, options) -> CurvatureResult:
+        value = Density(
+            nodes=(-1.0, 0.0, 2.0), weights=(0.25, 0.5, 0.25), dim=problem.dim, num_runs=1,
+            lanczos_steps=3,
+        )  # fmt: skip
+        return CurvatureResult(
+            backend=self.name, quantity=quantity, value=value, stderr=None, n_hvp=3, seconds=0.0,
+            seed=seed, device=str(problem.device), exact=False, method="fixed", dim=problem.dim,
+        )  # fmt: skip
+
+
+class Plugin:
+    @hookimpl
+    def register_backends(self, register):
+        register(DensityOnly)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    install_helper_module(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    yield tmp_path
+    sys.modules.pop(HELPER_MODULE, None)
+
+
+def run(*args: Any) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def test_density_and_eigenvalues_match_the_dense_hessian(workdir: Path) -> None:
+    path = save_state_dict(workdir / "w.pt", seed=6)
+    plot = workdir / "density.png"
+    result = run(
+        "density", path, *GENERIC_ARGS, "--batch-size", 24, "-k", 4, "-o", "lanczos_steps=40",
+        "-o", "num_runs=8", "--plot", plot, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    model = helper_model(6).eval()
+    batches = build_batches(DataSpec("synthetic", 24, 1, (12,), num_classes=3, seed=0))
+    hessian = dense_hessian(model, nn.CrossEntropyLoss(), batches)
+    spectrum = torch.linalg.eigvalsh(hessian)
+    lo, hi = float(spectrum[0]), float(spectrum[-1])
+
+    density = out["density"]["value"]
+    assert density["num_runs"] == 8 and density["lanczos_steps"] == 40
+    assert out["options"]["lanczos_steps"] == 40 and out["options"]["num_runs"] == 8
+    assert abs(sum(density["weights"]) - 1) < 1e-9
+    tol = 1e-8 * max(abs(lo), abs(hi))
+    assert all(lo - tol <= x <= hi + tol for x in density["nodes"])  # Ritz values lie inside
+    torch.testing.assert_close(max(density["nodes"]), hi, rtol=1e-6, atol=0)  # λmax converges
+    details = out["density"]["details"]
+    exact_trace = float(hessian.trace())
+    assert abs(details["trace_estimate"] - exact_trace) <= 4 * details["trace_stderr"]
+
+    top = torch.tensor(out["eigenvalues"]["value"], dtype=torch.float64)
+    torch.testing.assert_close(top, spectrum.flip(0)[:4], rtol=1e-5, atol=1e-9)
+    assert out["eigenvalues"]["seed"] == out["density"]["seed"] == 0
+
+    smooth = out["smoothed"]
+    grid, curve = np.array(smooth["grid"]), np.array(smooth["density"])
+    assert len(grid) == 1000 and smooth["sigma"] > 0
+    assert grid[0] < lo and grid[-1] > hi
+    assert abs(np.trapezoid(curve, grid) - 1) < 1e-3  # a probability density
+
+    assert out["plot"] == str(plot)
+    data = plot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_human_output_log_scale_and_sigma(workdir: Path) -> None:
+    path = save_state_dict(workdir / "w.pt")
+    plot = workdir / "log.png"
+    result = run(
+        "density", path, *GENERIC_ARGS, "--batch-size", 8, "-k", 2, "-o", "lanczos_steps=10",
+        "--plot", plot, "--log-scale", "--sigma", 0.05,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "spectral density — backend pyhessian, seed 0" in text
+    for label in ("density", "trace (from SLQ)", "λ1", "λ2", "3 runs x 10 steps"):
+        assert label in text
+    assert "λ3" not in text
+    assert f"plot written to {plot} (σ = 0.05)" in text
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plugin_backend_without_eigenvalues(workdir: Path) -> None:
+    path = save_state_dict(workdir / "w.pt")
+    result = run("density", path, *GENERIC_ARGS, "-b", "density-only", "--batch-size", 4)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "Error: backend 'density-only' computes no eigenvalues to mark; pass -k 0 or a backend "
+        "that computes both density and eigenvalues."
+    )
+    result = run(
+        "density", path, *GENERIC_ARGS, "-b", "density-only", "-k", 0, "--batch-size", 4,
+        "--sigma", 0.1, "--grid-points", 4001, "--json", "--plot", workdir / "three.svg",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["eigenvalues"] is None
+    grid, curve = np.array(out["smoothed"]["grid"]), np.array(out["smoothed"]["density"])
+    # Three Gaussians of width 0.1: the peak at 0 holds half the mass.
+    peak = 0.5 / (0.1 * np.sqrt(2 * np.pi))
+    torch.testing.assert_close(float(curve.max()), peak, rtol=1e-3, atol=0)
+    assert abs(np.trapezoid(curve, grid) - 1) < 1e-6
+    assert (workdir / "three.svg").read_text().lstrip().startswith("<?xml")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--plot", "no/such/folder/d.png"], "folder no/such/folder does not exist"),
+        (["--plot", "d.xyz"], "unknown image format '.xyz'; use one of "),
+        (["-o", "bogus=1"], "-o bogus is not an option of backend 'pyhessian'"),
+        (["-o", "k=3"], "use -k, not -o k=..."),
+        (["-o", "num_runs=0"], "option 'num_runs' of backend 'pyhessian' must be >= 1, got 0."),
+        (["-b", "nonexistent"], "unknown backend 'nonexistent'"),
+    ],
+)
+def test_bad_input(workdir: Path, args: list[str], fragment: str) -> None:
+    path = save_state_dict(workdir / "w.pt")
+    result = run("density", path, *GENERIC_ARGS, *args)
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "" and "Traceback" not in result.output
+    assert result.stderr.startswith("Error: ") and fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_backend_without_density(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class TraceOnly(DensityOnly):
+        name = "trace-only"
+        quantities = frozenset({"trace"})
+
+    class Other:
+        @hookimpl
+        def register_backends(self, register):
+            register(TraceOnly)
+
+    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Other(),)))
+    path = save_state_dict(workdir / "w.pt")
+    result = run("density", path, *GENERIC_ARGS, "-b", "trace-only")
+    assert result.exit_code == 1
+    assert "backend 'trace-only' cannot compute quantity 'density'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--sigma", "0"], ["-k", "-1"], ["--grid-points", "5"], ["--batch-size", "0"]]
+)
+def test_out_of_range(workdir: Path, args: list[str]) -> None:
+    result = run("density", workdir / "w.pt", *args)
+    assert result.exit_code == 2 and "Error: Invalid value for" in result.stderr
