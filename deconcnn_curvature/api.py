@@ -20,6 +20,7 @@ from deconcnn_curvature.errors import (
     InvalidOptionError,
     UnsupportedQuantityError,
 )
+from deconcnn_curvature.hvp import rank_agreement
 from deconcnn_curvature.problem import Batch, LossFn, build_problem, preserve_state
 from deconcnn_curvature.registry import default_backend_name, get_registry
 from deconcnn_curvature.results import CurvatureResult
@@ -98,34 +99,46 @@ def estimate(
     """
     cls, opts = resolve(quantity, backend, options)
     seed = _check_seed(seed)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if not cls.supports_distributed:
-            raise CurvatureError(
-                f"backend {cls.name!r} does not support torch.distributed: under a process group "
-                "it would return a per-rank number. Use a backend that does (see "
-                "`deconcnn-curv list-backends`), or call it outside the process group."
-            )
-    cls.validate_model(model)
-    eval_mode = opts.get("eval_mode", True)
-    problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
-    cuda = problem.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(problem.device)
-        base = torch.cuda.memory_allocated(problem.device)
-    start = time.perf_counter()
-    with preserve_state(model, eval_mode=eval_mode):
-        try:
-            result = cls().compute(problem, quantity, seed=seed, options=opts)
-        except CurvatureError:
-            raise
-        except Exception as exc:
-            raise BackendFailedError(
-                f"backend {cls.name!r} failed computing {quantity!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1 and not cls.supports_distributed:
+        raise CurvatureError(
+            f"backend {cls.name!r} does not support torch.distributed: under this process group "
+            f"of {world} processes it would return a per-rank number. Use a backend that does "
+            "(the 'distributed' column of `deconcnn-curv list-backends`), or call it outside "
+            "the process group."
+        )
+    # [issue 7] Under a process group every rank fails or none does (no rank left waiting in a
+    # collective): see deconcnn_curvature.hvp.rank_agreement.
+    with rank_agreement(_first_param_device(model), enabled=world > 1):
+        cls.validate_model(model)
+        eval_mode = opts.get("eval_mode", True)
+        problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
+        cuda = problem.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize(problem.device)
+            torch.cuda.reset_peak_memory_stats(problem.device)
+            base = torch.cuda.memory_allocated(problem.device)
+        start = time.perf_counter()
+        with preserve_state(model, eval_mode=eval_mode):
+            try:
+                result = cls().compute(problem, quantity, seed=seed, options=opts)
+            except CurvatureError:
+                raise
+            except Exception as exc:
+                raise BackendFailedError(
+                    f"backend {cls.name!r} failed computing {quantity!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if cuda:
+                torch.cuda.synchronize(problem.device)
     seconds = time.perf_counter() - start
     extra: dict[str, Any] = {"seconds": seconds}
     if cuda:
         extra["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(problem.device) - base)
     return dataclasses.replace(result, **extra)
+
+
+def _first_param_device(model: Any) -> torch.device | None:
+    try:
+        return next(iter(model.parameters())).device
+    except Exception:  # not a module, or no parameters: build_problem says what is wrong
+        return None
