@@ -281,7 +281,7 @@ class _Progress:
             columns.append(TimeElapsedColumn())
             self._progress = Progress(*columns, console=self.console, transient=True)
             self._progress.start()
-            self._task = self._progress.add_task("starting", total=self.total)
+            self._task = self._progress.add_task("loading the checkpoint", total=self.total)
         return self
 
     def __exit__(self, *exc: object) -> None:

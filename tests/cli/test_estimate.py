@@ -367,3 +367,15 @@ def test_out_of_range_values_are_usage_errors(workdir: Path, args: list[str], op
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert f"Error: Invalid value for '{option}'" in result.stderr
+
+
+def test_progress_display_only_on_a_terminal_and_not_with_quiet(workdir: Path) -> None:
+    path = save_state_dict(workdir / "w.pt")
+    args = ["estimate", path, *GENERIC_ARGS, "--batch-size", 4, "--num-hvps", 4]
+    terminal = {"FORCE_COLOR": "1"}  # rich treats stderr as a terminal
+    shown = run(*args, env=terminal)
+    assert shown.exit_code == 0 and "trace with pyhessian on cpu" in shown.stderr
+    assert run(*args, "--quiet", env=terminal).stderr == ""
+    assert run(*args).stderr == ""  # CliRunner's stderr is not a terminal
+    compare = run("compare", *args[1:], "--backends", "pyhessian", env=terminal)
+    assert compare.exit_code == 0 and "0/1" in compare.stderr
