@@ -1,7 +1,8 @@
 """What the exact BackPACK trace costs next to the stochastic backends, measured in one run.
 
 For each model (CIFAR-shaped batch of 128, float32, CPU) and each method, a fresh Python process
-measures time and peak resident memory, so one method's peak cannot hide another's:
+measures time and peak resident memory (over the process's size before its first forward pass),
+so one method's peak cannot hide another's:
 
 - ``gradient``: one forward + backward of the mean loss (the unit of time and memory);
 - ``backpack``: the exact trace, ``dcc.estimate(..., backend="backpack")`` (DiagHessian);
@@ -116,8 +117,10 @@ def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any
     for optional in ("backpack", "pyhessian"):  # imports are not the method's memory
         with contextlib.suppress(ImportError):
             __import__(optional)
-    torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)  # warm-up, untimed
+    # Baseline before any forward pass: every method's peak then includes its own activations
+    # (the warm-up gradient's are in the allocator's pages, so measuring after it would hide them).
     base = _rss_now_kb()
+    torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)  # warm-up, untimed
     out: dict[str, Any] = {"model": model_name, "method": method}
     times: list[float] = []
     try:

@@ -379,9 +379,9 @@ def _extend(problem: CurvatureProblem, plan: _Plan) -> _Extended:
     _no_inplace(root)
     try:
         with warnings.catch_warnings():
-            # The converter warns about graph nodes it leaves; our plan admits none, so any warning
-            # here is a failure to report.
-            warnings.simplefilter("error")
+            # The converter warns about graph nodes it leaves unconverted; our plan admits none,
+            # so such a warning is a failure to report, not to print.
+            warnings.filterwarnings("error", message="Encountered node that may break")
             if plan.graph is not None:
                 module = backpack.extend(root, use_converter=plan.convert)
             else:
