@@ -312,7 +312,10 @@ class _PeakMemory:
     max_memory_allocated`` above the allocation at the start). On the CPU: the process's resident
     set size above its level at the start, sampled every 2 ms from ``/proc/self/statm``; where
     that file does not exist, the rise of ``getrusage().ru_maxrss`` (the process's all-time peak,
-    so it only counts what exceeds earlier peaks).
+    so it only counts what exceeds earlier peaks). In one process, memory an earlier backend freed
+    but the allocator kept is reused without being counted again, so on the CPU the numbers of
+    later backends are lower bounds; run ``compare --backends NAME`` once per backend for
+    separate measurements.
     """
 
     INTERVAL = 0.002
@@ -502,6 +505,21 @@ def _short_value(result: CurvatureResult) -> str:
     return _fmt(value)
 
 
+def _table(title: str, columns: list[tuple[str, str]]) -> Table:
+    """A table whose numeric columns never wrap; free-text columns ("note", "detail") fold."""
+    table = Table(title=title)
+    for name, justify in columns:
+        free = name in ("note", "interval", "value / detail", "interval / detail")
+        table.add_column(
+            name,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=not free,
+            overflow="fold",
+            min_width=len(name) if not free else 12,
+        )
+    return table
+
+
 def _header(out: Console, path: Path, loaded: LoadedCheckpoint, device: torch.device) -> None:
     meta = loaded.metadata
     when = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "global_step") if k in meta)
@@ -543,7 +561,7 @@ def estimate_cmd(
     """Measure one curvature quantity of a saved CHECKPOINT with one backend.
 
     \b
-    deconcnn-curv estimate runs/last.ckpt --data synthetic-cifar -q eigenvalues -k 3
+    deconcnn-curv estimate runs/demo/last.ckpt -q eigenvalues -k 3
     deconcnn-curv estimate weights.pt --model mypkg.nets:small_cnn --model-arg width=8 \\
         --data cifar10 --data-root ~/data --num-hvps 200 --json
     """
@@ -583,19 +601,19 @@ def estimate_cmd(
     out = console()
     if not quiet:
         _header(out, checkpoint, loaded, dev)
-    table = Table(
-        title=f"{quantity} — backend {backend_name} ({result.method}, seed {result.seed})"
+    seed = "" if result.seed is None else f", seed {result.seed}"
+    table = _table(
+        f"{quantity} — backend {backend_name} ({result.method}{seed})",
+        [
+            ("quantity", "left"),
+            ("value", "right"),
+            ("± stderr", "right"),
+            ("interval / detail", "left"),
+            ("HVPs", "right"),
+            ("seconds", "right"),
+            ("device", "left"),
+        ],
     )
-    for col, justify in (
-        ("quantity", "left"),
-        ("value", "right"),
-        ("± stderr", "right"),
-        ("interval", "left"),
-        ("HVPs", "right"),
-        ("seconds", "right"),
-        ("device", "left"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for i, (label, value, stderr, interval) in enumerate(_value_rows(result)):
         first = i == 0
         table.add_row(
@@ -729,19 +747,20 @@ def compare_cmd(
         out = console()
         if not quiet:
             _header(out, checkpoint, loaded, dev)
-        mem_col = "peak mem (CUDA)" if dev.type == "cuda" else "peak mem (RSS)"
-        table = Table(title=f"{quantity}: same model, data and seed ({settings['seed']})")
-        for col, justify in (
-            ("backend", "left"),
-            ("value", "right"),
-            ("± stderr", "right"),
-            ("interval", "left"),
-            ("HVPs", "right"),
-            ("seconds", "right"),
-            (mem_col, "right"),
-            ("note", "left"),
-        ):
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        mem_col = "peak CUDA" if dev.type == "cuda" else "peak RSS"
+        table = _table(
+            f"{quantity}: same model, data and seed ({settings['seed']})",
+            [
+                ("backend", "left"),
+                ("value", "right"),
+                ("± stderr", "right"),
+                ("interval", "left"),
+                ("HVPs", "right"),
+                ("seconds", "right"),
+                (mem_col, "right"),
+                ("note", "left"),
+            ],
+        )
         for r in rows:
             if r["status"] != "ok":
                 table.add_row(
@@ -1029,16 +1048,17 @@ def density_cmd(
     out = console()
     if not quiet:
         _header(out, checkpoint, loaded, dev)
-    table = Table(title=f"spectral density — backend {backend_name}, seed {settings['seed']}")
-    for col, justify in (
-        ("quantity", "left"),
-        ("value", "right"),
-        ("± stderr", "right"),
-        ("detail", "left"),
-        ("HVPs", "right"),
-        ("seconds", "right"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table = _table(
+        f"spectral density — backend {backend_name}, seed {settings['seed']}",
+        [
+            ("quantity", "left"),
+            ("value / detail", "right"),
+            ("± stderr", "right"),
+            ("note", "left"),
+            ("HVPs", "right"),
+            ("seconds", "right"),
+        ],
+    )
     for res in (dens, eig):
         if res is None:
             continue

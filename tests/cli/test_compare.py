@@ -159,7 +159,7 @@ def test_human_table(workdir: Path) -> None:
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert "trace: same model, data and seed (0)" in text
-    for column in ("backend", "value", "± stderr", "interval", "HVPs", "seconds", "peak mem (RSS)"):
+    for column in ("backend", "value", "± stderr", "interval", "HVPs", "seconds", "peak RSS"):
         assert column in text
     assert "unavailable: backend 'missing' is not available here" in text
     assert (
