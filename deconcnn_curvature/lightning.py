@@ -525,31 +525,46 @@ class CurvatureMonitor(pl.Callback):
             )
         return loss_fn
 
+    def check_config(self) -> dict[str, dict[str, Any]]:
+        """Resolve backend, quantities and options with :func:`deconcnn_curvature.resolve`.
+
+        Returns, per quantity, the complete options the backend will run with (its defaults
+        filled in). Raises a :class:`~deconcnn_curvature.errors.CurvatureError` for an unknown
+        or unavailable backend, a quantity it cannot compute or an invalid option. ``setup``
+        calls this; call it yourself to check a config without training.
+        """
+        cls = get_backend(self.backend)
+        self._check_backend_options(cls)
+        plan, resolved = [], {}
+        for quantity in self.quantities:
+            opts = self._budget_options(cls, quantity)
+            _, resolved[quantity] = resolve(quantity, cls.name, opts)
+            plan.append((quantity, opts))
+        self._backend_name = cls.name
+        self._plan = plan
+        return resolved
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check backend, quantities, options, model and loss before any training step."""
         if not self.enabled or stage != "fit":
             return
-        cls = get_backend(self.backend)
-        self._check_backend_options(cls)
-        plan = []
-        for quantity in self.quantities:
-            opts = self._budget_options(cls, quantity)
-            _, full = resolve(quantity, cls.name, opts)
-            plan.append((quantity, opts))
+        resolved = self.check_config()
+        exact = get_backend(self._backend_name).exact
+        for quantity, full in resolved.items():
             budget = {n: full[n] for n in (*_BUDGET_OPTIONS, "rtol", "k") if n in full}
             pl.utilities.rank_zero_info(
-                f"CurvatureMonitor: {quantity} by backend {cls.name!r} every "
+                f"CurvatureMonitor: {quantity} by backend {self._backend_name!r} every "
                 f"{self.compute_every_n_steps} steps on {self.hessian_batch_size} samples "
                 f"({self.batch_mode} batch); budget {budget}; all options {full}"
             )
             if (
                 quantity == "trace"
                 and self.num_samples is not None
-                and cls.exact
+                and exact
                 and not any(name in full for name in _BUDGET_OPTIONS)
             ):
                 pl.utilities.rank_zero_info(
-                    f"CurvatureMonitor: backend {cls.name!r} is exact; num_samples="
+                    f"CurvatureMonitor: backend {self._backend_name!r} is exact; num_samples="
                     f"{self.num_samples} does not apply to it."
                 )
         self._model(pl_module)
@@ -560,8 +575,6 @@ class CurvatureMonitor(pl.Callback):
                 f"the number of processes ({trainer.world_size}); every rank needs at least one "
                 "sample."
             )
-        self._backend_name = cls.name
-        self._plan = plan
         self._last_step = -1
         self._count = 0
         self._indices = None

@@ -1,0 +1,167 @@
+"""The shipped Hydra configs compose with Hydra's compose API and instantiate the monitor.
+
+Checked: one flag enables curvature, one override swaps the backend, the callback YAML works
+unchanged in a deconCNN-style ``configs/callbacks/`` folder (with or without a ``curvature``
+group), every key is a constructor argument, and the copy shipped inside the package is identical
+to ``configs/``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import deconcnn_curvature as dcc
+from deconcnn_curvature.lightning import DEFAULT_METRIC_KEYS, CurvatureMonitor
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PACKAGED = ROOT / "deconcnn_curvature" / "conf"
+CURVATURE_FILES = sorted(p.stem for p in (CONFIGS / "curvature").glob("*.yaml"))
+
+
+def _compose(overrides: list[str], config_dir: Path = CONFIGS, name: str = "train"):
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def test_curvature_group_has_one_file_per_backend() -> None:
+    assert CURVATURE_FILES == ["backpack", "hutchpp", "pyhessian"]
+
+
+def test_train_config_composes_with_curvature_on_by_default() -> None:
+    cfg = _compose([])
+    assert cfg.curvature.enabled is True and cfg.curvature.backend == "pyhessian"
+    assert cfg.model.name == "resnet18_cifar" and cfg.data.source == "synthetic"
+    monitor = instantiate(cfg.callbacks)
+    assert isinstance(monitor, CurvatureMonitor)
+    assert monitor.enabled and monitor.backend == "pyhessian"
+    assert monitor.quantities == ("trace", "eigenvalues")
+    assert monitor.compute_every_n_steps == 500 and monitor.num_samples == 50
+    assert monitor.hessian_batch_size == 128 and monitor.batch_mode == "fixed"
+    assert monitor.on_error == "warn" and monitor.metric_keys == dict(DEFAULT_METRIC_KEYS)
+    assert monitor.check_config()["trace"]["num_hvps"] == 50
+
+
+def test_one_flag_enables_and_one_override_swaps_the_backend() -> None:
+    off = instantiate(_compose(["curvature.enabled=false"]).callbacks)
+    assert off.enabled is False
+    on = instantiate(_compose(["curvature.enabled=true"]).callbacks)
+    assert on.enabled is True
+
+    hutchpp = instantiate(_compose(["curvature=hutchpp"]).callbacks)
+    assert hutchpp.backend == "hutchpp" and hutchpp.enabled is True  # train.yaml turns it on
+    assert hutchpp.quantities == ("trace", "eigenvalues") and hutchpp.num_samples == 50
+
+    swapped = instantiate(_compose(["curvature.backend=backpack"]).callbacks)
+    assert swapped.backend == "backpack"
+    assert swapped.compute_every_n_steps == 500  # everything else is kept
+
+    backpack = instantiate(
+        _compose(["curvature=backpack", "curvature.compute_every_n_steps=50"]).callbacks
+    )
+    assert backpack.backend == "backpack" and backpack.quantities == ("trace",)
+    assert backpack.num_samples is None and backpack.compute_every_n_steps == 50
+
+    tuned = instantiate(
+        _compose(
+            [
+                "curvature.num_samples=20",
+                "curvature.rtol=0.05",
+                "curvature.batch_mode=refresh",
+                "curvature.on_error=raise",
+                "+curvature.backend_options.probe_batch=4",
+                "curvature.quantities=[trace]",
+            ]
+        ).callbacks
+    )
+    assert tuned.num_samples == 20 and tuned.rtol == 0.05 and tuned.batch_mode == "refresh"
+    assert tuned.on_error == "raise" and tuned.backend_options == {"probe_batch": 4}
+    assert tuned.quantities == ("trace",)
+
+
+@pytest.mark.parametrize("name", CURVATURE_FILES)
+def test_each_curvature_file_resolves_with_its_backend(name: str) -> None:
+    monitor = instantiate(_compose([f"curvature={name}"]).callbacks)
+    registered = {b["name"]: b for b in dcc.list_backends()}
+    if monitor.backend not in registered:
+        pytest.skip(f"backend {monitor.backend!r} is not registered in this build")
+    if not registered[monitor.backend]["available"]:
+        pytest.skip(f"backend {monitor.backend!r} is not installed here")
+    resolved = monitor.check_config()
+    assert set(resolved) == set(monitor.quantities)
+
+
+def test_demo_preset_is_small() -> None:
+    cfg = _compose(["+preset=demo"])
+    assert cfg.model.width_mult == 0.125 and cfg.data.num_train == 4096
+    assert cfg.trainer.max_epochs == 2
+    monitor = instantiate(cfg.callbacks)
+    assert monitor.enabled and monitor.compute_every_n_steps == 8 and monitor.compute_at_step_zero
+    assert monitor.backend_options == {"max_hvps": 30, "tol": 1e-3}
+    monitor.check_config()
+
+
+def test_curvature_keys_are_monitor_arguments() -> None:
+    accepted = set(inspect.signature(CurvatureMonitor).parameters)
+    callback = OmegaConf.load(CONFIGS / "callbacks" / "curvature_monitor.yaml")
+    settings = set(callback) - {"_target_", "_convert_"}
+    assert callback._target_ == "deconcnn_curvature.lightning.CurvatureMonitor"
+    assert settings <= accepted
+    for name in CURVATURE_FILES:
+        group = OmegaConf.load(CONFIGS / "curvature" / f"{name}.yaml")
+        assert set(group) == settings, name  # every setting of the group reaches the callback
+
+
+def _deconcnn_style(tmp_path: Path, with_group: bool) -> Path:
+    """A foreign project's config folder with our callback file dropped in unchanged."""
+    configs = tmp_path / "configs"
+    (configs / "callbacks").mkdir(parents=True)
+    shutil.copy(CONFIGS / "callbacks" / "curvature_monitor.yaml", configs / "callbacks")
+    defaults = ["  - callbacks: curvature_monitor"]
+    if with_group:
+        shutil.copytree(CONFIGS / "curvature", configs / "curvature")
+        defaults.insert(0, "  - curvature: pyhessian")
+    (configs / "config.yaml").write_text(
+        "defaults:\n" + "\n".join(defaults) + "\n  - _self_\nepochs: 50\nseed: 0\n"
+    )
+    return configs
+
+
+def test_callback_file_works_standalone_in_a_foreign_callbacks_folder(tmp_path: Path) -> None:
+    configs = _deconcnn_style(tmp_path, with_group=False)
+    cfg = _compose([], configs, name="config")
+    monitor = instantiate(cfg.callbacks)
+    assert isinstance(monitor, CurvatureMonitor) and monitor.enabled
+    assert monitor.backend == "pyhessian" and monitor.compute_every_n_steps == 500
+    assert monitor.num_samples == 50 and monitor.quantities == ("trace", "eigenvalues")
+    assert monitor.rtol is None and monitor.backend_options == {}
+    assert monitor.jsonl == Path("curvature.jsonl")
+
+    tuned = instantiate(_compose(["callbacks.num_samples=10"], configs, name="config").callbacks)
+    assert tuned.num_samples == 10
+
+
+def test_callback_file_reads_a_dropped_in_curvature_group(tmp_path: Path) -> None:
+    configs = _deconcnn_style(tmp_path, with_group=True)
+    assert instantiate(_compose([], configs, name="config").callbacks).enabled is False
+    cfg = _compose(["curvature.enabled=true", "curvature=hutchpp"], configs, name="config")
+    monitor = instantiate(cfg.callbacks)
+    assert monitor.enabled and monitor.backend == "hutchpp"
+
+
+def test_packaged_configs_are_identical_to_configs() -> None:
+    """An installed package composes from deconcnn_curvature/conf; it must match configs/."""
+    source = {p.relative_to(CONFIGS): p.read_bytes() for p in CONFIGS.rglob("*.yaml")}
+    packaged = {p.relative_to(PACKAGED): p.read_bytes() for p in PACKAGED.rglob("*.yaml")}
+    assert sorted(map(str, packaged)) == sorted(map(str, source)), (
+        "deconcnn_curvature/conf differs from configs/; run: python -m deconcnn_curvature.conf"
+    )
+    stale = sorted(str(k) for k in source if packaged[k] != source[k])
+    assert not stale, f"stale packaged configs {stale}; run: python -m deconcnn_curvature.conf"
