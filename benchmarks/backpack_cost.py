@@ -4,7 +4,8 @@ For each model (CIFAR-shaped batch of 128, float32, CPU) and each method, a fres
 measures time and peak resident memory (over the process's size before its first forward pass),
 so one method's peak cannot hide another's:
 
-- ``gradient``: one forward + backward of the mean loss (the unit of time and memory);
+- ``gradient``: one forward + backward of the mean loss (the unit of memory; the unit of time is
+  a gradient timed in each method's own process, five times before and five times after it);
 - ``backpack``: the exact trace, ``dcc.estimate(..., backend="backpack")`` (DiagHessian);
 - ``pyhessian``: Hutchinson with 30 HVPs, and the HVPs it would need for a 95 % interval
   half-width of 5 % of the exact trace (projected from the measured per-probe variance);
@@ -123,12 +124,21 @@ def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any
     torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)  # warm-up, untimed
     out: dict[str, Any] = {"model": model_name, "method": method}
     times: list[float] = []
+
+    def gradient_times(n: int) -> list[float]:
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)
+            ts.append(time.perf_counter() - t)
+        return ts
+
+    # The unit of time is measured in the same process, right before and after the method, so
+    # that the ratio survives a machine whose load changes between processes.
+    unit = gradient_times(5)
     try:
         if method == "gradient":
-            for _ in range(max(reps, 5)):
-                t = time.perf_counter()
-                torch.autograd.grad(loss_fn(model(data[0]), data[1]), params)
-                times.append(time.perf_counter() - t)
+            times = gradient_times(max(reps, 5))
         elif method == "backpack":
             dcc.estimate(model, loss_fn, data, "trace", backend="backpack")  # warm-up
             for _ in range(reps):
@@ -177,6 +187,8 @@ def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any
             raise SystemExit(f"unknown method {method!r}")
     except Exception as exc:  # report, don't hide: the row says why there is no number
         out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    unit += gradient_times(5)
+    out["gradient_seconds"] = statistics.median(unit)
     if times:
         out["seconds"] = statistics.median(times)
         out["reps"] = len(times)
@@ -202,7 +214,7 @@ def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for model in MODELS:
         by = {r["method"]: r for r in rows if r["model"] == model}
         grad = by["gradient"]
-        g_t, g_m = grad.get("seconds"), grad.get("peak_rss_over_base_mb") or float("nan")
+        g_m = grad.get("peak_rss_over_base_mb") or float("nan")
         exact = by["backpack"].get("value")
         for method in METHODS:
             r = by[method]
@@ -211,6 +223,7 @@ def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["note"] = r["error"]
                 table.append(row)
                 continue
+            g_t = r["gradient_seconds"]  # this process's own gradient
             row["time_x_gradient"] = r["seconds"] / g_t
             row["peak_mem_mb"] = r["peak_rss_over_base_mb"]
             row["peak_mem_x_gradient"] = r["peak_rss_over_base_mb"] / g_m if g_m else None
@@ -275,7 +288,11 @@ def main() -> None:
             print(f".. {model} / {method}", file=sys.stderr, flush=True)
             rows.append(_run_child(model, method, args.batch, args.reps))
     table = _summarise(rows)
-    grads = {r["model"]: r["seconds"] for r in rows if r["method"] == "gradient" and "seconds" in r}
+    grads = {
+        r["model"]: r["gradient_seconds"]
+        for r in rows
+        if r["method"] == "gradient" and "gradient_seconds" in r
+    }
     _print(table, grads)
     import torch
 
