@@ -146,9 +146,11 @@ class HessianOperator:
         first_build = b not in self._rng
         self._replay_rng(b)
         loss = problem.loss_fn(problem.model(inputs), targets)
-        if loss.ndim != 0:
-            raise ValueError(
-                f"loss_fn must return a scalar (mean-reduced) loss, got shape {tuple(loss.shape)}"
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise InvalidProblemError(
+                f"loss_fn must return a scalar (mean-reduced) loss tensor, got {shape}; reduce it "
+                "with .mean() over the batch."
             )
         # A host synchronisation on CUDA: once per batch, not at every rebuild (a rebuild replays
         # the same parameters, inputs and RNG state, so the loss is the one already checked).
