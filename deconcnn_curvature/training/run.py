@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.errors import ConfigurationError, CurvatureError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -165,9 +165,23 @@ def _require(cfg: DictConfig, *keys: str) -> None:
             raise ConfigurationError(f"the config has no {key!r}; check configs/train.yaml.")
 
 
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a package error through unwrapped (its message is the
+    one to show; Hydra would wrap it in an ``InstantiationException``)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, CurvatureError):
+            raise cause from None
+        raise ConfigurationError(str(exc).strip().replace("\n", " ")) from exc
+
+
 def run_training(cfg: DictConfig) -> RunResult:
     """Train as ``cfg`` says and write the run folder (see the module docstring)."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
@@ -194,12 +208,9 @@ def run_training(cfg: DictConfig) -> RunResult:
             f"run folder {run_dir} already holds a run; choose another name= or run_dir=, or "
             f"continue it with resume={run_dir / 'last.ckpt'}."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    OmegaConf.save(cfg, config_path, resolve=True)
-
+    # Build everything that can fail on a bad value before the run folder is created.
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
-    data = instantiate(cfg.data)
+    data = _instantiate(cfg.data)
     model_cfg = dict(_plain(cfg.model))
     module = ClassificationModule(
         model_name=model_cfg.pop("name"),
@@ -207,7 +218,20 @@ def run_training(cfg: DictConfig) -> RunResult:
         **_plain(cfg.optim),
         **_plain(cfg.lrsched),
     )
+    monitor = None
+    if OmegaConf.select(cfg, "curvature.enabled", default=False):
+        if cfg.get("callbacks") is None:
+            raise ConfigurationError(
+                "curvature.enabled=true but the config has no `callbacks` entry; keep "
+                "`callbacks: curvature_monitor` in the defaults of train.yaml."
+            )
+        monitor = _instantiate(cfg.callbacks, jsonl=str(curvature_path.resolve()))
+        if monitor.enabled:
+            monitor.check_config()  # unknown backend, unsupported quantity, bad option
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    OmegaConf.save(cfg, config_path, resolve=True)
     metrics_path = run_dir / "metrics.jsonl"
     callbacks: list[Any] = [
         MetricsJSONL(metrics_path, every_n_steps=int(cfg.get("metrics_every_n_steps") or 1)),
@@ -215,14 +239,8 @@ def run_training(cfg: DictConfig) -> RunResult:
             dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False
         ),
     ]
-    curvature_on = bool(OmegaConf.select(cfg, "curvature.enabled", default=False))
-    if curvature_on:
-        if cfg.get("callbacks") is None:
-            raise ConfigurationError(
-                "curvature.enabled=true but the config has no `callbacks` entry; keep "
-                "`callbacks: curvature_monitor` in the defaults of train.yaml."
-            )
-        callbacks.append(instantiate(cfg.callbacks, jsonl=str(curvature_path.resolve())))
+    if monitor is not None:
+        callbacks.append(monitor)
     trainer_kwargs = dict(_plain(cfg.trainer))
     trainer = pl.Trainer(
         **trainer_kwargs, default_root_dir=run_dir, logger=False, callbacks=callbacks
