@@ -133,6 +133,15 @@ class HessianOperator:
         elif failure is not None:
             raise failure
         self._n += k
+        if not bool(torch.isfinite(out).all()):
+            # Caught here, not by each estimator: Lanczos would otherwise fail inside eigh on a
+            # NaN tridiagonal matrix and surface as an unrelated linear-algebra error. After the
+            # all-reduce, so every rank of a process group raises together.
+            raise NonFiniteError(
+                "a Hessian-vector product was not finite although the loss is; the curvature "
+                "is undefined at these parameters (e.g. sqrt or log at 0, overflow). Check the "
+                "model, its parameters and the data."
+            )
         return out
 
     def close(self) -> None:
