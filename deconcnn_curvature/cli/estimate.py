@@ -626,7 +626,7 @@ def estimate_cmd(
             result.device if first else "",
         )
     out.print(table)
-    if result.rtol is not None and not quiet:
+    if result.rtol is not None:  # part of the result, so shown even with --quiet
         met = "met" if result.target_met else "NOT met (probe budget exhausted)"
         out.print(f"rtol {result.rtol:g}: {met} after {result.n_hvp} HVPs")
     if result.peak_memory_bytes is not None and not quiet:

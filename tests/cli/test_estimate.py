@@ -167,6 +167,8 @@ def test_rtol_and_backend_options(workdir: Path) -> None:
     result = run("estimate", *args, "--rtol", 0.5, "--num-hvps", 400, "-o", "min_hvps=4")
     assert result.exit_code == 0, result.output
     assert "rtol 0.5: met after" in result.stdout
+    short = run("estimate", *args, "--rtol", 1e-4, "--num-hvps", 6, "--quiet")
+    assert "rtol 0.0001: NOT met (probe budget exhausted) after 6 HVPs" in short.stdout
     out = json.loads(run("estimate", *args, "--rtol", 0.5, "--num-hvps", 400, "--json").stdout)
     assert out["result"]["target_met"] is True and out["result"]["n_hvp"] < 400
     assert out["options"]["rtol"] == 0.5
