@@ -1,0 +1,164 @@
+"""The backend contract: declared facts readable without instantiating, options validated.
+
+Also checks every registered backend (built-in or not) against the contract, so a new backend
+that forgets a declaration fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+import deconcnn_curvature as dcc
+from deconcnn_curvature import registry
+from deconcnn_curvature.backend import QUANTITIES, Availability, Option, describe
+from deconcnn_curvature.backends.pyhessian import PyHessianBackend
+from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.registry import Registry
+
+
+class NeedsMissing(dcc.Backend):
+    """A backend whose dependency is not installed."""
+
+    name = "needs-missing"
+    description = "needs a module that is not installed"
+    quantities = frozenset({"trace"})
+    requires = ("deconcnn_no_such_module_xyz",)
+    install_hint = "pip install 'deconcnn-curvature[nosuch]'"
+    options = (Option("num_hvps", int, 10, "probes", min=2),)
+
+    def __init__(self) -> None:  # listing or selecting must never build one
+        raise AssertionError("instantiated")
+
+    def compute(self, problem, quantity, *, seed, options):  # pragma: no cover
+        raise AssertionError("computed")
+
+
+@pytest.fixture
+def with_missing(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    @hookimpl
+    def register_backends(register):
+        register(NeedsMissing)
+
+    plugin = types.ModuleType("missing_plugin")
+    plugin.register_backends = register_backends
+    reg = Registry.build(extra_plugins=(plugin,))
+    monkeypatch.setattr(registry, "_registry", reg)
+    return reg
+
+
+def test_declared_attributes_are_readable_on_the_class() -> None:
+    cls = PyHessianBackend
+    assert cls.name == "pyhessian"
+    assert cls.quantities == frozenset({"trace", "eigenvalues", "density"})
+    assert cls.exact is False and cls.requires == ("pyhessian",)
+    assert cls.install_hint == "pip install pyhessian==0.1"
+    assert cls.supports_distributed is True
+    assert cls.availability() == Availability(True)
+    defaults = {o.name: o.default for o in cls.options}
+    assert defaults["num_hvps"] == 100 and defaults["k"] == 1 and defaults["eval_mode"] is True
+    assert cls.option_map()["k"].quantities == frozenset({"eigenvalues"})
+
+
+def test_listing_never_instantiates(with_missing: Registry) -> None:
+    rows = {r["name"]: r for r in dcc.list_backends()}
+    assert "needs-missing" in rows and "pyhessian" in rows  # NeedsMissing() would have raised
+
+
+def test_describe_is_json_serialisable() -> None:
+    info = describe(PyHessianBackend)
+    assert json.loads(json.dumps(info, allow_nan=False)) == info
+    assert set(info) == {
+        "name",
+        "description",
+        "quantities",
+        "exact",
+        "requires",
+        "available",
+        "reason",
+        "install",
+        "distributed",
+        "options",
+    }
+
+
+def test_every_registered_backend_honours_the_contract() -> None:
+    for row in dcc.list_backends():
+        cls = dcc.get_backend(row["name"])
+        assert json.dumps(row, allow_nan=False)
+        assert cls.description, f"{cls.name} has no description"
+        assert cls.quantities and all(isinstance(q, str) for q in cls.quantities)
+        assert isinstance(cls.exact, bool) and isinstance(cls.supports_distributed, bool)
+        names = [o.name for o in cls.options]
+        assert len(names) == len(set(names)), f"{cls.name} declares an option twice"
+        for opt in cls.options:
+            assert opt.help and isinstance(opt, Option)
+            assert opt.quantities <= cls.quantities, (cls.name, opt.name)
+            if opt.default is not None:  # every default passes its own check
+                assert opt.check(opt.default, cls.name) == opt.default, (cls.name, opt.name)
+        for q in cls.quantities:
+            resolved = cls.resolve_options(q, {})
+            assert set(resolved) == {
+                o.name for o in cls.options if not o.quantities or q in o.quantities
+            }
+        if not row["available"]:
+            assert row["reason"] and row["install"], f"{cls.name}: unavailable without a reason"
+
+
+def test_unavailable_backend_is_listed_with_reason_and_install_hint(with_missing: Registry) -> None:
+    row = next(r for r in dcc.list_backends() if r["name"] == "needs-missing")
+    assert row["available"] is False
+    assert row["reason"] == "missing module(s): deconcnn_no_such_module_xyz"
+    assert row["install"] == "pip install 'deconcnn-curvature[nosuch]'"
+    assert row["plugin"] == "missing_plugin"
+
+
+def test_selecting_an_unavailable_backend_says_what_to_install(with_missing: Registry) -> None:
+    from cases import get_case
+
+    model, loss_fn, batch = get_case("mlp").make()
+    for call in (
+        lambda: dcc.resolve("trace", "needs-missing"),
+        lambda: dcc.estimate(model, loss_fn, batch, "trace", backend="needs-missing"),
+    ):
+        with pytest.raises(dcc.BackendUnavailableError) as info:
+            call()
+        msg = str(info.value)
+        assert "'needs-missing' is not available here" in msg
+        assert "missing module(s): deconcnn_no_such_module_xyz" in msg
+        assert "Install it with: pip install 'deconcnn-curvature[nosuch]'" in msg
+
+
+def test_quantity_and_option_checks_come_before_availability(with_missing: Registry) -> None:
+    with pytest.raises(dcc.UnsupportedQuantityError):
+        dcc.resolve("density", "needs-missing")
+
+
+def test_option_check_converts_and_bounds() -> None:
+    opt = Option("x", float, 1.0, "a number", min=0, max=2, min_exclusive=True)
+    assert opt.check(1, "b") == 1.0 and isinstance(opt.check(1, "b"), float)
+    for bad, msg in [
+        (0, "must be > 0"),
+        (3, "must be <= 2"),
+        ("1", "must be a number"),
+        (True, "number"),
+    ]:
+        with pytest.raises(dcc.InvalidOptionError, match=msg):
+            opt.check(bad, "b")
+    choice = Option("mode", str, "a", "mode", choices=("a", "b"))
+    with pytest.raises(dcc.InvalidOptionError, match="must be one of 'a', 'b'; got 'c'"):
+        choice.check("c", "b")
+    with pytest.raises(dcc.InvalidOptionError, match="of type str, got int"):
+        choice.check(3, "b")
+    assert Option("n", int, 1, "n").check(4.0, "b") == 4
+    assert Option("n", int, None, "n", allow_none=True).check(None, "b") is None
+    assert Option("n", int, 1, "n", quantities=frozenset({"trace"})).to_dict()["quantities"] == [
+        "trace"
+    ]
+
+
+def test_quantities_table_names_the_standard_quantities() -> None:
+    assert {"trace", "eigenvalues", "density"} <= set(QUANTITIES)
+    assert dcc.QUANTITIES is QUANTITIES
