@@ -122,23 +122,23 @@ def test_reference_checkpoint_matches_the_library(reference: Path) -> None:
     from deconcnn_curvature.training.module import ClassificationModule
 
     result = run(
-        "estimate", reference, "--data", "synthetic-cifar", "--batch-size", 16,
-        "--num-hvps", 12, "--json",
+        "estimate", reference, "--data", "synthetic-cifar", "--batch-size", 8,
+        "--num-hvps", 6, "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     module = ClassificationModule.load_from_checkpoint(reference, map_location="cpu")
-    data = SyntheticCIFAR(16, seed=0)
-    batch = (torch.stack([data[i][0] for i in range(16)]), data.labels)
-    expected = dcc.estimate(module.model, module.loss_fn, batch, "trace", seed=0, num_hvps=12)
+    data = SyntheticCIFAR(8, seed=0)
+    batch = (torch.stack([data[i][0] for i in range(8)]), data.labels)
+    expected = dcc.estimate(module.model, module.loss_fn, batch, "trace", seed=0, num_hvps=6)
     torch.testing.assert_close(out["result"]["value"], expected.value)
     torch.testing.assert_close(out["result"]["stderr"], expected.stderr)
     assert out["loaded"]["loader"] == "builtin:reference"
     assert out["loaded"]["metadata"]["global_step"] == 2
 
     human = run(
-        "estimate", reference, "--data", "synthetic-cifar", "--batch-size", 16,
-        "--num-hvps", 12,
+        "estimate", reference, "--data", "synthetic-cifar", "--batch-size", 8,
+        "--num-hvps", 6,
     )  # fmt: skip
     assert human.exit_code == 0, human.output
     text = human.stdout
