@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.hvp import rank_agreement
 from deconcnn_curvature.results import CurvatureResult, _plain
 from deconcnn_curvature.training._lightning import pl
 
@@ -575,19 +576,26 @@ class CurvatureMonitor(pl.Callback):
                 f"the number of processes ({trainer.world_size}); every rank needs at least one "
                 "sample."
             )
+        # [issue 7] DDP: a backend without distributed support would fail every measurement.
+        if trainer.world_size > 1 and not get_backend(self._backend_name).supports_distributed:
+            raise ConfigurationError(
+                f"CurvatureMonitor: backend {self._backend_name!r} does not support "
+                f"torch.distributed, and this run has {trainer.world_size} processes; choose a "
+                "backend whose 'distributed' column in `deconcnn-curv list-backends` is true."
+            )
         self._last_step = -1
         self._count = 0
         self._indices = None
         self._dataset_len = None
         self._warned = set()
         self._batch = None
-        if self.jsonl is not None and trainer.is_global_zero:
-            path = (
-                self.jsonl
-                if self.jsonl.is_absolute()
-                else Path(trainer.log_dir or ".") / self.jsonl
-            )
-            self._writer = CurvatureRecordWriter(path)
+        if self.jsonl is not None:
+            # [issue 7] trainer.log_dir is a collective under DDP (a broadcast): every rank asks,
+            # rank 0 alone writes.
+            log_dir = None if self.jsonl.is_absolute() else trainer.log_dir
+            if trainer.is_global_zero:
+                path = self.jsonl if log_dir is None else Path(log_dir or ".") / self.jsonl
+                self._writer = CurvatureRecordWriter(path)
 
     def _train_loader(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -726,9 +734,12 @@ class CurvatureMonitor(pl.Callback):
         self._last_step = step
         self._count += 1
         try:
-            batch = self._curvature_batch(trainer, step)
-            model = self._model(pl_module)
-            loss_fn = self._loss(pl_module)
+            # [issue 7] Under DDP every rank fails its preparation or none does, so no rank is left
+            # waiting in the collectives of estimate() (which agrees on its own failures).
+            with rank_agreement(pl_module.device, enabled=trainer.world_size > 1):
+                batch = self._curvature_batch(trainer, step)
+                model = self._model(pl_module)
+                loss_fn = self._loss(pl_module)
         except Exception as exc:
             self._fail(trainer, step, exc, time.perf_counter() - start)
             return
