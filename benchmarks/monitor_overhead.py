@@ -1,0 +1,262 @@
+"""What CurvatureMonitor adds to a training run's wall time, measured in one run.
+
+The same short training run (CIFAR ResNet-18 at ``--width`` on synthetic CIFAR-shaped data,
+batch 128, SGD + momentum, warm-up + cosine, deterministic, CPU, no validation) is timed with
+monitoring off and with the monitor on for each registered, available backend, at a cadence of
+``--every`` optimiser steps with deconCNN's budget (``num_samples=50`` trace probes, λ_max by the
+backend's defaults, curvature batch of 128). Rounds interleave the configurations
+(off, backend A, backend B, ..., off, ...) so that drifts in machine load hit all of them alike;
+each ratio is on/off within one round, and the table shows the median over rounds.
+
+Reported per backend:
+
+- ``overhead``: (on − off) / off at the measured cadence;
+- ``cost/meas``: the extra seconds per measurement (both quantities), and the same in training
+  steps (extra seconds divided by the seconds of one training step with monitoring off);
+- ``@500``: the overhead extrapolated to deconCNN's cadence (every 500 steps) — the cost in steps
+  divided by 500 — to compare with the 5 % target;
+- the monitor's own in-loop seconds per measurement (from its JSONL records), as a cross-check;
+- a backend that refuses the model (BackPACK and residual sums) is reported with its reason.
+
+Prints a table and writes ``benchmarks/results/monitor_overhead.json``.
+
+    python benchmarks/monitor_overhead.py [--steps 150] [--every 50] [--rounds 2] [--width 0.125]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results" / "monitor_overhead.json"
+DECONCNN_CADENCE = 500
+BATCH = 128
+
+
+def _fit(args: argparse.Namespace, backend: str | None, workdir: Path) -> dict[str, Any]:
+    """One training run; returns its wall time and (when monitored) the curvature records."""
+    import lightning.pytorch as pl
+
+    from deconcnn_curvature.lightning import CurvatureMonitor, read_curvature_jsonl
+    from deconcnn_curvature.training import CIFARDataModule, ClassificationModule
+
+    pl.seed_everything(0, verbose=False)
+    data = CIFARDataModule(
+        source="synthetic", batch_size=BATCH, num_train=args.steps * BATCH, num_val=BATCH
+    )
+    module = ClassificationModule(
+        args.model,
+        {"width_mult": args.width} if args.model == "resnet18_cifar" else {"norm_type": "none"},
+        lr=0.1,
+        warmup_epochs=0.1,
+    )
+    callbacks = []
+    jsonl = workdir / f"{backend}-{time.monotonic_ns()}.jsonl"
+    if backend is not None:
+        supported = _quantities(backend)
+        callbacks.append(
+            CurvatureMonitor(
+                backend=backend,
+                quantities=supported,
+                compute_every_n_steps=args.every,
+                num_samples=None if _exact(backend) else args.num_samples,
+                hessian_batch_size=BATCH,
+                jsonl=str(jsonl),
+                log_metrics=False,
+            )
+        )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+        default_root_dir=workdir,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    records = read_curvature_jsonl(jsonl) if jsonl.exists() else []
+    return {"seconds": seconds, "steps": int(trainer.global_step), "records": records}
+
+
+def _quantities(backend: str) -> list[str]:
+    import deconcnn_curvature as dcc
+
+    declared = dcc.get_backend(backend).quantities
+    return [q for q in ("trace", "eigenvalues") if q in declared]
+
+
+def _exact(backend: str) -> bool:
+    import deconcnn_curvature as dcc
+
+    return bool(dcc.get_backend(backend).exact)
+
+
+def _backends(wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    import deconcnn_curvature as dcc
+
+    usable, skipped = [], {}
+    for info in dcc.list_backends():
+        name = info["name"]
+        if wanted and name not in wanted:
+            continue
+        if not info["available"]:
+            skipped[name] = f"not available: {info['reason']}"
+        elif not {"trace", "eigenvalues"} & set(info["quantities"]):
+            skipped[name] = "computes neither trace nor eigenvalues"
+        else:
+            usable.append(name)
+    return usable, skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=150, help="optimiser steps per run")
+    parser.add_argument("--every", type=int, default=50, help="measurement cadence (steps)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--width", type=float, default=0.125, help="ResNet-18 width_mult")
+    parser.add_argument(
+        "--model", default="resnet18_cifar", choices=["resnet18_cifar", "small_cnn"]
+    )
+    parser.add_argument("--num-samples", type=int, default=50, help="trace probe budget")
+    parser.add_argument("--backends", nargs="*", default=None, help="default: all available")
+    args = parser.parse_args()
+    if args.steps < args.every:
+        parser.error("--steps must be at least --every (no measurement would run)")
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*CurvatureMonitor: measurement at step.*")
+    backends, skipped = _backends(args.backends)
+    configs: list[str | None] = [None, *backends]
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        args_warm = argparse.Namespace(**{**vars(args), "steps": 4})
+        _fit(args_warm, None, workdir)  # one-time costs (allocator, first convolutions)
+        runs: dict[str, list[dict[str, Any]]] = {str(c): [] for c in configs}
+        for r in range(args.rounds):
+            for config in configs:
+                result = _fit(args, config, workdir)
+                runs[str(config)].append(result)
+                print(f"round {r + 1}/{args.rounds} {config or 'off'}: {result['seconds']:.1f} s")
+    load_after = os.getloadavg()
+
+    off = runs["None"]
+    step_seconds = statistics.median(o["seconds"] / o["steps"] for o in off)
+    rows = []
+    for backend in backends:
+        on = runs[backend]
+        measurements = len({rec["step"] for rec in on[0]["records"]})
+        ratios = [b["seconds"] / a["seconds"] for a, b in zip(off, on, strict=True)]
+        extra = [b["seconds"] - a["seconds"] for a, b in zip(off, on, strict=True)]
+        per_meas = statistics.median(extra) / max(1, measurements)
+        in_loop = [
+            sum(rec["seconds"] or 0.0 for rec in run["records"]) / max(1, measurements)
+            for run in on
+        ]
+        failures = sorted({rec["error"] for rec in on[0]["records"] if rec["error"]})
+        cost_steps = per_meas / step_seconds
+        last = {rec["quantity"]: rec for rec in on[0]["records"] if rec["value"] is not None}
+        rows.append(
+            {
+                "backend": backend,
+                "quantities": _quantities(backend),
+                "measurements": measurements,
+                "ratio_on_off": statistics.median(ratios),
+                "ratios_per_round": ratios,
+                "overhead": statistics.median(ratios) - 1.0,
+                "seconds_per_measurement": per_meas,
+                "in_loop_seconds_per_measurement": statistics.median(in_loop),
+                "cost_in_training_steps": cost_steps,
+                "overhead_at_500": cost_steps / DECONCNN_CADENCE,
+                "n_hvp": {q: rec["n_hvp"] for q, rec in last.items()},
+                "errors": failures,
+            }
+        )
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=(
+            f"CurvatureMonitor overhead: {args.model}"
+            + (f" (width {args.width:g})" if args.model == "resnet18_cifar" else "")
+            + f", batch {BATCH}, {args.steps} steps, every {args.every} steps, "
+            f"num_samples {args.num_samples}, {args.rounds} rounds"
+        )
+    )
+    for col in (
+        "backend",
+        "HVPs (trace/λ)",
+        "on/off",
+        "overhead",
+        "s/meas",
+        "in-loop s/meas",
+        "steps/meas",
+        "@500 steps",
+        "note",
+    ):
+        table.add_column(col, justify="right" if col not in ("backend", "note") else "left")
+    for row in rows:
+        hvps = "/".join(str(row["n_hvp"].get(q, "—")) for q in ("trace", "eigenvalues"))
+        note = ("failed: " + row["errors"][0][:60]) if row["errors"] else ""
+        table.add_row(
+            row["backend"],
+            hvps,
+            f"{row['ratio_on_off']:.3f}",
+            f"{row['overhead']:+.1%}",
+            f"{row['seconds_per_measurement']:.2f}",
+            f"{row['in_loop_seconds_per_measurement']:.2f}",
+            f"{row['cost_in_training_steps']:.1f}",
+            f"{row['overhead_at_500']:.2%}",
+            note,
+        )
+    for name, reason in skipped.items():
+        table.add_row(name, "", "", "", "", "", "", "", reason)
+    console = Console(width=160)
+    console.print(table)
+    console.print(
+        f"off: {statistics.median(o['seconds'] for o in off):.1f} s for {off[0]['steps']} steps "
+        f"({step_seconds * 1000:.0f} ms/step); load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "settings": {**vars(args), "batch": BATCH, "deconcnn_cadence": DECONCNN_CADENCE},
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
+        "off_seconds": [o["seconds"] for o in off],
+        "step_seconds": step_seconds,
+        "backends": rows,
+        "skipped": skipped,
+    }
+    RESULTS.write_text(json.dumps(payload, indent=2))
+    console.print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
