@@ -381,3 +381,18 @@ def test_progress_display_only_on_a_terminal_and_not_with_quiet(workdir: Path) -
     assert run(*args).stderr == ""  # CliRunner's stderr is not a terminal
     compare = run("compare", *args[1:], "--backends", "pyhessian", env=terminal)
     assert compare.exit_code == 0 and "0/1" in compare.stderr
+
+
+@pytest.mark.cuda
+def test_on_the_gpu(workdir: Path) -> None:
+    path = save_state_dict(workdir / "w.pt", seed=1)
+    args = [path, *GENERIC_ARGS, "--batch-size", 16, "--num-hvps", 20, "--device", "cuda", "--json"]
+    out = json.loads(run("estimate", *args).stdout)
+    assert out["device"] == "cuda:0" and out["result"]["device"] == "cuda:0"
+    assert out["result"]["peak_memory_bytes"] > 0
+    model, loss, batches = _problem(1, 16, 1, 0)
+    expected = dcc.estimate(model.cuda(), loss, batches, "trace", seed=0, num_hvps=20)
+    torch.testing.assert_close(out["result"]["value"], expected.value)
+    compare = json.loads(run("compare", *args, "--backends", "pyhessian").stdout)
+    assert compare["memory"]["kind"] == "cuda_max_allocated"
+    assert compare["rows"][0]["peak_memory_bytes"] > 0
