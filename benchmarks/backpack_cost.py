@@ -21,7 +21,7 @@ AdaptiveAvgPool). ``resnet18_cifar`` is not measured: BackPACK refuses its resid
 
 Prints a table of ratios to one gradient and writes ``benchmarks/results/backpack_cost.json``.
 
-    python benchmarks/backpack_cost.py [--batch 128] [--reps 3]
+    python benchmarks/backpack_cost.py [--batch 128] [--reps 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _hmp_trace(model: Any, loss_fn: Any, batch: tuple[Any, Any], probes: int) ->
     return total
 
 
-def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any]:
+def _child(model_name: str, method: str, batch: int, reps: int, threads: int) -> dict[str, Any]:
     import warnings
 
     import torch
@@ -120,6 +120,7 @@ def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any
     import deconcnn_curvature as dcc
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    torch.set_num_threads(threads)  # 1 by default: spinning worker threads inflate CPU time
     model, loss_fn, data = _build(model_name, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     for optional in ("backpack", "pyhessian"):  # imports are not the method's memory
@@ -208,9 +209,9 @@ def _child(model_name: str, method: str, batch: int, reps: int) -> dict[str, Any
     return out
 
 
-def _run_child(model: str, method: str, batch: int, reps: int) -> dict[str, Any]:
+def _run_child(model: str, method: str, batch: int, reps: int, threads: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", model, method, "--batch", str(batch)]
-    cmd += ["--reps", str(reps)]
+    cmd += ["--reps", str(reps), "--threads", str(threads)]
     env = {
         **os.environ,
         "DECONCNN_CURVATURE_PLUGINS": os.environ.get("DECONCNN_CURVATURE_PLUGINS", ""),
@@ -289,16 +290,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"))
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child[0], args.child[1], args.batch, args.reps)))
+        print(json.dumps(_child(args.child[0], args.child[1], args.batch, args.reps, args.threads)))
         return
     rows = []
     for model in MODELS:
         for method in METHODS:
             print(f".. {model} / {method}", file=sys.stderr, flush=True)
-            rows.append(_run_child(model, method, args.batch, args.reps))
+            rows.append(_run_child(model, method, args.batch, args.reps, args.threads))
     table = _summarise(rows)
     grads = {
         r["model"]: r["gradient_seconds"]
@@ -316,7 +318,8 @@ def main() -> None:
                 "probes": PROBES,
                 "target_rel_halfwidth_95": TARGET,
                 "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
+                "threads": args.threads,
+                "clock": "process CPU seconds",
                 "machine": platform.processor() or platform.machine(),
                 "load_average": os.getloadavg(),
                 "rows": rows,
