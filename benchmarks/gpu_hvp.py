@@ -9,7 +9,11 @@ batch 128, float32, eval mode — BatchNorm on running statistics, as ``estimate
 * raw ``pyhessian.hessian``'s own product per probe on the same batch;
 * peak CUDA memory above the resident model and batch of an 8-probe Hutchinson trace: ours
   (``dcc.estimate``, both probe batches) vs ``pyhessian.hessian(...).trace(maxIter=8)``;
-* the same 8-probe trace end to end, ours vs PyHessian (time).
+* the same 8-probe trace end to end, ours vs PyHessian (time);
+* one CurvatureMonitor measurement at its defaults (trace with 50 probes + λ_max by Lanczos) in
+  training steps (forward, backward, SGD step on the same batch), and the resulting overhead at
+  deconCNN's cadence of one measurement every 500 steps (``benchmarks/monitor_overhead.py`` times
+  whole Lightning runs, on CPU).
 
 Prints a table of ratios and writes JSON to ``--out`` (default ``$OUT/gpu_hvp.json`` when ``$OUT``
 is set, else ``benchmarks/results/gpu_hvp.json``). ``--quick`` shrinks everything for a CPU smoke
@@ -19,6 +23,7 @@ run (``--device cpu --quick`` checks the script's logic in seconds). A benchmark
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -171,6 +176,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     end_to_end["pyhessian_trace"] = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
 
+    # One CurvatureMonitor measurement with its defaults (trace with 50 probes + λ_max), against
+    # a training step (forward, backward, SGD with momentum) on the same batch: the overhead a
+    # deconCNN run pays at its cadence of one measurement every 500 steps.
+    trained = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step(net: nn.Module = trained, opt: torch.optim.Optimizer = opt) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    times["train_step"] = median_seconds(train_step, device, repeats)
+    del train_step, trained, opt
+    budget = {"trace": {"num_hvps": 4 if args.quick else 50}, "eigenvalues": {}}
+    if args.quick:
+        budget["eigenvalues"] = {"max_hvps": 5}
+    monitor: dict[str, float] = {}
+    for quantity, opts in budget.items():
+        _sync(device)
+        start = time.perf_counter()
+        r = dcc.estimate(model, loss_fn, (x, y), quantity, seed=0, **opts)
+        _sync(device)
+        monitor[f"{quantity}_seconds"] = time.perf_counter() - start
+        monitor[f"{quantity}_n_hvp"] = r.n_hvp
+    measurement = monitor["trace_seconds"] + monitor["eigenvalues_seconds"]
+    monitor["measurement_seconds"] = measurement
+    monitor["measurement_in_train_steps"] = measurement / times["train_step"]
+    monitor["overhead_every_500_steps"] = measurement / (500 * times["train_step"])
+
     grad = times["gradient"]
     ratios = {
         "hvp_pb1_over_gradient": times["hvp_per_probe_pb1"] / grad,
@@ -179,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         / times[f"hvp_per_probe_pb{PROBES}"],
         "pyhessian_hvp_over_gradient": times["pyhessian_hvp_per_probe"] / grad,
         "graph_build_over_gradient": times["graph_build"] / grad,
+        "monitor_overhead_every_500_steps": monitor["overhead_every_500_steps"],
         "trace8_ours_pb1_over_pyhessian": end_to_end["ours_trace_pb1"]
         / end_to_end["pyhessian_trace"],
         f"trace8_ours_pb{PROBES}_over_pyhessian": end_to_end[f"ours_trace_pb{PROBES}"]
@@ -207,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": times,
         "end_to_end_trace8_seconds": end_to_end,
         "peak_memory_bytes": memory,
+        "monitor_measurement": monitor,
         "ratios": ratios,
     }
 
@@ -224,6 +260,8 @@ def print_table(report: dict[str, Any]) -> None:
     for key, value in report["peak_memory_bytes"].items():
         shown = "n/a (CPU)" if value is None else f"{value / 2**20:.1f}"
         print(f"{'peak ' + key + ' [MiB]':<42} {shown:>14}")
+    for key, value in report["monitor_measurement"].items():
+        print(f"{'monitor ' + key:<42} {value:>14.4g}")
     for key, value in report["ratios"].items():
         print(f"{key:<42} {value:>14.3f}")
 
