@@ -252,10 +252,10 @@ def test_density_weights_nodes_and_trace_moment(case: Case) -> None:
     spectrum = torch.linalg.eigvalsh(h)
     lo, hi = float(spectrum[0]), float(spectrum[-1])
     slack = 1e-8 * max(abs(lo), abs(hi))
-    r = dcc.estimate(model, loss_fn, batch, "density", seed=0, lanczos_steps=20, num_runs=16)
+    r = dcc.estimate(model, loss_fn, batch, "density", seed=0, lanczos_steps=15, num_runs=12)
     d = r.value
     assert isinstance(d, dcc.Density) and r.method == "slq"
-    assert d.dim == h.shape[0] and d.num_runs == 16 and d.lanczos_steps == min(20, d.dim)
+    assert d.dim == h.shape[0] and d.num_runs == 12 and d.lanczos_steps == min(15, d.dim)
     assert math.fsum(d.weights) == pytest.approx(1.0, abs=1e-12)
     assert min(d.weights) >= 0
     assert lo - slack <= min(d.nodes) and max(d.nodes) <= hi + slack
@@ -263,7 +263,7 @@ def test_density_weights_nodes_and_trace_moment(case: Case) -> None:
     est, se = d.trace_estimate(), r.details["trace_stderr"]
     assert est == pytest.approx(r.details["trace_estimate"], rel=1e-9, abs=1e-12)
     assert abs(est - float(h.trace())) <= 4 * se, (est, float(h.trace()), se)
-    assert r.n_hvp == 16 * min(20, d.dim)
+    assert r.n_hvp == 12 * min(15, d.dim)
 
 
 def test_density_runs_on_current_torch_with_defaults() -> None:
