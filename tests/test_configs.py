@@ -104,8 +104,11 @@ def test_demo_preset_is_small() -> None:
     assert cfg.trainer.max_epochs == 2
     monitor = instantiate(cfg.callbacks)
     assert monitor.enabled and monitor.compute_every_n_steps == 8 and monitor.compute_at_step_zero
-    assert monitor.backend_options == {"max_hvps": 30, "tol": 1e-3}
+    assert monitor.backend_options == {}  # nothing backend-specific: curvature=<any> still works
     monitor.check_config()
+    for name in CURVATURE_FILES:
+        swapped = instantiate(_compose(["+preset=demo", f"curvature={name}"]).callbacks)
+        assert swapped.compute_every_n_steps == 8 and swapped.backend == name
 
 
 def test_curvature_keys_are_monitor_arguments() -> None:
