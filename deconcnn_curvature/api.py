@@ -50,9 +50,9 @@ def resolve(
     registry = get_registry()
     cls = registry.get(backend or default_backend_name())
     if quantity not in cls.quantities and not registry.supporting(quantity):
+        known = set(QUANTITIES).union(*(e.cls.quantities for e in registry.entries.values()))
         raise UnsupportedQuantityError(
-            f"unknown quantity {quantity!r}; known quantities: "
-            f"{', '.join(sorted(set(QUANTITIES) | {q for n in registry.names() for q in registry.entries[n].cls.quantities}))}."
+            f"unknown quantity {quantity!r}; known quantities: {', '.join(sorted(known))}."
         )
     registry.check_quantity(cls, quantity)
     avail = cls.availability()

@@ -140,7 +140,9 @@ class Backend(ABC):
 
     @classmethod
     def availability(cls) -> Availability:
-        """Whether this backend can run here. The default checks :attr:`requires` without importing."""
+        """Whether this backend can run here.
+
+        The default checks :attr:`requires` with ``importlib.util.find_spec`` (nothing imported)."""
         missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
         if missing:
             return Availability(
@@ -181,6 +183,7 @@ class Backend(ABC):
     def validate_model(cls, model: Any) -> None:
         """Raise :class:`~deconcnn_curvature.errors.UnsupportedModelError` before any work if the
         backend cannot handle ``model``. The default accepts every model."""
+        return None
 
     @abstractmethod
     def compute(

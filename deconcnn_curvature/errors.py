@@ -36,7 +36,7 @@ class InvalidOptionError(CurvatureError, ValueError):
 
 
 class InvalidProblemError(CurvatureError, ValueError):
-    """The model, loss or data do not form a problem we can measure (e.g. no trainable parameters)."""
+    """The model, loss or data do not form a measurable problem (e.g. no trainable parameters)."""
 
 
 class NonFiniteError(CurvatureError, ArithmeticError):
@@ -64,7 +64,7 @@ class BackendFailedError(CurvatureError, RuntimeError):
 
 
 class PluginError(CurvatureError, RuntimeError):
-    """A plugin is broken: it failed to import, its hook raised, or it registered something invalid."""
+    """A plugin is broken: it failed to import, its hook raised, or it registered something bad."""
 
 
 class DuplicateBackendError(PluginError):

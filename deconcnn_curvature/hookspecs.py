@@ -73,7 +73,9 @@ def load_checkpoint(
     :param checkpoint: the file's contents as loaded by ``torch.load(..., weights_only=False)`` on
         the CPU, or ``None`` if it could not be read as a torch file.
     :param settings: the CLI's data and model settings (``batch_size``, ``num_batches``, ``data``,
-        ``data_root``, ``seed``, ``model``, ``model_args``, ``loss``, ``device``), already validated.
+        ``data_root``, ``seed``, ``model``, ``model_args``, ``loss``, ``device``, ``input_shape``,
+        ``num_classes``), already validated. ``data`` is ``synthetic``, ``synthetic-cifar`` or
+        ``cifar10``; ``model_args`` is a dict; ``num_classes=None`` means the model's output size.
 
     Return a :class:`deconcnn_curvature.checkpoints.LoadedCheckpoint`, or ``None`` to let the next
     loader try. Raise :class:`deconcnn_curvature.errors.CurvatureError` with a message for the user

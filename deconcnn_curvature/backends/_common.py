@@ -1,4 +1,4 @@
-"""Options and helpers shared by the backends built on :class:`~deconcnn_curvature.hvp.HessianOperator`."""
+"""Options and helpers shared by the backends built on :mod:`deconcnn_curvature.hvp`."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ class TraceEstimate:
     """A trace estimate with its uncertainty.
 
     ``samples`` holds the individual quadratic forms (``None`` for estimators whose samples are not
-    i.i.d.). ``layers`` maps a block name to its own trace estimate (same probes, sums to ``value``).
+    i.i.d.). ``layers`` maps a block name to its own trace estimate (same probes, sums to
+    ``value``).
     """
 
     value: float
