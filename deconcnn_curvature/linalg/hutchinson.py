@@ -93,7 +93,9 @@ def hutchinson(
             f"Hutchinson needs at least 2 probes for a standard error, got {num_matvecs}"
         )
     samples: list[float] = []
-    layer_sums = dict.fromkeys(layer_slices, 0.0) if layer_slices else None
+    # Per-layer sums stay on the operator's device: one host sync per block, not per layer.
+    layer_names = list(layer_slices) if layer_slices else []
+    layer_acc = torch.zeros(len(layer_names), dtype=torch.float64, device=op.device)
     target_met: bool | None = None if rtol is None else False
     # Probes are drawn one column at a time, so the sequence does not depend on block_size.
     for size in _blocks(num_matvecs, max(1, block_size)):
@@ -105,9 +107,8 @@ def hutchinson(
         hz = op.matmat(z)
         prod = (z * hz).to(torch.float64)
         samples.extend(prod.sum(dim=0).tolist())
-        if layer_sums is not None:
-            for name, sl in layer_slices.items():  # type: ignore[union-attr]
-                layer_sums[name] += float(prod[sl].sum())
+        if layer_names:
+            layer_acc += torch.stack([prod[layer_slices[n]].sum() for n in layer_names])
         if rtol is not None and len(samples) >= max(min_matvecs, 2):
             mean, se = _mean_se(samples)
             lo, hi = student_t_interval(mean, se, len(samples) - 1, ci_level)
@@ -124,7 +125,11 @@ def hutchinson(
         method="hutchinson",
         target_met=target_met,
         samples=tuple(samples),
-        layers=({name: s / len(samples) for name, s in layer_sums.items()} if layer_sums else None),
+        layers=(
+            dict(zip(layer_names, (layer_acc / len(samples)).tolist(), strict=True))
+            if layer_names
+            else None
+        ),
     )
 
 

@@ -86,9 +86,10 @@ def lanczos(
     for j in range(num_steps):
         basis[:, j : j + 1] = q
         w = op.matmat(q)
-        alpha = float((q.T @ w).to(torch.float64))
+        alpha_t = (q.T @ w).reshape(())
         w = _orthogonalize(w, basis[:, : j + 1])
-        beta = float(torch.linalg.vector_norm(w).to(torch.float64))
+        # One host synchronisation per step for both coefficients.
+        alpha, beta = torch.stack([alpha_t, torch.linalg.vector_norm(w)]).double().tolist()
         scale = max(scale, abs(alpha), beta)
         state = LanczosState(
             basis=basis[:, : j + 1], alphas=[*state.alphas, alpha], betas=[*state.betas, beta]
