@@ -28,7 +28,8 @@ LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 def _to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
+        # Asynchronous only host -> device; a device -> host copy must complete before use.
+        return x.to(device, non_blocking=x.device.type == "cpu" and device.type == "cuda")
     if isinstance(x, tuple | list):
         return type(x)(_to_device(v, device) for v in x)
     if isinstance(x, dict):

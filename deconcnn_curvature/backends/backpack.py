@@ -57,6 +57,7 @@ from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.backends._common import COMMON_OPTIONS
 from deconcnn_curvature.errors import NonFiniteError, UnsupportedModelError
 from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.hvp import agree
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size
 from deconcnn_curvature.results import CurvatureResult
 
@@ -567,27 +568,29 @@ class BackpackBackend(Backend):
         }
         if plan.untraced_reason is not None:
             details["untraced_reason"] = plan.untraced_reason
-        with _quiet_hooks():
-            ext = _extend(problem, plan)
-            if options["verify"] or plan.graph is None:
-                details.update(_verify(problem, ext))
-            sizes = [_batch_size(x, y) for x, y in problem.batches]
-            total = float(sum(sizes))
-            distributed = dist.is_available() and dist.is_initialized()
-            if distributed:
-                t = torch.tensor([total], dtype=torch.float64, device=_comm_device(problem))
-                dist.all_reduce(t)
-                total = float(t.item())
-            acc = {
-                n: torch.zeros(s, dtype=problem.dtype, device=problem.device)
-                for n, s in shapes.items()
-            }
-            for b, ((inputs, targets), n_b) in enumerate(zip(problem.batches, sizes, strict=True)):
-                diag = _diag_of_batch(ext, problem.names, inputs, targets, f"batch {b}")
-                for name, d in diag.items():
-                    if d is not None:
-                        acc[name].add_(d, alpha=n_b / total)
-            del ext
+        sizes = [_batch_size(x, y) for x, y in problem.batches]
+        acc = {
+            n: torch.zeros(s, dtype=problem.dtype, device=problem.device) for n, s in shapes.items()
+        }
+        failure: BaseException | None = None
+        try:  # local, sample-weighted sums; every rank then agrees before any payload collective
+            with _quiet_hooks():
+                ext = _extend(problem, plan)
+                if options["verify"] or plan.graph is None:
+                    details.update(_verify(problem, ext))
+                for b, ((inputs, targets), n_b) in enumerate(
+                    zip(problem.batches, sizes, strict=True)
+                ):
+                    diag = _diag_of_batch(ext, problem.names, inputs, targets, f"batch {b}")
+                    for name, d in diag.items():
+                        if d is not None:
+                            acc[name].add_(d, alpha=float(n_b))
+                del ext
+        except Exception as exc:
+            failure = exc
+        # Raises on every rank if any rank failed; otherwise the global sample count.
+        total = agree(failure, float(sum(sizes)), device=problem.device)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
             flat = torch.cat([acc[n].reshape(-1) for n in problem.names])
             comm = _comm_device(problem)
@@ -600,6 +603,8 @@ class BackpackBackend(Backend):
                 acc[n] = flat[start : start + k].view(shapes[n])
                 start += k
             details["world_size"] = dist.get_world_size()
+        for n in problem.names:
+            acc[n] = acc[n] / total
         layers = {n: float(acc[n].sum(dtype=torch.float64)) for n in problem.names}
         bad = [n for n in problem.names if not bool(torch.isfinite(acc[n]).all())]
         if bad:
@@ -629,7 +634,8 @@ class BackpackBackend(Backend):
 
 
 def _comm_device(problem: CurvatureProblem) -> torch.device:
-    return problem.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    backend = str(dist.get_backend()).lower()
+    return torch.device("cpu") if ("gloo" in backend or "mpi" in backend) else problem.device
 
 
 def _backpack_version() -> str | None:
