@@ -629,3 +629,46 @@ def test_distributed_diagonal_is_that_of_all_ranks_samples(bp, tmp_path: Path) -
         res = torch.load(f"{out}.{rank}")
         assert res["world"] == 2
         torch.testing.assert_close(res["diag"], exact, rtol=0, atol=1e-10 * exact.abs().max())
+
+
+def _ddp_failing_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model, loss_fn, (x, y) = get_case("cnn").make()
+        if rank == 1:
+            x = x[:, :, :4]  # wrong spatial size: BackPACK's forward fails on this rank only
+        try:
+            dcc.estimate(model, loss_fn, (x[:6], y[:6]), "trace", backend="backpack")
+            outcome = "returned"
+        except dcc.CurvatureError as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            outcome = f"raw {type(exc).__name__}: {exc}"
+        with open(f"{out}.{rank}", "w") as fh:
+            fh.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_failure_on_one_rank_raises_on_every_rank_without_hanging(
+    bp, tmp_path: Path
+) -> None:
+    import time
+
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'store'}"
+    out = str(tmp_path / "res")
+    ctx = mp.spawn(_ddp_failing_worker, args=(2, init, out), nprocs=2, join=False)
+    deadline = time.monotonic() + 90
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a failure on one rank left the other rank hanging")
+    outcomes = [Path(f"{out}.{r}").read_text() for r in range(2)]
+    assert all(o != "returned" and not o.startswith("raw") for o in outcomes), outcomes
+    assert "rank 1" in outcomes[0], outcomes[0]
