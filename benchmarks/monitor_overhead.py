@@ -20,7 +20,7 @@ Reported per backend:
 
 Prints a table and writes ``benchmarks/results/monitor_overhead.json``.
 
-    python benchmarks/monitor_overhead.py [--steps 150] [--every 50] [--rounds 2] [--width 0.125]
+    python benchmarks/monitor_overhead.py [--steps 100] [--every 50] [--rounds 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def _fit(args: argparse.Namespace, backend: str | None, workdir: Path) -> dict[s
         default_root_dir=workdir,
         callbacks=callbacks,
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     records = read_curvature_jsonl(jsonl) if jsonl.exists() else []
-    return {"seconds": seconds, "steps": int(trainer.global_step), "records": records}
+    return {"seconds": seconds, "cpu": cpu, "steps": int(trainer.global_step), "records": records}
 
 
 def _quantities(backend: str) -> list[str]:
@@ -125,7 +125,7 @@ def _backends(wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150, help="optimiser steps per run")
+    parser.add_argument("--steps", type=int, default=100, help="optimiser steps per run")
     parser.add_argument("--every", type=int, default=50, help="measurement cadence (steps)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
     parser.add_argument("--width", type=float, default=0.125, help="ResNet-18 width_mult")
@@ -134,12 +134,21 @@ def main() -> None:
     )
     parser.add_argument("--num-samples", type=int, default=50, help="trace probe budget")
     parser.add_argument("--backends", nargs="*", default=None, help="default: all available")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 makes CPU-time ratios robust to other "
+        "processes on a shared machine",
+    )
     args = parser.parse_args()
     if args.steps < args.every:
         parser.error("--steps must be at least --every (no measurement would run)")
 
     import torch
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*CurvatureMonitor: measurement at step.*")
@@ -160,33 +169,49 @@ def main() -> None:
 
     off = runs["None"]
     step_seconds = statistics.median(o["seconds"] / o["steps"] for o in off)
+    step_cpu = statistics.median(o["cpu"] / o["steps"] for o in off)
     rows = []
     for backend in backends:
         on = runs[backend]
         measurements = len({rec["step"] for rec in on[0]["records"]})
+        n = max(1, measurements)
         ratios = [b["seconds"] / a["seconds"] for a, b in zip(off, on, strict=True)]
-        extra = [b["seconds"] - a["seconds"] for a, b in zip(off, on, strict=True)]
-        per_meas = statistics.median(extra) / max(1, measurements)
-        in_loop = [
-            sum(rec["seconds"] or 0.0 for rec in run["records"]) / max(1, measurements)
-            for run in on
-        ]
+        cpu_ratios = [b["cpu"] / a["cpu"] for a, b in zip(off, on, strict=True)]
+        pairs = list(zip(off, on, strict=True))
+        per_meas = statistics.median(b["seconds"] - a["seconds"] for a, b in pairs) / n
+        per_meas_cpu = statistics.median(b["cpu"] - a["cpu"] for a, b in pairs) / n
+        in_loop = statistics.median(
+            sum(rec["seconds"] or 0.0 for rec in run["records"]) / n for run in on
+        )
+        per_quantity = {}
+        for quantity in _quantities(backend):
+            recs = [r for run in on for r in run["records"] if r["quantity"] == quantity]
+            done = [r for r in recs if r["value"] is not None]
+            per_quantity[quantity] = {
+                "n_hvp": [r["n_hvp"] for r in done],
+                "seconds_median": statistics.median(r["seconds"] or 0.0 for r in recs)
+                if recs
+                else None,
+            }
         failures = sorted({rec["error"] for rec in on[0]["records"] if rec["error"]})
-        cost_steps = per_meas / step_seconds
-        last = {rec["quantity"]: rec for rec in on[0]["records"] if rec["value"] is not None}
         rows.append(
             {
                 "backend": backend,
                 "quantities": _quantities(backend),
-                "measurements": measurements,
+                "measurements_per_run": measurements,
                 "ratio_on_off": statistics.median(ratios),
                 "ratios_per_round": ratios,
+                "cpu_ratio_on_off": statistics.median(cpu_ratios),
+                "cpu_ratios_per_round": cpu_ratios,
                 "overhead": statistics.median(ratios) - 1.0,
                 "seconds_per_measurement": per_meas,
-                "in_loop_seconds_per_measurement": statistics.median(in_loop),
-                "cost_in_training_steps": cost_steps,
-                "overhead_at_500": cost_steps / DECONCNN_CADENCE,
-                "n_hvp": {q: rec["n_hvp"] for q, rec in last.items()},
+                "cpu_seconds_per_measurement": per_meas_cpu,
+                "in_loop_seconds_per_measurement": in_loop,
+                "cost_in_training_steps": per_meas / step_seconds,
+                "cpu_cost_in_training_steps": per_meas_cpu / step_cpu,
+                "overhead_at_500": per_meas / step_seconds / DECONCNN_CADENCE,
+                "cpu_overhead_at_500": per_meas_cpu / step_cpu / DECONCNN_CADENCE,
+                "per_quantity": per_quantity,
                 "errors": failures,
             }
         )
@@ -204,37 +229,43 @@ def main() -> None:
     )
     for col in (
         "backend",
-        "HVPs (trace/λ)",
-        "on/off",
-        "overhead",
+        "HVPs trace/λ",
+        "on/off wall",
+        "on/off CPU",
         "s/meas",
-        "in-loop s/meas",
-        "steps/meas",
-        "@500 steps",
+        "steps/meas (wall, CPU)",
+        "@500 wall",
+        "@500 CPU",
         "note",
     ):
-        table.add_column(col, justify="right" if col not in ("backend", "note") else "left")
+        table.add_column(col, justify="left" if col in ("backend", "note") else "right")
     for row in rows:
-        hvps = "/".join(str(row["n_hvp"].get(q, "—")) for q in ("trace", "eigenvalues"))
+        hvps = "/".join(
+            "—"
+            if not row["per_quantity"].get(q, {}).get("n_hvp")
+            else str(round(statistics.median(row["per_quantity"][q]["n_hvp"])))
+            for q in ("trace", "eigenvalues")
+        )
         note = ("failed: " + row["errors"][0][:60]) if row["errors"] else ""
         table.add_row(
             row["backend"],
             hvps,
             f"{row['ratio_on_off']:.3f}",
-            f"{row['overhead']:+.1%}",
+            f"{row['cpu_ratio_on_off']:.3f}",
             f"{row['seconds_per_measurement']:.2f}",
-            f"{row['in_loop_seconds_per_measurement']:.2f}",
-            f"{row['cost_in_training_steps']:.1f}",
-            f"{row['overhead_at_500']:.2%}",
+            f"{row['cost_in_training_steps']:.1f}, {row['cpu_cost_in_training_steps']:.1f}",
+            f"{row['overhead_at_500']:.1%}",
+            f"{row['cpu_overhead_at_500']:.1%}",
             note,
         )
     for name, reason in skipped.items():
-        table.add_row(name, "", "", "", "", "", "", "", reason)
+        table.add_row(name, "", "", "", "", "", "", "", reason)  # 9 columns
     console = Console(width=160)
     console.print(table)
     console.print(
         f"off: {statistics.median(o['seconds'] for o in off):.1f} s for {off[0]['steps']} steps "
-        f"({step_seconds * 1000:.0f} ms/step); load average {load_before[0]:.1f} before, "
+        f"({step_seconds * 1000:.0f} ms/step, {step_cpu * 1000:.0f} ms CPU); "
+        f"load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after; torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
 
@@ -250,7 +281,9 @@ def main() -> None:
             "loadavg_after": load_after,
         },
         "off_seconds": [o["seconds"] for o in off],
+        "off_cpu_seconds": [o["cpu"] for o in off],
         "step_seconds": step_seconds,
+        "step_cpu_seconds": step_cpu,
         "backends": rows,
         "skipped": skipped,
     }
