@@ -6,6 +6,15 @@ network. The Hessian of a network is just one such operator (:mod:`deconcnn_curv
 """
 
 from deconcnn_curvature.linalg.hutchinson import TraceEstimate, hutchinson
+from deconcnn_curvature.linalg.hutchpp import (
+    HutchppResult,
+    LowRankSketch,
+    RitzEstimate,
+    hutchpp,
+    hutchpp_with_sketch,
+    refined_top_eigenvalues,
+    sketch_top_eigenvalues,
+)
 from deconcnn_curvature.linalg.lanczos import EigenEstimate, lanczos_top_eigenvalues
 from deconcnn_curvature.linalg.operator import DenseOperator, LinearOperator, rademacher
 from deconcnn_curvature.linalg.slq import slq_density
@@ -13,10 +22,17 @@ from deconcnn_curvature.linalg.slq import slq_density
 __all__ = [
     "DenseOperator",
     "EigenEstimate",
+    "HutchppResult",
     "LinearOperator",
+    "LowRankSketch",
+    "RitzEstimate",
     "TraceEstimate",
     "hutchinson",
+    "hutchpp",
+    "hutchpp_with_sketch",
     "lanczos_top_eigenvalues",
     "rademacher",
+    "refined_top_eigenvalues",
+    "sketch_top_eigenvalues",
     "slq_density",
 ]
