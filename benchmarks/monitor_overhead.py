@@ -3,10 +3,12 @@
 The same short training run (CIFAR ResNet-18 at ``--width`` on synthetic CIFAR-shaped data,
 batch 128, SGD + momentum, warm-up + cosine, deterministic, CPU, no validation) is timed with
 monitoring off and with the monitor on for each registered, available backend, at a cadence of
-``--every`` optimiser steps with deconCNN's budget (``num_samples=50`` trace probes, λ_max by the
-backend's defaults, curvature batch of 128). Rounds interleave the configurations
-(off, backend A, backend B, ..., off, ...) so that drifts in machine load hit all of them alike;
-each ratio is on/off within one round, and the table shows the median over rounds.
+``--every`` optimiser steps with deconCNN's budget by default (``--num-samples 50`` trace probes,
+λ_max by the backend's defaults, ``--hessian-batch-size 128``). Rounds interleave the
+configurations (off, backend A, backend B, ..., off, ...) so that drifts in machine load hit all of
+them alike; each ratio is on/off within one round, and the table shows the median over rounds.
+Wall time and process CPU time are both reported: on a shared machine the CPU-time ratio is the
+more stable one (``--threads 1`` keeps idle worker threads from spinning).
 
 Reported per backend:
 
@@ -68,7 +70,7 @@ def _fit(args: argparse.Namespace, backend: str | None, workdir: Path) -> dict[s
                 quantities=supported,
                 compute_every_n_steps=args.every,
                 num_samples=None if _exact(backend) else args.num_samples,
-                hessian_batch_size=BATCH,
+                hessian_batch_size=args.hessian_batch_size,
                 jsonl=str(jsonl),
                 log_metrics=False,
             )
@@ -133,6 +135,9 @@ def main() -> None:
         "--model", default="resnet18_cifar", choices=["resnet18_cifar", "small_cnn"]
     )
     parser.add_argument("--num-samples", type=int, default=50, help="trace probe budget")
+    parser.add_argument(
+        "--hessian-batch-size", type=int, default=BATCH, help="samples in the curvature batch"
+    )
     parser.add_argument("--backends", nargs="*", default=None, help="default: all available")
     parser.add_argument(
         "--threads",
@@ -224,7 +229,8 @@ def main() -> None:
             f"CurvatureMonitor overhead: {args.model}"
             + (f" (width {args.width:g})" if args.model == "resnet18_cifar" else "")
             + f", batch {BATCH}, {args.steps} steps, every {args.every} steps, "
-            f"num_samples {args.num_samples}, {args.rounds} rounds"
+            f"num_samples {args.num_samples}, curvature batch {args.hessian_batch_size}, "
+            f"{args.rounds} rounds"
         )
     )
     for col in (
