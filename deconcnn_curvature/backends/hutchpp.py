@@ -23,6 +23,11 @@ One Hutch++ run of ``num_hvps`` products answers every quantity:
   ``max_hvps`` more products). ``details["methods"]`` says which method produced each value, and
   ``details["trace"]`` (with its stderr and interval) is the trace from the same run.
 
+``probe_batch > 1`` multiplies the deflated probes in blocks through the vectorised product (and
+the published split's sketch in one block); the Krylov steps of the adaptive split are one column
+each, since each depends on the last. On CPU the sequential product is the default: batching was
+no faster on a CIFAR ResNet (benchmarks/trace_accuracy.py).
+
 Under ``torch.distributed`` every product is all-reduced (see :mod:`deconcnn_curvature.hvp`), and
 every branch the estimator takes depends only on those reduced products and on the seeded probes,
 so all ranks stay in lockstep and return bit-identical numbers.
