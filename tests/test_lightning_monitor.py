@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from cases import dense_hessian
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -39,7 +40,6 @@ from deconcnn_curvature.lightning import (
 )
 from deconcnn_curvature.registry import Registry
 from deconcnn_curvature.results import CurvatureResult
-from tests.cases import dense_hessian
 
 # ------------------------------------------------------------------------------------ fixtures
 
