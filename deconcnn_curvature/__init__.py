@@ -28,6 +28,7 @@ from deconcnn_curvature.errors import (
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.hvp import HessianOperator
 from deconcnn_curvature.problem import CurvatureProblem
 from deconcnn_curvature.results import CurvatureResult, Density
 
@@ -52,6 +53,7 @@ __all__ = [
     "CurvatureResult",
     "Density",
     "DuplicateBackendError",
+    "HessianOperator",
     "InvalidOptionError",
     "InvalidProblemError",
     "NonFiniteError",

@@ -423,7 +423,7 @@ def summary_table(result: RunResult) -> Table:
     for label, path in (
         ("config", result.config_path),
         ("metrics", result.metrics_path),
-        ("curvature records", result.curvature_path),
+        ("curvature file", result.curvature_path),
         ("checkpoint", result.checkpoint_path),
         ("plot", result.plot_path),
     ):
