@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from deconcnn_curvature.backend import QUANTITIES, Backend
@@ -20,7 +19,7 @@ from deconcnn_curvature.errors import (
     InvalidOptionError,
     UnsupportedQuantityError,
 )
-from deconcnn_curvature.hvp import rank_agreement
+from deconcnn_curvature.hvp import local_only, rank_agreement, world_size
 from deconcnn_curvature.problem import Batch, LossFn, build_problem, preserve_state
 from deconcnn_curvature.registry import default_backend_name, get_registry
 from deconcnn_curvature.results import CurvatureResult
@@ -80,6 +79,7 @@ def estimate(
     backend: str | None = None,
     *,
     seed: int | None = 0,
+    distributed: bool | None = None,
     **options: Any,
 ) -> CurvatureResult:
     """Measure ``quantity`` of the Hessian of ``loss_fn(model(x), y)`` with one backend.
@@ -95,17 +95,30 @@ def estimate(
             ``"pyhessian"``.
         seed: probes are drawn from a private generator seeded with this (``None``: a fresh random
             seed, recorded in the result). The global RNG is never consumed.
+        distributed: under an initialised ``torch.distributed`` process group, ``None`` (the
+            default) or ``True`` make this a collective call: every rank must call it with its
+            shard of the data, and every rank gets the result on the union. ``False`` measures
+            this process's data alone, with no collective, so one rank may call it while the
+            others do not (calling the default on one rank only would wait for the others
+            forever). Without a process group it makes no difference.
         **options: backend options (see ``deconcnn-curv list-backends --json``).
     """
+    if distributed is not None and not isinstance(distributed, bool):
+        raise InvalidOptionError(
+            f"distributed must be True, False or None (automatic), got {distributed!r}."
+        )
+    if distributed is False:
+        with local_only():
+            return estimate(model, loss_fn, data, quantity, backend, seed=seed, **options)
     cls, opts = resolve(quantity, backend, options)
     seed = _check_seed(seed)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size()
     if world > 1 and not cls.supports_distributed:
         raise CurvatureError(
             f"backend {cls.name!r} does not support torch.distributed: under this process group "
             f"of {world} processes it would return a per-rank number. Use a backend that does "
-            "(the 'distributed' column of `deconcnn-curv list-backends`), or call it outside "
-            "the process group."
+            "(the 'distributed' column of `deconcnn-curv list-backends`), or pass "
+            "distributed=False to measure each rank's own data alone."
         )
     # [issue 7] Under a process group every rank fails or none does (no rank left waiting in a
     # collective): see deconcnn_curvature.hvp.rank_agreement.

@@ -31,7 +31,14 @@ from pyhessian.utils import hessian_vector_product
 from deconcnn_curvature.errors import BackendFailedError, InvalidProblemError, NonFiniteError
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size
 
-__all__ = ["HessianOperator", "RankAgreement", "agree", "rank_agreement"]
+__all__ = [
+    "HessianOperator",
+    "RankAgreement",
+    "agree",
+    "local_only",
+    "rank_agreement",
+    "world_size",
+]
 
 
 class HessianOperator:
@@ -232,10 +239,35 @@ _ACTIVE: contextvars.ContextVar[RankAgreement | None] = contextvars.ContextVar(
 _REASON_BYTES = 480
 
 
-def _world_size() -> int:
+#: Set by :func:`local_only`: this context ignores the process group.
+_LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "deconcnn_curvature_local_only", default=False
+)
+
+
+def world_size() -> int:
+    """Processes a curvature computation here spans: the default process group's size, or 1
+    without one (or inside :func:`local_only`)."""
+    if _LOCAL.get():
+        return 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+_world_size = world_size
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Compute with this process's data alone, as if there were no process group: no
+    collective is made, so one rank may measure while the others do not (``estimate(...,
+    distributed=False)``)."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
 
 
 def _check_backend_device(device: torch.device) -> None:

@@ -57,7 +57,7 @@ from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.backends._common import COMMON_OPTIONS
 from deconcnn_curvature.errors import NonFiniteError, UnsupportedModelError
 from deconcnn_curvature.hookspecs import hookimpl
-from deconcnn_curvature.hvp import agree
+from deconcnn_curvature.hvp import agree, world_size
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size
 from deconcnn_curvature.results import CurvatureResult
 
@@ -590,7 +590,7 @@ class BackpackBackend(Backend):
             failure = exc
         # Raises on every rank if any rank failed; otherwise the global sample count.
         total = agree(failure, float(sum(sizes)), device=problem.device)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = world_size() > 1
         if distributed:
             flat = torch.cat([acc[n].reshape(-1) for n in problem.names])
             comm = _comm_device(problem)

@@ -255,9 +255,35 @@ def scenario_failures(rank: int) -> dict[str, Any]:
     return out
 
 
+LOCAL_PLAN = (
+    ("pyhessian", "trace"),
+    ("pyhessian", "eigenvalues"),
+    ("hutchpp", "trace"),
+    ("backpack", "trace"),
+)
+
+
+def scenario_local(rank: int) -> dict[str, Any]:
+    """Rank 0 alone measures its own shard (``distributed=False``); rank 1 makes no call at all
+    until the final barrier. Without the opt-out rank 0 would wait for rank 1 forever."""
+    if rank != 0:
+        return {}
+    batches = local_batches(0)
+    out: dict[str, Any] = {}
+    for backend, quantity in LOCAL_PLAN:
+        out[f"{backend}/{quantity}"] = _outcome(
+            lambda b=backend, q=quantity: measure(b, q, batches, distributed=False)
+        )
+    nan_batches = [(x.clone(), y) for x, y in batches]
+    nan_batches[0][0][0, 0] = float("nan")
+    out["nan"] = _outcome(lambda: measure("pyhessian", "trace", nan_batches, distributed=False))
+    return out
+
+
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "numerics": scenario_numerics,
     "failures": scenario_failures,
+    "local": scenario_local,
 }
 
 

@@ -19,6 +19,7 @@ A launch that does not finish within its deadline fails the test (see ``_ranks.l
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -157,6 +158,30 @@ def test_the_group_stays_in_lockstep_after_failures(
     after = [f["after"] for f in failures]
     assert after[0]["raised"] is None and after[1]["raised"] is None, after
     assert after[0]["value"] == after[1]["value"] == numerics[0]["pyhessian/eigenvalues/{}"]
+
+
+def test_distributed_false_lets_one_rank_measure_its_own_shard_alone(
+    tmp_path: Path,
+) -> None:
+    rank0, rank1 = _ranks.launch("local", tmp_path)
+    assert rank1 == {}
+    for backend, quantity in _ranks.LOCAL_PLAN:
+        outcome = rank0[f"{backend}/{quantity}"]
+        assert outcome["raised"] is None, (backend, quantity, outcome)
+        single = _ranks.measure(backend, quantity, _ranks.local_batches(0))
+        _close(outcome["value"]["value"], single["value"])
+        assert "world_size" not in (outcome["value"]["details"] or {})
+    # The shard's value is not the union's: the opt-out really measured local data.
+    union = _ranks.measure("pyhessian", "trace", _ranks.union_batch())
+    assert abs(rank0["pyhessian/trace"]["value"]["value"] - union["value"]) > 1e-6
+    assert rank0["nan"]["raised"] == "NonFiniteError", rank0["nan"]
+
+
+def test_distributed_argument_is_checked() -> None:
+    import deconcnn_curvature as dcc
+
+    with pytest.raises(dcc.InvalidOptionError, match="distributed must be True, False or None"):
+        dcc.estimate(_ranks.make_model(), _ranks.loss_fn(), _ranks.union_batch(), distributed="no")
 
 
 def test_without_a_process_group_agreement_is_local() -> None:
