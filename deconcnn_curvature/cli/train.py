@@ -7,13 +7,35 @@ Hydra are imported only when the command runs, so the rest of the CLI starts fas
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import click
 
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
+from deconcnn_curvature.errors import ConfigurationError
 
 __all__ = ["train_cmd"]
+
+
+def _check_training_extra() -> None:
+    """The training run needs the ``lightning`` extra; say so instead of a traceback."""
+    missing = []
+    for name in ("lightning", "hydra", "omegaconf"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None (blocked)
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise ConfigurationError(
+            f"deconcnn-curv train needs the lightning extra ({', '.join(missing)} not installed): "
+            "pip install 'deconcnn-curvature[lightning]' (with your torch pinned, see the README)."
+        )
+    from deconcnn_curvature.training._lightning import check_lightning_importable
+
+    check_lightning_importable()
 
 
 @cli.command(
@@ -50,6 +72,7 @@ def train_cmd(
     The run folder (runs/<name or timestamp>/, or run_dir=) gets config.yaml, metrics.jsonl,
     curvature.jsonl, last.ckpt and curvature.png; a summary table is printed at the end.
     """
+    _check_training_extra()
     from deconcnn_curvature.training.run import compose_config, run_training, summary_table
 
     bad = [o for o in overrides if o.startswith("-")]

@@ -1,9 +1,10 @@
 """deconCNN-shaped reference training pieces: CIFAR ResNet-18, CIFAR data, a Lightning module, and
 a ``metrics.jsonl`` writer.
 
-The model factories (:mod:`.resnet_cifar`) need only torch; everything else needs the
-``lightning`` extra (``pip install 'deconcnn-curvature[lightning]'``). Names are imported on
-first use, so ``from deconcnn_curvature.training import resnet18_cifar`` never imports Lightning.
+The model factories (:mod:`.resnet_cifar`) and the data sets (:mod:`.data`) need only torch;
+everything else needs the ``lightning`` extra (``pip install 'deconcnn-curvature[lightning]'``).
+Names are imported on first use, so ``from deconcnn_curvature.training import resnet18_cifar``
+never imports Lightning.
 
 >>> from deconcnn_curvature.training import CIFARDataModule, ClassificationModule, MetricsJSONL
 >>> module = ClassificationModule("resnet18_cifar", {"width_mult": 0.25}, lr=0.1)
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     from deconcnn_curvature.training.data import (
         CIFAR10_MEAN,
         CIFAR10_STD,
-        CIFARDataModule,
         DatasetFormatError,
         DatasetNotFoundError,
         ImageTensorDataset,
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         load_cifar10,
         normalize,
     )
+    from deconcnn_curvature.training.datamodule import CIFARDataModule
     from deconcnn_curvature.training.metrics import MetricsJSONL, read_metrics_jsonl
     from deconcnn_curvature.training.module import (
         ClassificationModule,
@@ -50,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "small_cnn": "resnet_cifar",
     "CIFAR10_MEAN": "data",
     "CIFAR10_STD": "data",
-    "CIFARDataModule": "data",
+    "CIFARDataModule": "datamodule",
     "DatasetFormatError": "data",
     "DatasetNotFoundError": "data",
     "ImageTensorDataset": "data",
