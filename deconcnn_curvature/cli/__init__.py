@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import deconcnn_curvature as dcc
@@ -66,7 +67,7 @@ def list_backends_cmd(as_json: bool) -> None:
         return
     table = Table(title="deconcnn-curvature backends")
     for col in ("name", "plugin", "quantities", "kind", "available"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # an install command is never cut short
     for r in rows:
         status = (
             "yes"
@@ -78,10 +79,13 @@ def list_backends_cmd(as_json: bool) -> None:
             r["plugin"],
             ", ".join(r["quantities"]),
             "exact" if r["exact"] else "stochastic",
-            status,
+            escape(status),
         )
     out = console()
     out.print(table)
+    for r in rows:
+        if not r["available"] and r.get("install"):
+            out.print(f"to use {r['name']}: {r['install']}", soft_wrap=True, markup=False)
     for b in broken:
         out.print(f"[red]broken plugin[/red] {b['name']} ({b['where']}): {b['error']}")
 

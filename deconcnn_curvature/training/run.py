@@ -378,6 +378,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def summary_table(result: RunResult) -> Table:
     """A rich table of the run: where its files are, final metrics, the curvature measured."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"deconcnn-curv train: {result.run_dir}", show_header=False)
@@ -417,7 +418,7 @@ def summary_table(result: RunResult) -> Table:
                 f"{last_eig.get('n_hvp')} HVPs)",
             )
         if failed:
-            table.add_row("first failure", str(failed[0].get("error")))
+            table.add_row("first failure", escape(str(failed[0].get("error"))))
     else:
         table.add_row("curvature", "off (curvature.enabled=false)")
     for label, path in (
@@ -428,5 +429,5 @@ def summary_table(result: RunResult) -> Table:
         ("plot", result.plot_path),
     ):
         if path is not None:
-            table.add_row(label, str(path))
+            table.add_row(label, escape(str(path)))
     return table
