@@ -215,6 +215,10 @@ class ClassificationModule(pl.LightningModule):
                 "max_steps (and use a data loader with a length)."
             )
         batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            # With max_epochs=-1 and max_steps set, Lightning sizes the fit from max_steps alone and
+            # has not loaded the training data yet; warm-up in epochs still needs its length.
+            batches = _loader_batches(trainer)
         accumulate = max(1, int(trainer.accumulate_grad_batches))
         if not math.isfinite(batches) or batches < 1:
             raise ConfigurationError(
@@ -244,3 +248,21 @@ class ClassificationModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+
+def _loader_batches(trainer: pl.Trainer) -> float:
+    """Batches per epoch from the datamodule's training loader, with ``limit_train_batches``
+    applied as Lightning does; ``inf`` when that cannot be known."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        return math.inf
+    try:
+        batches = len(datamodule.train_dataloader())
+    except TypeError:  # an iterable loader without a length
+        return math.inf
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        return float(min(batches, limit))
+    if limit is not None:
+        return float(int(batches * float(limit)))
+    return float(batches)

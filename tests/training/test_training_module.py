@@ -181,6 +181,24 @@ def test_checkpoint_rebuilds_the_model_and_resumes(tmp_path: Path) -> None:
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_max_steps_run_sizes_its_warmup_in_epochs(tmp_path: Path) -> None:
+    """max_epochs=-1 with max_steps: Lightning has not loaded the data when the optimiser is built,
+    yet warm-up is given in epochs (256 samples / 32 = 8 batches per epoch)."""
+    module = ClassificationModule("small_cnn", {}, warmup_epochs=1, max_warmup_fraction=0.5)
+    trainer = _trainer(tmp_path, max_epochs=-1, max_steps=20, limit_val_batches=0)
+    trainer.fit(module, _data(augment=False))
+    assert module.schedule is not None
+    assert (module.schedule.warmup_steps, module.schedule.total_steps) == (8, 20)
+    assert trainer.global_step == 20
+    limited = ClassificationModule("small_cnn", {}, warmup_epochs=1, max_warmup_fraction=0.5)
+    trainer = _trainer(
+        tmp_path, max_epochs=-1, max_steps=12, limit_train_batches=3, limit_val_batches=0
+    )
+    trainer.fit(limited, _data(augment=False))
+    assert limited.schedule is not None
+    assert (limited.schedule.warmup_steps, limited.schedule.total_steps) == (3, 12)
+
+
 def test_unsized_run_is_refused(tmp_path: Path) -> None:
     module = ClassificationModule("small_cnn", {})
     trainer = _trainer(tmp_path, max_epochs=-1, max_steps=-1, limit_val_batches=0)
