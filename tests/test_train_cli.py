@@ -68,6 +68,14 @@ def test_train_writes_a_complete_run_folder(tmp_path: Path) -> None:
     by_step = {line["step"]: line["metrics"] for line in lines if "train/loss" in line["metrics"]}
     assert sorted(by_step) == [1, 2, 3, 4]
     assert by_step[2]["curvature/hutch_trace"] == pytest.approx(records[2]["value"], rel=1e-6)
+    # The initial model's curvature is on step 0's line, not on the first optimiser step's.
+    curv = {
+        line["step"]: line["metrics"] for line in lines if "curvature/lambda_max" in line["metrics"]
+    }
+    assert sorted(curv) == [0, 2, 4]
+    assert "train/loss" not in curv[0] and "curvature/lambda_max" not in by_step[1]
+    for rec in records[1::2]:
+        assert curv[rec["step"]]["curvature/lambda_max"] == pytest.approx(rec["value"][0], rel=1e-6)
     assert "val/acc" in {k for line in lines for k in line["metrics"]}
 
 

@@ -10,6 +10,10 @@ lines carry everything logged during the step, except names starting with ``val_
 validation lines (written when a validation run ends, outside the sanity check) carry the names
 that start with ``val_prefix``.
 
+A metric with one of ``always_prefixes`` logged before a batch's optimiser step (in
+``on_train_batch_start``, as the curvature of the initial model is) gets a line at the current
+step, written before the backward pass, so step 0's curvature lands on step 0.
+
 When a training line is written: the record of step ``s`` is collected after every callback's
 ``on_train_batch_end`` for that step has run (at the next batch, validation, epoch end or end of
 training), so values other callbacks log in ``on_train_batch_end`` land on the right line whatever
@@ -131,10 +135,14 @@ class MetricsJSONL(pl.Callback):
             self._file.close()
             self._file = None
 
-    def _fresh(self, trainer: pl.Trainer, want_val: bool) -> dict[str, Any]:
+    def _fresh(
+        self, trainer: pl.Trainer, want_val: bool, only_always: bool = False
+    ) -> dict[str, Any]:
         fresh: dict[str, Any] = {}
         for name, value in trainer.callback_metrics.items():
             if name.startswith(self.val_prefix) != want_val:
+                continue
+            if only_always and not name.startswith(self.always_prefixes):
                 continue
             ident = _identity(value)
             if self._seen.get(name) == ident:
@@ -176,6 +184,18 @@ class MetricsJSONL(pl.Callback):
         """Write the previous step's line (all its ``on_train_batch_end`` hooks have run)."""
         if trainer.is_global_zero:
             self._flush_pending(trainer)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        """A measurement logged before this batch's optimiser step (in ``on_train_batch_start``,
+        e.g. curvature of the initial model) belongs to the current step, not the next one:
+        give it its own line now, before the update."""
+        if not trainer.is_global_zero:
+            return
+        early = self._fresh(trainer, want_val=False, only_always=True)
+        if early:
+            self.write(trainer.global_step, early)
 
     def on_train_batch_end(
         self,
