@@ -15,11 +15,13 @@ Images are stored as ``uint8`` tensors ``(N, 3, H, W)``; each item comes out as 
 ``float32`` tensor ``(3, H, W)`` and an ``int`` label, so any consumer of a loader (the training
 loop, a curvature measurement) sees the same inputs.
 
-Reproducibility: augmentation draws from a generator seeded by the data set's ``seed`` in the main
-process, and by ``seed`` together with the DataLoader's per-worker seed inside a worker. The worker
-seeds come from the loader's generator, which :class:`CIFARDataModule` seeds, so the same
-configuration (including ``num_workers``) gives the same batches on every run. Changing
-``num_workers`` changes the augmentation draws (never the shuffling order).
+Reproducibility: the training loader of the data module draws its order and its augmentation from
+:class:`EpochShuffleSampler`, which yields ``(epoch, index)`` pairs: the order is a function of
+``(seed, epoch)`` and each image's augmentation of ``(seed, epoch, index)``. The same configuration
+gives the same batches on every run, for any ``num_workers``, and a run resumed at an epoch
+boundary sees exactly the data an uninterrupted run would (Lightning calls ``set_epoch`` at every
+epoch start). Indexing a data set with a plain ``int`` draws augmentation from a per-process stream
+seeded by ``seed`` (and the worker's seed inside a DataLoader worker).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import codecs
 import math
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
 
@@ -49,6 +51,7 @@ __all__ = [
     "DATA_SOURCES",
     "DatasetFormatError",
     "DatasetNotFoundError",
+    "EpochShuffleSampler",
     "ImageTensorDataset",
     "RandomResizedCropFlip",
     "SyntheticCIFAR",
@@ -303,13 +306,56 @@ class ImageTensorDataset(Dataset[tuple[Tensor, int]]):
             self._generator_owner = owner
         return self._generator
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, int]:
+        epoch = None
+        if isinstance(index, tuple):  # (epoch, index) from an EpochShuffleSampler
+            epoch, index = index
         image = self.images[index].to(torch.float32).div_(255.0)
         if self.transform is not None:
-            image = self.transform(image, self.augmentation_generator())
+            if epoch is None:
+                generator = self.augmentation_generator()
+            else:
+                seed = _mix_seed(self.seed, int(epoch), int(index))
+                generator = torch.Generator().manual_seed(seed)
+            image = self.transform(image, generator)
         if self.mean is not None:
             image = normalize(image, self.mean, self.std)
         return image, int(self.labels[index])
+
+
+class EpochShuffleSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` for every index of a data set of ``num_samples`` items: a
+    permutation determined by ``(seed, epoch)`` (or ascending order with ``shuffle=False``).
+
+    :class:`ImageTensorDataset` seeds each item's augmentation from the pair, so the data of an
+    epoch depends only on the seed and the epoch number: not on worker processes, not on how many
+    epochs this process has already iterated. Lightning calls :meth:`set_epoch` at the start of
+    every epoch (a resumed run included); a loop that never calls it gets the next epoch number
+    on each pass, so repeated passes still see new orders.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
+        _check_count("num_samples", num_samples)
+        self.num_samples = int(num_samples)
+        self.seed = _check_seed(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass that of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = range(self.num_samples)
+        return iter([(epoch, i) for i in order])
 
 
 class SyntheticCIFAR(ImageTensorDataset):

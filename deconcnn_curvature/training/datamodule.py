@@ -10,7 +10,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -18,6 +17,7 @@ from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.training._lightning import pl
 from deconcnn_curvature.training.data import (
     DATA_SOURCES,
+    EpochShuffleSampler,
     ImageTensorDataset,
     RandomResizedCropFlip,
     SyntheticCIFAR,
@@ -162,13 +162,14 @@ class CIFARDataModule(pl.LightningDataModule):
         return self.train_dataset, self.val_dataset
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, int]]:
-        """Shuffled training batches; the order is seeded by ``seed`` and changes every epoch."""
+        """Shuffled, augmented training batches: order and augmentation are functions of ``seed``
+        and the epoch (see :class:`~deconcnn_curvature.training.data.EpochShuffleSampler`), so a
+        run resumed at an epoch boundary continues exactly as an uninterrupted one."""
         train, _ = self._ready()
         return DataLoader(
             train,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(_mix_seed(self.seed, 7)),
+            sampler=EpochShuffleSampler(len(train), seed=_mix_seed(self.seed, 7)),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

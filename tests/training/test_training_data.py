@@ -19,6 +19,7 @@ from deconcnn_curvature.training.data import (
     CIFARDataModule,
     DatasetFormatError,
     DatasetNotFoundError,
+    EpochShuffleSampler,
     ImageTensorDataset,
     RandomResizedCropFlip,
     SyntheticCIFAR,
@@ -294,3 +295,45 @@ def test_data_module_shuffles_with_its_seed() -> None:
 def test_data_module_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         CIFARDataModule(**kwargs)
+
+
+# --------------------------------------------------------------------------- epoch-keyed data
+
+
+def test_epoch_sampler_order_is_a_function_of_seed_and_epoch() -> None:
+    def order(seed: int, epoch: int) -> list[tuple[int, int]]:
+        sampler = EpochShuffleSampler(20, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    first = order(0, 3)
+    assert first == order(0, 3)
+    assert sorted(i for _, i in first) == list(range(20)) and {e for e, _ in first} == {3}
+    assert [i for _, i in first] != [i for _, i in order(0, 4)]
+    assert [i for _, i in first] != [i for _, i in order(1, 3)]
+    # Without set_epoch, each pass is the next epoch (a plain loop still reshuffles).
+    sampler = EpochShuffleSampler(20, seed=0)
+    passes = [list(sampler) for _ in range(4)]
+    assert passes[3] == order(0, 3)
+    assert list(EpochShuffleSampler(5, shuffle=False)) == [(0, i) for i in range(5)]
+
+
+def test_training_batches_do_not_depend_on_workers() -> None:
+    """Order and augmentation come from (seed, epoch, index): the same batches with 0 or 2
+    workers, and epoch 1 of a fresh loader equals epoch 1 of a loader that ran epoch 0 first."""
+
+    def batches(num_workers: int, epochs: list[int]) -> list[torch.Tensor]:
+        module = CIFARDataModule(num_train=48, num_val=8, batch_size=16, num_workers=num_workers)
+        loader = module.train_dataloader()
+        out = []
+        for epoch in epochs:
+            loader.sampler.set_epoch(epoch)
+            out.append(torch.cat([x for x, _ in loader]))
+        return out
+
+    in_process = batches(0, [0, 1])
+    assert not torch.equal(in_process[0], in_process[1])
+    with_workers = batches(2, [0, 1])
+    for a, b in zip(in_process, with_workers, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(batches(0, [1])[0], in_process[1], rtol=0, atol=0)

@@ -181,6 +181,42 @@ def test_checkpoint_rebuilds_the_model_and_resumes(tmp_path: Path) -> None:
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_resuming_at_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Real Trainer runs: two epochs straight, and one epoch, a checkpoint, then a resumed second
+    epoch, end with bit-identical weights (data order and augmentation are keyed by epoch)."""
+
+    def module() -> ClassificationModule:
+        torch.manual_seed(0)
+        return ClassificationModule("small_cnn", {}, lr=0.05, epochs=2, warmup_epochs=0)
+
+    def data() -> CIFARDataModule:
+        return _data(num_train=96, num_val=16)  # augmented
+
+    straight = module()
+    _trainer(tmp_path / "a", max_epochs=2, limit_val_batches=0).fit(straight, data())
+
+    first = module()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer = _trainer(
+        tmp_path / "b",
+        max_epochs=1,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[checkpoint],
+    )
+    trainer.fit(first, data())
+    resumed = module()
+    trainer = _trainer(tmp_path / "b", max_epochs=2, limit_val_batches=0)
+    trainer.fit(resumed, data(), ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert trainer.global_step == 6
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    # the resumed epoch did train: the weights moved on from the checkpoint
+    assert not torch.equal(next(first.parameters()), next(resumed.parameters()))
+
+
 def test_max_steps_run_sizes_its_warmup_in_epochs(tmp_path: Path) -> None:
     """max_epochs=-1 with max_steps: Lightning has not loaded the data when the optimiser is built,
     yet warm-up is given in epochs (256 samples / 32 = 8 batches per epoch)."""
