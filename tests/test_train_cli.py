@@ -46,7 +46,7 @@ def test_train_writes_a_complete_run_folder(tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = _train(*TINY, f"run_dir={run}", "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{\n") :])
+    summary = json.loads(result.stdout)  # the JSON alone: Lightning's output goes to stderr
     assert summary["run_dir"] == str(run) and summary["global_step"] == 4
 
     for name in ("config.yaml", "metrics.jsonl", "curvature.jsonl", "last.ckpt", "curvature.png"):

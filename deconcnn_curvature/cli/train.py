@@ -7,7 +7,9 @@ Hydra are imported only when the command runs, so the rest of the CLI starts fas
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 from pathlib import Path
 
 import click
@@ -86,7 +88,13 @@ def train_cmd(
 
         click.echo(OmegaConf.to_yaml(cfg), nl=False)
         return
-    result = run_training(cfg)
+    if as_json:  # stdout carries the JSON alone; Lightning's own output goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_training(cfg)
+    else:
+        result = run_training(cfg)
+    if result.global_rank != 0:  # a DDP rank process: rank 0 reports for the run
+        return
     if as_json:
         print_json(result.to_dict())
         return

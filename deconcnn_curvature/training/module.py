@@ -195,15 +195,15 @@ class ClassificationModule(pl.LightningModule):
         """Logs ``val/loss`` and ``val/acc``, averaged over the validation set."""
         loss, acc = self._shared_step(batch)
         size = batch[1].shape[0]
-        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=size)
-        self.log("val/acc", acc, on_step=False, on_epoch=True, batch_size=size)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log("val/acc", acc, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Logs ``test/loss`` and ``test/acc``, averaged over the test set."""
         loss, acc = self._shared_step(batch)
         size = batch[1].shape[0]
-        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=size)
-        self.log("test/acc", acc, on_step=False, on_epoch=True, batch_size=size)
+        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log("test/acc", acc, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
 
     def schedule_steps(self) -> tuple[int, int]:
         """``(warmup_steps, total_steps)`` for the attached trainer (optimiser steps)."""

@@ -120,6 +120,7 @@ class RunResult:
     seconds: float
     metrics: Mapping[str, float]
     records: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    global_rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (records included)."""
@@ -135,12 +136,31 @@ class RunResult:
             "seconds": self.seconds,
             "final_metrics": dict(self.metrics),
             "curvature_records": [dict(r) for r in self.records],
+            "global_rank": self.global_rank,
         }
 
 
+#: Set by the first process of a run for the rank processes Lightning launches from it (they run
+#: this command again and must write to the same folder, whatever the clock says by then).
+_RUN_DIR_ENV = "DECONCNN_CURVATURE_RUN_DIR_OF_RANK0"
+
+
+def _launched_rank() -> bool:
+    """This process is a rank > 0 that Lightning's DDP launcher started from rank 0's command."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" and _RUN_DIR_ENV in os.environ
+
+
 def _run_dir(cfg: DictConfig) -> Path:
+    if _launched_rank():
+        return Path(os.environ[_RUN_DIR_ENV])
     if cfg.get("run_dir"):
         return Path(cfg.run_dir).expanduser()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if not cfg.get("name") and "RANK" in os.environ and world > 1:
+        raise ConfigurationError(
+            "this process was started by a distributed launcher (torchrun or similar): give the "
+            "run a name= or run_dir=, so that every rank writes to the same folder."
+        )
     name = cfg.get("name") or datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(cfg.get("runs_root") or "runs").expanduser() / str(name)
     if not cfg.get("name"):  # two runs started in the same second get different folders
@@ -201,9 +221,14 @@ def run_training(cfg: DictConfig) -> RunResult:
     resume = cfg.get("resume")
     if resume is not None and not Path(resume).is_file():
         raise ConfigurationError(f"resume={resume}: no such checkpoint file.")
+    launched = _launched_rank()
     run_dir = _run_dir(cfg)
     curvature_path = run_dir / "curvature.jsonl"
-    if resume is None and (curvature_path.exists() or (run_dir / "metrics.jsonl").exists()):
+    if (
+        not launched
+        and resume is None
+        and (curvature_path.exists() or (run_dir / "metrics.jsonl").exists())
+    ):
         raise ConfigurationError(
             f"run folder {run_dir} already holds a run; choose another name= or run_dir=, or "
             f"continue it with resume={run_dir / 'last.ckpt'}."
@@ -231,7 +256,9 @@ def run_training(cfg: DictConfig) -> RunResult:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
-    OmegaConf.save(cfg, config_path, resolve=True)
+    if not launched:
+        OmegaConf.save(cfg, config_path, resolve=True)
+        os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP rank processes
     metrics_path = run_dir / "metrics.jsonl"
     callbacks: list[Any] = [
         MetricsJSONL(metrics_path, every_n_steps=int(cfg.get("metrics_every_n_steps") or 1)),
@@ -246,6 +273,9 @@ def run_training(cfg: DictConfig) -> RunResult:
         **trainer_kwargs, default_root_dir=run_dir, logger=False, callbacks=callbacks
     )
 
+    import torch.distributed as dist
+
+    group_before = dist.is_available() and dist.is_initialized()
     start = time.perf_counter()
     with warnings.catch_warnings():
         for pattern in _QUIET:
@@ -255,10 +285,15 @@ def run_training(cfg: DictConfig) -> RunResult:
 
     checkpoint = run_dir / "last.ckpt"
     if not checkpoint.exists():
-        trainer.save_checkpoint(checkpoint)
+        trainer.save_checkpoint(checkpoint)  # a collective under DDP: every rank calls it
+    if not group_before and dist.is_available() and dist.is_initialized():
+        # Lightning's DDP leaves its process group up; close it in step on every rank (gloo's
+        # threads torn down at interpreter exit otherwise abort the process now and then).
+        dist.barrier()
+        dist.destroy_process_group()
     records = read_curvature_jsonl(curvature_path) if curvature_path.exists() else []
     plot_path = None
-    if cfg.get("plot", True) and records:
+    if cfg.get("plot", True) and records and trainer.is_global_zero:
         plot_path = plot_curvature(records, run_dir / "curvature.png", title=_title(cfg))
     metrics = {}
     for key, value in trainer.callback_metrics.items():
@@ -277,6 +312,7 @@ def run_training(cfg: DictConfig) -> RunResult:
         seconds=seconds,
         metrics=metrics,
         records=tuple(records),
+        global_rank=int(trainer.global_rank),
     )
 
 

@@ -169,6 +169,12 @@ def main(out: Path) -> None:
         },
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+    # Lightning leaves the process group up after fit; gloo's threads torn down at interpreter
+    # exit sometimes abort ("terminate called without an active exception", exit code -6).
+    # Close it in step on both ranks, as a script should.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
