@@ -148,9 +148,15 @@ def build_problem(
     batches: list[Batch] = []
     for i, batch in enumerate(raw):
         if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            # Only reached when data was read as a sequence of batches.
+            hint = (
+                " (data was read as a sequence of batches; for one batch whose inputs are "
+                "themselves a pair, e.g. ((x1, x2), y), pass it as a list of one batch: "
+                "[((x1, x2), y)])"
+            )
             raise InvalidProblemError(
                 f"batch {i} is a {type(batch).__name__}; each batch must be an (inputs, targets) "
-                "pair."
+                f"pair{hint}."
             )
         inputs, targets = batch
         n = _batch_size(inputs, targets)

@@ -237,3 +237,28 @@ def test_build_problem_accepts_generators_lists_and_dataloaders() -> None:
     gen = ((x[i : i + 6], y[i : i + 6]) for i in (0, 6))
     assert len(build_problem(model, loss_fn, gen).batches) == 2
     assert len(build_problem(model, loss_fn, [x, y]).batches) == 1  # a list pair is one batch
+
+
+def test_a_batch_with_paired_inputs_is_measured_as_a_list_of_one_batch() -> None:
+    """((x1, x2), y) reads as two batches (an ambiguity of the format): the error says how to
+    pass it, and the list form gives the dense Hessian's trace."""
+    from cases import dense_hessian
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return torch.tanh(self.a(xs[0]) + self.b(xs[1]))
+
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    x1, x2 = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(InvalidProblemError, match=r"pass it as a list of one batch"):
+        dcc.estimate(model, loss, ((x1, x2), y))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, loss, [((x1, x2), y)])).flip(0)[:3]
+    result = dcc.estimate(model, loss, [((x1, x2), y)], "eigenvalues", k=3, tol=1e-12, max_hvps=28)
+    torch.testing.assert_close(torch.tensor(result.value, dtype=torch.float64), exact)
