@@ -761,10 +761,12 @@ def compare_cmd(
                 ("note", "left"),
             ],
         )
+        failures: list[dict[str, Any]] = []
         for r in rows:
             if r["status"] != "ok":
+                failures.append(r)
                 table.add_row(
-                    r["backend"], "—", "", "", "", "", "", f"{r['status']}: {escape(r['reason'])}"
+                    r["backend"], "—", "", "", "", "", "", f"{r['status']} [{len(failures)}]"
                 )
                 continue
             res: CurvatureResult = r["_result"]
@@ -782,11 +784,17 @@ def compare_cmd(
                 escape(note),
             )
         out.print(table)
+        # Reasons are whole sentences with a fix; they read better below the table than folded
+        # into a narrow column.
+        for i, r in enumerate(failures, 1):
+            out.print(
+                f"[{i}] {r['backend']} {r['status']}: {r['reason']}", markup=False, highlight=False
+            )
         if not quiet:
             out.print(f"peak memory: {explain}")
     if not ok:
         raise click.ClickException(
-            f"no backend could compute {quantity!r} for this checkpoint (reasons in the table)."
+            f"no backend could compute {quantity!r} for this checkpoint (reasons above)."
         )
 
 

@@ -186,7 +186,7 @@ def test_fails_when_no_backend_produced_a_value(workdir: Path) -> None:
     assert result.exit_code == 1
     assert "unavailable:" in result.stdout and "failed:" in result.stdout
     assert result.stderr.strip() == (
-        "Error: no backend could compute 'trace' for this checkpoint (reasons in the table)."
+        "Error: no backend could compute 'trace' for this checkpoint (reasons above)."
     )
 
 
