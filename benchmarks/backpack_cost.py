@@ -292,6 +292,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"))
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON path")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child[0], args.child[1], args.batch, args.reps, args.threads)))
@@ -310,8 +311,8 @@ def main() -> None:
     _print(table, grads)
     import torch
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
         json.dumps(
             {
                 "batch": args.batch,
@@ -328,7 +329,7 @@ def main() -> None:
             indent=2,
         )
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -191,15 +192,15 @@ def main() -> None:
     out = {
         "benchmark": "hvp_cost",
         "unit": "ratio of CPU seconds per HVP to CPU seconds per gradient (forward + backward)",
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "models": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

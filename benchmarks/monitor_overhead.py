@@ -146,6 +146,7 @@ def main() -> None:
         help="torch threads (default: torch's choice); 1 makes CPU-time ratios robust to other "
         "processes on a shared machine",
     )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON path")
     args = parser.parse_args()
     if args.steps < args.every:
         parser.error("--steps must be at least --every (no measurement would run)")
@@ -275,9 +276,13 @@ def main() -> None:
         f"{load_after[0]:.1f} after; torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "settings": {**vars(args), "batch": BATCH, "deconcnn_cadence": DECONCNN_CADENCE},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "batch": BATCH,
+            "deconcnn_cadence": DECONCNN_CADENCE,
+        },
         "environment": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -293,8 +298,8 @@ def main() -> None:
         "backends": rows,
         "skipped": skipped,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2))
-    console.print(f"wrote {RESULTS}")
+    args.out.write_text(json.dumps(payload, indent=2))
+    console.print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
