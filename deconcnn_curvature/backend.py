@@ -137,6 +137,11 @@ class Backend(ABC):
     options: ClassVar[tuple[Option, ...]] = ()
     #: Whether the backend is correct under an initialised ``torch.distributed`` process group.
     supports_distributed: ClassVar[bool] = False
+    #: Whether an ``eigenvalues`` result also carries the trace estimated from the same products,
+    #: in ``details``: ``trace``, ``trace_stderr``, ``trace_ci``, ``trace_ci_level``,
+    #: ``trace_n_hvp``, ``trace_target_met``, ``trace_method``, and it takes the trace's budget
+    #: options. A caller that wants both (the Lightning monitor) then makes one call, not two.
+    eigenvalues_carry_trace: ClassVar[bool] = False
 
     @classmethod
     def availability(cls) -> Availability:

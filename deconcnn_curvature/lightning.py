@@ -33,6 +33,7 @@ Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021), Lanczos for the top eigenva
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -386,6 +387,7 @@ class CurvatureMonitor(pl.Callback):
         # Resolved in setup().
         self._backend_name: str | None = None
         self._plan: list[tuple[str, dict[str, Any]]] = []
+        self._joint = False
         self._writer: CurvatureRecordWriter | None = None
         # Checkpointed state.
         self._last_step = -1
@@ -536,13 +538,21 @@ class CurvatureMonitor(pl.Callback):
         """
         cls = get_backend(self.backend)
         self._check_backend_options(cls)
+        # A backend whose eigenvalues come with the trace of the same products measures both in
+        # one call (one sketch of num_samples products, not two runs).
+        joint = cls.eigenvalues_carry_trace and {"trace", "eigenvalues"} <= set(self.quantities)
         plan, resolved = [], {}
         for quantity in self.quantities:
             opts = self._budget_options(cls, quantity)
+            if joint and quantity == "eigenvalues":
+                opts = {**self._budget_options(cls, "trace"), **opts}
             _, resolved[quantity] = resolve(quantity, cls.name, opts)
+            if joint and quantity == "trace":
+                continue  # recorded from the eigenvalues call
             plan.append((quantity, opts))
         self._backend_name = cls.name
         self._plan = plan
+        self._joint = joint
         return resolved
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -769,6 +779,10 @@ class CurvatureMonitor(pl.Callback):
                 continue
             succeeded = True
             n_hvp += int(result.n_hvp)
+            if self._joint and quantity == "eigenvalues":
+                trace = self._joint_trace(result)
+                self._record(trainer, step, "trace", **self._result_fields(trace))
+                logged.update(self._scalars(trace))
             self._record(trainer, step, quantity, **self._result_fields(result))
             logged.update(self._scalars(result))
         if succeeded:
@@ -779,6 +793,32 @@ class CurvatureMonitor(pl.Callback):
         if self.log_metrics:
             for key, value in logged.items():
                 pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    @staticmethod
+    def _joint_trace(result: CurvatureResult) -> CurvatureResult:
+        """The trace an ``eigenvalues`` result carries (``Backend.eigenvalues_carry_trace``), as
+        a result of its own: its ``n_hvp`` are the products of the shared call that the trace
+        used (not extra ones), its ``seconds`` 0.0 (the eigenvalues record holds the time of the
+        one call, so summed record times stay true), ``details["measured_with"]`` says so."""
+        d = dict(result.details)
+        ci = d.get("trace_ci")
+        trace_details = dict(d.get("trace_details") or {})
+        trace_details["measured_with"] = "eigenvalues"
+        return dataclasses.replace(
+            result,
+            quantity="trace",
+            value=float(d["trace"]),
+            stderr=d.get("trace_stderr"),
+            ci=None if ci is None else tuple(ci),
+            ci_level=d.get("trace_ci_level"),
+            n_hvp=int(d.get("trace_n_hvp", result.n_hvp)),
+            seconds=0.0,
+            method=str(d.get("trace_method", result.method)),
+            exact=False,
+            target_met=d.get("trace_target_met"),
+            layers=None,
+            details=trace_details,
+        )
 
     @staticmethod
     def _result_fields(result: CurvatureResult) -> dict[str, Any]:

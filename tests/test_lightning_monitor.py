@@ -404,6 +404,60 @@ def test_values_match_estimate_and_the_dense_hessian(tmp_path: Path) -> None:
     assert abs(trace["value"] - exact_trace) <= 5 * trace["stderr"]
 
 
+def test_hutchpp_measures_trace_and_eigenvalues_in_one_call(tmp_path: Path) -> None:
+    """hutchpp's eigenvalues carry the trace of the same sketch: the monitor makes one call of
+    num_samples products per measurement (not a trace run plus an eigenvalue run), and both
+    records are those of dcc.estimate on the same batch, seed and parameters; checked against
+    the dense Hessian."""
+    monitor = CurvatureMonitor(
+        backend="hutchpp",
+        compute_every_n_steps=3,
+        num_samples=30,
+        k=2,
+        hessian_batch_size=12,
+        log_metrics=True,
+    )
+    logged: list[dict[str, float]] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    pl.seed_everything(0, verbose=False)
+    module = Tiny()
+    trainer = make_trainer(tmp_path, [monitor, Spy()], max_steps=6)
+    trainer.fit(module, tiny_data())
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [(r["step"], r["quantity"]) for r in recs] == [
+        (s, q) for s in (3, 6) for q in ("trace", "eigenvalues")
+    ]
+    trace, eig = recs[2:]
+    assert trace["details"]["measured_with"] == "eigenvalues" and trace["seconds"] == 0.0
+    assert trace["seed"] == eig["seed"] == monitor.probe_seed(6, "eigenvalues")
+    assert trace["n_hvp"] == 30 and eig["n_hvp"] >= 30  # the sketch, plus any Lanczos refinement
+    assert logged[-1]["curvature/n_hvp"] == eig["n_hvp"]  # one call: nothing counted twice
+    # logged through Lightning, which keeps float32
+    assert logged[-1]["curvature/hutch_trace"] == pytest.approx(trace["value"], rel=1e-6)
+
+    dataset = trainer.train_dataloader.dataset
+    x = torch.stack([dataset[i][0] for i in monitor.curvature_indices])
+    y = torch.stack([dataset[i][1] for i in monitor.curvature_indices])
+    again = dcc.estimate(
+        module, module.loss_fn, (x, y), "eigenvalues", "hutchpp", seed=eig["seed"], num_hvps=30, k=2
+    )
+    assert again.value == eig["value"]
+    assert again.details["trace"] == trace["value"]
+    assert again.details["trace_stderr"] == trace["stderr"]
+
+    module.eval()
+    exact = dense_hessian(module, module.loss_fn, [(x, y)])
+    top = torch.linalg.eigvalsh(exact).flip(0)[:2]
+    torch.testing.assert_close(
+        torch.tensor(eig["value"], dtype=torch.float64), top, rtol=1e-3, atol=1e-8
+    )
+    assert abs(trace["value"] - float(torch.trace(exact))) <= 5 * trace["stderr"]
+
+
 # ------------------------------------------------------------------------------------ failures
 
 

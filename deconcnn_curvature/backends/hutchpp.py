@@ -73,6 +73,7 @@ class HutchppBackend(Backend):
         "top eigenvalues from the same sketch"
     )
     quantities = frozenset({"trace", "layer_trace", "eigenvalues"})
+    eigenvalues_carry_trace = True
     exact = False
     requires = ("pyhessian",)
     install_hint = "pip install pyhessian==0.1"
