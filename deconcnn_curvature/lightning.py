@@ -272,6 +272,9 @@ class CurvatureMonitor(pl.Callback):
             ``{"probe_batch": 4, "tol": 1e-3}``; each is passed to the quantities it applies to.
         loss_fn: The mean-reduced loss ``loss_fn(outputs, targets)``; default
             ``pl_module.loss_fn``.
+        batch_fn: Maps a collated batch of the training loader to the ``(inputs, targets)``
+            pair the model and loss take, e.g. ``lambda b: (b["image"], b["label"])`` for a
+            loader of dicts; by default the batch must already be such a pair.
         model_attr: Measure ``pl_module.<model_attr>`` (dotted path) instead of ``pl_module``
             itself; the module's ``forward`` must map the batch's inputs to the loss's outputs.
         enabled: ``False`` makes the callback do nothing (one flag in a config turns it off).
@@ -303,6 +306,7 @@ class CurvatureMonitor(pl.Callback):
         backend_options: Mapping[str, Any] | None = None,
         loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
         model_attr: str | None = None,
+        batch_fn: Callable[[Any], Any] | None = None,
         enabled: bool = True,
         log_metrics: bool = True,
     ) -> None:
@@ -381,6 +385,12 @@ class CurvatureMonitor(pl.Callback):
                 f"null; got {model_attr!r}."
             )
         self.model_attr = model_attr
+        if batch_fn is not None and not callable(batch_fn):
+            raise ConfigurationError(
+                f"CurvatureMonitor: batch_fn must be a callable mapping a collated training batch "
+                f"to (inputs, targets); got {type(batch_fn).__name__}."
+            )
+        self.batch_fn = batch_fn
         self.enabled = bool(enabled)
         self.log_metrics = bool(log_metrics)
 
@@ -555,6 +565,15 @@ class CurvatureMonitor(pl.Callback):
         self._joint = joint
         return resolved
 
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        """Raise now if the backend refuses the model (BackPACK and BatchNorm, say) or the loss
+        is missing, instead of recording a run of null measurements. ``setup`` calls it (after
+        :meth:`check_config`)."""
+        if self._backend_name is None:
+            self.check_config()
+        get_backend(self._backend_name).validate_model(self._model(pl_module))
+        self._loss(pl_module)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check backend, quantities, options, model and loss before any training step."""
         if not self.enabled or stage != "fit":
@@ -578,8 +597,7 @@ class CurvatureMonitor(pl.Callback):
                     f"CurvatureMonitor: backend {self._backend_name!r} is exact; num_samples="
                     f"{self.num_samples} does not apply to it."
                 )
-        self._model(pl_module)
-        self._loss(pl_module)
+        self.check_model(pl_module)
         if self.hessian_batch_size < trainer.world_size:
             raise ConfigurationError(
                 f"CurvatureMonitor: hessian_batch_size={self.hessian_batch_size} is smaller than "
@@ -633,6 +651,10 @@ class CurvatureMonitor(pl.Callback):
                 f"CurvatureMonitor: hessian_batch_size={self.hessian_batch_size} but the training "
                 f"data set has only {size} samples; lower hessian_batch_size."
             )
+        # Build one curvature batch now (not cached; augmentation from private generators), so
+        # a batch the monitor cannot use fails before the first step, not at every measurement.
+        loader = self._train_loader(trainer)
+        self._build_batch(trainer, loader, self.batch_indices(trainer.global_step, size))
         if (
             self.log_metrics
             and trainer.loggers
@@ -685,13 +707,31 @@ class CurvatureMonitor(pl.Callback):
         indices = self.batch_indices(step, self._dataset_len)
         if self.batch_mode == "fixed":
             self._indices = indices
-        local = indices[trainer.global_rank :: trainer.world_size]
-        view = _private_view(dataset)
-        with _global_rng_preserved():
-            batch = loader.collate_fn([view[i] for i in local])
+        batch = self._build_batch(trainer, loader, indices)
         if self.batch_mode == "fixed":
             self._batch = batch
         return batch
+
+    def _build_batch(self, trainer: pl.Trainer, loader: DataLoader, indices: list[int]) -> Any:
+        """This rank's share of ``indices``, collated as the training loader does, mapped by
+        ``batch_fn`` and converted as Lightning converts training inputs (``*-true``
+        precisions cast them to the model's dtype)."""
+        local = indices[trainer.global_rank :: trainer.world_size]
+        view = _private_view(loader.dataset)
+        with _global_rng_preserved():
+            batch = loader.collate_fn([view[i] for i in local])
+        if self.batch_fn is not None:
+            batch = self.batch_fn(batch)
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            what = type(batch).__name__
+            if isinstance(batch, Mapping):
+                what += f" with keys {sorted(map(str, batch))}"
+            raise ConfigurationError(
+                f"CurvatureMonitor: the training loader's batches are {what}, not an (inputs, "
+                "targets) pair; pass batch_fn=... mapping a batch to one, e.g. "
+                "batch_fn=lambda b: (b['x'], b['y'])."
+            )
+        return trainer.precision_plugin.convert_input(tuple(batch))
 
     def _record(self, trainer: pl.Trainer, step: int, quantity: str, **fields: Any) -> None:
         record = {

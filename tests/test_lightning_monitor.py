@@ -491,21 +491,83 @@ def test_failures_are_isolated_recorded_once_and_never_zero(
     assert float(trainer.callback_metrics["curvature/hutch_trace"]) == 1.0  # from step 6 only
 
 
-def test_unsupported_model_is_recorded_not_fatal_and_not_logged(
+def test_a_model_the_backend_refuses_fails_before_the_first_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Backend.validate_model runs at setup: a whole run of null records is never the outcome."""
     use_plugin(monkeypatch, _TestPlugin(_PickyBackend))
     monitor = CurvatureMonitor(
         backend="picky", compute_every_n_steps=2, num_samples=5, hessian_batch_size=4
     )
-    with pytest.warns(UserWarning, match="picky cannot handle") as caught:
-        _, trainer = fit_tiny(tmp_path, monitor, max_steps=6)
-    assert trainer.global_step == 6
-    assert sum("picky cannot handle" in str(w.message) for w in caught) == 1
+    pl.seed_everything(0, verbose=False)
+    module = Tiny()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6)
+    with pytest.raises(UnsupportedModelError, match=r"picky cannot handle nn\.Tanh"):
+        trainer.fit(module, tiny_data())
+    assert module.steps_run == 0
+    assert not (tmp_path / "curvature.jsonl").exists()
+
+
+class DictBatches(Tiny):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        return self.loss_fn(self(batch["x"]), batch["y"])
+
+
+def dict_data() -> DataLoader:
+    loader = tiny_data()
+    x, y = loader.dataset.tensors
+    items = [{"x": x[i], "y": y[i]} for i in range(len(y))]
+    return DataLoader(items, batch_size=8)  # type: ignore[arg-type]
+
+
+def test_a_loader_of_dicts_needs_batch_fn_and_says_so_before_training(tmp_path: Path) -> None:
+    monitor = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=4)
+    pl.seed_everything(0, verbose=False)
+    module = DictBatches()
+    with pytest.raises(ConfigurationError, match=r"dict with keys \['x', 'y'\].*batch_fn"):
+        make_trainer(tmp_path, [monitor], max_steps=4).fit(module, dict_data())
+    assert module.steps_run == 0
+
+    mapped = CurvatureMonitor(
+        compute_every_n_steps=2,
+        num_samples=5,
+        hessian_batch_size=4,
+        batch_fn=lambda b: (b["x"], b["y"]),
+        jsonl=str(tmp_path / "mapped.jsonl"),
+    )
+    pl.seed_everything(0, verbose=False)
+    module = DictBatches()
+    make_trainer(tmp_path, [mapped], max_steps=4).fit(module, dict_data())
+    recs = records(tmp_path / "mapped.jsonl")
+    assert [(r["step"], r["error"]) for r in recs] == [(s, None) for s in (2, 2, 4, 4)]
+    x = torch.stack([dict_data().dataset[i]["x"] for i in mapped.curvature_indices])
+    y = torch.stack([dict_data().dataset[i]["y"] for i in mapped.curvature_indices])
+    again = dcc.estimate(
+        module, module.loss_fn, (x, y), "trace", seed=mapped.probe_seed(4, "trace"), num_hvps=5
+    )
+    assert again.value == recs[2]["value"]
+
+
+class Float32Tiny(Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_true_precision_casts_the_curvature_batch_like_training_inputs(tmp_path: Path) -> None:
+    """precision='64-true' runs the model in float64 and Lightning casts training inputs; the
+    monitor's own batch (float32 data here) is cast the same way instead of failing."""
+    monitor = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=4)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    pl.seed_everything(0, verbose=False)
+    module = Float32Tiny()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4, precision="64-true")
+    trainer.fit(module, DataLoader(data, batch_size=8))
     recs = records(tmp_path / "curvature.jsonl")
-    assert [r["step"] for r in recs] == [2, 2, 4, 4, 6, 6]
-    assert all(r["value"] is None and "UnsupportedModelError" in r["error"] for r in recs)
-    assert not any(k.startswith("curvature/") for k in trainer.callback_metrics)
+    assert [(r["step"], r["error"]) for r in recs] == [(s, None) for s in (2, 2, 4, 4)]
+    assert all(r["value"] is not None for r in recs)
 
 
 def test_on_error_raise_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -253,6 +253,7 @@ def run_training(cfg: DictConfig) -> RunResult:
         monitor = _instantiate(cfg.callbacks, jsonl=str(curvature_path.resolve()))
         if monitor.enabled:
             monitor.check_config()  # unknown backend, unsupported quantity, bad option
+            monitor.check_model(module)  # a model the backend refuses
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
