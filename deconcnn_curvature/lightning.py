@@ -412,13 +412,13 @@ class CurvatureMonitor(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        """Distinguishes monitors with different settings, so several can share one Trainer."""
+        """Tells apart monitors that share one Trainer (by backend, quantities and records
+        file) but not a monitor from itself with another seed or cadence, so that a resumed run
+        finds its state (and keeps the checkpoint's seed, with a warning) after such a change."""
         return self._generate_state_key(
             backend=self.backend,
             quantities=self.quantities,
-            every=self.compute_every_n_steps,
-            batch_mode=self.batch_mode,
-            seed=self.seed,
+            jsonl=None if self.jsonl is None else str(self.jsonl),
         )
 
     @property

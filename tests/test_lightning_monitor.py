@@ -703,6 +703,35 @@ def test_resume_writes_the_same_records(tmp_path: Path, batch_mode: str) -> None
     assert second.measurements == whole.measurements == 6
 
 
+def test_resuming_with_another_seed_keeps_the_checkpoints_batch_and_says_so(
+    tmp_path: Path,
+) -> None:
+    def monitor(seed: int) -> CurvatureMonitor:
+        return CurvatureMonitor(
+            quantities=["trace"],
+            compute_every_n_steps=2,
+            num_samples=2,
+            hessian_batch_size=8,
+            seed=seed,
+            jsonl=str(tmp_path / "c.jsonl"),
+        )
+
+    first = monitor(0)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, [first], max_steps=4)
+    trainer.fit(Tiny(), tiny_data())
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    resumed = monitor(1)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, [resumed], max_steps=6)
+    with pytest.warns(UserWarning, match="measured with seed=0, this monitor has seed=1"):
+        trainer.fit(Tiny(), tiny_data(), ckpt_path=tmp_path / "c.ckpt")
+    assert resumed.seed == 0 and resumed.curvature_indices == first.curvature_indices
+    assert resumed.measurements == 3
+    steps = [r["step"] for r in records(tmp_path / "c.jsonl")]
+    assert steps == [2, 4, 6]
+
+
 def test_two_monitors_keep_separate_state(tmp_path: Path) -> None:
     a = CurvatureMonitor(
         quantities=["trace"],
