@@ -655,18 +655,6 @@ class CurvatureMonitor(pl.Callback):
         # a batch the monitor cannot use fails before the first step, not at every measurement.
         loader = self._train_loader(trainer)
         self._build_batch(trainer, loader, self.batch_indices(trainer.global_step, size))
-        if (
-            self.log_metrics
-            and trainer.loggers
-            and trainer.log_every_n_steps > 0
-            and self.compute_every_n_steps % trainer.log_every_n_steps != 0
-        ):
-            pl.utilities.rank_zero_warn(
-                f"CurvatureMonitor: compute_every_n_steps={self.compute_every_n_steps} is not a "
-                f"multiple of the Trainer's log_every_n_steps={trainer.log_every_n_steps}, so "
-                "Lightning loggers drop most curvature values (the JSONL records keep all of "
-                "them); make the cadence a multiple of log_every_n_steps."
-            )
 
     # ------------------------------------------------------------------------------ measuring
 
@@ -830,9 +818,18 @@ class CurvatureMonitor(pl.Callback):
                 logged[self.metric_keys["n_hvp"]] = float(n_hvp)
             if self.metric_keys["seconds"]:
                 logged[self.metric_keys["seconds"]] = time.perf_counter() - start
-        if self.log_metrics:
+        if self.log_metrics and logged:
+            # callback_metrics (checkpoint monitors, metrics.jsonl) get the values through
+            # pl_module.log; the loggers get them directly, at the measured step. Through
+            # pl_module.log they would land on Lightning's batch counter (one step early) at
+            # its log_every_n_steps cadence, and be repeated while no new value comes.
             for key, value in logged.items():
-                pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
+                pl_module.log(
+                    key, value, on_step=True, on_epoch=False, rank_zero_only=True, logger=False
+                )
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(dict(logged), step=step)
 
     @staticmethod
     def _joint_trace(result: CurvatureResult) -> CurvatureResult:

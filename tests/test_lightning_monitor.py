@@ -653,14 +653,28 @@ def test_missing_loss_fails_fast(tmp_path: Path) -> None:
         trainer.fit(module, tiny_data())
 
 
-def test_unaligned_logger_cadence_is_reported(tmp_path: Path) -> None:
+def test_loggers_get_each_measurement_once_at_its_step(tmp_path: Path) -> None:
+    """A real CSVLogger whose cadence does not match the monitor's: every measurement reaches it
+    once, on the step it was measured at (step 0 included), never a stale repeat."""
+    import csv
+
     from lightning.pytorch.loggers import CSVLogger
 
     monitor = CurvatureMonitor(
-        quantities=["trace"], compute_every_n_steps=3, num_samples=2, hessian_batch_size=8
+        quantities=["trace"],
+        compute_every_n_steps=3,
+        compute_at_step_zero=True,
+        num_samples=2,
+        hessian_batch_size=8,
     )
-    with pytest.warns(UserWarning, match="not a multiple of the Trainer's log_every_n_steps=2"):
-        fit_tiny(tmp_path, monitor, max_steps=1, logger=CSVLogger(tmp_path), log_every_n_steps=2)
+    logger = CSVLogger(tmp_path, name="csv")
+    fit_tiny(tmp_path, monitor, max_steps=7, logger=logger, log_every_n_steps=2)
+    recs = records(Path(logger.log_dir) / "curvature.jsonl")
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("curvature/hutch_trace")]
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in recs] == [0, 3, 6]
+    for row, rec in zip(rows, recs, strict=True):
+        assert float(row["curvature/hutch_trace"]) == pytest.approx(rec["value"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------ resume
