@@ -87,6 +87,25 @@ def test_one_flag_enables_and_one_override_swaps_the_backend() -> None:
 
 
 @pytest.mark.parametrize("name", CURVATURE_FILES)
+def test_the_overrides_the_config_comments_show_compose(name: str) -> None:
+    """Dict-valued settings are overridden whole (no `+` needed), as the comments say."""
+    example = {"backpack": "{verify:true}"}.get(name, "{tol:0.001}")
+    cfg = _compose(
+        [
+            f"curvature={name}",
+            f"curvature.backend_options={example}",
+            "curvature.metric_keys={trace:hess/tr}",
+            "trainer.accumulate_grad_batches=2",
+        ]
+    )
+    monitor = instantiate(cfg.callbacks)
+    assert monitor.metric_keys["trace"] == "hess/tr"
+    assert monitor.backend_options == ({"verify": True} if name == "backpack" else {"tol": 0.001})
+    assert cfg.trainer.accumulate_grad_batches == 2
+    assert instantiate(_compose([f"curvature={name}"]).callbacks).backend_options == {}
+
+
+@pytest.mark.parametrize("name", CURVATURE_FILES)
 def test_each_curvature_file_resolves_with_its_backend(name: str) -> None:
     monitor = instantiate(_compose([f"curvature={name}"]).callbacks)
     registered = {b["name"]: b for b in dcc.list_backends()}

@@ -98,7 +98,8 @@ def compose_config(
         with initialize_config_dir(str(folder), version_base="1.3", job_name="deconcnn-curv"):
             return compose("train", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # Hydra's later lines carry the fix ("To append to your config use +key=value").
+        message = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigurationError(
             f"bad configuration override: {message} (config folder: {folder}; see "
             "`deconcnn-curv train --cfg` for the keys)."
