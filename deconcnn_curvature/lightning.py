@@ -210,6 +210,13 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
     return int(value)
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    # bool("false") is True: a string from a config must not pass for a flag.
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"CurvatureMonitor: {name} must be true or false; got {value!r}.")
+    return value
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ConfigurationError(
@@ -340,7 +347,7 @@ class CurvatureMonitor(pl.Callback):
         self.backend = backend
         self.quantities = quantities
         self.compute_every_n_steps = _check_int("compute_every_n_steps", compute_every_n_steps, 1)
-        self.compute_at_step_zero = bool(compute_at_step_zero)
+        self.compute_at_step_zero = _check_bool("compute_at_step_zero", compute_at_step_zero)
         self.num_samples = _check_int("num_samples", num_samples, 1, allow_none=True)
         if rtol is not None and (
             isinstance(rtol, bool)
@@ -391,8 +398,8 @@ class CurvatureMonitor(pl.Callback):
                 f"to (inputs, targets); got {type(batch_fn).__name__}."
             )
         self.batch_fn = batch_fn
-        self.enabled = bool(enabled)
-        self.log_metrics = bool(log_metrics)
+        self.enabled = _check_bool("enabled", enabled)
+        self.log_metrics = _check_bool("log_metrics", log_metrics)
 
         # Resolved in setup().
         self._backend_name: str | None = None

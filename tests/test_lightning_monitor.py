@@ -609,6 +609,10 @@ def test_on_error_raise_stops_the_run(tmp_path: Path, monkeypatch: pytest.Monkey
         ({"quantities": ["diagonal"]}, "too big"),
         ({"metric_keys": {"lambda": "x"}}, "unknown metric_keys"),
         ({"seed": -1}, "seed must be"),
+        ({"enabled": "false"}, "enabled must be true or false; got 'false'"),
+        ({"compute_at_step_zero": 1}, "compute_at_step_zero must be true or false"),
+        ({"log_metrics": None}, "log_metrics must be true or false"),
+        ({"batch_fn": "x"}, "batch_fn must be a callable"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], match: str) -> None:
