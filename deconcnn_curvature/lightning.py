@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deconcnn_curvature._records import supersede_after
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.errors import ConfigurationError
@@ -658,6 +659,17 @@ class CurvatureMonitor(pl.Callback):
                 f"CurvatureMonitor: hessian_batch_size={self.hessian_batch_size} but the training "
                 f"data set has only {size} samples; lower hessian_batch_size."
             )
+        if self._writer is not None and trainer.global_step > 0:
+            # Resumed from a checkpoint: records past it belong to a stretch of training that
+            # the checkpoint does not contain and that is about to be re-run.
+            self._writer.close()  # the next write reopens the rewritten file
+            moved, side = supersede_after(self._writer.path, trainer.global_step)
+            if moved:
+                pl.utilities.rank_zero_warn(
+                    f"CurvatureMonitor: resumed at step {trainer.global_step}; {moved} records "
+                    f"measured after it (in a run the checkpoint does not contain) moved from "
+                    f"{self._writer.path} to {side}."
+                )
         # Build one curvature batch now (not cached; augmentation from private generators), so
         # a batch the monitor cannot use fails before the first step, not at every measurement.
         loader = self._train_loader(trainer)

@@ -750,6 +750,48 @@ def test_resuming_with_another_seed_keeps_the_checkpoints_batch_and_says_so(
     assert steps == [2, 4, 6]
 
 
+def test_resuming_from_an_older_checkpoint_keeps_each_step_once(tmp_path: Path) -> None:
+    """A run measured steps 2, 4, 6 but its checkpoint is from step 4 (it crashed, say): the
+    resumed run re-measures step 6; the stale step-6 records move to a side file, the main file
+    holds each step once, and the re-measured values equal the originals (same seed, batch and
+    training)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from deconcnn_curvature.training.metrics import MetricsJSONL, read_metrics_jsonl
+
+    def callbacks() -> list[pl.Callback]:
+        return [
+            CurvatureMonitor(
+                quantities=["trace"],
+                compute_every_n_steps=2,
+                num_samples=2,
+                hessian_batch_size=8,
+                jsonl=str(tmp_path / "c.jsonl"),
+            ),
+            MetricsJSONL(tmp_path / "metrics.jsonl"),
+        ]
+
+    keep = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, [*callbacks(), keep], max_steps=6, enable_checkpointing=True)
+    trainer.fit(Tiny(), tiny_data())
+    original = records(tmp_path / "c.jsonl")
+    assert [r["step"] for r in original] == [2, 4, 6]
+    (checkpoint,) = sorted((tmp_path / "ck").glob("*step=4*.ckpt"))
+
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, callbacks(), max_steps=6)
+    with pytest.warns(UserWarning, match="resumed at step 4; 1 records measured after it"):
+        trainer.fit(Tiny(), tiny_data(), ckpt_path=checkpoint)
+    again = records(tmp_path / "c.jsonl")
+    assert [r["step"] for r in again] == [2, 4, 6]
+    assert comparable(again) == comparable(original)
+    assert [r["step"] for r in records(tmp_path / "c.superseded.jsonl")] == [6]
+    steps = [line["step"] for line in read_metrics_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert (tmp_path / "metrics.superseded.jsonl").is_file()
+
+
 def test_two_monitors_keep_separate_state(tmp_path: Path) -> None:
     a = CurvatureMonitor(
         quantities=["trace"],

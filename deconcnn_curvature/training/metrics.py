@@ -38,6 +38,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from deconcnn_curvature._records import supersede_after
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.training._lightning import pl
 
@@ -175,8 +176,17 @@ class MetricsJSONL(pl.Callback):
         self._last_step = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remember the starting step, so a resumed run does not write it twice."""
+        """Remember the starting step, so a resumed run does not write it twice; lines past it
+        (from a stretch of training the checkpoint does not contain) move to a side file."""
         self._last_step = trainer.global_step
+        if trainer.is_global_zero and trainer.global_step > 0:
+            self.close()  # the next write reopens the rewritten file
+            moved, side = supersede_after(self.path, trainer.global_step)
+            if moved:
+                pl.utilities.rank_zero_warn(
+                    f"MetricsJSONL: resumed at step {trainer.global_step}; {moved} lines written "
+                    f"after it moved from {self.path} to {side}."
+                )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
