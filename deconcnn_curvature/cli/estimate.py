@@ -822,9 +822,8 @@ def _grid(density: Density, eigenvalues: list[float], sigma: float, points: int)
 def _check_plot_path(path: Path) -> None:
     """Fail before any work if the plot cannot be written: folder, format, matplotlib."""
     if not path.parent.is_dir():
-        raise ConfigurationError(
-            f"cannot write the plot to {path}: folder {path.parent} does not exist."
-        )
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise ConfigurationError(f"cannot write the plot to {path}: {path.parent} {what}.")
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as exc:
@@ -832,13 +831,22 @@ def _check_plot_path(path: Path) -> None:
             f"--plot needs matplotlib, which cannot be imported ({exc}); install it with "
             "pip install matplotlib."
         ) from exc
-    formats = FigureCanvasBase.get_supported_filetypes()
+    # pgf needs a LaTeX installation at save time: not offered.
+    formats = {f for f in FigureCanvasBase.get_supported_filetypes() if f != "pgf"}
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in formats:
         raise ConfigurationError(
             f"cannot write the plot to {path}: unknown image format {path.suffix or '(none)'!r}; "
             f"use one of {', '.join('.' + f for f in sorted(formats))}."
         )
+    existed = path.exists()
+    try:  # can we write there at all? (before minutes of work, not after)
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write the plot to {path}: {exc.strerror}.") from exc
+    if not existed:
+        path.unlink()
 
 
 def _plot(
@@ -898,8 +906,10 @@ def _plot(
     ax.legend(loc="upper left", fontsize=9)
     try:
         fig.savefig(path, dpi=120)
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"cannot write the plot to {path}: {exc}") from exc
+    except Exception as exc:  # any backend failure: the caller has already shown the results
+        raise ConfigurationError(
+            f"cannot write the plot to {path}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 @cli.command("density")
@@ -917,7 +927,9 @@ def _plot(
     type=click.FloatRange(min=0, min_open=True),
     help="Width of the Gaussian smoothing (default: 1/100 of the spectrum's span).",
 )
-@click.option("--grid-points", type=click.IntRange(min=10), default=1000, show_default=True)
+@click.option(
+    "--grid-points", type=click.IntRange(min=10, max=100_000), default=1000, show_default=True
+)
 @click.option(
     "-k",
     "k",
@@ -1018,23 +1030,85 @@ def density_cmd(
     density: Density = dens.value
     eigenvalues = [float(v) for v in eig.value] if eig is not None else []
     width = sigma if sigma is not None else _default_sigma(density)
-    grid = _grid(density, eigenvalues, width, grid_points)
-    curve = density.smoothed(grid, width)
-    if plot_path is not None:
-        _plot(
-            plot_path.expanduser(),
-            grid,
-            curve,
-            eigenvalues,
-            log_scale=log_scale,
-            title=f"Hessian spectral density: {checkpoint.name}",
-            subtitle=(
-                f"{backend_name} SLQ, {density.num_runs} runs x {density.lanczos_steps} steps, "
-                f"σ = {width:.3g}; {_num_samples(loaded)} samples of "
-                f"{loaded.data_description.split(':')[0]}"
-            ),
-        )
+    # The computed numbers are always shown; a smoothing width that cannot work, or a plot that
+    # cannot be written, is reported after them (exit 1), never instead of them.
+    problem, grid, curve = _smooth(density, eigenvalues, width, grid_points)
+    plot_problem = None
+    if plot_path is not None and problem is None:
+        try:
+            _plot(
+                plot_path.expanduser(),
+                grid,
+                curve,
+                eigenvalues,
+                log_scale=log_scale,
+                title=f"Hessian spectral density: {checkpoint.name}",
+                subtitle=(
+                    f"{backend_name} SLQ, {density.num_runs} runs x {density.lanczos_steps} "
+                    f"steps, σ = {width:.3g}; {_num_samples(loaded)} samples of "
+                    f"{loaded.data_description.split(':')[0]}"
+                ),
+            )
+        except ConfigurationError as exc:
+            plot_problem = str(exc)
+    failure = problem or plot_problem
+    try:
+        _show_density(
+            as_json, quiet, checkpoint, loaded, dev, density_full, dens, eig, backend_name,
+            settings, width, grid, curve, None if failure else plot_path,
+        )  # fmt: skip
+    finally:
+        if failure:
+            raise ConfigurationError(failure)
 
+
+def _smooth(
+    density: Density, eigenvalues: list[float], width: float, points: int
+) -> tuple[str | None, Any, Any]:
+    """The smoothed curve on its grid, or why ``width`` cannot give one (then ``None``s)."""
+    import numpy as np
+
+    nodes = [*density.nodes, *eigenvalues]
+    span = max(nodes) - min(nodes)
+    fix = (
+        f"use a σ near the default (1/100 of the eigenvalue span {span:.3g}), or leave --sigma out"
+    )
+    with np.errstate(all="ignore"):
+        try:
+            grid = _grid(density, eigenvalues, width, points)
+            curve = density.smoothed(grid, width)
+        except (OverflowError, FloatingPointError, ValueError):
+            return f"--sigma {width:g} is out of range for this spectrum; {fix}.", None, None
+        if not (np.isfinite(grid).all() and np.isfinite(curve).all()):
+            return f"--sigma {width:g} is out of range for this spectrum; {fix}.", None, None
+    spacing = float(grid[1] - grid[0])
+    if width < 2 * spacing:
+        return (
+            f"--sigma {width:g} is below twice the grid spacing {spacing:.3g}: the smoothed "
+            f"curve would miss most of the density's mass; raise --sigma or --grid-points "
+            f"(or {fix}).",
+            None,
+            None,
+        )
+    return None, grid, curve
+
+
+def _show_density(
+    as_json: bool,
+    quiet: bool,
+    checkpoint: Path,
+    loaded: LoadedCheckpoint,
+    dev: Any,
+    density_full: dict[str, Any],
+    dens: CurvatureResult,
+    eig: CurvatureResult | None,
+    backend_name: str,
+    settings: dict[str, Any],
+    width: float,
+    grid: Any,
+    curve: Any,
+    plot_path: Path | None,
+) -> None:
     if as_json:
         print_json(
             {
@@ -1044,7 +1118,9 @@ def density_cmd(
                 "options": density_full,
                 "density": dens.to_dict(),
                 "eigenvalues": None if eig is None else eig.to_dict(),
-                "smoothed": {
+                "smoothed": None
+                if curve is None
+                else {
                     "sigma": width,
                     "grid": [float(x) for x in grid],
                     "density": [float(y) for y in curve],

@@ -150,8 +150,10 @@ def test_plugin_backend_without_eigenvalues(workdir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--plot", "no/such/folder/d.png"], "folder no/such/folder does not exist"),
+        (["--plot", "no/such/folder/d.png"], "no/such/folder does not exist"),
+        (["--plot", "w.pt/d.png"], "w.pt is not a folder"),
         (["--plot", "d.xyz"], "unknown image format '.xyz'; use one of "),
+        (["--plot", "d.pgf"], "unknown image format '.pgf'"),  # needs LaTeX at save time
         (["-o", "bogus=1"], "-o bogus is not an option of backend 'pyhessian'"),
         (["-o", "k=3"], "use -k, not -o k=..."),
         (["-o", "num_runs=0"], "option 'num_runs' of backend 'pyhessian' must be >= 1, got 0."),
@@ -185,7 +187,36 @@ def test_backend_without_density(workdir: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.parametrize(
-    "args", [["--sigma", "0"], ["-k", "-1"], ["--grid-points", "5"], ["--batch-size", "0"]]
+    ("sigma", "fragment"),
+    [("1e-300", "is out of range for this spectrum"), ("1e300", "is out of range"),
+     ("1e-9", "below twice the grid spacing")],
+)  # fmt: skip
+def test_a_sigma_that_cannot_smooth_keeps_the_results_and_says_why(
+    workdir: Path, sigma: str, fragment: str
+) -> None:
+    path = save_state_dict(workdir / "w.pt")
+    plot = workdir / "d.png"
+    result = run(
+        "density", path, *GENERIC_ARGS, "-o", "lanczos_steps=10", "--sigma", sigma,
+        "--plot", plot, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("Error: --sigma ") and fragment in result.stderr
+    out = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(c))  # nothing lost
+    assert out["smoothed"] is None and out["plot"] is None
+    assert abs(sum(out["density"]["value"]["weights"]) - 1) < 1e-9
+    assert not plot.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--sigma", "0"],
+        ["-k", "-1"],
+        ["--grid-points", "5"],
+        ["--grid-points", "100000000"],
+        ["--batch-size", "0"],
+    ],
 )
 def test_out_of_range(workdir: Path, args: list[str]) -> None:
     result = run("density", workdir / "w.pt", *args)
