@@ -427,8 +427,9 @@ def _saved_data_config(checkpoint: Mapping[str, Any], path: Path) -> Mapping[str
         data = (yaml.safe_load(config.read_text()) or {}).get("data")
     except Exception as exc:
         raise CheckpointError(
-            f"cannot read the run configuration {config} ({_describe_error(exc)}); fix it, or "
-            "pass --data to say which data to measure on."
+            f"cannot read the run configuration {config} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}); fix it, or pass --data to say which data to "
+            "measure on."
         ) from exc
     return data if _is_data_config(data) else None
 
@@ -602,7 +603,13 @@ def load_checkpoint(
             f"{what} returns {width} logits per sample, but the data should have {num_classes} "
             f"classes; pass --num-classes {width} (or drop it)."
         )
-    spec = _data_spec(settings, _saved_data_config(checkpoint, path), width, loss_name)
+    try:
+        saved = _saved_data_config(checkpoint, path)
+    except CheckpointError:
+        if settings["data"] is None:
+            raise
+        saved = None  # --data says what to measure on; the unreadable config is not needed
+    spec = _data_spec(settings, saved, width, loss_name)
     return LoadedCheckpoint(
         model=model,
         loss_fn=LOSSES[loss_name](),

@@ -16,9 +16,9 @@ Three sources, named as on the command line (``deconcnn-curv estimate --data ...
     local folder by :func:`deconcnn_curvature.training.data.load_cifar10` and normalised with the
     CIFAR-10 channel statistics, without augmentation.
 
-The last two reuse the training package's readers; that module currently imports Lightning, so
-they need the ``lightning`` extra. Batches always live on the CPU; the curvature problem moves
-them to the model's device.
+The last two reuse the training package's data sets and reader, which need only torch (no
+Lightning). Batches always live on the CPU; the curvature problem moves them to the model's
+device.
 """
 
 from __future__ import annotations

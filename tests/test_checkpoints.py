@@ -334,8 +334,13 @@ def test_reference_run_folder_config(reference: Path, tmp_path: Path) -> None:
     expected = SyntheticCIFAR(4, seed=2, noise_std=0.5)
     torch.testing.assert_close(loaded.data[0][0], torch.stack([expected[i][0] for i in range(4)]))
     (run / "config.yaml").write_text("data: [unclosed\n")
-    with pytest.raises(CheckpointError, match=r"cannot read the run configuration .*--data"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot read the run configuration .*ParserError: .*--data"
+    ):
         open_checkpoint(run / "last.ckpt", {"batch_size": 4})
+    # ... and --data, as the message advises, gets past it
+    loaded = open_checkpoint(run / "last.ckpt", {"batch_size": 4, "data": "synthetic"})
+    assert loaded.data_description.startswith("synthetic: random N(0,1)")
 
 
 def test_reference_checkpoint_errors(reference: Path, tmp_path: Path) -> None:

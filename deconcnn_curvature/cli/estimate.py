@@ -9,6 +9,7 @@ checks (out-of-range numbers, unknown choices) exit with 2.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -214,7 +215,7 @@ def _estimator_options(func: F) -> F:
     options = [
         click.option(
             "--num-hvps",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=2),  # one probe has no standard error
             help="Probe budget of a stochastic trace (backend option num_hvps).",
         ),
         click.option(
@@ -403,7 +404,9 @@ def _settings(
 
 
 def _load(path: Path, settings: Mapping[str, Any], device: torch.device) -> LoadedCheckpoint:
-    loaded = open_checkpoint(path, settings, manager=get_registry().manager)
+    # A --model factory or a checkpoint loader that prints must not corrupt --json on stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = open_checkpoint(path, settings, manager=get_registry().manager)
     try:
         loaded.model.to(device)
     except Exception as exc:
@@ -411,6 +414,32 @@ def _load(path: Path, settings: Mapping[str, Any], device: torch.device) -> Load
             f"cannot move the model to {device}: {type(exc).__name__}: {exc}"
         ) from exc
     return loaded
+
+
+def _check_compare_options(
+    names: list[str], quantity: str, named: Mapping[str, Any], extra: Mapping[str, Any]
+) -> None:
+    """Before any work: an option no compared backend takes for ``quantity`` is a typo, and a
+    value a backend refuses is a mistake, not a row to discover after loading."""
+    registry = get_registry()
+    classes = [registry.get(name) for name in names]
+    takes = {
+        o.name
+        for cls in classes
+        for o in cls.options
+        if not o.quantities or quantity in o.quantities
+    }
+    given = {name: _FLAGS[name] for name, value in named.items() if value is not None}
+    given.update({name: f"-o {name}" for name in extra})
+    unknown = [flag for name, flag in given.items() if name not in takes]
+    if unknown:
+        raise InvalidOptionError(
+            f"{', '.join(unknown)}: no compared backend ({', '.join(names)}) takes this option "
+            f"for {quantity!r}; their options are: {', '.join(sorted(takes)) or '(none)'}."
+        )
+    for cls in classes:
+        opts, _ = _backend_options(cls, quantity, named, extra, strict=False)
+        cls.resolve_options(quantity, opts)  # raises InvalidOptionError on a bad value
 
 
 def _check_quantity_known(quantity: str) -> None:
@@ -626,11 +655,30 @@ def estimate_cmd(
             result.device if first else "",
         )
     out.print(table)
+    _warn_unconverged(out, result)
     if result.rtol is not None:  # part of the result, so shown even with --quiet
         met = "met" if result.target_met else "NOT met (probe budget exhausted)"
         out.print(f"rtol {result.rtol:g}: {met} after {result.n_hvp} HVPs")
     if result.peak_memory_bytes is not None and not quiet:
         out.print(f"peak CUDA memory {_fmt_bytes(result.peak_memory_bytes)}")
+
+
+def _warn_unconverged(out: Any, result: CurvatureResult | None) -> None:
+    """Eigenvalues whose Lanczos/Ritz residuals missed the tolerance are not shown as plain
+    numbers without saying so (part of the result: printed even with --quiet)."""
+    if result is None or result.quantity != "eigenvalues":
+        return
+    details = result.details or {}
+    if details.get("converged") is False:
+        residuals = [float(r) for r in details.get("residuals") or []]
+        worst = f" (largest residual {max(residuals):.3g})" if residuals else ""
+        out.print(
+            f"eigenvalues NOT converged{worst} after {result.n_hvp} HVPs: they are estimates "
+            "only; raise -o max_hvps.",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,6 +738,7 @@ def compare_cmd(
             registry.get(name)  # unknown names are a typo: fail before any work
     named = {"num_hvps": num_hvps, "rtol": rtol, "k": k}
     extra = parse_key_values(extra_options, "-o/--option")
+    _check_compare_options(names, quantity, named, extra)
 
     rows: list[dict[str, Any]] = []
     memory_kind = _PeakMemory(dev).kind
@@ -771,6 +820,8 @@ def compare_cmd(
                 continue
             res: CurvatureResult = r["_result"]
             note = res.method + (" (exact)" if res.exact else "")
+            if res.quantity == "eigenvalues" and (res.details or {}).get("converged") is False:
+                note += "; NOT converged (raise -o max_hvps)"
             if r.get("ignored_options"):
                 note += f"; ignored {', '.join(r['ignored_options'])}"
             table.add_row(
@@ -1156,5 +1207,6 @@ def _show_density(
                 f"{res.seconds:.2f}" if i == 0 else "",
             )
     out.print(table)
+    _warn_unconverged(out, eig)
     if plot_path is not None:
         out.print(f"plot written to {escape(str(plot_path))} (σ = {width:.3g})")

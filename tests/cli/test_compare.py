@@ -226,3 +226,20 @@ def test_rss_meter_sees_a_transient_allocation() -> None:
     with _PeakMemory(torch.device("cpu")) as idle:
         time.sleep(0.01)
     assert idle.peak_bytes is not None and idle.peak_bytes < 16 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-o", "num_hvsp=5"], "-o num_hvsp: no compared backend (pyhessian) takes this option"),
+        (["-o", "num_hvps=1"], "option 'num_hvps' of backend 'pyhessian' must be >= 2, got 1."),
+    ],
+)
+def test_a_mistyped_or_bad_option_fails_before_any_work(
+    workdir: Path, args: list[str], fragment: str
+) -> None:
+    """compare used to run every backend with its defaults and note 'ignored' in a column."""
+    path = save_state_dict(workdir / "w.pt")
+    result = run("compare", path, *GENERIC_ARGS, "--backends", "pyhessian", *args)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("Error: ") and fragment in result.stderr

@@ -354,6 +354,7 @@ def test_unavailable_backend(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> 
         (["--batch-size", "0"], "--batch-size"),
         (["--num-batches", "0"], "--num-batches"),
         (["--num-hvps", "0"], "--num-hvps"),
+        (["--num-hvps", "1"], "--num-hvps"),
         (["--rtol", "0"], "--rtol"),
         (["--rtol", "-0.1"], "--rtol"),
         (["-k", "0"], "-k"),
@@ -396,3 +397,31 @@ def test_on_the_gpu(workdir: Path) -> None:
     compare = json.loads(run("compare", *args, "--backends", "pyhessian").stdout)
     assert compare["memory"]["kind"] == "cuda_max_allocated"
     assert compare["rows"][0]["peak_memory_bytes"] > 0
+
+
+def test_unconverged_eigenvalues_are_flagged_in_the_table(workdir: Path) -> None:
+    path = save_state_dict(workdir / "w.pt", seed=2)
+    result = run(
+        "estimate", path, *GENERIC_ARGS, "-q", "eigenvalues", "-k", 2, "-o", "max_hvps=2",
+        "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "eigenvalues NOT converged (largest residual" in result.stdout
+    assert "raise -o max_hvps" in result.stdout
+    converged = run("estimate", path, *GENERIC_ARGS, "-q", "eigenvalues", "--quiet")
+    assert "NOT converged" not in converged.stdout
+
+
+def test_a_printing_model_factory_leaves_json_clean(workdir: Path) -> None:
+    (workdir / "chatty.py").write_text(
+        f"from {HELPER_MODULE} import factory as _f\n"
+        "def factory():\n    print('building the model')\n    return _f()\n"
+    )
+    path = save_state_dict(workdir / "w.pt")
+    result = run(
+        "estimate", path, "--model", "chatty:factory", "--data", "synthetic",
+        "--input-shape", 12, "--num-hvps", 4, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["result"]["n_hvp"] == 4
+    assert "building the model" in result.stderr
