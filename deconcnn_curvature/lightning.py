@@ -776,6 +776,19 @@ class CurvatureMonitor(pl.Callback):
         if self.on_error == "raise":
             raise exc
 
+    def _warn_target_missed(self, result: CurvatureResult, step: int) -> None:
+        """An rtol target the budget could not reach is said once (the records keep
+        ``target_met: false`` for every measurement)."""
+        key = "rtol target missed"
+        if self.rtol is None or result.target_met is not False or key in self._warned:
+            return
+        self._warned.add(key)
+        pl.utilities.rank_zero_warn(
+            f"CurvatureMonitor: at step {step} the trace missed rtol={self.rtol} within its "
+            f"budget of {result.n_hvp} products (target_met is false in the records; reported "
+            "once). The value is logged with its larger error; raise num_samples or rtol."
+        )
+
     def _after_failure(self, reason: str, step: int) -> None:
         if self.on_error == "warn" and reason not in self._warned:
             self._warned.add(reason)
@@ -832,6 +845,7 @@ class CurvatureMonitor(pl.Callback):
                 logged.update(self._scalars(trace))
             self._record(trainer, step, quantity, **self._result_fields(result))
             logged.update(self._scalars(result))
+            self._warn_target_missed(result, step)
         if succeeded:
             if self.metric_keys["n_hvp"]:
                 logged[self.metric_keys["n_hvp"]] = float(n_hvp)

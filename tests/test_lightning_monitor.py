@@ -792,6 +792,22 @@ def test_resuming_from_an_older_checkpoint_keeps_each_step_once(tmp_path: Path) 
     assert (tmp_path / "metrics.superseded.jsonl").is_file()
 
 
+def test_an_unreachable_rtol_is_reported_once(tmp_path: Path) -> None:
+    monitor = CurvatureMonitor(
+        quantities=["trace"],
+        compute_every_n_steps=2,
+        num_samples=4,
+        rtol=1e-9,
+        hessian_batch_size=8,
+    )
+    with pytest.warns(UserWarning, match="missed rtol=1e-09 within its budget of 4") as caught:
+        fit_tiny(tmp_path, monitor, max_steps=6)
+    assert sum("missed rtol" in str(w.message) for w in caught) == 1
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [r["target_met"] for r in recs] == [False, False, False]
+    assert all(r["n_hvp"] == 4 and r["value"] is not None for r in recs)
+
+
 def test_two_monitors_keep_separate_state(tmp_path: Path) -> None:
     a = CurvatureMonitor(
         quantities=["trace"],
