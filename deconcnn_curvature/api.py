@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from deconcnn_curvature.backend import QUANTITIES, Backend
@@ -66,9 +67,21 @@ def resolve(
 def _check_seed(seed: Any) -> int:
     if seed is None:
         return secrets.randbits(31)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InvalidOptionError(f"seed must be a non-negative integer or None, got {seed!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidOptionError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}.")
     return seed
+
+
+def _rank0_seed(agreement: Any, seed: int) -> int:
+    """Rank 0's seed on every rank (two status exchanges of 32-bit halves, exact in float64).
+
+    The products are all-reduced, so every rank must draw the same probes: with ``seed=None``
+    each rank would otherwise draw its own random seed and the sum would mix different probes.
+    """
+    rank0 = dist.get_rank() == 0
+    high = agreement.status(None, float(seed >> 32) if rank0 else 0.0)
+    low = agreement.status(None, float(seed & 0xFFFFFFFF) if rank0 else 0.0)
+    return (int(high) << 32) | int(low)
 
 
 def estimate(
@@ -94,7 +107,9 @@ def estimate(
         backend: a registered backend name; default ``$DECONCNN_CURVATURE_BACKEND`` or
             ``"pyhessian"``.
         seed: probes are drawn from a private generator seeded with this (``None``: a fresh random
-            seed, recorded in the result). The global RNG is never consumed.
+            seed, recorded in the result). The global RNG is never consumed. Under a process
+            group every rank uses rank 0's seed (the products of all ranks are summed, so the
+            probes must be the same).
         distributed: under an initialised ``torch.distributed`` process group, ``None`` (the
             default) or ``True`` make this a collective call: every rank must call it with its
             shard of the data, and every rank gets the result on the union. ``False`` measures
@@ -111,7 +126,6 @@ def estimate(
         with local_only():
             return estimate(model, loss_fn, data, quantity, backend, seed=seed, **options)
     cls, opts = resolve(quantity, backend, options)
-    seed = _check_seed(seed)
     world = world_size()
     if world > 1 and not cls.supports_distributed:
         raise CurvatureError(
@@ -122,7 +136,10 @@ def estimate(
         )
     # [issue 7] Under a process group every rank fails or none does (no rank left waiting in a
     # collective): see deconcnn_curvature.hvp.rank_agreement.
-    with rank_agreement(_first_param_device(model), enabled=world > 1):
+    with rank_agreement(_first_param_device(model), enabled=world > 1) as agreement:
+        seed = _check_seed(seed)  # a bad seed on one rank fails every rank, no hang
+        if agreement is not None:
+            seed = _rank0_seed(agreement, seed)
         cls.validate_model(model)
         eval_mode = opts.get("eval_mode", True)
         problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)

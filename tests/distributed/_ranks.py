@@ -280,10 +280,27 @@ def scenario_local(rank: int) -> dict[str, Any]:
     return out
 
 
+def scenario_seedless(rank: int) -> dict[str, Any]:
+    """seed=None on every rank (and, on rank 1, a different explicit seed): rank 0's seed is
+    used everywhere, so the summed products come from one set of probes."""
+    import deconcnn_curvature as dcc
+
+    out: dict[str, Any] = {}
+    for backend in distributed_backends():
+        for name, seed in (("none", None), ("differ", 11 if rank == 0 else 99)):
+            result = dcc.estimate(
+                make_model(), loss_fn(), local_batches(rank), "trace", backend, seed=seed,
+                num_hvps=12,
+            )  # fmt: skip
+            out[f"{backend}/{name}"] = {"value": result.value, "seed": result.seed}
+    return out
+
+
 SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
     "numerics": scenario_numerics,
     "failures": scenario_failures,
     "local": scenario_local,
+    "seedless": scenario_seedless,
 }
 
 

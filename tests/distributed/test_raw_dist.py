@@ -177,6 +177,24 @@ def test_distributed_false_lets_one_rank_measure_its_own_shard_alone(
     assert rank0["nan"]["raised"] == "NonFiniteError", rank0["nan"]
 
 
+def test_every_rank_uses_rank_zeros_seed(tmp_path: Path) -> None:
+    """seed=None (or different seeds) on the ranks would sum products of different probes: the
+    ranks agree on rank 0's seed, and the result is the single-process one on the union."""
+    import deconcnn_curvature as dcc
+
+    rank0, rank1 = _ranks.launch("seedless", tmp_path)
+    assert rank0 and rank0 == rank1  # same seeds, bit-identical values
+    for backend in _ranks.distributed_backends():
+        assert rank0[f"{backend}/differ"]["seed"] == 11
+        for name in ("none", "differ"):
+            got = rank0[f"{backend}/{name}"]
+            single = dcc.estimate(
+                _ranks.make_model(), _ranks.loss_fn(), _ranks.union_batch(), "trace", backend,
+                seed=got["seed"], num_hvps=12,
+            )  # fmt: skip
+            _close(got["value"], single.value)
+
+
 def test_distributed_argument_is_checked() -> None:
     import deconcnn_curvature as dcc
 
