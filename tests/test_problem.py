@@ -262,3 +262,18 @@ def test_a_batch_with_paired_inputs_is_measured_as_a_list_of_one_batch() -> None
     exact = torch.linalg.eigvalsh(dense_hessian(model, loss, [((x1, x2), y)])).flip(0)[:3]
     result = dcc.estimate(model, loss, [((x1, x2), y)], "eigenvalues", k=3, tol=1e-12, max_hvps=28)
     torch.testing.assert_close(torch.tensor(result.value, dtype=torch.float64), exact)
+
+
+def test_a_callers_autocast_does_not_lower_the_precision_of_the_measurement() -> None:
+    """Inside torch.autocast(bfloat16) the numbers are those computed without it."""
+    case = get_case("cnn")
+    model, loss_fn, batch = case.make()
+    model = model.float()
+    batch = (batch[0].float(), batch[1])
+    plain = dcc.estimate(model, loss_fn, batch, "eigenvalues", k=2, tol=1e-8, max_hvps=60)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = dcc.estimate(model, loss_fn, batch, "eigenvalues", k=2, tol=1e-8, max_hvps=60)
+        assert torch.is_autocast_cpu_enabled()  # the caller's context is left as it was
+    torch.testing.assert_close(
+        torch.tensor(inside.value), torch.tensor(plain.value), rtol=1e-6, atol=0
+    )
