@@ -68,7 +68,9 @@ def _check_seed(seed: Any) -> int:
     if seed is None:
         return secrets.randbits(31)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InvalidOptionError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}.")
+        raise InvalidOptionError(
+            f"seed must be a non-negative integer or None (below 2**63), got {seed!r}."
+        )
     return seed
 
 

@@ -123,7 +123,15 @@ class HutchppBackend(Backend):
             min=0.5,
             max=0.9999,
         ),
-        Option("k", int, 1, "number of top (largest algebraic) eigenvalues", min=1, quantities=_E),
+        Option(
+            "k",
+            int,
+            1,
+            "number of top (largest algebraic) eigenvalues; distinct values: a repeated "
+            "eigenvalue is reported once (single-vector Krylov)",
+            min=1,
+            quantities=_E,
+        ),
         Option(
             "eig_rtol",
             float,
@@ -248,6 +256,7 @@ class HutchppBackend(Backend):
                         "eig_rtol": options["eig_rtol"],
                         "refinement_hvps": eig.n_matvecs,
                         "target": "largest algebraic",
+                        "multiplicity": "distinct values: a repeated eigenvalue is reported once",
                         "trace": est.value,
                         "trace_stderr": est.stderr,
                         "trace_ci": est.ci,

@@ -79,7 +79,15 @@ class PyHessianBackend(Backend):
             max=0.9999,
             quantities=_T,
         ),
-        Option("k", int, 1, "number of top (largest algebraic) eigenvalues", min=1, quantities=_E),
+        Option(
+            "k",
+            int,
+            1,
+            "number of top (largest algebraic) eigenvalues; distinct values: a repeated "
+            "eigenvalue is reported once (single-vector Krylov)",
+            min=1,
+            quantities=_E,
+        ),
         Option(
             "tol",
             float,
@@ -165,6 +173,7 @@ class PyHessianBackend(Backend):
                         "residuals": list(eig.residuals),
                         "converged": eig.converged,
                         "target": "largest algebraic",
+                        "multiplicity": "distinct values: a repeated eigenvalue is reported once",
                     },
                     **common,
                 )
