@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import secrets
 import time
 from collections.abc import Iterable
@@ -67,11 +68,11 @@ def resolve(
 def _check_seed(seed: Any) -> int:
     if seed is None:
         return secrets.randbits(31)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise InvalidOptionError(
             f"seed must be a non-negative integer or None (below 2**63), got {seed!r}."
         )
-    return seed
+    return int(seed)
 
 
 def _rank0_seed(agreement: Any, seed: int) -> int:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
 
 from deconcnn_curvature.errors import InvalidOptionError
 
@@ -69,12 +72,18 @@ class Option:
             if not isinstance(value, bool):
                 raise InvalidOptionError(f"{where} must be true or false, got {value!r}.")
             return value
+        # numbers.Real / Integral: NumPy scalars (what a config reader often gives) count too.
         if self.type is int:
-            if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            if (
+                isinstance(value, bool | np.bool_)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(float(value))
+                or value != int(value)
+            ):
                 raise InvalidOptionError(f"{where} must be an integer, got {value!r}.")
             value = int(value)
         elif self.type is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
                 raise InvalidOptionError(f"{where} must be a number, got {value!r}.")
             value = float(value)
             if not math.isfinite(value):

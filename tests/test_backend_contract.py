@@ -10,6 +10,7 @@ import json
 import types
 
 import pytest
+import torch
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature import registry
@@ -157,6 +158,25 @@ def test_option_check_converts_and_bounds() -> None:
     assert Option("n", int, 1, "n", quantities=frozenset({"trace"})).to_dict()["quantities"] == [
         "trace"
     ]
+
+
+def test_options_take_numpy_scalars_and_refuse_non_finite_integers() -> None:
+    import numpy as np
+
+    n = Option("n", int, 1, "n", min=1)
+    x = Option("x", float, 1.0, "x")
+    assert n.check(np.int64(7), "b") == 7 and type(n.check(np.int64(7), "b")) is int
+    assert x.check(np.float32(0.5), "b") == 0.5 and type(x.check(np.float32(0.5), "b")) is float
+    for bad in (float("nan"), float("inf"), np.bool_(True), np.float64(2.5)):
+        with pytest.raises(dcc.InvalidOptionError, match="must be an integer"):
+            n.check(bad, "b")
+    with pytest.raises(dcc.InvalidOptionError, match="must be finite"):
+        x.check(np.float64("nan"), "b")
+    case_model = torch.nn.Linear(3, 2).double()
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    a = dcc.estimate(case_model, torch.nn.CrossEntropyLoss(), batch, seed=np.int64(3), num_hvps=4)
+    b = dcc.estimate(case_model, torch.nn.CrossEntropyLoss(), batch, seed=3, num_hvps=4)
+    assert a.value == b.value and a.seed == 3
 
 
 def test_quantities_table_names_the_standard_quantities() -> None:
