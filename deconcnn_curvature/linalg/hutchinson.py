@@ -112,7 +112,11 @@ def hutchinson(
         if rtol is not None and len(samples) >= max(min_matvecs, 2):
             mean, se = _mean_se(samples)
             lo, hi = student_t_interval(mean, se, len(samples) - 1, ci_level)
-            if (hi - lo) / 2 <= rtol * abs(mean):
+            # The interval must prove the relative error for every trace it contains:
+            # half <= rtol * (|mean| - half). Testing against |mean| alone stops early exactly
+            # when |mean| came out too large, biasing the estimate away from zero.
+            half = (hi - lo) / 2
+            if half <= rtol * (abs(mean) - half):
                 target_met = True
                 break
     mean, se = _mean_se(samples)

@@ -510,7 +510,8 @@ def hutchpp_with_sketch(
             if rtol is not None and len(samples) >= floor:
                 mean, se = _mean_se(samples)
                 lo, hi = student_t_interval(mean, se, len(samples) - 1, ci_level)
-                if (hi - lo) / 2 <= rtol * abs(exact + mean):
+                half = (hi - lo) / 2  # the relative error proved for every trace inside
+                if half <= rtol * (abs(exact + mean) - half):
                     target_met = True
                     break
 
