@@ -61,6 +61,26 @@ def _is_single_batch(data: Any) -> bool:
     )
 
 
+def _check_per_sample_mean(loss_fn: Any, batches: list[Batch]) -> None:
+    """Several batches are combined by sample count, which is the loss over all samples only when
+    each batch's loss is a mean over its samples. A class-weighted loss divides by the sum of
+    the weights, and ignore_index targets drop out of the count: refuse those, with the fix."""
+    weight = getattr(loss_fn, "weight", None)
+    ignore = getattr(loss_fn, "ignore_index", None)
+    ignored = isinstance(ignore, int) and any(
+        isinstance(y, torch.Tensor) and not y.is_floating_point() and bool((y == ignore).any())
+        for _, y in batches
+    )
+    if weight is not None or ignored:
+        why = "class weights" if weight is not None else f"targets equal to ignore_index={ignore}"
+        raise InvalidProblemError(
+            f"{type(loss_fn).__name__} with {why} is not a mean over samples, so {len(batches)} "
+            "batches cannot be combined by sample count into the loss over all of them; pass "
+            "the data as one batch (torch.cat the inputs and the targets), or use an "
+            "unweighted loss."
+        )
+
+
 @dataclass
 class CurvatureProblem:
     """What a backend measures: the Hessian of the (sample-weighted) mean loss over ``batches``
@@ -167,6 +187,8 @@ def build_problem(
         raise InvalidProblemError(
             "data holds no batches; pass at least one (inputs, targets) pair."
         )
+    if len(batches) > 1:
+        _check_per_sample_mean(loss_fn, batches)
     return CurvatureProblem(
         model=model,
         loss_fn=loss_fn,

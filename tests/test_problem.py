@@ -277,3 +277,24 @@ def test_a_callers_autocast_does_not_lower_the_precision_of_the_measurement() ->
     torch.testing.assert_close(
         torch.tensor(inside.value), torch.tensor(plain.value), rtol=1e-6, atol=0
     )
+
+
+def test_losses_that_are_not_per_sample_means_refuse_several_batches() -> None:
+    """A class-weighted CrossEntropyLoss (or ignore_index targets) over several batches would be
+    combined by sample count into the wrong Hessian; one batch is measured exactly."""
+    from cases import dense_hessian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    two = [(x[:3], y[:3]), (x[3:], y[3:])]
+    with pytest.raises(InvalidProblemError, match="class weights is not a mean over samples"):
+        dcc.estimate(model, weighted, two)
+    with pytest.raises(InvalidProblemError, match="ignore_index=2"):
+        dcc.estimate(model, nn.CrossEntropyLoss(ignore_index=2), two)
+    dcc.estimate(model, nn.CrossEntropyLoss(ignore_index=7), two, num_hvps=4)  # none ignored
+    exact = torch.linalg.eigvalsh(dense_hessian(model, weighted, [(x, y)])).flip(0)[:1]
+    one = dcc.estimate(model, weighted, (x, y), "eigenvalues", tol=1e-12, max_hvps=15)
+    torch.testing.assert_close(torch.tensor(one.value, dtype=torch.float64), exact)
