@@ -10,7 +10,18 @@ import torch
 from deconcnn_curvature.backend import Option
 from deconcnn_curvature.errors import NonFiniteError
 
-__all__ = ["COMMON_OPTIONS", "check_finite", "default_probe_batch"]
+__all__ = ["COMMON_OPTIONS", "TOP_K_OPTION", "check_finite", "default_probe_batch"]
+
+#: The ``k`` of ``eigenvalues``, shared by the Krylov backends.
+TOP_K_OPTION = Option(
+    "k",
+    int,
+    1,
+    "number of top (largest algebraic) eigenvalues; distinct values: a repeated eigenvalue is "
+    "reported once (single-vector Krylov)",
+    min=1,
+    quantities=frozenset({"eigenvalues"}),
+)
 
 COMMON_OPTIONS: tuple[Option, ...] = (
     Option(

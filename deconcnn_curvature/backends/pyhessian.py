@@ -22,7 +22,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from deconcnn_curvature.backend import Backend, Option
-from deconcnn_curvature.backends._common import COMMON_OPTIONS, check_finite, default_probe_batch
+from deconcnn_curvature.backends._common import (
+    COMMON_OPTIONS,
+    TOP_K_OPTION,
+    check_finite,
+    default_probe_batch,
+)
 from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.hvp import HessianOperator
@@ -79,15 +84,7 @@ class PyHessianBackend(Backend):
             max=0.9999,
             quantities=_T,
         ),
-        Option(
-            "k",
-            int,
-            1,
-            "number of top (largest algebraic) eigenvalues; distinct values: a repeated "
-            "eigenvalue is reported once (single-vector Krylov)",
-            min=1,
-            quantities=_E,
-        ),
+        TOP_K_OPTION,
         Option(
             "tol",
             float,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from test_train_cli import TINY as TRAIN_TINY
 
 from deconcnn_curvature.lightning import read_curvature_jsonl
 from deconcnn_curvature.training.metrics import read_metrics_jsonl
@@ -31,20 +32,9 @@ pytestmark = [
 
 TIMEOUT_S = 120
 TINY = [
-    "model=small_cnn",
-    "model.width=4",
-    "data.num_train=64",
-    "data.num_val=32",
-    "data.batch_size=16",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.val_check_interval=1.0",
-    "trainer.log_every_n_steps=1",
-    "lrsched.warmup_epochs=0.5",
+    *TRAIN_TINY,
     "curvature.compute_every_n_steps=1",
-    "curvature.num_samples=4",
-    "curvature.hessian_batch_size=8",
-    "+curvature.backend_options.max_hvps=6",
+    "curvature.compute_at_step_zero=false",
     "trainer.strategy=ddp",
     "trainer.devices=2",
     "trainer.accelerator=cpu",
