@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -19,11 +20,12 @@ from deconcnn_curvature.errors import (
     BackendUnavailableError,
     CurvatureError,
     InvalidOptionError,
+    UnknownBackendError,
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.hvp import local_only, rank_agreement, world_size
 from deconcnn_curvature.problem import Batch, LossFn, build_problem, preserve_state
-from deconcnn_curvature.registry import default_backend_name, get_registry
+from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
 from deconcnn_curvature.results import CurvatureResult
 
 __all__ = ["estimate", "get_backend", "list_backends", "resolve"]
@@ -49,7 +51,16 @@ def resolve(
     complete option dictionary.
     """
     registry = get_registry()
-    cls = registry.get(backend or default_backend_name())
+    name = backend or default_backend_name()
+    try:
+        cls = registry.get(name)
+    except UnknownBackendError as exc:
+        if backend is None and os.environ.get(ENV_BACKEND):
+            # The name came from the environment, not from the caller: say where to fix it.
+            raise UnknownBackendError(
+                f"{exc} (the name comes from ${ENV_BACKEND}; unset it or fix its value)"
+            ) from exc
+        raise
     if quantity not in cls.quantities and not registry.supporting(quantity):
         known = set(QUANTITIES).union(*(e.cls.quantities for e in registry.entries.values()))
         raise UnsupportedQuantityError(

@@ -352,3 +352,14 @@ def test_public_result_fields() -> None:
     assert r.n_hvp == 5 and r.seconds > 0 and r.peak_memory_bytes is None
     with pytest.raises(AttributeError):
         r.value = 0.0  # frozen
+
+
+def test_a_bad_default_backend_from_the_environment_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DECONCNN_CURVATURE_BACKEND", "pyhesian")
+    with pytest.raises(dcc.UnknownBackendError, match=r"comes from \$DECONCNN_CURVATURE_BACKEND"):
+        dcc.resolve("trace")
+    with pytest.raises(dcc.UnknownBackendError) as named:
+        dcc.resolve("trace", "pyhesian")  # named by the caller: no environment hint
+    assert "DECONCNN_CURVATURE_BACKEND" not in str(named.value)

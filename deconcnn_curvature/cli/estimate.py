@@ -42,6 +42,7 @@ from deconcnn_curvature.errors import (
     ConfigurationError,
     CurvatureError,
     InvalidOptionError,
+    UnknownBackendError,
     UnsupportedModelError,
     UnsupportedQuantityError,
 )
@@ -240,12 +241,25 @@ def _estimator_options(func: F) -> F:
     return func
 
 
+def _backend_from_env(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """A name taken from $DECONCNN_CURVATURE_BACKEND that names no backend: Click's message
+    names the variable, so the user knows where the bad value comes from."""
+    source = ctx.get_parameter_source(param.name or "backend")
+    if value is not None and source is click.core.ParameterSource.ENVIRONMENT:
+        try:
+            get_registry().get(value)
+        except UnknownBackendError as exc:
+            raise click.BadParameter(f"{exc} Unset or fix ${ENV_BACKEND}.") from exc
+    return value
+
+
 def _backend_option(func: F) -> F:
     return click.option(
         "-b",
         "--backend",
         envvar=ENV_BACKEND,
         show_envvar=True,
+        callback=_backend_from_env,
         help="Backend name (see `deconcnn-curv list-backends`); default: pyhessian.",
     )(func)
 

@@ -198,7 +198,10 @@ def test_model_args_reach_the_factory(workdir: Path) -> None:
 def test_backend_from_the_environment(workdir: Path) -> None:
     path = save_state_dict(workdir / "w.pt")
     result = run("estimate", path, *GENERIC_ARGS, env={"DECONCNN_CURVATURE_BACKEND": "pyhesian"})
-    assert_error(result, "unknown backend 'pyhesian'. Did you mean 'pyhessian'?")
+    # A usage error naming the variable the bad value came from.
+    assert_error(result, "unknown backend 'pyhesian'. Did you mean 'pyhessian'?", code=2)
+    assert "(env var: 'DECONCNN_CURVATURE_BACKEND')" in result.stderr
+    assert "Unset or fix $DECONCNN_CURVATURE_BACKEND" in result.stderr
 
 
 def test_generic_path_needs_no_lightning(workdir: Path) -> None:
