@@ -598,6 +598,12 @@ def load_checkpoint(
     what = f"the model {description}"
     shape = tuple(settings["input_shape"] or (3, 32, 32))
     width = _output_width(model, shape, what)
+    if width < 2:
+        raise CheckpointError(
+            f"{what} returns {width} output per sample; the command line measures classifiers "
+            "(cross-entropy or MSE on one-hot targets over at least 2 classes). For another "
+            "model or loss, call deconcnn_curvature.estimate(model, loss_fn, data) from Python."
+        )
     if num_classes is not None and num_classes != width:
         raise CheckpointError(
             f"{what} returns {width} logits per sample, but the data should have {num_classes} "

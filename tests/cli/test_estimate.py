@@ -428,3 +428,13 @@ def test_a_printing_model_factory_leaves_json_clean(workdir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["result"]["n_hvp"] == 4
     assert "building the model" in result.stderr
+
+
+def test_a_single_output_model_is_not_a_classifier_and_the_message_says_what_to_do(
+    workdir: Path,
+) -> None:
+    path = workdir / "one.pt"
+    torch.save(helper_model(0, num_classes=1).state_dict(), path)
+    result = run("estimate", path, *GENERIC_ARGS, "--model-arg", "num_classes=1")
+    assert_error(result, "returns 1 output per sample; the command line measures classifiers")
+    assert "deconcnn_curvature.estimate(model, loss_fn, data)" in result.stderr
