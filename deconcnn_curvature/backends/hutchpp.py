@@ -43,11 +43,9 @@ from deconcnn_curvature.backends._common import (
     COMMON_OPTIONS,
     TOP_K_OPTION,
     check_finite,
-    default_probe_batch,
+    krylov_setup,
 )
-from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.hookspecs import hookimpl
-from deconcnn_curvature.hvp import HessianOperator
 from deconcnn_curvature.linalg.hutchpp import (
     MIN_DEFLATED_PROBES,
     HutchppResult,
@@ -56,7 +54,6 @@ from deconcnn_curvature.linalg.hutchpp import (
     refined_top_eigenvalues,
     sketch_top_eigenvalues,
 )
-from deconcnn_curvature.linalg.operator import make_generator
 from deconcnn_curvature.problem import CurvatureProblem
 from deconcnn_curvature.results import CurvatureResult
 
@@ -158,23 +155,7 @@ class HutchppBackend(Backend):
         seed: int,
         options: Mapping[str, Any],
     ) -> CurvatureResult:
-        if quantity == "eigenvalues":
-            _check_k(options["k"], options["max_hvps"], problem.dim)
-        op = HessianOperator(
-            problem,
-            probe_batch=default_probe_batch(options["probe_batch"], problem.device),
-            retain_graphs=options["retain_graphs"],
-            distributed=True,
-        )
-        gen = make_generator(seed, problem.device)
-        common = dict(
-            backend=self.name,
-            quantity=quantity,
-            seed=seed,
-            device=str(problem.device),
-            dim=problem.dim,
-            seconds=0.0,
-        )
+        op, gen, common = krylov_setup(self.name, problem, quantity, seed, options)
         try:
             run = hutchpp_with_sketch(
                 op,
@@ -290,19 +271,6 @@ def _trace_details(run: HutchppResult, probe_batch: int) -> dict[str, Any]:
 def _method(eig: RitzEstimate) -> str:
     kinds = sorted(set(eig.methods), key=("rayleigh_ritz", "lanczos").index)
     return "+".join(kinds)
-
-
-def _check_k(k: int, max_hvps: int, dim: int) -> None:
-    # Checked before any HVP, as in the pyhessian backend.
-    if k > dim:
-        raise InvalidOptionError(
-            f"option 'k' ({k}) exceeds the number of trainable parameters ({dim}); pass k <= {dim}."
-        )
-    if max_hvps < k:
-        raise InvalidOptionError(
-            f"option 'max_hvps' ({max_hvps}) is smaller than k ({k}): a Lanczos refinement needs "
-            f"at least k steps to find k eigenvalues; pass max_hvps >= {k}."
-        )
 
 
 @hookimpl

@@ -26,14 +26,11 @@ from deconcnn_curvature.backends._common import (
     COMMON_OPTIONS,
     TOP_K_OPTION,
     check_finite,
-    default_probe_batch,
+    krylov_setup,
 )
-from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.hookspecs import hookimpl
-from deconcnn_curvature.hvp import HessianOperator
 from deconcnn_curvature.linalg.hutchinson import hutchinson
 from deconcnn_curvature.linalg.lanczos import lanczos_top_eigenvalues
-from deconcnn_curvature.linalg.operator import make_generator
 from deconcnn_curvature.linalg.slq import slq_density
 from deconcnn_curvature.problem import CurvatureProblem
 from deconcnn_curvature.results import CurvatureResult
@@ -108,23 +105,7 @@ class PyHessianBackend(Backend):
         seed: int,
         options: Mapping[str, Any],
     ) -> CurvatureResult:
-        if quantity == "eigenvalues":
-            _check_k(options["k"], options["max_hvps"], problem.dim)
-        op = HessianOperator(
-            problem,
-            probe_batch=default_probe_batch(options["probe_batch"], problem.device),
-            retain_graphs=options["retain_graphs"],
-            distributed=True,
-        )
-        gen = make_generator(seed, problem.device)
-        common = dict(
-            backend=self.name,
-            quantity=quantity,
-            seed=seed,
-            device=str(problem.device),
-            dim=problem.dim,
-            seconds=0.0,
-        )
+        op, gen, common = krylov_setup(self.name, problem, quantity, seed, options)
         try:
             if quantity == "trace":
                 est = hutchinson(
@@ -197,20 +178,6 @@ class PyHessianBackend(Backend):
             raise AssertionError(f"unhandled quantity {quantity!r}")  # registry checked it
         finally:
             op.close()
-
-
-def _check_k(k: int, max_hvps: int, dim: int) -> None:
-    # Checked before any HVP: k beyond the dimension, or more eigenvalues than Lanczos steps,
-    # cannot be answered (the latter used to surface as a BackendFailedError from Lanczos).
-    if k > dim:
-        raise InvalidOptionError(
-            f"option 'k' ({k}) exceeds the number of trainable parameters ({dim}); pass k <= {dim}."
-        )
-    if max_hvps < k:
-        raise InvalidOptionError(
-            f"option 'max_hvps' ({max_hvps}) is smaller than k ({k}): Lanczos needs at least k "
-            f"steps to find k eigenvalues; pass max_hvps >= {k} (or leave the default)."
-        )
 
 
 @hookimpl
