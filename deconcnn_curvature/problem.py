@@ -4,6 +4,8 @@ The state guard is the one place where "nothing disturbs training" is enforced: 
 inside :func:`preserve_state`, which restores module modes, every parameter's ``.grad`` (the same
 tensor object, untouched), ``requires_grad`` flags, all buffers (e.g. BatchNorm running statistics)
 and the global RNG states (torch CPU and CUDA, Python's ``random``, NumPy's legacy global state).
+Inside it, every computation runs in full precision (outside the caller's autocast) and attention
+through PyTorch's math kernel (:data:`SDPA_KERNEL`), the one with a double backward.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deconcnn_curvature.errors import InvalidProblemError
 
-__all__ = ["Batch", "CurvatureProblem", "build_problem", "preserve_state"]
+__all__ = ["SDPA_KERNEL", "Batch", "CurvatureProblem", "build_problem", "preserve_state"]
+
+#: The scaled-dot-product-attention kernel every measurement runs with (recorded in each result's
+#: ``details["sdpa_kernel"]``). The fused kernels (flash, memory-efficient, cuDNN, CPU flash) have
+#: no double backward, so a Hessian-vector product through nn.MultiheadAttention or
+#: nn.TransformerEncoderLayer fails with them; the math kernel computes the same function.
+SDPA_KERNEL = "math"
 
 Batch = tuple[Any, torch.Tensor]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -216,8 +225,9 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
 
     Inside: every parameter's ``.grad`` is detached from it (set to ``None``) so nothing can
     accumulate into the training gradient; the model is in eval mode if ``eval_mode``; autograd is
-    enabled. Afterwards, exactly as before: module modes, ``.grad`` objects, ``requires_grad``
-    flags, buffer values and identities, and the global RNG states.
+    enabled, autocast is off and attention uses the math kernel (:data:`SDPA_KERNEL`). Afterwards,
+    exactly as before: module modes, ``.grad`` objects, ``requires_grad`` flags, buffer values and
+    identities, the global RNG states, and the caller's autocast and attention-kernel settings.
     """
     if torch.is_inference_mode_enabled():
         raise InvalidProblemError(
@@ -250,6 +260,9 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
             no_autocast.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 no_autocast.enter_context(torch.autocast("cuda", enabled=False))
+            # The fused attention kernels have no double backward (HVPs would fail); the math
+            # kernel has one, on CPU and CUDA. sdpa_kernel restores the caller's flags on exit.
+            no_autocast.enter_context(sdpa_kernel(SDPBackend.MATH))
             yield
     finally:
         with torch.no_grad():
