@@ -243,3 +243,44 @@ def test_encoder_layer_on_cuda_equals_the_dense_hessian() -> None:
     trace = dcc.estimate(model, loss_fn, batch, "trace", "hutchpp", seed=0, num_hvps=3 * dim + 3)
     torch.testing.assert_close(trace.value, float(exact.trace()), rtol=1e-4, atol=0)
     assert trace.details["sdpa_kernel"] == "math" and trace.device.startswith("cuda")
+
+
+# -- memory layouts -----------------------------------------------------------------------------
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 2, 2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).double()
+
+
+@pytest.mark.parametrize("layout", ["model", "input", "both"])
+def test_backpack_measures_channels_last_exactly(layout: str) -> None:
+    """Before: BackendFailedError 'view size is not compatible with input tensor's size and
+    stride'. Now: BackPACK's copy and the inputs are made contiguous; the exact trace and diagonal
+    of the dense Hessian, and the caller's model and inputs keep their layout."""
+    pytest.importorskip("backpack")
+    model, loss_fn = _small_cnn().eval(), nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 2, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    exact = autograd_hessian(model, loss_fn, x, y)
+    if layout in ("model", "both"):
+        model = model.to(memory_format=torch.channels_last)
+    if layout in ("input", "both"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    strides = [p.stride() for p in model.parameters()]
+    trace = dcc.estimate(model, loss_fn, (x, y), "trace", backend="backpack")
+    torch.testing.assert_close(trace.value, float(exact.trace()), rtol=1e-10, atol=0)
+    diag = dcc.estimate(model, loss_fn, (x, y), "diagonal", backend="backpack")
+    got = torch.cat([d.reshape(-1) for d in diag.value.values()])
+    torch.testing.assert_close(got, exact.diagonal(), rtol=1e-9, atol=1e-12)
+    assert [p.stride() for p in model.parameters()] == strides
+    assert x.is_contiguous(memory_format=torch.channels_last) == (layout != "model")
+    eig = dcc.estimate(model, loss_fn, (x, y), "eigenvalues", k=1, tol=1e-12, max_hvps=100)
+    torch.testing.assert_close(eig.value[0], float(_top(exact, 1)[0]), rtol=1e-9, atol=0)
