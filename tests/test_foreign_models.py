@@ -15,7 +15,10 @@ few entries (:func:`assert_matches_finite_differences`): ``torch.func.hessian`` 
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,10 +152,10 @@ def _demo_transformer_problem() -> tuple[nn.Module, Callable[..., torch.Tensor],
     from lightning.pytorch.demos import Transformer
 
     torch.manual_seed(0)
-    net = Transformer(vocab_size=5, ninp=4, nhead=2, nhid=8, nlayers=1, dropout=0.0)
+    net = Transformer(vocab_size=4, ninp=2, nhead=2, nhid=4, nlayers=1, dropout=0.0)
     model = Pair(net.double().eval())
     g = torch.Generator().manual_seed(2)
-    src, tgt = torch.randint(0, 5, (3, 4), generator=g), torch.randint(0, 5, (3, 4), generator=g)
+    src, tgt = torch.randint(0, 4, (3, 4), generator=g), torch.randint(0, 4, (3, 4), generator=g)
     return model, F.nll_loss, [((src, tgt), tgt.reshape(-1))]
 
 
@@ -182,10 +185,16 @@ def test_encoder_layer_trace_and_lambda_max_equal_the_dense_hessian() -> None:
     assert abs(hutch.value - float(exact.trace())) <= 4 * hutch.stderr
 
 
+@functools.cache
+def _demo_transformer_exact() -> torch.Tensor:
+    model, loss_fn, data = _demo_transformer_problem()
+    return autograd_hessian(model, loss_fn, *data[0])
+
+
 def test_lightning_demo_transformer_trace_and_lambda_max_equal_the_dense_hessian() -> None:
     model, loss_fn, data = _demo_transformer_problem()
     (inputs, targets) = data[0]
-    exact = autograd_hessian(model, loss_fn, inputs, targets)
+    exact = _demo_transformer_exact()
     torch.testing.assert_close(exact, exact.T, rtol=0, atol=1e-12)
     assert_matches_finite_differences(exact, model, loss_fn, inputs, targets, n=4)
     eig = dcc.estimate(model, loss_fn, data, "eigenvalues", k=2, tol=1e-12, max_hvps=300)
@@ -284,3 +293,111 @@ def test_backpack_measures_channels_last_exactly(layout: str) -> None:
     assert x.is_contiguous(memory_format=torch.channels_last) == (layout != "model")
     eig = dcc.estimate(model, loss_fn, (x, y), "eigenvalues", k=1, tol=1e-12, max_hvps=100)
     torch.testing.assert_close(eig.value[0], float(_top(exact, 1)[0]), rtol=1e-9, atol=0)
+
+
+# -- outputs the loss cannot take; forwards of several arguments ---------------------------------
+class TupleOut(nn.Module):
+    """Logits and an auxiliary output, as many published models return."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+        self.head, self.aux = nn.Linear(6, 3), nn.Linear(6, 2)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.body(x)
+        if self.as_dict:
+            return {"logits": self.head(h), "aux": self.aux(h)}
+        return self.head(h), self.aux(h)
+
+
+def _tuple_problem(as_dict: bool) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = TupleOut(as_dict).double().train()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    return model, (x, torch.randint(0, 3, (7,), generator=g))
+
+
+@pytest.mark.parametrize(
+    ("as_dict", "described", "fix"),
+    [
+        (False, "a tuple of 2 (Tensor(7, 3), Tensor(7, 2))", "F.cross_entropy(out[0], y)"),
+        (True, "a dict with keys 'logits', 'aux'", "F.cross_entropy(out['logits'], y)"),
+    ],
+    ids=["tuple", "dict"],
+)
+@pytest.mark.parametrize("backend", ["pyhessian", "hutchpp"])
+def test_outputs_the_loss_cannot_take_are_refused_before_any_product_with_the_fix(
+    as_dict: bool, described: str, fix: str, backend: str
+) -> None:
+    """Before: BackendFailedError wrapping torch's 'cross_entropy_loss(): argument 'input' (position
+    1) must be Tensor, not tuple'. Now: one forward pass, then a message naming the fix; and the
+    fix gives the dense Hessian's numbers."""
+    model, batch = _tuple_problem(as_dict)
+    forwards, backwards = [], []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    model.head.register_full_backward_hook(lambda *_: backwards.append(1))
+    with pytest.raises(dcc.InvalidProblemError) as info:
+        dcc.estimate(model, nn.CrossEntropyLoss(), batch, "trace", backend, num_hvps=6)
+    message = str(info.value)
+    assert f"the model returns {described}, which loss_fn (CrossEntropyLoss) cannot take" in message
+    assert f"loss_fn=lambda out, y: {fix}" in message and "\n" not in message
+    assert forwards == [1] and backwards == []
+    assert model.training  # the state guard restored the mode
+
+    def pick(out: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out["logits"] if as_dict else out[0], y)
+
+    exact = autograd_hessian(model.eval(), pick, *batch)
+    assert_matches_finite_differences(exact, model, pick, *batch, n=4)
+    model.train()
+    eig = dcc.estimate(model, pick, batch, "eigenvalues", k=1, tol=1e-12, max_hvps=120)
+    torch.testing.assert_close(eig.value[0], float(_top(exact, 1)[0]), rtol=1e-9, atol=0)
+    n = 3 * exact.shape[0] + 3  # a sketch as wide as the space: Hutch++ is exact
+    trace = dcc.estimate(model, pick, batch, "trace", "hutchpp", num_hvps=n)
+    torch.testing.assert_close(trace.value, float(exact.trace()), rtol=1e-9, atol=0)
+
+
+def test_a_forward_of_several_arguments_is_named_with_the_supported_form() -> None:
+    """Before: BackendFailedError "forward() missing 1 required positional argument: 'target'".
+    Now: the rule (inputs are passed as one object) and the wrapper; the wrapped model is measured
+    exactly (test_lightning_demo_transformer_trace_and_lambda_max_equal_the_dense_hessian)."""
+    model, loss_fn, data = _demo_transformer_problem()
+    net = model.net  # Lightning's demo Transformer: forward(inputs, target, mask=None)
+    for batch in (data, [(data[0][0][0], data[0][1])]):  # a tuple of inputs, one tensor
+        with pytest.raises(dcc.InvalidProblemError) as info:
+            dcc.estimate(net, loss_fn, batch, "trace", num_hvps=3)
+        message = str(info.value)
+        assert "the model's forward takes 2 arguments (inputs, target)" in message
+        assert "forward(inputs) returns net(*inputs)" in message and "[((x1, x2), y)]" in message
+
+
+def test_the_readme_example_of_both_forms_gives_the_dense_hessians_numbers() -> None:
+    """The README's Python paragraph on several arguments and tuple outputs, run as written."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "Unpack" in b)
+    several, tuple_out = block.split("# a model returning (logits, aux):")
+    demo, _, data = _demo_transformer_problem()
+    (src, tgt), _ = data[0]
+    model, (x, y) = _tuple_problem(False)
+    namespace = {
+        "dcc": dcc,
+        "net": demo.net,
+        "src": src,
+        "tgt": tgt,
+        "model": model,
+        "x": x,
+        "y": y,
+    }
+    exec(several, namespace)
+    top = _top(_demo_transformer_exact(), 1)
+    torch.testing.assert_close(namespace["r"].value[0], float(top[0]), rtol=1e-6, atol=0)
+    exec(tuple_out, namespace)
+
+    def pick(out: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out[0], y)
+
+    top = _top(autograd_hessian(model.eval(), pick, x, y), 1)
+    torch.testing.assert_close(namespace["r"].value[0], float(top[0]), rtol=1e-6, atol=0)
