@@ -201,6 +201,9 @@ def test_lightning_demo_transformer_trace_and_lambda_max_equal_the_dense_hessian
     torch.testing.assert_close(
         torch.tensor(eig.value, dtype=torch.float64), _top(exact, 2), rtol=1e-8, atol=0
     )
+    n = 3 * exact.shape[0] + 3  # a sketch as wide as the space: Hutch++ is exact
+    full = dcc.estimate(model, loss_fn, data, "trace", "hutchpp", seed=0, num_hvps=n)
+    torch.testing.assert_close(full.value, float(exact.trace()), rtol=1e-9, atol=0)
     trace = dcc.estimate(model, loss_fn, data, "trace", seed=0, num_hvps=100)
     assert trace.details["sdpa_kernel"] == "math"
     assert abs(trace.value - float(exact.trace())) <= 4 * trace.stderr
