@@ -139,7 +139,10 @@ def build_problem(
 
     ``data`` is one ``(inputs, targets)`` batch or an iterable of them (a list, a DataLoader). The
     loss must be mean-reduced over the batch; batches are then weighted by size, so the Hessian is
-    that of the mean loss over all samples.
+    that of the mean loss over all samples. A batch's inputs are passed to the model as one
+    object, ``model(inputs)``; one forward pass on the first batch (without a graph, under
+    :func:`preserve_state`) refuses, with the fix, a ``forward`` of several arguments and
+    outputs the loss cannot take (see :func:`_check_outputs`).
     """
     if not isinstance(model, nn.Module):
         raise InvalidProblemError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
