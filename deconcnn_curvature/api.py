@@ -24,7 +24,13 @@ from deconcnn_curvature.errors import (
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.hvp import local_only, rank_agreement, world_size
-from deconcnn_curvature.problem import Batch, LossFn, build_problem, preserve_state
+from deconcnn_curvature.problem import (
+    SDPA_KERNEL,
+    Batch,
+    LossFn,
+    build_problem,
+    preserve_state,
+)
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
 from deconcnn_curvature.results import CurvatureResult
 
@@ -175,7 +181,11 @@ def estimate(
             if cuda:
                 torch.cuda.synchronize(problem.device)
     seconds = time.perf_counter() - start
-    extra: dict[str, Any] = {"seconds": seconds}
+    # Every backend ran inside preserve_state, so attention used the math kernel: say so.
+    extra: dict[str, Any] = {
+        "seconds": seconds,
+        "details": {**result.details, "sdpa_kernel": SDPA_KERNEL},
+    }
     if cuda:
         extra["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(problem.device) - base)
     return dataclasses.replace(result, **extra)

@@ -4,11 +4,14 @@ The state guard is the one place where "nothing disturbs training" is enforced: 
 inside :func:`preserve_state`, which restores module modes, every parameter's ``.grad`` (the same
 tensor object, untouched), ``requires_grad`` flags, all buffers (e.g. BatchNorm running statistics)
 and the global RNG states (torch CPU and CUDA, Python's ``random``, NumPy's legacy global state).
+Inside it, every computation runs in full precision (outside the caller's autocast) and attention
+through PyTorch's math kernel (:data:`SDPA_KERNEL`), the one with a double backward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,10 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deconcnn_curvature.errors import InvalidProblemError
 
-__all__ = ["Batch", "CurvatureProblem", "build_problem", "preserve_state"]
+__all__ = ["SDPA_KERNEL", "Batch", "CurvatureProblem", "build_problem", "preserve_state"]
+
+#: The scaled-dot-product-attention kernel every measurement runs with (recorded in each result's
+#: ``details["sdpa_kernel"]``). The fused kernels (flash, memory-efficient, cuDNN, CPU flash) have
+#: no double backward, so a Hessian-vector product through nn.MultiheadAttention or
+#: nn.TransformerEncoderLayer fails with them; the math kernel computes the same function.
+SDPA_KERNEL = "math"
 
 Batch = tuple[Any, torch.Tensor]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -129,7 +139,10 @@ def build_problem(
 
     ``data`` is one ``(inputs, targets)`` batch or an iterable of them (a list, a DataLoader). The
     loss must be mean-reduced over the batch; batches are then weighted by size, so the Hessian is
-    that of the mean loss over all samples.
+    that of the mean loss over all samples. A batch's inputs are passed to the model as one
+    object, ``model(inputs)``; one forward pass on the first batch (without a graph, under
+    :func:`preserve_state`) refuses, with the fix, a ``forward`` of several arguments and
+    outputs the loss cannot take (see :func:`_check_outputs`).
     """
     if not isinstance(model, nn.Module):
         raise InvalidProblemError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -189,6 +202,7 @@ def build_problem(
         )
     if len(batches) > 1:
         _check_per_sample_mean(loss_fn, batches)
+    _check_outputs(model, loss_fn, batches[0], eval_mode=eval_mode)
     return CurvatureProblem(
         model=model,
         loss_fn=loss_fn,
@@ -199,6 +213,85 @@ def build_problem(
         dtype=dtype,
         eval_mode=eval_mode,
     )
+
+
+def _required_positional(model: nn.Module) -> list[str]:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in sig.parameters.values() if p.kind in kinds and p.default is p.empty]
+
+
+def _describe_output(out: Any) -> tuple[str, str]:
+    """A short description of a non-tensor output, and how to pick its first tensor."""
+    if isinstance(out, dict):
+        keys = list(out)
+        first = next((k for k in keys if isinstance(out[k], torch.Tensor)), keys[0] if keys else 0)
+        shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+        return f"a {type(out).__name__} with keys {shown}", f"[{first!r}]"
+    if isinstance(out, tuple | list):
+        parts = [
+            f"Tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            for v in out[:5]
+        ]
+        first = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor)), 0)
+        shown = ", ".join(parts) + (", ..." if len(out) > 5 else "")
+        return f"a {type(out).__name__} of {len(out)} ({shown})", f"[{first}]"
+    return f"a {type(out).__name__}", ".logits"
+
+
+def _functional_name(loss_fn: Any) -> str:
+    names = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse_loss", nn.NLLLoss: "nll_loss"}
+    if type(loss_fn) in names:
+        return f"F.{names[type(loss_fn)]}"
+    module = getattr(loss_fn, "__module__", "") or ""
+    if module.startswith("torch.nn.functional") and hasattr(loss_fn, "__name__"):
+        return f"F.{loss_fn.__name__}"
+    return "my_loss"
+
+
+def _check_outputs(model: nn.Module, loss_fn: LossFn, batch: Batch, *, eval_mode: bool) -> None:
+    """One forward pass on the first batch (under the state guard, without a graph), so that two
+    mistakes are named with their fix before any Hessian-vector product: a ``forward`` of several
+    arguments (a batch's inputs are passed as one object, ``model(inputs)``), and outputs the loss
+    cannot take (a tuple or dict with a loss that wants a tensor). Any other failure of the
+    forward is left to the backend, which reports it as it always has."""
+    inputs, targets = batch
+    with preserve_state(model, eval_mode=eval_mode), torch.no_grad():
+        try:
+            out = model(inputs)
+        except TypeError as exc:
+            required = _required_positional(model)
+            if len(required) < 2:
+                return
+            got = (
+                f"a {type(inputs).__name__} of {len(inputs)}"
+                if isinstance(inputs, tuple | list)
+                else f"a {type(inputs).__name__}"
+            )
+            raise InvalidProblemError(
+                f"the model's forward takes {len(required)} arguments ({', '.join(required)}), "
+                f"but a batch's inputs are passed to it as one object, model(inputs), here {got} "
+                f"({type(exc).__name__}: {exc}); give the inputs as a tuple and measure a wrapper "
+                "whose forward(inputs) returns net(*inputs), with the data as a list of batches "
+                "[((x1, x2), y)] (see the README's Python section)."
+            ) from exc
+        except Exception:
+            return
+        if isinstance(out, torch.Tensor):
+            return
+        try:
+            loss_fn(out, targets)
+        except Exception as exc:
+            what, pick = _describe_output(out)
+            name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+            raise InvalidProblemError(
+                f"the model returns {what}, which loss_fn ({name}) cannot take "
+                f"({type(exc).__name__}: {exc}); pass a loss that picks the logits, e.g. "
+                f"loss_fn=lambda out, y: {_functional_name(loss_fn)}(out{pick}, y)."
+            ) from exc
 
 
 def _iterate(data: Any) -> list[Any]:
@@ -216,8 +309,9 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
 
     Inside: every parameter's ``.grad`` is detached from it (set to ``None``) so nothing can
     accumulate into the training gradient; the model is in eval mode if ``eval_mode``; autograd is
-    enabled. Afterwards, exactly as before: module modes, ``.grad`` objects, ``requires_grad``
-    flags, buffer values and identities, and the global RNG states.
+    enabled, autocast is off and attention uses the math kernel (:data:`SDPA_KERNEL`). Afterwards,
+    exactly as before: module modes, ``.grad`` objects, ``requires_grad`` flags, buffer values and
+    identities, the global RNG states, and the caller's autocast and attention-kernel settings.
     """
     if torch.is_inference_mode_enabled():
         raise InvalidProblemError(
@@ -250,6 +344,9 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
             no_autocast.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 no_autocast.enter_context(torch.autocast("cuda", enabled=False))
+            # The fused attention kernels have no double backward (HVPs would fail); the math
+            # kernel has one, on CPU and CUDA. sdpa_kernel restores the caller's flags on exit.
+            no_autocast.enter_context(sdpa_kernel(SDPBackend.MATH))
             yield
     finally:
         with torch.no_grad():

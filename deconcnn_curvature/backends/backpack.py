@@ -30,6 +30,8 @@ What this backend guarantees on top of BackPACK:
   checked by type, and before measuring, BackPACK runs on one sample and its diagonal is compared
   with exact autograd Hessian-vector products on one coordinate of every parameter tensor; any
   disagreement refuses the model.
+- ``channels_last`` models and inputs are measured: the copy and each batch's inputs are made
+  contiguous first (BackPACK's rules reshape with ``view``, which fails on that layout).
 - Several batches give the Hessian of the mean loss over all samples (per-batch diagonals
   weighted by batch size); under ``torch.distributed`` one all-reduce weighted by sample count
   gives the diagonal over every rank's samples.
@@ -362,6 +364,18 @@ def _no_inplace(module: nn.Module) -> None:
             sub.inplace = False
 
 
+def _contiguous(module: nn.Module) -> None:
+    """Store the copy's parameters and buffers in the default (contiguous) memory format.
+
+    BackPACK's rules reshape with ``view``, which fails on ``channels_last`` tensors ("view size
+    is not compatible with input tensor's size and stride"); the layout changes no value, so the
+    copy (and, in :func:`_diag_of_batch`, each batch's inputs) is made contiguous instead."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if not t.is_contiguous():
+                t.data = t.data.contiguous()
+
+
 @dataclass
 class _Extended:
     module: nn.Module
@@ -378,6 +392,7 @@ def _extend(problem: CurvatureProblem, plan: _Plan) -> _Extended:
     if plan.graph is not None:
         root = _without_identities(plan)
     _no_inplace(root)
+    _contiguous(root)
     try:
         with warnings.catch_warnings():
             # The converter warns about graph nodes it leaves unconverted; our plan admits none,
@@ -416,6 +431,7 @@ def _diag_of_batch(
 
     for p in ext.params.values():
         p.grad = None
+    inputs = inputs.contiguous()  # channels_last inputs: see _contiguous
     try:
         out = ext.module(inputs)
     except RuntimeError as exc:
