@@ -22,10 +22,12 @@ from deconcnn_curvature.lightning import read_curvature_jsonl
 from deconcnn_curvature.registry import ENV_BACKEND
 from deconcnn_curvature.training.metrics import read_metrics_jsonl
 from deconcnn_curvature.training.run import (
+    _RUN_DIR_ENV,
     LOCK_NAME,
     RunResult,
     _curvature_time,
     _make_run_dir,
+    _secondary_rank,
     compose_config,
 )
 
@@ -386,3 +388,18 @@ def test_help_readme_and_preset_agree_on_the_demos_duration() -> None:
     assert said in _train("--help").output and said in readme
     assert "about a minute on 2 idle CPU cores" in preset
     assert "a few minutes" not in _train("--help").output + preset
+
+
+def test_only_the_first_rank_of_a_launcher_takes_the_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun/SLURM start every rank with the same run_dir=: ranks > 0 must not wait on (or
+    fail at) the lock rank 0 holds."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", _RUN_DIR_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert not _secondary_rank()
+    monkeypatch.setenv("RANK", "0")
+    assert not _secondary_rank()
+    monkeypatch.setenv("RANK", "1")
+    assert _secondary_rank()
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert _secondary_rank()

@@ -304,6 +304,15 @@ def _launched_rank() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" and _RUN_DIR_ENV in os.environ
 
 
+def _secondary_rank() -> bool:
+    """A process other than the first of a distributed run: launched by Lightning from rank 0,
+    or given a non-zero rank by torchrun / SLURM. Rank 0 alone locks the folder, checks it and
+    writes the config; the other ranks write into it."""
+    if _launched_rank():
+        return True
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("RANK", "SLURM_PROCID"))
+
+
 def _run_dir(cfg: DictConfig) -> Path:
     if _launched_rank():
         return Path(os.environ[_RUN_DIR_ENV])
@@ -624,14 +633,17 @@ def run_training(cfg: DictConfig) -> RunResult:
     if resume is not None:
         resume = str(Path(resume).expanduser())
     _check_trainer_values(_plain(cfg.trainer))
-    launched = _launched_rank()
-    timestamped = not launched and not cfg.get("run_dir") and not cfg.get("name")
+    if_exists = cfg.get("if_exists") or "refuse"
+    if if_exists not in ("refuse", "move_aside"):
+        raise ConfigurationError(f"if_exists must be refuse or move_aside; got {if_exists!r}.")
+    moving = if_exists == "move_aside"
+    launched = _secondary_rank()
+    timestamped = not _launched_rank() and not cfg.get("run_dir") and not cfg.get("name")
     run_dir, created = _make_run_dir(_run_dir(cfg), timestamped)
     lock = None if launched else _lock_run_dir(run_dir)
     before = _listing(run_dir)
     written: list[Path] = []
     try:
-        moving = cfg.get("if_exists", "refuse") == "move_aside"
         if not launched and resume is None and _holds_a_run(run_dir) and not moving:
             raise ConfigurationError(
                 f"run folder {run_dir} already holds a run; choose another name= or "
