@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from test_train_cli import TINY
 
@@ -280,13 +281,31 @@ def test_resume_takes_the_runs_own_config_and_keeps_it(tmp_path: Path) -> None:
     # them (the defaults would build a full ResNet-18 on 50 000 images).
     resumed = _train(f"resume={run / 'last.ckpt'}", f"run_dir={run}", "trainer.max_epochs=2")
     assert resumed.exit_code == 0, resumed.output
-    assert f"resuming with the run's own configuration {run / 'config.yaml'}" in resumed.output
+    assert (
+        f"resuming with the run's own configuration ({run / 'config.yaml'}) and this command's "
+        "trainer.max_epochs=2." in resumed.output
+    )
     assert (run / "config.yaml").read_text() == original  # kept
     beside = (run / "config.resume-1.yaml").read_text()
     assert "max_epochs: 2" in beside and "width: 4" in beside and "num_train: 64" in beside
     assert "since the resume at step 4" in resumed.output
     steps = [r["step"] for r in read_curvature_jsonl(run / "curvature.jsonl")][::2]
     assert steps == [0, 2, 4, 6, 8]
+
+    # A curvature.* value reaches the callback's (resolved) copy; a group choice is Hydra's.
+    shown = _train(
+        f"resume={run / 'last.ckpt'}",
+        "curvature.compute_every_n_steps=4",
+        "curvature=hutchpp",
+        "--cfg",
+    )
+    cfg = yaml.safe_load(shown.stdout)
+    assert (
+        cfg["callbacks"]["compute_every_n_steps"] == cfg["curvature"]["compute_every_n_steps"] == 4
+    )
+    assert cfg["callbacks"]["backend"] == cfg["curvature"]["backend"] == "hutchpp"
+    assert cfg["model"]["name"] == "small_cnn" and cfg["model"]["width"] == 4
+    assert cfg["run_dir"] == str(run)
 
     # A checkpoint that does not fit the model this command builds: one line, nothing written.
     wrong = _train(

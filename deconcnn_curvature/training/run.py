@@ -184,35 +184,47 @@ def _resume_config(
 
     saved = OmegaConf.load(saved_path)
     absent = object()
-    plain, rest = [], []
-    for override in overrides:
-        key, sep, _ = override.partition("=")
-        direct = sep and key[:1] not in "+~" and OmegaConf.select(saved, key, default=absent)
-        (plain if direct is not absent and sep else rest).append(override)
-    changed: list[str] = []
-    if rest:
-        new = _resolved_leaves(compose_config(rest, config_dir))
-        default = _resolved_leaves(compose_config([], config_dir))
-        named = _override_keys(rest)
-        for key, value in new.items():
-            if default.get(key, absent) != value or any(
-                key == n or key.startswith(n + ".") for n in named
-            ):
-                OmegaConf.update(saved, key, value, merge=False, force_add=True)
-                changed.append(key)
-    try:
-        dotlist = OmegaConf.from_dotlist(list(plain))
-    except OmegaConfBaseException as exc:
-        raise ConfigurationError(f"bad configuration override: {exc}") from exc
-    for key, value in _leaves(OmegaConf.to_container(dotlist)).items():
+
+    def put(key: str, value: Any) -> None:
         OmegaConf.update(saved, key, value, merge=False, force_add=True)
-        changed.append(key)
+        # The saved callbacks node holds resolved copies of the curvature.* values.
         mirror = "callbacks." + key.removeprefix("curvature.")
         if (
             key.startswith("curvature.")
             and OmegaConf.select(saved, mirror, default=absent) is not absent
         ):
             OmegaConf.update(saved, mirror, value, merge=False)
+
+    plain, rest = [], []
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        found = (
+            OmegaConf.select(saved, key, default=absent) if sep and key[:1] not in "+~" else absent
+        )
+        leaf = found is not absent and not OmegaConf.is_config(found)
+        (plain if leaf else rest).append(override)  # a group choice (model=...) goes to Hydra
+    if rest:
+        new = _resolved_leaves(compose_config(rest, config_dir))
+        default = _resolved_leaves(compose_config([], config_dir))
+        named = _override_keys(rest)
+        for key, value in new.items():
+            if key.startswith("callbacks."):
+                continue  # follows curvature.* (put), or an explicit callbacks.* override below
+            if default.get(key, absent) != value or any(
+                key == n or key.startswith(n + ".") for n in named
+            ):
+                put(key, value)
+        for key, value in new.items():
+            if key.startswith("callbacks.") and any(
+                key == n or key.startswith(n + ".") for n in named
+            ):
+                put(key, value)
+    try:
+        dotlist = OmegaConf.from_dotlist(list(plain))
+    except OmegaConfBaseException as exc:
+        raise ConfigurationError(f"bad configuration override: {exc}") from exc
+    for key, value in _leaves(OmegaConf.to_container(dotlist)).items():
+        put(key, value)
     named = _override_keys(overrides)
     resume = Path(str(saved.resume)).expanduser()
     saved.resume = str(resume)
@@ -220,13 +232,9 @@ def _resume_config(
         saved.run_dir = str(resume.parent)  # the run continues in its own folder
     elif "name" in named and "run_dir" not in named:
         saved.run_dir = None
-    shown = [
-        k
-        for k in dict.fromkeys(changed)
-        if k.split(".")[0] not in ("resume", "run_dir", "name", "callbacks")
-    ]
-    extra = f" with {', '.join(shown)} from this command" if shown else ""
-    return saved, [f"resuming with the run's own configuration {saved_path}{extra}."]
+    shown = [o for o in overrides if _override_keys([o])[:1] not in (["resume"], ["run_dir"])]
+    extra = f" and this command's {' '.join(shown)}" if shown else ""
+    return saved, [f"resuming with the run's own configuration ({saved_path}){extra}."]
 
 
 def _env_backend(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
