@@ -422,3 +422,17 @@ def test_only_the_first_rank_of_a_launcher_takes_the_lock(monkeypatch: pytest.Mo
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert _secondary_rank()
+
+
+class _Payload:
+    """Stands for an object whose unpickling would run code."""
+
+
+def test_resume_of_a_checkpoint_holding_objects_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "global_step": 0, "payload": _Payload()}, bad)
+    run = tmp_path / "r"
+    result = _train(*TINY, f"resume={bad}", f"run_dir={run}")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the checkpoint holds objects other than tensors and plain values" in result.output
+    assert not run.exists()
