@@ -581,7 +581,9 @@ def _checkpoint_on_sigterm(path: Path) -> Any:
         def on_exception(
             self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
         ) -> None:
-            if isinstance(exception, SIGTERMException):
+            # Under DDP the launcher has already killed the other ranks, and saving is a
+            # collective: there the last epoch-end checkpoint is the one to resume from.
+            if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
                 trainer.save_checkpoint(path, weights_only=False)
 
     return _CheckpointOnSigterm()
@@ -743,6 +745,11 @@ def _train_in(
     except SIGTERMException:
         if not trainer.is_global_zero:
             raise
+        if not checkpoint.exists():
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM at step {trainer.global_step}, before a checkpoint was "
+                f"saved in {run_dir}; start the run again."
+            ) from None
         raise TrainingInterrupted(
             f"stopped by SIGTERM at step {trainer.global_step}; the run is saved in {run_dir}. "
             f"Resume it with: deconcnn-curv train resume={checkpoint} run_dir={run_dir}"
