@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deconcnn_curvature._records import supersede_after
+from deconcnn_curvature._records import open_for_append, read_jsonl, supersede_after
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.errors import ConfigurationError
@@ -115,8 +115,7 @@ class CurvatureRecordWriter:
     def write(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` as one line of strict JSON and push it to disk."""
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = open_for_append(self.path)  # a torn last line moves aside first
         self._file.write(json.dumps(_json_safe(dict(record)), allow_nan=False) + "\n")
         self._file.flush()
         if self.fsync:
@@ -130,9 +129,9 @@ class CurvatureRecordWriter:
 
 
 def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a ``curvature.jsonl`` file, in order (blank lines skipped)."""
-    with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The records of a ``curvature.jsonl`` file, in order (blank lines skipped; a line torn by a
+    crash is skipped with a warning naming the file and line)."""
+    return read_jsonl(path)
 
 
 # ------------------------------------------------------------------------------------- helpers

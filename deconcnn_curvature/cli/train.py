@@ -65,34 +65,47 @@ def train_cmd(
     OVERRIDES are Hydra overrides, for example:
 
     \b
-      deconcnn-curv train +preset=demo                  # small: a few minutes on 2 CPU cores
+      deconcnn-curv train +preset=demo                  # small: about a minute on 2 idle CPU cores
       deconcnn-curv train model.width_mult=0.25 trainer.max_epochs=5 name=w025
       deconcnn-curv train curvature=hutchpp curvature.compute_every_n_steps=200
       deconcnn-curv train data=cifar10 data.root=/data/cifar trainer.accelerator=gpu
       deconcnn-curv train resume=runs/w025/last.ckpt run_dir=runs/w025
 
-    The run folder (runs/<name or timestamp>/, or run_dir=) gets config.yaml, metrics.jsonl,
-    curvature.jsonl, last.ckpt and curvature.png; a summary table is printed at the end.
+    The run folder (runs/<name or timestamp>/, or run_dir=; the demo's is runs/demo/) gets
+    config.yaml, metrics.jsonl, curvature.jsonl, last.ckpt and curvature.png; a summary table is
+    printed at the end. A resume takes the run's own config.yaml with these overrides on top. A
+    second run into a folder in use stops at once; SIGTERM saves last.ckpt and exits with 143.
     """
     _check_training_extra()
-    from deconcnn_curvature.training.run import compose_config, run_training, summary_table
+    from deconcnn_curvature.training.run import (
+        TrainingInterrupted,
+        compose_run_config,
+        run_training,
+        summary_table,
+    )
 
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         raise click.UsageError(
             f"unknown option {bad[0]!r}; overrides look like key=value (see --help)."
         )
-    cfg = compose_config(overrides, config_dir)
+    cfg, notes = compose_run_config(overrides, config_dir)
+    for note in notes:
+        click.echo(f"deconcnn-curv train: {note}", err=True)
     if show_cfg:
         from omegaconf import OmegaConf
 
         click.echo(OmegaConf.to_yaml(cfg), nl=False)
         return
-    if as_json:  # stdout carries the JSON alone; Lightning's own output goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+    try:
+        if as_json:  # stdout carries the JSON alone; Lightning's own output goes to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                result = run_training(cfg)
+        else:
             result = run_training(cfg)
-    else:
-        result = run_training(cfg)
+    except TrainingInterrupted as exc:  # SIGTERM: not a success for a scheduler
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     if result.global_rank != 0:  # a DDP rank process: rank 0 reports for the run
         return
     if as_json:

@@ -38,7 +38,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from deconcnn_curvature._records import supersede_after
+from deconcnn_curvature._records import open_for_append, read_jsonl, supersede_after
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.training._lightning import pl
 
@@ -120,8 +120,7 @@ class MetricsJSONL(pl.Callback):
     def write(self, step: int, metrics: Mapping[str, Any], timestamp: float | None = None) -> None:
         """Append one line now and flush (the hooks call this on global rank zero only)."""
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = open_for_append(self.path)  # a torn last line moves aside first
         record = {
             "timestamp": time.time() if timestamp is None else float(timestamp),
             "step": int(step),
@@ -265,10 +264,6 @@ class MetricsJSONL(pl.Callback):
 
 
 def read_metrics_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a ``metrics.jsonl`` file back as a list of its records (blank lines skipped)."""
-    records = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                records.append(json.loads(line))
-    return records
+    """Read a ``metrics.jsonl`` file back as a list of its records (blank lines skipped; a line
+    torn by a crash is skipped with a warning naming the file and line)."""
+    return read_jsonl(path)

@@ -10,7 +10,8 @@
 
 The run folder (``run_dir``, default ``runs/<name or timestamp>``) holds::
 
-    config.yaml       the resolved configuration
+    config.yaml       the resolved configuration (a resume writes config.resume-<n>.yaml beside it)
+    .run.lock         locked (fcntl.flock) by the run writing into the folder, for its lifetime
     metrics.jsonl     {"timestamp", "step", "metrics": {...}} per optimiser step (deconCNN's format)
     curvature.jsonl   one record per measurement and quantity (value, stderr, ci, n_hvp, error...)
     last.ckpt         the Lightning checkpoint (resume with resume=<run_dir>/last.ckpt)
@@ -23,8 +24,10 @@ inside the package (``deconcnn_curvature/conf``), which a test keeps identical t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -42,8 +45,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_CONFIG_DIR",
+    "LOCK_NAME",
     "RunResult",
+    "TrainingInterrupted",
     "compose_config",
+    "compose_run_config",
     "default_config_dir",
     "plot_curvature",
     "run_training",
@@ -106,6 +112,158 @@ def compose_config(
         ) from exc
 
 
+def compose_run_config(
+    overrides: Sequence[str] = (), config_dir: str | os.PathLike[str] | None = None
+) -> tuple[DictConfig, list[str]]:
+    """The configuration ``deconcnn-curv train OVERRIDES`` runs, and notes to show at start-up.
+
+    On top of :func:`compose_config`:
+
+    * a value starting with ``~`` (``data.root=~/data/cifar``) is expanded to the home folder
+      (the shell leaves it alone after ``key=``, and Hydra's override lexer refuses it);
+    * a resume (``resume=<run>/last.ckpt``) takes the run's own ``config.yaml`` (saved next to
+      the checkpoint) with this command's overrides on top, and continues in the checkpoint's
+      folder unless ``run_dir=``/``name=`` is given;
+    * otherwise ``$DECONCNN_CURVATURE_BACKEND`` names the backend when no override does.
+    """
+    overrides = [_expand_home(o) for o in overrides]
+    resume = next((o.partition("=")[2] for o in overrides if o.startswith("resume=")), None)
+    if resume:
+        saved = Path(resume.strip("'\"")).expanduser().parent / "config.yaml"
+        if saved.is_file():
+            return _resume_config(saved, overrides, config_dir)
+    cfg = compose_config(overrides, config_dir)
+    if cfg.get("resume"):
+        return cfg, [
+            f"no config.yaml next to {cfg.resume}; resuming with the configuration this command "
+            "composes (the checkpoint must fit it)."
+        ]
+    return cfg, _env_backend(cfg, overrides)
+
+
+def _expand_home(override: str) -> str:
+    key, sep, value = override.partition("=")
+    if not sep or not value.startswith("~") or "'" in value or '"' in value:
+        return override
+    return f"{key}='{os.path.expanduser(value)}'"
+
+
+def _override_keys(overrides: Sequence[str]) -> list[str]:
+    return [o.partition("=")[0].lstrip("+~") for o in overrides if "=" in o]
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _resolved_leaves(cfg: DictConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return _leaves(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+
+
+def _resume_config(
+    saved_path: Path, overrides: Sequence[str], config_dir: str | os.PathLike[str] | None
+) -> tuple[DictConfig, list[str]]:
+    """The run's saved config with this command's overrides on top.
+
+    ``key=value`` for a key the saved config has is applied to it directly (so ``model.width=8``
+    works for a ``model=small_cnn`` run; a ``curvature.*`` key also sets the resolved
+    ``callbacks.*`` copy). Group choices and ``+`` additions are composed by Hydra over the
+    defaults, and the keys they change are copied over.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    saved = OmegaConf.load(saved_path)
+    absent = object()
+
+    def put(key: str, value: Any) -> None:
+        OmegaConf.update(saved, key, value, merge=False, force_add=True)
+        # The saved callbacks node holds resolved copies of the curvature.* values.
+        mirror = "callbacks." + key.removeprefix("curvature.")
+        if (
+            key.startswith("curvature.")
+            and OmegaConf.select(saved, mirror, default=absent) is not absent
+        ):
+            OmegaConf.update(saved, mirror, value, merge=False)
+
+    plain, rest = [], []
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        found = (
+            OmegaConf.select(saved, key, default=absent) if sep and key[:1] not in "+~" else absent
+        )
+        leaf = found is not absent and not OmegaConf.is_config(found)
+        (plain if leaf else rest).append(override)  # a group choice (model=...) goes to Hydra
+    if rest:
+        new = _resolved_leaves(compose_config(rest, config_dir))
+        default = _resolved_leaves(compose_config([], config_dir))
+        named = _override_keys(rest)
+        for key, value in new.items():
+            if key.startswith("callbacks."):
+                continue  # follows curvature.* (put), or an explicit callbacks.* override below
+            if default.get(key, absent) != value or any(
+                key == n or key.startswith(n + ".") for n in named
+            ):
+                put(key, value)
+        for key, value in new.items():
+            if key.startswith("callbacks.") and any(
+                key == n or key.startswith(n + ".") for n in named
+            ):
+                put(key, value)
+    try:
+        dotlist = OmegaConf.from_dotlist(list(plain))
+    except OmegaConfBaseException as exc:
+        raise ConfigurationError(f"bad configuration override: {exc}") from exc
+    for key, value in _leaves(OmegaConf.to_container(dotlist)).items():
+        put(key, value)
+    named = _override_keys(overrides)
+    resume = Path(str(saved.resume)).expanduser()
+    saved.resume = str(resume)
+    if not {"run_dir", "name"} & set(named):
+        saved.run_dir = str(resume.parent)  # the run continues in its own folder
+    elif "name" in named and "run_dir" not in named:
+        saved.run_dir = None
+    shown = [o for o in overrides if _override_keys([o])[:1] not in (["resume"], ["run_dir"])]
+    extra = f" and this command's {' '.join(shown)}" if shown else ""
+    return saved, [f"resuming with the run's own configuration ({saved_path}){extra}."]
+
+
+def _env_backend(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """Apply ``$DECONCNN_CURVATURE_BACKEND`` as the default curvature backend."""
+    from omegaconf import OmegaConf
+
+    from deconcnn_curvature.registry import ENV_BACKEND
+
+    env = os.environ.get(ENV_BACKEND)
+    if not env:
+        return []
+    keys = _override_keys(overrides)
+    if any(k in ("curvature", "curvature.backend", "callbacks", "callbacks.backend") for k in keys):
+        backend = OmegaConf.select(cfg, "curvature.backend", default=None)
+        return [
+            f"curvature backend {backend} (from the command line; ${ENV_BACKEND}={env} unused)."
+        ]
+    import deconcnn_curvature as dcc
+
+    known = [b["name"] for b in dcc.list_backends()]
+    if env not in known:
+        raise ConfigurationError(
+            f"${ENV_BACKEND}={env} names no registered backend (known: {', '.join(known)}); "
+            "unset it or set it to a name from `deconcnn-curv list-backends`."
+        )
+    OmegaConf.update(cfg, "curvature.backend", env, merge=False, force_add=True)
+    return [f"curvature backend {env} (from ${ENV_BACKEND})."]
+
+
 @dataclass(frozen=True)
 class RunResult:
     """What a run left behind, and its headline numbers."""
@@ -122,6 +280,8 @@ class RunResult:
     metrics: Mapping[str, float]
     records: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
     global_rank: int = 0
+    #: The step training started from (the checkpoint's, for a resumed run; 0 otherwise).
+    start_step: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (records included)."""
@@ -138,6 +298,7 @@ class RunResult:
             "final_metrics": dict(self.metrics),
             "curvature_records": [dict(r) for r in self.records],
             "global_rank": self.global_rank,
+            "start_step": self.start_step,
         }
 
 
@@ -149,6 +310,15 @@ _RUN_DIR_ENV = "DECONCNN_CURVATURE_RUN_DIR_OF_RANK0"
 def _launched_rank() -> bool:
     """This process is a rank > 0 that Lightning's DDP launcher started from rank 0's command."""
     return os.environ.get("LOCAL_RANK", "0") != "0" and _RUN_DIR_ENV in os.environ
+
+
+def _secondary_rank() -> bool:
+    """A process other than the first of a distributed run: launched by Lightning from rank 0,
+    or given a non-zero rank by torchrun / SLURM. Rank 0 alone locks the folder, checks it and
+    writes the config; the other ranks write into it."""
+    if _launched_rank():
+        return True
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("RANK", "SLURM_PROCID"))
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -170,6 +340,253 @@ def _run_dir(cfg: DictConfig) -> Path:
             i += 1
             path = base.with_name(f"{base.name}-{i}")
     return path
+
+
+#: The lock file inside a run folder, held (``fcntl.flock``) by the run writing into it.
+LOCK_NAME = ".run.lock"
+
+
+def _make_run_dir(path: Path, timestamped: bool) -> tuple[Path, bool]:
+    """Create the run folder; return it and whether this call created it.
+
+    A timestamped folder is created atomically (``mkdir`` without ``exist_ok``): two runs started
+    in the same second get ``<stamp>`` and ``<stamp>-2``, never one folder between them.
+    """
+    try:
+        if timestamped:
+            base, i = path, 1
+            while True:
+                try:
+                    path.mkdir(parents=True)
+                    return path, True
+                except FileExistsError:
+                    i += 1
+                    path = base.with_name(f"{base.name}-{i}")
+        existed = path.is_dir()
+        path.mkdir(parents=True, exist_ok=True)
+        return path, not existed
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigurationError(
+            f"cannot create the run folder {path}: {reason}; choose another run_dir= or name=."
+        ) from exc
+
+
+def _lock_run_dir(run_dir: Path) -> Any:
+    """Take the run folder's lock (``fcntl.flock``, exclusive, not waiting) for this process and
+    write its pid into the lock file. A second run into the same folder fails here at once; a lock
+    left by a dead process is no lock (the kernel drops it with the process). Returns the open
+    lock file (closing it releases the lock), or ``None`` where ``fcntl`` does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the "already holds a run" check remains
+        return None
+    handle = (run_dir / LOCK_NAME).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigurationError(
+            f"run folder {run_dir} is in use by another run (pid {holder}); wait for it to end, "
+            "or choose another run_dir= or name=."
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    return (run_dir / "curvature.jsonl").exists() or (run_dir / "metrics.jsonl").exists()
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Move the contents of ``run_dir`` (its lock file apart) into a new sibling folder
+    ``<name>.1`` (``.2``, ... when taken); return that folder."""
+    i = 1
+    while True:
+        side = run_dir.with_name(f"{run_dir.name}.{i}")
+        try:
+            side.mkdir()
+            break
+        except FileExistsError:
+            i += 1
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name != LOCK_NAME:
+            os.replace(entry, side / entry.name)
+    return side
+
+
+def _config_path(run_dir: Path, resume: Any) -> Path:
+    """``config.yaml``, or for a resume into a folder that has one, ``config.resume-<n>.yaml``
+    (the run's original configuration is kept)."""
+    path = run_dir / "config.yaml"
+    if resume is None or not path.exists():
+        return path
+    n = 1
+    while (run_dir / f"config.resume-{n}.yaml").exists():
+        n += 1
+    return run_dir / f"config.resume-{n}.yaml"
+
+
+def _listing(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """What a folder holds (name: size, modification time), its lock file apart."""
+    out = {}
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_NAME:
+            stat = entry.stat()
+            out[entry.name] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+def _discard_failed_start(
+    run_dir: Path, created: bool, before: Mapping[str, tuple[int, int]], written: Sequence[Path]
+) -> None:
+    """A run that failed before training wrote anything leaves no trace: the files it wrote (its
+    config) go, and so does the folder if this run created it. Once training has written
+    something (records, a checkpoint), everything stays for a resume."""
+    if not run_dir.is_dir():
+        return
+    names = {p.name for p in written}
+    now = {k: v for k, v in _listing(run_dir).items() if k not in names}
+    if now != dict(before):
+        return
+    for path in written:
+        path.unlink(missing_ok=True)
+    if created:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+
+
+class TrainingInterrupted(CurvatureError):
+    """Training was stopped by SIGTERM; the message says how to resume (the CLI exits 143)."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process ended by the signal
+
+
+#: Trainer settings that must be whole numbers / numbers (Lightning fails on them late, inside
+#: ``fit``, with a bare ``TypeError``).
+_TRAINER_INTS = (
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "min_steps",
+    "log_every_n_steps",
+    "accumulate_grad_batches",
+    "num_sanity_val_steps",
+    "check_val_every_n_epoch",
+)
+_TRAINER_NUMBERS = (
+    "val_check_interval",
+    "limit_train_batches",
+    "limit_val_batches",
+    "gradient_clip_val",
+)
+
+
+def _check_trainer_values(trainer: Mapping[str, Any]) -> None:
+    for key in (*_TRAINER_INTS, *_TRAINER_NUMBERS):
+        value = trainer.get(key)
+        if value is None:
+            continue
+        whole = key in _TRAINER_INTS
+        kinds = (int,) if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            what = "an integer" if whole else "a number"
+            raise ConfigurationError(
+                f"trainer.{key} must be {what}; got {value!r}. Fix the override, e.g. "
+                f"trainer.{key}={2 if whole else 0.5}."
+            )
+
+
+def _make_trainer(settings: dict[str, Any], **kwargs: Any) -> Any:
+    """``lightning.pytorch.Trainer(**settings, **kwargs)``, its refusals as one-line errors."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from deconcnn_curvature.training._lightning import pl
+
+    try:
+        return pl.Trainer(**settings, **kwargs)
+    except (MisconfigurationException, TypeError, ValueError, RuntimeError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        accelerator = str(settings.get("accelerator", "auto"))
+        if accelerator not in ("auto", "cpu") and "accelerator" not in message.lower():
+            message += f" (trainer.accelerator={accelerator})"
+        hint = (
+            "use trainer.accelerator=cpu or trainer.accelerator=auto on a machine without one"
+            if accelerator not in ("auto", "cpu")
+            else "check the trainer.* overrides (`deconcnn-curv train --cfg` shows them)"
+        )
+        raise ConfigurationError(
+            f"Lightning refused the trainer settings: {message}; {hint}."
+        ) from exc
+
+
+def _check_checkpoint_fits(resume: str, module: Any) -> int:
+    """Open the checkpoint to resume from (tensors only: ``weights_only=True``) and check its
+    weights fit the model this config builds; return its global step. A mismatch is one line."""
+    import pickle
+
+    import torch
+
+    try:
+        checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigurationError(
+            f"resume={resume}: the checkpoint holds objects other than tensors and plain values, "
+            "which are not loaded (loading them could run code from the file); resume from a "
+            "checkpoint written by deconcnn-curv train."
+        ) from exc
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise ConfigurationError(
+            f"resume={resume}: not a readable checkpoint ({' '.join(str(exc).split())})."
+        ) from exc
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigurationError(
+            f"resume={resume}: not a Lightning checkpoint (no state_dict); give the last.ckpt "
+            "of a deconcnn-curv train run."
+        )
+    expected = module.state_dict()
+    differ = [
+        f"{name}: checkpoint {list(state[name].shape)} vs model {list(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape)
+    ]
+    missing = [name for name in expected if name not in state]
+    extra = [name for name in state if name not in expected]
+    if differ or missing or extra:
+        example = differ[0] if differ else (f"missing {missing[0]}" if missing else extra[0])
+        raise ConfigurationError(
+            f"resume={resume}: the checkpoint does not fit the model of this config "
+            f"({len(differ)} tensors of another shape, {len(missing)} missing, {len(extra)} "
+            f"unexpected; e.g. {example}); resume with the run's own config (drop the overrides "
+            "that change the model)."
+        )
+    return int(checkpoint.get("global_step") or 0)
+
+
+def _checkpoint_on_sigterm(path: Path) -> Any:
+    """A callback saving ``path`` when Lightning stops training for SIGTERM (it raises its
+    ``SIGTERMException`` after the current optimiser step, so the saved state is consistent)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from deconcnn_curvature.training._lightning import pl
+
+    class _CheckpointOnSigterm(pl.Callback):
+        def on_exception(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+        ) -> None:
+            # Under DDP the launcher has already killed the other ranks, and saving is a
+            # collective: there the last epoch-end checkpoint is the one to resume from.
+            if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
+                trainer.save_checkpoint(path, weights_only=False)
+
+    return _CheckpointOnSigterm()
 
 
 def _plain(node: Any) -> Any:
@@ -202,14 +619,15 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 def run_training(cfg: DictConfig) -> RunResult:
-    """Train as ``cfg`` says and write the run folder (see the module docstring)."""
+    """Train as ``cfg`` says and write the run folder (see the module docstring).
+
+    The run holds the folder's lock (:data:`LOCK_NAME`) until it returns: a second run into the
+    same folder fails at once. A run that fails before training wrote anything removes what it
+    created. SIGTERM stops training after the current step, saves ``last.ckpt`` and raises
+    :class:`TrainingInterrupted` (the CLI exits with 143 and prints the resume command).
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
-
-    from deconcnn_curvature.lightning import read_curvature_jsonl
-    from deconcnn_curvature.training._lightning import pl
-    from deconcnn_curvature.training.metrics import MetricsJSONL
-    from deconcnn_curvature.training.module import ClassificationModule
 
     _require(cfg, "model", "optim", "lrsched", "data", "trainer")
     try:
@@ -220,21 +638,50 @@ def run_training(cfg: DictConfig) -> RunResult:
         raise ConfigurationError(f"the config value {key} must be given{hint}.") from exc
 
     resume = cfg.get("resume")
-    if resume is not None and not Path(resume).is_file():
+    if resume is not None and not Path(resume).expanduser().is_file():
         raise ConfigurationError(f"resume={resume}: no such checkpoint file.")
-    launched = _launched_rank()
-    run_dir = _run_dir(cfg)
+    if resume is not None:
+        resume = str(Path(resume).expanduser())
+    _check_trainer_values(_plain(cfg.trainer))
+    if_exists = cfg.get("if_exists") or "refuse"
+    if if_exists not in ("refuse", "move_aside"):
+        raise ConfigurationError(f"if_exists must be refuse or move_aside; got {if_exists!r}.")
+    moving = if_exists == "move_aside"
+    launched = _secondary_rank()
+    timestamped = not _launched_rank() and not cfg.get("run_dir") and not cfg.get("name")
+    run_dir, created = _make_run_dir(_run_dir(cfg), timestamped)
+    lock = None if launched else _lock_run_dir(run_dir)
+    before = _listing(run_dir)
+    written: list[Path] = []
+    try:
+        if not launched and resume is None and _holds_a_run(run_dir) and not moving:
+            raise ConfigurationError(
+                f"run folder {run_dir} already holds a run; choose another name= or "
+                f"run_dir=, or continue it with resume={run_dir / 'last.ckpt'}."
+            )
+        return _train_in(cfg, run_dir, resume, launched, written)
+    except BaseException:
+        if not launched:
+            _discard_failed_start(run_dir, created, before, written)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_in(
+    cfg: DictConfig, run_dir: Path, resume: str | None, launched: bool, written: list[Path]
+) -> RunResult:
+    """The run itself, in its created and locked folder (see :func:`run_training`)."""
+    from omegaconf import OmegaConf
+
+    from deconcnn_curvature.lightning import read_curvature_jsonl
+    from deconcnn_curvature.training._lightning import pl
+    from deconcnn_curvature.training.metrics import MetricsJSONL
+    from deconcnn_curvature.training.module import ClassificationModule
+
     curvature_path = run_dir / "curvature.jsonl"
-    if (
-        not launched
-        and resume is None
-        and (curvature_path.exists() or (run_dir / "metrics.jsonl").exists())
-    ):
-        raise ConfigurationError(
-            f"run folder {run_dir} already holds a run; choose another name= or run_dir=, or "
-            f"continue it with resume={run_dir / 'last.ckpt'}."
-        )
-    # Build everything that can fail on a bad value before the run folder is created.
+    # Build everything that can fail on a bad value before anything is written.
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
     data = _instantiate(cfg.data)
     model_cfg = dict(_plain(cfg.model))
@@ -244,6 +691,7 @@ def run_training(cfg: DictConfig) -> RunResult:
         **_plain(cfg.optim),
         **_plain(cfg.lrsched),
     )
+    start_step = _check_checkpoint_fits(resume, module) if resume is not None else 0
     monitor = None
     if OmegaConf.select(cfg, "curvature.enabled", default=False):
         if cfg.get("callbacks") is None:
@@ -256,36 +704,58 @@ def run_training(cfg: DictConfig) -> RunResult:
             monitor.check_config()  # unknown backend, unsupported quantity, bad option
             monitor.check_model(module)  # a model the backend refuses
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    if not launched:
-        OmegaConf.save(cfg, config_path, resolve=True)
-        os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP rank processes
     metrics_path = run_dir / "metrics.jsonl"
+    checkpoint = run_dir / "last.ckpt"
     callbacks: list[Any] = [
         MetricsJSONL(metrics_path, every_n_steps=int(cfg.get("metrics_every_n_steps") or 1)),
         pl.callbacks.ModelCheckpoint(
             dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False
         ),
+        _checkpoint_on_sigterm(checkpoint),
     ]
     if monitor is not None:
         callbacks.append(monitor)
-    trainer_kwargs = dict(_plain(cfg.trainer))
-    trainer = pl.Trainer(
-        **trainer_kwargs, default_root_dir=run_dir, logger=False, callbacks=callbacks
+    trainer = _make_trainer(
+        dict(_plain(cfg.trainer)), default_root_dir=run_dir, logger=False, callbacks=callbacks
     )
 
+    config_path = _config_path(run_dir, resume)
+    if not launched:
+        if resume is None and _holds_a_run(run_dir):  # if_exists=move_aside (checked before)
+            side = _move_aside(run_dir)
+            print(
+                f"deconcnn-curv train: {run_dir} held an earlier run; moved it to {side} "
+                "(nothing deleted).",
+                file=sys.stderr,
+            )
+        written.append(config_path)
+        OmegaConf.save(cfg, config_path, resolve=True)
+        os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP rank processes
+
     import torch.distributed as dist
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     group_before = dist.is_available() and dist.is_initialized()
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        for pattern in _QUIET:
-            warnings.filterwarnings("ignore", message=pattern)
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
+    try:
+        with warnings.catch_warnings():
+            for pattern in _QUIET:
+                warnings.filterwarnings("ignore", message=pattern)
+            trainer.fit(module, datamodule=data, ckpt_path=resume)
+    except SIGTERMException:
+        if not trainer.is_global_zero:
+            raise
+        if not checkpoint.exists():
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM at step {trainer.global_step}, before a checkpoint was "
+                f"saved in {run_dir}; start the run again."
+            ) from None
+        raise TrainingInterrupted(
+            f"stopped by SIGTERM at step {trainer.global_step}; the run is saved in {run_dir}. "
+            f"Resume it with: deconcnn-curv train resume={checkpoint} run_dir={run_dir}"
+        ) from None
     seconds = time.perf_counter() - start
 
-    checkpoint = run_dir / "last.ckpt"
     if not checkpoint.exists():
         trainer.save_checkpoint(checkpoint)  # a collective under DDP: every rank calls it
     if not group_before and dist.is_available() and dist.is_initialized():
@@ -315,6 +785,7 @@ def run_training(cfg: DictConfig) -> RunResult:
         metrics=metrics,
         records=tuple(records),
         global_rank=int(trainer.global_rank),
+        start_step=start_step,
     )
 
 
@@ -414,6 +885,22 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
 
+def _curvature_time(result: RunResult) -> str:
+    """Time spent measuring, as a share of the wall time of the same stretch of training: after a
+    resume, the records of this segment (steps past the checkpoint's) over its wall time."""
+    recs = [
+        r for r in result.records if int(r["step"]) > result.start_step or not result.start_step
+    ]
+    spent = sum(float(r.get("seconds") or 0.0) for r in recs)
+    share = spent / result.seconds if result.seconds > 0 else float("nan")
+    if result.start_step:
+        return (
+            f"{spent:.1f} s since the resume at step {result.start_step} "
+            f"({share:.0%} of this segment's wall time)"
+        )
+    return f"{spent:.1f} s ({share:.0%} of the wall time)"
+
+
 def summary_table(result: RunResult) -> Table:
     """A rich table of the run: where its files are, final metrics, the curvature measured."""
     from rich.markup import escape
@@ -437,9 +924,7 @@ def summary_table(result: RunResult) -> Table:
             "curvature records",
             f"{len(ok)} ok, {len(failed)} failed, at {len(steps)} steps ({steps[0]}…{steps[-1]})",
         )
-        spent = sum(float(r.get("seconds") or 0.0) for r in recs)
-        share = spent / result.seconds if result.seconds > 0 else float("nan")
-        table.add_row("curvature time", f"{spent:.1f} s ({share:.0%} of the wall time)")
+        table.add_row("curvature time", _curvature_time(result))
         last_trace = next((r for r in reversed(ok) if r["quantity"] == "trace"), None)
         if last_trace is not None:
             table.add_row(
