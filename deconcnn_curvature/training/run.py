@@ -209,6 +209,7 @@ def run_training(cfg: DictConfig) -> RunResult:
     from omegaconf.errors import MissingMandatoryValue
 
     from deconcnn_curvature.lightning import read_curvature_jsonl
+    from deconcnn_curvature.training._console import no_logger_tip, progress_bar
     from deconcnn_curvature.training._lightning import pl
     from deconcnn_curvature.training.metrics import MetricsJSONL
     from deconcnn_curvature.training.module import ClassificationModule
@@ -273,9 +274,12 @@ def run_training(cfg: DictConfig) -> RunResult:
     if monitor is not None:
         callbacks.append(monitor)
     trainer_kwargs = dict(_plain(cfg.trainer))
-    trainer = pl.Trainer(
-        **trainer_kwargs, default_root_dir=run_dir, logger=False, callbacks=callbacks
-    )
+    if trainer_kwargs.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())  # "Epoch 2/2" on the last of 2 epochs, not "Epoch 1/1"
+    with no_logger_tip():  # Lightning's litlogger advertisement
+        trainer = pl.Trainer(
+            **trainer_kwargs, default_root_dir=run_dir, logger=False, callbacks=callbacks
+        )
 
     import torch.distributed as dist
 
