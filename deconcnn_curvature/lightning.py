@@ -18,9 +18,10 @@ Guarantees (each has a test with a real ``Trainer``):
   distinct reason (``rank_zero_warn``), written to the JSONL with ``value: null`` and its error,
   nothing is logged for it (never a fake 0.0), and later measurements still run. With
   ``on_error="raise"`` the run stops with the error.
-* **Bad configuration fails fast**: argument checks in ``__init__``; backend, quantities and
-  options are checked with :func:`deconcnn_curvature.resolve` in ``setup`` and the training data
-  in ``on_train_start``, all before the first training step.
+* **Bad configuration fails fast**: argument checks in ``__init__``; backend, quantities,
+  options, the model and the loss are checked in ``setup``, the training data and one forward +
+  loss on the curvature batch (under the state guard) in ``on_train_start``, all before the first
+  training step: a run never records nothing but ``null`` for a reason known at the start.
 * **Resume writes the same records.** The schedule position, the fixed curvature batch (its
   indices) and the seed travel in Lightning checkpoints; every random choice is a function of the
   seed and the step, so a resumed run measures what an uninterrupted one would.
@@ -382,13 +383,19 @@ class CurvatureMonitor(pl.Callback):
             folder when there is no logger), or an absolute path; ``None`` writes no file.
         backend_options: Extra backend options (``deconcnn-curv list-backends --json``), e.g.
             ``{"probe_batch": 4, "tol": 1e-3}``; each is passed to the quantities it applies to.
-        loss_fn: The mean-reduced loss ``loss_fn(outputs, targets)``; default
-            ``pl_module.loss_fn``.
+        loss_fn: The mean-reduced loss ``loss_fn(outputs, targets)``, or a short name from
+            :data:`LOSS_NAMES` (``"cross_entropy"``, ``"mse"``, ...); default
+            ``pl_module.loss_fn``, else ``pl_module.criterion``.
         batch_fn: Maps a collated batch of the training loader to the ``(inputs, targets)``
             pair the model and loss take, e.g. ``lambda b: (b["image"], b["label"])`` for a
-            loader of dicts; by default the batch must already be such a pair.
+            loader of dicts, or the import path of such a function
+            (``"package.module:function"``, for configs); by default the batch must already be
+            such a pair.
         model_attr: Measure ``pl_module.<model_attr>`` (dotted path) instead of ``pl_module``
             itself; the module's ``forward`` must map the batch's inputs to the loss's outputs.
+            Without it: ``pl_module``'s ``forward``, or, for a module without one, its only child
+            module when that child holds every trainable parameter (said at start-up; anything
+            else raises, asking for ``model_attr``).
         enabled: ``False`` makes the callback do nothing (one flag in a config turns it off).
         log_metrics: Log through ``pl_module.log`` (the JSONL is written either way).
 
@@ -849,7 +856,18 @@ class CurvatureMonitor(pl.Callback):
         loader = self._train_loader(trainer)
         with rank_agreement(pl_module.device, enabled=trainer.world_size > 1):
             indices = self.batch_indices(trainer.global_step, size)
-            batch = self._build_batch(trainer, loader, indices)
+            try:
+                batch = self._build_batch(trainer, loader, indices)
+            except ConfigurationError:
+                raise
+            except Exception as exc:  # batch_fn or the data set: a user's code, said in one line
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+                raise ConfigurationError(
+                    f"CurvatureMonitor: building the curvature batch from the training data "
+                    f"failed before training: {reason}. If the loader's batches are not "
+                    "(inputs, targets) pairs, set batch_fn=... to map one to such a pair (in a "
+                    "config: curvature.batch_fn=package.module:function)."
+                ) from exc
             self.check_batch(pl_module, batch)  # one forward + loss, under the state guard
 
     # ------------------------------------------------------------------------------ measuring

@@ -943,6 +943,11 @@ class DictOutput(Tiny):
         (DictOutput, {}, r"trial measurement .*model=DictOutput.*TypeError.*model_attr='net'"),
         (NoForward, {"loss_fn": "bce_with_logits"}, r"loss_fn=BCEWithLogitsLoss\(\).*batch_fn="),
         (NoForward, {"loss_fn": "cross_entropy", "batch_fn": lambda b: (b[1], b[0])}, r"Error"),
+        (
+            NoForward,
+            {"loss_fn": "cross_entropy", "batch_fn": lambda b: (b["x"], b["y"])},
+            r"building the curvature batch .*TypeError.*batch_fn=",
+        ),
         (NoForward, {"loss_fn": lambda out, y: out.detach().sum() * 0}, "does not depend"),
         (
             NoForward,
