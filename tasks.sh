@@ -25,7 +25,9 @@ setup() {
   fi
   # Pin whatever torch is installed, so no extra (BackPACK pulls torchvision) can swap it out.
   local constraints="$VENV/constraints.txt"
-  "$py" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+  # Read from the installed metadata: importing torch before numpy is installed warns "Failed to
+  # initialize NumPy".
+  "$py" -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > "$constraints"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo ">> installing deconcnn-curvature[all] (torch pinned: $(cat "$constraints"))" >&2
     "$py" -m pip install -q -c "$constraints" -e ".[all]"

@@ -138,6 +138,15 @@ def _split(spec: DataSpec, x: torch.Tensor, labels: torch.Tensor) -> list[tuple[
     ]
 
 
+def _as_flags(message: str) -> str:
+    """A data-loading message for this command line: ``data=synthetic`` (the ``train``
+    override) becomes the ``--data`` flags that do the same here."""
+    return message.replace(
+        "(data=synthetic)",
+        "(--data synthetic-cifar: the reference run's synthetic images; or --data synthetic)",
+    )
+
+
 def _require_cifar_shape(spec: DataSpec, shape: tuple[int, ...]) -> None:
     if spec.input_shape != shape:
         raise ConfigurationError(
@@ -187,7 +196,11 @@ def build_batches(spec: DataSpec) -> list[tuple[Any, Any]]:
             "CIFAR-10 training images; lower --batch-size or --num-batches."
         )
     data = _training_data_module()
-    images, labels = data.load_cifar10(spec.root, train=True)
+    try:
+        images, labels = data.load_cifar10(spec.root, train=True)
+    except CurvatureError as exc:
+        # The loader's advice names the `train` override (data=synthetic); here it is a flag.
+        raise type(exc)(_as_flags(str(exc))) from None
     if spec.num_samples > len(labels):
         raise ConfigurationError(
             f"batch_size x num_batches = {spec.num_samples} exceeds the {len(labels)} training "

@@ -18,9 +18,10 @@ Guarantees (each has a test with a real ``Trainer``):
   distinct reason (``rank_zero_warn``), written to the JSONL with ``value: null`` and its error,
   nothing is logged for it (never a fake 0.0), and later measurements still run. With
   ``on_error="raise"`` the run stops with the error.
-* **Bad configuration fails fast**: argument checks in ``__init__``; backend, quantities and
-  options are checked with :func:`deconcnn_curvature.resolve` in ``setup`` and the training data
-  in ``on_train_start``, all before the first training step.
+* **Bad configuration fails fast**: argument checks in ``__init__``; backend, quantities,
+  options, the model and the loss are checked in ``setup``, the training data and one forward +
+  loss on the curvature batch (under the state guard) in ``on_train_start``, all before the first
+  training step: a run never records nothing but ``null`` for a reason known at the start.
 * **Resume writes the same records.** The schedule position, the fixed curvature batch (its
   indices) and the seed travel in Lightning checkpoints; every random choice is a function of the
   seed and the step, so a resumed run measures what an uninterrupted one would.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -55,12 +57,14 @@ from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.hvp import rank_agreement
+from deconcnn_curvature.problem import _to_device, preserve_state
 from deconcnn_curvature.results import CurvatureResult, _plain
 from deconcnn_curvature.training._lightning import pl
 
 __all__ = [
     "BATCH_MODES",
     "DEFAULT_METRIC_KEYS",
+    "LOSS_NAMES",
     "ON_ERROR",
     "CurvatureMonitor",
     "CurvatureRecordWriter",
@@ -82,6 +86,16 @@ DEFAULT_METRIC_KEYS: Mapping[str, str] = {
 #: Names under which a backend may declare its probe budget for the trace, in order of preference.
 _BUDGET_OPTIONS: tuple[str, ...] = ("num_hvps", "num_samples", "num_probes", "num_matvecs")
 _MASK63 = (1 << 63) - 1
+#: Short loss names ``loss_fn`` accepts (e.g. from a config: ``curvature.loss_fn=cross_entropy``);
+#: each builds the mean-reduced torch loss.
+LOSS_NAMES: Mapping[str, Callable[[], nn.Module]] = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+    "nll": nn.NLLLoss,
+    "bce_with_logits": nn.BCEWithLogitsLoss,
+}
+#: Attributes of the LightningModule read as the loss when ``loss_fn`` is not given, in order.
+_LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
 
 
 # ------------------------------------------------------------------------------------- records
@@ -237,6 +251,97 @@ def _as_mapping(name: str, value: Any) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()}
 
 
+def _loss_from_setting(value: Any) -> Any:
+    """``loss_fn`` as given: a callable, a short name from :data:`LOSS_NAMES`, or ``None``."""
+    if isinstance(value, str):
+        factory = LOSS_NAMES.get(value.strip().lower())
+        if factory is None:
+            raise ConfigurationError(
+                f"CurvatureMonitor: unknown loss_fn name {value!r}; the names are "
+                f"{', '.join(LOSS_NAMES)}, or give a loss object (in a config: "
+                "loss_fn: {_target_: torch.nn.CrossEntropyLoss})."
+            )
+        return factory()
+    if value is not None and not callable(value):
+        raise ConfigurationError(
+            f"CurvatureMonitor: loss_fn must be callable as loss_fn(outputs, targets) or one of "
+            f"{', '.join(LOSS_NAMES)}; got {type(value).__name__}."
+        )
+    return value
+
+
+def _callable_from_setting(name: str, value: Any) -> Any:
+    """A callable, or a string ``"package.module:function"`` (``.function`` also works) naming one,
+    so a config can give ``batch_fn`` as text."""
+    if isinstance(value, str) and ("." in value or ":" in value):
+        path = value.strip()
+        module_name, sep, attr = path.partition(":")
+        if not sep:
+            module_name, _, attr = path.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"CurvatureMonitor: {name}={value!r} does not name an importable function "
+                f"('package.module:function'): {type(exc).__name__}: {exc}"
+            ) from None
+        value = found
+    if value is not None and not callable(value):
+        raise ConfigurationError(
+            f"CurvatureMonitor: {name} must be a callable mapping a collated training batch to "
+            f"(inputs, targets), or its import path 'package.module:function'; got "
+            f"{type(value).__name__}."
+        )
+    return value
+
+
+def _short_repr(value: Any) -> str:
+    """``repr`` of a loss on one line, shortened (a module's repr can span lines)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _has_own_forward(module: nn.Module) -> bool:
+    """``module`` defines ``forward`` (``LightningModule`` and ``nn.Module`` do not)."""
+    forward = getattr(type(module), "forward", None)
+    return forward not in (pl.LightningModule.forward, nn.Module.forward, None)
+
+
+def _trainable_children(module: nn.Module) -> list[str]:
+    """Names of the direct submodules that hold trainable parameters."""
+    return [
+        name
+        for name, child in module.named_children()
+        if any(p.requires_grad for p in child.parameters())
+    ]
+
+
+def _auto_model_attr(pl_module: nn.Module) -> str | None:
+    """The submodule to measure when ``model_attr`` is not given: ``None`` (the module itself)
+    when it has a ``forward``; else its only child, provided that child holds every trainable
+    parameter. Anything else is ambiguous and raises, naming ``model_attr``."""
+    if _has_own_forward(pl_module):
+        return None
+    owner = type(pl_module).__name__
+    children = _trainable_children(pl_module)
+    direct = [n for n, p in pl_module.named_parameters(recurse=False) if p.requires_grad]
+    if len(children) == 1 and not direct:
+        return children[0]
+    if not children:
+        found = "no submodule holds trainable parameters"
+    elif direct:
+        found = f"it also holds trainable parameters of its own ({', '.join(direct)})"
+    else:
+        found = f"{len(children)} submodules hold trainable parameters ({', '.join(children)})"
+    example = children[0] if children else "model"
+    raise ConfigurationError(
+        f"CurvatureMonitor: {owner} has no forward() of its own and the model to measure is "
+        f"ambiguous: {found}. Set model_attr to the submodule that maps a batch's inputs to "
+        f"the loss's inputs, e.g. model_attr={example!r} (in a config: "
+        f"curvature.model_attr={example}), or give {owner} a forward()."
+    )
+
+
 # ------------------------------------------------------------------------------------- monitor
 
 
@@ -277,13 +382,19 @@ class CurvatureMonitor(pl.Callback):
             folder when there is no logger), or an absolute path; ``None`` writes no file.
         backend_options: Extra backend options (``deconcnn-curv list-backends --json``), e.g.
             ``{"probe_batch": 4, "tol": 1e-3}``; each is passed to the quantities it applies to.
-        loss_fn: The mean-reduced loss ``loss_fn(outputs, targets)``; default
-            ``pl_module.loss_fn``.
+        loss_fn: The mean-reduced loss ``loss_fn(outputs, targets)``, or a short name from
+            :data:`LOSS_NAMES` (``"cross_entropy"``, ``"mse"``, ...); default
+            ``pl_module.loss_fn``, else ``pl_module.criterion``.
         batch_fn: Maps a collated batch of the training loader to the ``(inputs, targets)``
             pair the model and loss take, e.g. ``lambda b: (b["image"], b["label"])`` for a
-            loader of dicts; by default the batch must already be such a pair.
+            loader of dicts, or the import path of such a function
+            (``"package.module:function"``, for configs); by default the batch must already be
+            such a pair.
         model_attr: Measure ``pl_module.<model_attr>`` (dotted path) instead of ``pl_module``
             itself; the module's ``forward`` must map the batch's inputs to the loss's outputs.
+            Without it: ``pl_module``'s ``forward``, or, for a module without one, its only child
+            module when that child holds every trainable parameter (said at start-up; anything
+            else raises, asking for ``model_attr``).
         enabled: ``False`` makes the callback do nothing (one flag in a config turns it off).
         log_metrics: Log through ``pl_module.log`` (the JSONL is written either way).
 
@@ -380,24 +491,14 @@ class CurvatureMonitor(pl.Callback):
                 )
         self.jsonl = None if jsonl is None else Path(jsonl)
         self.backend_options = _as_mapping("backend_options", backend_options)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ConfigurationError(
-                f"CurvatureMonitor: loss_fn must be callable as loss_fn(outputs, targets); got "
-                f"{type(loss_fn).__name__}."
-            )
-        self.loss_fn = loss_fn
+        self.loss_fn = _loss_from_setting(loss_fn)
         if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
             raise ConfigurationError(
                 f"CurvatureMonitor: model_attr must be an attribute name such as 'model' or "
                 f"null; got {model_attr!r}."
             )
         self.model_attr = model_attr
-        if batch_fn is not None and not callable(batch_fn):
-            raise ConfigurationError(
-                f"CurvatureMonitor: batch_fn must be a callable mapping a collated training batch "
-                f"to (inputs, targets); got {type(batch_fn).__name__}."
-            )
-        self.batch_fn = batch_fn
+        self.batch_fn = _callable_from_setting("batch_fn", batch_fn)
         self.enabled = _check_bool("enabled", enabled)
         self.log_metrics = _check_bool("log_metrics", log_metrics)
 
@@ -518,6 +619,9 @@ class CurvatureMonitor(pl.Callback):
 
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
         model: Any = pl_module
+        if self.model_attr is None:
+            found = _auto_model_attr(pl_module)  # a module without forward: its one model child
+            return pl_module if found is None else getattr(pl_module, found)
         if self.model_attr is not None:
             for part in self.model_attr.split("."):
                 model = getattr(model, part, None)
@@ -530,12 +634,17 @@ class CurvatureMonitor(pl.Callback):
         return model
 
     def _loss(self, pl_module: pl.LightningModule) -> Callable[..., torch.Tensor]:
-        loss_fn = self.loss_fn if self.loss_fn is not None else getattr(pl_module, "loss_fn", None)
+        loss_fn = self.loss_fn
+        for attr in _LOSS_ATTRS if loss_fn is None else ():
+            loss_fn = getattr(pl_module, attr, None)
+            if callable(loss_fn):
+                break
         if not callable(loss_fn):
             raise ConfigurationError(
                 f"CurvatureMonitor needs the training loss: give {type(pl_module).__name__} a "
-                "mean-reduced `loss_fn` attribute (e.g. self.loss_fn = nn.CrossEntropyLoss()) "
-                "or pass loss_fn=... to the monitor."
+                "mean-reduced `loss_fn` or `criterion` attribute (e.g. self.loss_fn = "
+                "nn.CrossEntropyLoss()), or pass loss_fn=... to the monitor (a loss object or "
+                f"one of {', '.join(LOSS_NAMES)}; in a config: curvature.loss_fn=cross_entropy)."
             )
         reduction = getattr(loss_fn, "reduction", "mean")
         if reduction != "mean":
@@ -544,6 +653,77 @@ class CurvatureMonitor(pl.Callback):
                 "for the mean loss over the batch, so use a mean-reduced loss."
             )
         return loss_fn
+
+    def _what_is_measured(self, pl_module: pl.LightningModule) -> str:
+        """The start-up line saying which module and loss are measured and where they came from
+        (raises, naming ``model_attr``, when the module to measure is ambiguous)."""
+        owner = type(pl_module).__name__
+        if self.model_attr is not None:
+            self._model(pl_module)
+            model = f"{owner}.{self.model_attr} (model_attr)"
+        else:
+            found = _auto_model_attr(pl_module)
+            model = (
+                f"{owner} (its forward)"
+                if found is None
+                else f"{owner}.{found} (model_attr={found!r}, chosen automatically: {owner} has "
+                f"no forward() and {found} holds all its trainable parameters; set model_attr "
+                "to measure another submodule)"
+            )
+        loss = self._loss(pl_module)
+        source = (
+            "loss_fn"
+            if self.loss_fn is not None
+            else next(
+                (f"{owner}.{a}" for a in _LOSS_ATTRS if getattr(pl_module, a, None) is loss), "?"
+            )
+        )
+        return f"CurvatureMonitor: measuring loss {_short_repr(loss)} ({source}) of model {model}"
+
+    def check_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Compute the loss once on the curvature ``batch`` as a measurement does, under the state
+        guard (training is untouched). A module without ``forward``, a loss that does not take
+        the model's outputs, a batch the model cannot read fail here, before the first step,
+        with what to set, instead of as a run of ``null`` records. ``on_train_start`` calls it."""
+        model = self._model(pl_module)
+        loss_fn = self._loss(pl_module)
+        inputs, targets = batch
+        params = [p for p in model.parameters() if p.requires_grad]
+        device = params[0].device if params else pl_module.device
+        try:
+            with preserve_state(model):
+                loss = loss_fn(model(_to_device(inputs, device)), _to_device(targets, device))
+                if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                    what = type(loss).__name__
+                    if isinstance(loss, torch.Tensor):
+                        what = f"a tensor of shape {tuple(loss.shape)}"
+                    problem = f"the loss is {what}, not a scalar (a mean-reduced loss is)"
+                elif not loss.requires_grad:
+                    problem = "the loss does not depend on the measured model's parameters"
+                else:
+                    problem = None
+                del loss
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            if len(problem) > 400:
+                problem = problem[:400] + " ..."
+        if problem is None:
+            return
+        owner = type(pl_module).__name__
+        name = owner if self.model_attr is None else f"{owner}.{self.model_attr}"
+        if self.model_attr is None and model is not pl_module:
+            name = f"{owner}.{_auto_model_attr(pl_module)}"
+        children = _trainable_children(pl_module)
+        example = children[0] if children else "net"
+        raise ConfigurationError(
+            f"CurvatureMonitor: a trial measurement before training failed: loss_fn(model(inputs), "
+            f"targets) with model={name}, loss_fn={_short_repr(loss_fn)} on the curvature batch: "
+            f"{problem}. Set model_attr={example!r} (the submodule mapping inputs to outputs"
+            f"{'; candidates: ' + ', '.join(children) if children else ''}), loss_fn=... (a loss "
+            f"object or {', '.join(LOSS_NAMES)}) or batch_fn=... (a training batch -> (inputs, "
+            "targets)), whichever is wrong (in a config: curvature.model_attr=..., "
+            "curvature.loss_fn=..., curvature.batch_fn=...)."
+        )
 
     def check_config(self) -> dict[str, dict[str, Any]]:
         """Resolve backend, quantities and options with :func:`deconcnn_curvature.resolve`.
@@ -586,6 +766,7 @@ class CurvatureMonitor(pl.Callback):
         if not self.enabled or stage != "fit":
             return
         resolved = self.check_config()
+        pl.utilities.rank_zero_info(self._what_is_measured(pl_module))
         exact = get_backend(self._backend_name).exact
         for quantity, full in resolved.items():
             budget = {n: full[n] for n in (*_BUDGET_OPTIONS, "rtol", "k") if n in full}
@@ -672,7 +853,21 @@ class CurvatureMonitor(pl.Callback):
         # Build one curvature batch now (not cached; augmentation from private generators), so
         # a batch the monitor cannot use fails before the first step, not at every measurement.
         loader = self._train_loader(trainer)
-        self._build_batch(trainer, loader, self.batch_indices(trainer.global_step, size))
+        with rank_agreement(pl_module.device, enabled=trainer.world_size > 1):
+            indices = self.batch_indices(trainer.global_step, size)
+            try:
+                batch = self._build_batch(trainer, loader, indices)
+            except ConfigurationError:
+                raise
+            except Exception as exc:  # batch_fn or the data set: a user's code, said in one line
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+                raise ConfigurationError(
+                    f"CurvatureMonitor: building the curvature batch from the training data "
+                    f"failed before training: {reason}. If the loader's batches are not "
+                    "(inputs, targets) pairs, set batch_fn=... to map one to such a pair (in a "
+                    "config: curvature.batch_fn=package.module:function)."
+                ) from exc
+            self.check_batch(pl_module, batch)  # one forward + loss, under the state guard
 
     # ------------------------------------------------------------------------------ measuring
 

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import deconcnn_curvature as dcc
+from deconcnn_curvature import lightning as dcc_lightning
 from deconcnn_curvature.lightning import DEFAULT_METRIC_KEYS, CurvatureMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +188,93 @@ def test_packaged_configs_are_identical_to_configs() -> None:
     )
     stale = sorted(str(k) for k in source if packaged[k] != source[k])
     assert not stale, f"stale packaged configs {stale}; run: python -m deconcnn_curvature.conf"
+
+
+class _InlineLoss:
+    """Built lazily (Lightning is imported inside the test): the common shape of other people's
+    modules, `self.net` and no forward, the loss computed inline with F.cross_entropy."""
+
+    @staticmethod
+    def make():  # type: ignore[no-untyped-def]
+        import lightning.pytorch as pl
+        import torch
+        from torch import nn
+
+        class InlineLoss(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+                self.steps_run = 0
+
+            def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+                self.steps_run += 1
+                x, y = batch
+                return nn.functional.cross_entropy(self.net(x), y)
+
+            def configure_optimizers(self):  # type: ignore[no-untyped-def]
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return InlineLoss()
+
+
+def _fit_with_config(monitor: CurvatureMonitor, root: Path):  # type: ignore[no-untyped-def]
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(
+        torch.randn(32, 6, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (32,), generator=g),
+    )
+    pl.seed_everything(0, verbose=False)
+    module = _InlineLoss.make()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
+        callbacks=[monitor],
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    return module
+
+
+@pytest.mark.parametrize(
+    "loss",
+    ["curvature.loss_fn=cross_entropy", "curvature.loss_fn={_target_:torch.nn.CrossEntropyLoss}"],
+)
+def test_a_module_with_an_inline_loss_is_enabled_by_config_alone(tmp_path: Path, loss: str) -> None:
+    """[issue 12] The loss and the model come from the shipped callback YAML: no code change."""
+    from torch import nn
+
+    overrides = [
+        loss,
+        "curvature.model_attr=net",
+        "curvature.compute_every_n_steps=2",
+        "curvature.num_samples=4",
+        "curvature.hessian_batch_size=8",
+    ]
+    monitor = instantiate(_compose(overrides).callbacks, jsonl=str(tmp_path / "c.jsonl"))
+    assert isinstance(monitor.loss_fn, nn.CrossEntropyLoss) and monitor.model_attr == "net"
+    _fit_with_config(monitor, tmp_path)
+    recs = dcc_lightning.read_curvature_jsonl(tmp_path / "c.jsonl")
+    assert [(r["step"], r["error"]) for r in recs] == [(s, None) for s in (2, 2, 4, 4)]
+    assert all(r["value"] is not None for r in recs)
+
+    # The same file dropped into a foreign config folder without our curvature group.
+    configs = _deconcnn_style(tmp_path / "foreign", with_group=False)
+    foreign = instantiate(
+        _compose(
+            ["callbacks.loss_fn=mse", "callbacks.model_attr=net"], configs, name="config"
+        ).callbacks
+    )
+    assert isinstance(foreign.loss_fn, nn.MSELoss) and foreign.model_attr == "net"
+
+
+def test_without_a_loss_in_the_config_the_run_stops_before_step_one_saying_what_to_set(
+    tmp_path: Path,
+) -> None:
+    cfg = _compose(["curvature.compute_every_n_steps=2", "curvature.hessian_batch_size=8"])
+    monitor = instantiate(cfg.callbacks, jsonl=str(tmp_path / "c.jsonl"))
+    with pytest.raises(dcc.ConfigurationError, match=r"curvature\.loss_fn=cross_entropy"):
+        _fit_with_config(monitor, tmp_path)
+    assert not (tmp_path / "c.jsonl").exists()

@@ -837,3 +837,192 @@ def test_two_monitors_keep_separate_state(tmp_path: Path) -> None:
         )
         c.load_state_dict(saved[a.state_key])
     assert c.measurements == 2 and c.curvature_indices == a.curvature_indices
+
+
+# ------------------------------------------------------------------- modules of other shapes
+
+
+class NoForward(pl.LightningModule):
+    """The common shape of other people's modules: the network in ``self.net``, no ``forward``,
+    the loss called inline (``self.loss``, an attribute the monitor does not read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)
+        ).double()
+        self.loss = nn.CrossEntropyLoss()
+        self.steps_run = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        x, y = batch
+        return self.loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+
+class TwoNets(NoForward):
+    """No forward and two submodules with parameters: which one is the model is ambiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 3).double()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        x, y = batch
+        return self.loss(self.head(self.net(x)), y)
+
+
+def test_a_module_without_forward_is_measured_through_its_only_model_child(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """[issue 12] Today every record of such a run is null ('missing the required forward
+    function'); the monitor now measures pl_module.net, found by itself, and says so."""
+    monitor = CurvatureMonitor(
+        compute_every_n_steps=2,
+        num_samples=5,
+        hessian_batch_size=8,
+        loss_fn=nn.CrossEntropyLoss(),
+    )
+    pl.seed_everything(0, verbose=False)
+    module = NoForward()
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, [monitor], max_steps=4).fit(module, tiny_data())
+    startup = [r.getMessage() for r in caplog.records if "measuring loss" in r.getMessage()]
+    assert len(startup) == 1
+    assert "of model NoForward.net (model_attr='net', chosen automatically" in startup[0]
+    assert "CrossEntropyLoss() (loss_fn)" in startup[0]
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [(r["step"], r["quantity"], r["error"]) for r in recs] == [
+        (s, q, None) for s in (2, 4) for q in ("trace", "eigenvalues")
+    ]
+    x, y = tiny_data().dataset[monitor.curvature_indices]
+    again = dcc.estimate(
+        module.net, nn.CrossEntropyLoss(), (x, y), "trace", seed=monitor.probe_seed(4, "trace"),
+        num_hvps=5,
+    )  # fmt: skip
+    assert again.value == recs[2]["value"]
+
+
+def test_an_ambiguous_module_fails_before_the_first_step_naming_model_attr(
+    tmp_path: Path,
+) -> None:
+    monitor = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=8,
+                               loss_fn=nn.CrossEntropyLoss())  # fmt: skip
+    module = TwoNets()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    with pytest.raises(ConfigurationError, match=r"2 submodules .*\(net, head\).*model_attr='net'"):
+        trainer.fit(module, tiny_data())
+    assert module.steps_run == 0 and trainer.global_step == 0
+    assert not (tmp_path / "curvature.jsonl").exists()
+
+    named = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=8,
+                             loss_fn=nn.CrossEntropyLoss(), model_attr="net")  # fmt: skip
+    make_trainer(tmp_path, [named], max_steps=2).fit(TwoNets(), tiny_data())
+    assert [r["error"] for r in records(tmp_path / "curvature.jsonl")] == [None, None]
+
+
+class DictOutput(Tiny):
+    """A forward that returns a dict: the loss cannot take it."""
+
+    def forward(self, x: torch.Tensor) -> Any:  # type: ignore[override]
+        return {"logits": self.net(x)}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        return self.loss_fn(self(batch[0])["logits"], batch[1])
+
+
+@pytest.mark.parametrize(
+    ("module_cls", "kwargs", "match"),
+    [
+        (NoForward, {}, r"needs the training loss.*criterion.*cross_entropy"),
+        (DictOutput, {}, r"trial measurement .*model=DictOutput.*TypeError.*model_attr='net'"),
+        (NoForward, {"loss_fn": "bce_with_logits"}, r"loss_fn=BCEWithLogitsLoss\(\).*batch_fn="),
+        (NoForward, {"loss_fn": "cross_entropy", "batch_fn": lambda b: (b[1], b[0])}, r"Error"),
+        (
+            NoForward,
+            {"loss_fn": "cross_entropy", "batch_fn": lambda b: (b["x"], b["y"])},
+            r"building the curvature batch .*TypeError.*batch_fn=",
+        ),
+        (NoForward, {"loss_fn": lambda out, y: out.detach().sum() * 0}, "does not depend"),
+        (
+            NoForward,
+            {"loss_fn": nn.CrossEntropyLoss(), "model_attr": "net.4"},
+            r"model=NoForward.net.4.*shape",
+        ),
+    ],
+)
+def test_a_measurement_that_cannot_work_stops_the_run_before_step_one(
+    tmp_path: Path, module_cls: type[pl.LightningModule], kwargs: dict[str, Any], match: str
+) -> None:
+    """One forward + loss on the curvature batch at the start of training: whatever would make
+    every measurement fail raises a ConfigurationError saying what to set, before step 1."""
+    monitor = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=8,
+                               **kwargs)  # fmt: skip
+    module = module_cls()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    with pytest.raises(ConfigurationError, match=match) as info:
+        trainer.fit(module, tiny_data())
+    assert "\n" not in str(info.value)
+    assert module.steps_run == 0 and trainer.global_step == 0  # type: ignore[attr-defined]
+    assert not (tmp_path / "curvature.jsonl").exists()
+
+
+def test_training_a_module_without_forward_is_bit_identical_with_monitor_on_and_off(
+    tmp_path: Path,
+) -> None:
+    """The trial forward (BatchNorm, dropout) and the measurements leave training untouched."""
+
+    def run(monitor: CurvatureMonitor | None, root: Path) -> dict[str, Any]:
+        pl.seed_everything(0, verbose=False)
+        module = NoForward()
+        trainer = make_trainer(root, [monitor] if monitor else [], max_steps=6)
+        trainer.fit(module, tiny_data(shuffle=True))
+        return _state(module, trainer)
+
+    off = run(None, tmp_path / "off")
+    monitor = CurvatureMonitor(
+        compute_every_n_steps=3,
+        compute_at_step_zero=True,
+        num_samples=4,
+        hessian_batch_size=8,
+        loss_fn="cross_entropy",
+    )
+    on = run(monitor, tmp_path / "on")
+    assert [r["error"] for r in records(tmp_path / "on" / "curvature.jsonl")] == [None] * 6
+    _assert_same(off, on)
+
+
+class WithCriterion(NoForward):
+    def __init__(self) -> None:
+        super().__init__()
+        self.criterion = nn.CrossEntropyLoss()
+
+
+def test_the_loss_is_read_from_a_criterion_attribute_or_a_short_name(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    from_attr = CurvatureMonitor(quantities=["trace"], compute_every_n_steps=2, num_samples=3,
+                                 hessian_batch_size=8, jsonl="attr.jsonl")  # fmt: skip
+    make_trainer(tmp_path, [from_attr], max_steps=2).fit(WithCriterion(), tiny_data())
+    pl.seed_everything(0, verbose=False)
+    by_name = CurvatureMonitor(quantities=["trace"], compute_every_n_steps=2, num_samples=3,
+                               hessian_batch_size=8, jsonl="name.jsonl",
+                               loss_fn="cross_entropy")  # fmt: skip
+    make_trainer(tmp_path, [by_name], max_steps=2).fit(NoForward(), tiny_data())
+    a, b = records(tmp_path / "attr.jsonl"), records(tmp_path / "name.jsonl")
+    assert a[0]["error"] is None and a[0]["value"] == b[0]["value"]
+    assert isinstance(CurvatureMonitor(loss_fn="MSE").loss_fn, nn.MSELoss)
+    with pytest.raises(ConfigurationError, match=r"unknown loss_fn name 'hinge'.*cross_entropy"):
+        CurvatureMonitor(loss_fn="hinge")
+
+
+def test_batch_fn_may_be_an_import_path() -> None:
+    monitor = CurvatureMonitor(batch_fn="operator:itemgetter")
+    assert monitor.batch_fn is __import__("operator").itemgetter
+    assert CurvatureMonitor(batch_fn="os.path.basename").batch_fn is __import__("os").path.basename
+    with pytest.raises(ConfigurationError, match="does not name an importable function"):
+        CurvatureMonitor(batch_fn="no_such_package.fn")

@@ -434,7 +434,9 @@ def _check_compare_options(
     names: list[str], quantity: str, named: Mapping[str, Any], extra: Mapping[str, Any]
 ) -> None:
     """Before any work: an option no compared backend takes for ``quantity`` is a typo, and a
-    value a backend refuses is a mistake, not a row to discover after loading."""
+    value every compared backend refuses is a mistake, not rows to discover after loading. A
+    value only some refuse (``--num-hvps 3``: Hutch++ needs at least 5) gives those a row with
+    the reason, as the help promises."""
     registry = get_registry()
     classes = [registry.get(name) for name in names]
     takes = {
@@ -451,9 +453,15 @@ def _check_compare_options(
             f"{', '.join(unknown)}: no compared backend ({', '.join(names)}) takes this option "
             f"for {quantity!r}; their options are: {', '.join(sorted(takes)) or '(none)'}."
         )
+    refused: list[str] = []
     for cls in classes:
         opts, _ = _backend_options(cls, quantity, named, extra, strict=False)
-        cls.resolve_options(quantity, opts)  # raises InvalidOptionError on a bad value
+        try:
+            cls.resolve_options(quantity, opts)
+        except InvalidOptionError as exc:
+            refused.append(f"{cls.name}: {exc}")
+    if refused and len(refused) == len(classes):
+        raise InvalidOptionError("no compared backend accepts these options: " + " ".join(refused))
 
 
 def _check_quantity_known(quantity: str) -> None:
@@ -734,8 +742,10 @@ def compare_cmd(
 ) -> None:
     """Run several backends on the same CHECKPOINT, batch and seed, side by side.
 
-    A backend that cannot run here (not installed, cannot handle this model or quantity, or
-    fails) gets a row with the reason; the command fails only if no backend produced a value.
+    A backend that cannot run here (not installed, cannot handle this model or quantity, refuses
+    an option value, or fails) gets a row with the reason; the command fails only if no backend
+    produced a value. Without --backends every registered backend that computes the quantity
+    runs ($DECONCNN_CURVATURE_BACKEND sets the backend of estimate and density, not this list).
     Peak memory is CUDA memory on a GPU, the process's resident memory otherwise.
     """
     dev = resolve_device(device)

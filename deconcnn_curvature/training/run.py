@@ -5,7 +5,8 @@
 ``resnet18_cifar`` ``ClassificationModule`` (SGD with momentum, warm-up + cosine), a Lightning
 ``Trainer`` with a progress bar, deconCNN's ``metrics.jsonl`` writer, a checkpoint and the
 ``CurvatureMonitor`` (when ``curvature.enabled``). It fits, then draws the curvature records
-(trace and λ_max with error bars against step) into ``curvature.png``. ``deconcnn-curv train
+(trace and λ_max with error bars against step, the training loss underneath) into
+``curvature.png``. ``deconcnn-curv train
 [overrides]`` is a thin front end over it.
 
 The run folder (``run_dir``, default ``runs/<name or timestamp>``) holds::
@@ -52,6 +53,7 @@ __all__ = [
     "compose_run_config",
     "default_config_dir",
     "plot_curvature",
+    "read_training_loss",
     "run_training",
     "summary_table",
 ]
@@ -676,6 +678,7 @@ def _train_in(
     from omegaconf import OmegaConf
 
     from deconcnn_curvature.lightning import read_curvature_jsonl
+    from deconcnn_curvature.training._console import no_logger_tip, progress_bar
     from deconcnn_curvature.training._lightning import pl
     from deconcnn_curvature.training.metrics import MetricsJSONL
     from deconcnn_curvature.training.module import ClassificationModule
@@ -715,9 +718,13 @@ def _train_in(
     ]
     if monitor is not None:
         callbacks.append(monitor)
-    trainer = _make_trainer(
-        dict(_plain(cfg.trainer)), default_root_dir=run_dir, logger=False, callbacks=callbacks
-    )
+    trainer_kwargs = dict(_plain(cfg.trainer))
+    if trainer_kwargs.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())  # "Epoch 2/2" on the last of 2 epochs, not "Epoch 1/1"
+    with no_logger_tip():  # Lightning's litlogger advertisement
+        trainer = _make_trainer(
+            trainer_kwargs, default_root_dir=run_dir, logger=False, callbacks=callbacks
+        )
 
     config_path = _config_path(run_dir, resume)
     if not launched:
@@ -766,7 +773,12 @@ def _train_in(
     records = read_curvature_jsonl(curvature_path) if curvature_path.exists() else []
     plot_path = None
     if cfg.get("plot", True) and records and trainer.is_global_zero:
-        plot_path = plot_curvature(records, run_dir / "curvature.png", title=_title(cfg))
+        plot_path = plot_curvature(
+            records,
+            run_dir / "curvature.png",
+            title=_title(cfg),
+            loss=read_training_loss(metrics_path),
+        )
     metrics = {}
     for key, value in trainer.callback_metrics.items():
         number = float(value)
@@ -834,12 +846,81 @@ def _series(
     return steps, values, low, high, failed
 
 
-def plot_curvature(
-    records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = ""
-) -> Path:
-    """Draw the trace (error bars: its confidence interval) and λ_max (error bars: the Lanczos
-    residual, which bounds the distance to an eigenvalue) against step; failed measurements are
-    marked with a red line. Writes a PNG with matplotlib's Agg backend and returns its path."""
+def read_training_loss(
+    metrics_path: str | os.PathLike[str], key: str = "train/loss"
+) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` from a ``metrics.jsonl`` (deconCNN's format), finite values
+    only; an absent file or unreadable line gives nothing rather than an error (the plot is
+    drawn without the loss panel)."""
+    import json
+
+    path = Path(metrics_path)
+    if not path.is_file():
+        return []
+    out: list[tuple[int, float]] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+                value = float(row["metrics"][key])
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if math.isfinite(value):
+                out.append((step, value))
+    return out
+
+
+#: Values spanning more than this ratio get a logarithmic (or symmetric-log) axis.
+_DECADES_RATIO = 20.0
+#: An error bar may widen the axis by this fraction of the points' span (or twice the median bar,
+#: if more); a longer one is clipped at the edge and marked with an arrow.
+_BAR_ROOM = 0.3
+
+
+def _scale_and_limits(
+    values: Sequence[float], bar_ends: Sequence[float] = ()
+) -> tuple[str, float, float]:
+    """The y-axis for ``values``: ``"log"`` when all are positive and span more than
+    :data:`_DECADES_RATIO`, ``"symlog"`` when they change sign and span decades in magnitude,
+    else ``"linear"``. The limits come from the points (padded); an error-bar end widens them only
+    within :data:`_BAR_ROOM` of the points' span or twice the median bar, so one wild interval
+    cannot flatten the rest. ``bar_ends``: the lower ends, then the upper ends, of ``values``."""
+    lo, hi = min(values), max(values)
+    nonzero = [abs(v) for v in values if v != 0.0]
+    spread = max(nonzero) / min(nonzero) if nonzero else 1.0
+    if lo > 0 and spread > _DECADES_RATIO:
+        scale = "log"
+    elif lo < 0 < hi and spread > 100 * _DECADES_RATIO:
+        scale = "symlog"
+    else:
+        scale = "linear"
+    if scale == "log":
+        fwd, back = math.log10, lambda t: 10.0**t
+        ends = [e for e in bar_ends if e > 0 and math.isfinite(e)]
+    else:
+        fwd, back = float, float
+        ends = [e for e in bar_ends if math.isfinite(e)]
+    t0, t1 = fwd(lo), fwd(hi)
+    span = t1 - t0 if t1 > t0 else 0.2 * max(abs(t1), 1e-12)
+    # Room for bars: a share of the points' span, or twice the median bar (robust to a wild one).
+    pairs = zip(bar_ends, [*values, *values], strict=False)
+    usable = [(e, v) for e, v in pairs if math.isfinite(e) and (scale != "log" or e > 0)]
+    lengths = sorted(abs(fwd(e) - fwd(v)) for e, v in usable)
+    median = lengths[len(lengths) // 2] if lengths else 0.0
+    room = max(_BAR_ROOM * span, 2.0 * median)
+    t0 = min([t0, *(fwd(e) for e in ends if t0 - room <= fwd(e) < t0)])
+    t1 = max([t1, *(fwd(e) for e in ends if t1 < fwd(e) <= t1 + room)])
+    pad = 0.06 * (t1 - t0 if t1 > t0 else span)
+    return scale, back(t0 - pad), back(t1 + pad)
+
+
+def _curvature_figure(
+    records: Sequence[Mapping[str, Any]],
+    title: str = "",
+    loss: Sequence[tuple[int, float]] = (),
+) -> Any:
+    """The figure :func:`plot_curvature` saves (a matplotlib ``Figure``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -852,32 +933,107 @@ def plot_curvature(
     present = [p for p in panels if any(r.get("quantity") == p[0] for r in records)]
     if not present:
         raise ConfigurationError("no trace or eigenvalue records to plot.")
-    fig = Figure(figsize=(8, 3.2 * len(present)), layout="constrained")
-    axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (quantity, label, bars) in zip(axes, present, strict=True):
+    rows = len(present) + (1 if loss else 0)
+    heights = [3] * len(present) + ([2] if loss else [])
+    fig = Figure(figsize=(8, 1.0 + 2.6 * len(present) + (1.8 if loss else 0)), dpi=120)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0]
+    marker = 4.0
+    drawn: list[tuple[Any, list[str], list[int], list[float], list[float]]] = []
+    for ax, (quantity, label, bars) in zip(axes, present, strict=False):
         steps, values, low, high, failed = _series(records, quantity)
-        if steps:
-            ax.errorbar(
-                steps,
-                values,
-                yerr=[low, high],
-                fmt="o-",
-                markersize=4,
-                capsize=3,
-                linewidth=1.2,
-                label=f"{label} (error bars: {bars})",
-            )
-        for i, step in enumerate(failed):
-            ax.axvline(step, color="tab:red", linestyle=":", label="failed" if i == 0 else None)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
+        notes = [f"{label}: error bars = {bars}"]
+        for step in failed:
+            ax.axvline(step, color="tab:red", linestyle=":")
+        if failed:
+            notes.append(f"red: {len(failed)} failed")
+        if not steps:
+            ax.text(0.5, 0.5, "every measurement failed", transform=ax.transAxes, ha="center")
+            ax.set_title("; ".join(notes), loc="left", fontsize="small")
+            continue
+        ends = [v - d for v, d in zip(values, low, strict=True)]
+        ends += [v + d for v, d in zip(values, high, strict=True)]
+        scale, y0, y1 = _scale_and_limits(values, ends)
+        if scale == "symlog":
+            ax.set_yscale("symlog", linthresh=min(abs(v) for v in values if v != 0.0))
+        else:
+            ax.set_yscale(scale)
+        ax.set_ylim(y0, y1)
+        ax.errorbar(
+            steps, values, yerr=[low, high], fmt="o-", markersize=marker, capsize=3,
+            linewidth=1.2, color="tab:blue",
+        )  # fmt: skip
+        # Intervals beyond the axis are clipped there and marked with an arrow at the edge.
+        up = [(s, y1) for s, v, h in zip(steps, values, high, strict=True) if v + h > y1]
+        down = [(s, y0) for s, v, d in zip(steps, values, low, strict=True) if v - d < y0]
+        for pts, sym in ((up, "^"), (down, "v")):
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, linestyle="none", marker=sym, color="tab:orange", markersize=7,
+                        clip_on=False)  # fmt: skip
+        if up or down:
+            notes.append("▲▼ interval beyond the axis")
+        last = len(steps) - 1
+        if quantity == "trace":
+            text = (
+                f"step {steps[last]}: {values[last]:.4g} "
+                f"[{values[last] - low[last]:.4g}, {values[last] + high[last]:.4g}]"
+            )
+        else:
+            text = f"step {steps[last]}: {values[last]:.4g} ± {high[last]:.2g}"
+        ax.set_title(text, loc="right", fontsize="small")
+        drawn.append((ax, notes, steps, values, high))
+    if loss:
+        ax = axes[-1]
+        loss_steps, loss_values = zip(*loss, strict=True)
+        ax.plot(loss_steps, loss_values, color="tab:green", linewidth=1.0)
+        scale, y0, y1 = _scale_and_limits(loss_values)
+        ax.set_yscale("log" if scale == "log" else "linear")
+        ax.set_ylim(y0, y1)
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.set_title("training loss (train/loss, metrics.jsonl)", loc="left", fontsize="small")
+        ax.set_title(f"step {loss_steps[-1]}: {loss_values[-1]:.4g}", loc="right",
+                     fontsize="small")  # fmt: skip
     axes[-1].set_xlabel("optimiser step")
     if title:
         fig.suptitle(title, fontsize="medium")
+    # A bar shorter than the marker's radius on screen cannot be seen: say so.
+    fig.draw_without_rendering()
+    radius = marker / 2 * fig.dpi / 72
+    for ax, notes, steps, values, high in drawn:
+        pixels = [
+            abs(ax.transData.transform((s, v + h))[1] - ax.transData.transform((s, v))[1])
+            for s, v, h in zip(steps, values, high, strict=True)
+        ]
+        hidden = sum(p < radius for p in pixels)
+        if hidden == len(pixels):
+            notes.insert(1, "bars smaller than the markers")
+        elif hidden:
+            notes.insert(1, f"{hidden} of {len(pixels)} bars smaller than the markers")
+        ax.set_title("; ".join(notes), loc="left", fontsize="small")
+    return fig
+
+
+def plot_curvature(
+    records: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    title: str = "",
+    loss: Sequence[tuple[int, float]] = (),
+) -> Path:
+    """Draw the trace (error bars: its confidence interval) and λ_max (error bars: the Lanczos
+    residual, which bounds the distance to an eigenvalue) against step, and the training
+    ``loss`` (``(step, value)`` pairs, e.g. :func:`read_training_loss`) under them on the same
+    axis. Each panel is scaled to its points (a log axis where they span decades); an interval
+    reaching beyond the axis is clipped and marked with an arrow at the edge; the last value and
+    its interval are written in the panel; failed measurements (``value`` null) are skipped and
+    marked with a red line. Writes a PNG with matplotlib's Agg backend and returns its path."""
+    fig = _curvature_figure(records, title, loss)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out)
     return out
 
 

@@ -243,3 +243,48 @@ def test_a_mistyped_or_bad_option_fails_before_any_work(
     result = run("compare", path, *GENERIC_ARGS, "--backends", "pyhessian", *args)
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.startswith("Error: ") and fragment in result.stderr
+
+
+def test_a_value_only_some_backends_refuse_gives_them_a_row(workdir: Path) -> None:
+    """[issue 12] `compare --num-hvps 3` failed as a whole (Hutch++ needs at least 5) although
+    the help promises a row with the reason for a backend that cannot run."""
+    path = save_state_dict(workdir / "w.pt")
+    args = ("compare", path, *GENERIC_ARGS, "--backends", "pyhessian,hutchpp", "--batch-size", 8)
+    result = run(*args, "--num-hvps", 3, "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["backend"]: r for r in json.loads(result.stdout)["rows"]}
+    assert rows["pyhessian"]["status"] == "ok" and rows["pyhessian"]["result"]["n_hvp"] == 3
+    assert rows["hutchpp"]["status"] == "invalid option"
+    assert (
+        rows["hutchpp"]["reason"] == "option 'num_hvps' of backend 'hutchpp' must be >= 5, got 3."
+    )
+    table = run(*args, "--num-hvps", 3, "--quiet")
+    assert table.exit_code == 0
+    assert "hutchpp invalid option: option 'num_hvps' of backend 'hutchpp' must be >= 5" in (
+        table.stdout
+    )
+    # A value every compared backend refuses is still a mistake, said before any work.
+    refused = run(*args, "-o", "num_hvps=1")
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "pyhessian: option 'num_hvps'" in refused.stderr
+    assert "hutchpp: option 'num_hvps'" in refused.stderr
+
+
+def test_the_backend_variable_does_not_narrow_compare_and_its_help_says_so(
+    workdir: Path,
+) -> None:
+    path = save_state_dict(workdir / "w.pt")
+    result = CliRunner().invoke(
+        cli,
+        ["compare", str(path), *GENERIC_ARGS, "--batch-size", "8", "--num-hvps", "6", "--json"],
+        env={"COLUMNS": "250", "DECONCNN_CURVATURE_BACKEND": "hutchpp"},
+    )
+    assert result.exit_code == 0, result.output
+    names = [r["backend"] for r in json.loads(result.stdout)["rows"]]
+    assert names == registry_module.get_registry().supporting("trace")
+    help_text = " ".join(run("compare", "--help").stdout.split())
+    assert (
+        "$DECONCNN_CURVATURE_BACKEND sets the backend of estimate and density, not this list"
+        in (help_text)
+    )

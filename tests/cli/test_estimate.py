@@ -438,3 +438,17 @@ def test_a_single_output_model_is_not_a_classifier_and_the_message_says_what_to_
     result = run("estimate", path, *GENERIC_ARGS, "--model-arg", "num_classes=1")
     assert_error(result, "returns 1 output per sample; the command line measures classifiers")
     assert "deconcnn_curvature.estimate(model, loss_fn, data)" in result.stderr
+
+
+def test_missing_cifar_points_to_the_data_flag_not_a_train_override(workdir: Path) -> None:
+    """[issue 12] The message suggested `data=synthetic`, a `train` override, on a command line
+    whose option is `--data`."""
+    from deconcnn_curvature.data_sources import DataSpec, build_batches
+    from deconcnn_curvature.errors import CurvatureError
+
+    spec = DataSpec("cifar10", 4, 1, (3, 32, 32), num_classes=10, root=workdir / "no-cifar")
+    with pytest.raises(CurvatureError) as info:
+        build_batches(spec)
+    message = str(info.value)
+    assert "does not exist" in message and "(data=synthetic)" not in message
+    assert "--data synthetic-cifar" in message and "or --data synthetic)" in message
