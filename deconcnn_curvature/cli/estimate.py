@@ -16,6 +16,7 @@ import re
 import resource
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ import deconcnn_curvature as dcc
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.checkpoints import (
     LOSSES,
+    TRUST_FLAG,
     LoadedCheckpoint,
+    UntrustedCheckpointWarning,
     checkpoint_settings,
     open_checkpoint,
     parse_key_values,
@@ -203,6 +206,14 @@ def _load_options(func: F) -> F:
             show_default=True,
             metavar="auto|cpu|cuda|cuda:N",
             help="Where to compute; auto picks CUDA when a GPU is visible.",
+        ),
+        click.option(
+            "--trust-checkpoint",
+            "trust_checkpoint",
+            is_flag=True,
+            help="Unpickle the checkpoint in full (torch.load weights_only=False): code pickled "
+            "in it runs. Only for files you trust; without it, a checkpoint holding more than "
+            "tensors and plain values is refused.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON."),
         click.option("--quiet", is_flag=True, help="No progress display, no notes."),
@@ -417,10 +428,19 @@ def _settings(
     )
 
 
-def _load(path: Path, settings: Mapping[str, Any], device: torch.device) -> LoadedCheckpoint:
+def _load(
+    path: Path, settings: Mapping[str, Any], device: torch.device, trust: bool = False
+) -> LoadedCheckpoint:
+    if trust:  # the one-line warning; the library's own warning is not repeated
+        click.echo(
+            f"Warning: {TRUST_FLAG}: {path} is unpickled in full, so any code pickled in it "
+            "runs; use this only for files from a source you trust.",
+            err=True,
+        )
     # A --model factory or a checkpoint loader that prints must not corrupt --json on stdout.
-    with contextlib.redirect_stdout(sys.stderr):
-        loaded = open_checkpoint(path, settings, manager=get_registry().manager)
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrustedCheckpointWarning)
+        loaded = open_checkpoint(path, settings, manager=get_registry().manager, trust=trust)
     try:
         loaded.model.to(device)
     except Exception as exc:
@@ -609,6 +629,7 @@ def estimate_cmd(
         --data cifar10 --data-root ~/data --num-hvps 200 --json
     """
     dev = resolve_device(device)
+    trust = load.pop("trust_checkpoint")
     settings = _settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     cls, _ = dcc.resolve(quantity, backend_name, {})  # unknown / unsupported / unavailable
@@ -618,7 +639,7 @@ def estimate_cmd(
 
     with _Progress(quiet) as progress:
         progress.step(f"loading {checkpoint.name}")
-        loaded = _load(checkpoint, settings, dev)
+        loaded = _load(checkpoint, settings, dev, trust)
         progress.step(f"{quantity} with {backend_name} on {dev}")
         result = dcc.estimate(
             loaded.model,
@@ -739,6 +760,7 @@ def compare_cmd(
     Peak memory is CUDA memory on a GPU, the process's resident memory otherwise.
     """
     dev = resolve_device(device)
+    trust = load.pop("trust_checkpoint")
     settings = _settings(device=dev, **load)
     registry = get_registry()
     _check_quantity_known(quantity)
@@ -758,7 +780,7 @@ def compare_cmd(
     memory_kind = _PeakMemory(dev).kind
     with _Progress(quiet, total=len(names)) as progress:
         progress.step(f"loading {checkpoint.name}")
-        loaded = _load(checkpoint, settings, dev)
+        loaded = _load(checkpoint, settings, dev, trust)
         for name in names:
             progress.step(f"{name}: {quantity}")
             row: dict[str, Any] = {"backend": name, "status": "ok", "reason": None}
@@ -1033,6 +1055,7 @@ def density_cmd(
     2019); the top-k eigenvalues come from the same backend (Lanczos for pyhessian).
     """
     dev = resolve_device(device)
+    trust = load.pop("trust_checkpoint")
     settings = _settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     cls, _ = dcc.resolve("density", backend_name, {})
@@ -1068,7 +1091,7 @@ def density_cmd(
 
     with _Progress(quiet) as progress:
         progress.step(f"loading {checkpoint.name}")
-        loaded = _load(checkpoint, settings, dev)
+        loaded = _load(checkpoint, settings, dev, trust)
         progress.step(f"density with {backend_name} on {dev}")
         dens = dcc.estimate(
             loaded.model,

@@ -206,6 +206,7 @@ def run_training(cfg: DictConfig) -> RunResult:
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
+    from deconcnn_curvature.checkpoints import allowed_checkpoint_globals, check_resume_checkpoint
     from deconcnn_curvature.lightning import read_curvature_jsonl
     from deconcnn_curvature.training._lightning import pl
     from deconcnn_curvature.training.metrics import MetricsJSONL
@@ -222,6 +223,8 @@ def run_training(cfg: DictConfig) -> RunResult:
     resume = cfg.get("resume")
     if resume is not None and not Path(resume).is_file():
         raise ConfigurationError(f"resume={resume}: no such checkpoint file.")
+    if resume is not None:  # [issue 10] pickled code is refused before anything is built
+        check_resume_checkpoint(resume)
     launched = _launched_rank()
     run_dir = _run_dir(cfg)
     curvature_path = run_dir / "curvature.jsonl"
@@ -279,7 +282,7 @@ def run_training(cfg: DictConfig) -> RunResult:
 
     group_before = dist.is_available() and dist.is_initialized()
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), allowed_checkpoint_globals():  # resume= reads weights only
         for pattern in _QUIET:
             warnings.filterwarnings("ignore", message=pattern)
         trainer.fit(module, datamodule=data, ckpt_path=resume)
