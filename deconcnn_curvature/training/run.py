@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
+from deconcnn_curvature.results import usable_record
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -299,7 +300,11 @@ def run_training(cfg: DictConfig) -> RunResult:
     records = read_curvature_jsonl(curvature_path) if curvature_path.exists() else []
     plot_path = None
     if cfg.get("plot", True) and records and trainer.is_global_zero:
-        plot_path = plot_curvature(records, run_dir / "curvature.png", title=_title(cfg))
+        # [issue 10] measurements that failed stay failed (value null, marked); a record claiming
+        # success with an unusable value (NaN written as null before results were checked) is left
+        # out rather than crashing the plot.
+        plotted = [r for r in records if usable_record(r) or r.get("value") is None]
+        plot_path = plot_curvature(plotted, run_dir / "curvature.png", title=_title(cfg))
     metrics = {}
     for key, value in trainer.callback_metrics.items():
         number = float(value)
@@ -433,8 +438,8 @@ def summary_table(result: RunResult) -> Table:
             table.add_row(key, _fmt(result.metrics[key]))
     recs = list(result.records)
     if recs:
-        ok = [r for r in recs if r.get("value") is not None]
-        failed = [r for r in recs if r.get("value") is None]
+        ok = [r for r in recs if usable_record(r)]  # [issue 10] failed or unusable: skipped
+        failed = [r for r in recs if not usable_record(r)]
         steps = sorted({int(r["step"]) for r in recs})
         table.add_row(
             "curvature records",
