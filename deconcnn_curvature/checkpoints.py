@@ -47,6 +47,7 @@ from torch import nn
 from deconcnn_curvature.data_sources import DATA_SOURCES, DataSpec, build_batches
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
 from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.plugins import reraise_interrupt
 from deconcnn_curvature.problem import Batch, LossFn, preserve_state
 
 __all__ = [
@@ -399,7 +400,8 @@ def open_checkpoint(
         loaded = hook(path=path, checkpoint=checkpoint, settings=MappingProxyType(resolved))
     except CurvatureError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # a plugin's sys.exit() too; never the user's Ctrl-C
+        reraise_interrupt(exc)
         implementers = [impl.plugin_name for impl in hook.get_hookimpls()]
         raise PluginError(
             f"loading {path} failed inside a load_checkpoint hook (implemented by "

@@ -55,7 +55,8 @@ def register_backends(register: Callable[[type[Backend]], None]) -> None:
         registered by another plugin makes that name ambiguous (selecting it raises
         :class:`deconcnn_curvature.errors.DuplicateBackendError` naming both plugins).
 
-    Return value: ignored.
+    Return ``None``: a non-``None`` return value (e.g. the class instead of ``register(cls)``)
+    is reported as a broken plugin by ``deconcnn-curv list-backends`` and not registered.
     """
 
 
