@@ -206,6 +206,9 @@ def test_resume_refuses_a_hostile_checkpoint_before_reading_it(workdir: Path) ->
     assert "\n" not in str(info.value)
     assert runs(marker) == 0
     check_resume_checkpoint(save_state_dict(workdir / "w.pt"))  # plain weights pass
+    hparams = {"root": pathlib.Path("/data"), "lr": np.float64(0.1)}
+    torch.save({"hyper_parameters": hparams, "state_dict": {}}, workdir / "h.ckpt")
+    check_resume_checkpoint(workdir / "h.ckpt")  # so do the allow-listed hyper-parameters
     (workdir / "text.ckpt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match=r"not a checkpoint written by torch\.save"):
         check_resume_checkpoint(workdir / "text.ckpt")
