@@ -284,6 +284,16 @@ def _is_refusal(exc: BaseException) -> bool:
     )
 
 
+def _load_error(exc: BaseException) -> str:
+    """One line for a failed ``torch.load``: torch's weights-only message spans several lines
+    of advice around the actual error (after ``WeightsUnpickler error:``); keep that error."""
+    text = str(exc)
+    if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        return f"{type(exc).__name__}: {' '.join(detail.split())}"
+    return _describe_error(exc)
+
+
 @dataclass(frozen=True)
 class _ReadFailure:
     reason: str
@@ -309,7 +319,7 @@ def _read(path: Path, trust: bool) -> tuple[Any | None, _ReadFailure | None]:
     except Exception as exc:  # any failure to unpickle means "not a readable torch file"
         if not trust and _is_refusal(exc):
             return None, _ReadFailure(_refusal(path, exc), refused=True)
-        return None, _ReadFailure(_describe_error(exc), refused=False)
+        return None, _ReadFailure(_load_error(exc), refused=False)
 
 
 def read_checkpoint(

@@ -240,3 +240,13 @@ def test_train_resume_of_a_hostile_checkpoint_is_one_line(workdir: Path) -> None
     assert lines[-1].startswith("Error: resume=") and "could run code" in lines[-1]
     assert runs(marker) == 0
     assert not (workdir / "run").exists()
+
+
+def test_a_file_that_is_no_pickle_gets_a_one_line_reason(workdir: Path) -> None:
+    """Not a refusal (nothing to trust): torch's weights-only error, without its advice text."""
+    path = workdir / "run.json"
+    path.write_text('{"weight": [[1.0, 2.0]]}')
+    contents, reason = read_checkpoint(path)
+    assert contents is None and reason == "UnpicklingError: Unsupported operand 123"
+    with pytest.raises(CheckpointError, match=r"truncated \(UnpicklingError: Unsupported operand"):
+        open_checkpoint(path, GENERIC)
