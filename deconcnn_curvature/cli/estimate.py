@@ -641,7 +641,6 @@ def estimate_cmd(
     _, full = dcc.resolve(quantity, backend_name, opts)  # option values
 
     running = _RunningTrace(f"{quantity} with {backend_name} on {dev}")
-    loaded: LoadedCheckpoint | None = None
     try:
         with _signals_interrupt(), _Progress(quiet) as progress:
             progress.step(f"loading {checkpoint.name}")
