@@ -32,7 +32,7 @@ from deconcnn_curvature.problem import (
     preserve_state,
 )
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
-from deconcnn_curvature.results import CurvatureResult
+from deconcnn_curvature.results import CurvatureResult, validate_result
 
 __all__ = ["estimate", "get_backend", "list_backends", "resolve"]
 
@@ -181,6 +181,7 @@ def estimate(
             if cuda:
                 torch.cuda.synchronize(problem.device)
     seconds = time.perf_counter() - start
+    result = _validated(result, cls, quantity, opts)
     # Every backend ran inside preserve_state, so attention used the math kernel: say so.
     extra: dict[str, Any] = {
         "seconds": seconds,
@@ -189,6 +190,20 @@ def estimate(
     if cuda:
         extra["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(problem.device) - base)
     return dataclasses.replace(result, **extra)
+
+
+def _validated(result: Any, cls: type[Backend], quantity: str, opts: dict[str, Any]) -> Any:
+    """[issue 10] Every result is checked (type, quantity, shape, finiteness) before anyone
+    uses it: see :func:`deconcnn_curvature.results.validate_result`."""
+    entry = get_registry().entries.get(cls.name)
+    return validate_result(
+        result,
+        quantity,
+        backend=cls.name,
+        plugin=entry.plugin if entry is not None else "unregistered",
+        options=opts,
+        carries_trace=cls.eigenvalues_carry_trace,
+    )
 
 
 def _first_param_device(model: Any) -> torch.device | None:

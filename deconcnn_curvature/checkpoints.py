@@ -1,6 +1,7 @@
 """Turning a checkpoint file into a curvature problem: a model, a loss and batches of data.
 
-:func:`open_checkpoint` reads the file once (``torch.load`` on the CPU) and asks the
+:func:`open_checkpoint` reads the file once (``torch.load`` on the CPU, ``weights_only=True``
+unless the caller trusts the file: see :func:`read_checkpoint`) and asks the
 ``load_checkpoint`` hook (:mod:`deconcnn_curvature.hookspecs`) for a :class:`LoadedCheckpoint`.
 Plugins are asked first; this module's own implementation is registered ``trylast`` and
 understands two kinds of file:
@@ -26,10 +27,14 @@ shape, batch size and count, seed, model factory and arguments, loss.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
+import pickle
+import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +47,19 @@ from torch import nn
 from deconcnn_curvature.data_sources import DATA_SOURCES, DataSpec, build_batches
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
 from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.plugins import reraise_interrupt
 from deconcnn_curvature.problem import Batch, LossFn, preserve_state
 
 __all__ = [
     "DEFAULT_SETTINGS",
     "LOSSES",
+    "TRUST_FLAG",
     "CheckpointError",
     "LoadedCheckpoint",
+    "UntrustedCheckpointError",
+    "UntrustedCheckpointWarning",
+    "allowed_checkpoint_globals",
+    "check_resume_checkpoint",
     "checkpoint_settings",
     "import_factory",
     "load_checkpoint",
@@ -192,19 +203,174 @@ def _describe_error(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any | None, str | None]:
+class UntrustedCheckpointError(CheckpointError):
+    """The file is a torch checkpoint whose unpickling would import or call something beyond
+    tensors and plain containers (code could run); it is opened only with ``trust=True``."""
+
+
+class UntrustedCheckpointWarning(UserWarning):
+    """A checkpoint is being opened with ``trust=True``: any code pickled in it runs."""
+
+
+#: What the command line calls the opt-in (named in the refusal message).
+TRUST_FLAG = "--trust-checkpoint"
+
+
+def _allowed_globals() -> list[Any]:
+    """Classes and functions a checkpoint may name and still be opened without trust.
+
+    Besides what ``torch.load(weights_only=True)`` accepts by default (tensors, dicts, lists,
+    ``OrderedDict``...), Lightning checkpoints carry the run's hyper-parameters, where paths
+    (``pathlib``) and numpy scalars are common. Each of these only rebuilds a value; none calls
+    anything the file chooses.
+    """
+    import pathlib
+
+    allowed: list[Any] = [
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+        pathlib.WindowsPath,
+        pathlib.PureWindowsPath,
+    ]
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return allowed
+    # numpy scalars pickle as (scalar-constructor, dtype, bytes); take the constructor from a
+    # scalar's own __reduce__ rather than from a private numpy module.
+    allowed += [np.float64(0).__reduce__()[0], np.dtype]
+    # numpy >= 1.25 restores a dtype through its own class (numpy.dtypes.Float64DType...).
+    allowed += list(dict.fromkeys(type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGUS"))
+    return allowed
+
+
+@contextlib.contextmanager
+def allowed_checkpoint_globals() -> Iterator[None]:
+    """Within this block, ``torch.load(weights_only=True)`` also accepts
+    :func:`_allowed_globals` (scoped: torch's allow-list is restored afterwards). Used around
+    every checkpoint read of this package, and around the training run's ``resume=``."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is None:  # torch < 2.5: only torch's own allow-list
+        yield
+        return
+    with scoped(_allowed_globals()):
+        yield
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>")
+
+
+def _refusal(path: Path, exc: BaseException) -> str:
+    found = _UNSAFE_GLOBAL.search(str(exc))
+    what = f" ({found.group(1) or found.group(2)})" if found else ""
+    return (
+        f"{path} holds pickled Python objects{what} beyond tensors and plain values; opening it "
+        f"could run code from the file, so it is refused. Only if you trust its source, pass "
+        f"{TRUST_FLAG} (trust=True from Python)."
+    )
+
+
+#: How torch's weights-only unpickler says "this names a class or function I will not load" (as
+#: opposed to "this is not a pickle at all").
+_REFUSED = re.compile(r"GLOBAL|allowlisted|unrecognized function", re.IGNORECASE)
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    text = str(exc)
+    return (
+        isinstance(exc, pickle.UnpicklingError)
+        and "Weights only load failed" in text
+        and _REFUSED.search(text) is not None
+    )
+
+
+def _load_error(exc: BaseException) -> str:
+    """One line for a failed ``torch.load``: torch's weights-only message spans several lines
+    of advice around the actual error (after ``WeightsUnpickler error:``); keep that error."""
+    text = str(exc)
+    if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        return f"{type(exc).__name__}: {' '.join(detail.split())}"
+    return _describe_error(exc)
+
+
+@dataclass(frozen=True)
+class _ReadFailure:
+    reason: str
+    refused: bool  # the weights-only unpickler refused a global: a torch file, untrusted
+
+
+def _read(path: Path, trust: bool) -> tuple[Any | None, _ReadFailure | None]:
+    """One ``torch.load`` of ``path``; never a second one (a failed unpickling may already have
+    run code, with ``trust``)."""
+    if path.is_dir():
+        return None, _ReadFailure("it is a directory", refused=False)
+    if trust:
+        warnings.warn(
+            f"{path} is opened with trust: any code pickled in it runs ({TRUST_FLAG}).",
+            UntrustedCheckpointWarning,
+            stacklevel=3,
+        )
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False), None
+        with allowed_checkpoint_globals():
+            return torch.load(path, map_location="cpu", weights_only=True), None
+    except Exception as exc:  # any failure to unpickle means "not a readable torch file"
+        if not trust and _is_refusal(exc):
+            return None, _ReadFailure(_refusal(path, exc), refused=True)
+        return None, _ReadFailure(_load_error(exc), refused=False)
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, trust: bool = False
+) -> tuple[Any | None, str | None]:
     """``(contents, None)``, or ``(None, reason)`` when ``path`` cannot be read as a torch file.
 
-    Uses ``torch.load(map_location="cpu", weights_only=False)``: a checkpoint may hold pickled
-    objects of the training code, so only open files you trust.
+    Reads the file once with ``torch.load(map_location="cpu", weights_only=True)``: tensors,
+    containers, plain values, paths and numpy scalars only, so nothing in the file can run code.
+    A checkpoint that pickles other objects (a whole ``nn.Module``, a custom class) is refused
+    with a reason naming ``--trust-checkpoint``; ``trust=True`` unpickles it in full
+    (``weights_only=False``, any code in it runs) and warns with
+    :class:`UntrustedCheckpointWarning`. Use it only for files you trust.
+    """
+    contents, failure = _read(Path(path), trust)
+    return contents, None if failure is None else failure.reason
+
+
+def check_resume_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Refuse, before training starts, a ``resume=`` checkpoint that pickles objects beyond
+    what :func:`allowed_checkpoint_globals` accepts (its unpickling could run code).
+
+    Reads only the file's pickle opcodes (``torch.serialization.
+    get_unsafe_globals_in_checkpoint``); nothing in it is executed. Raises
+    :class:`UntrustedCheckpointError` (one line).
     """
     path = Path(path)
-    if path.is_dir():
-        return None, "it is a directory"
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is None:  # torch < 2.5: Lightning's own weights-only load is the guard
+        return
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), None
-    except Exception as exc:  # any failure to unpickle means "not a readable torch file"
-        return None, _describe_error(exc)
+        with allowed_checkpoint_globals():
+            unsafe = sorted(scan(path))
+    except Exception as exc:
+        raise CheckpointError(
+            f"resume={path}: not a checkpoint written by torch.save or Lightning "
+            f"({_describe_error(exc)})."
+        ) from exc
+    if unsafe:
+        raise UntrustedCheckpointError(
+            f"resume={path}: the checkpoint holds pickled Python objects ({', '.join(unsafe)}) "
+            "beyond tensors and plain values; loading it could run code from the file, so "
+            "training refuses it. Resume from a checkpoint written by deconcnn-curv train."
+        )
+
+
+#: Why open_checkpoint could not read the file it hands to the hook (the built-in loader's
+#: message says it without reading the file again).
+_READ_FAILURE: contextvars.ContextVar[tuple[Path, str] | None] = contextvars.ContextVar(
+    "deconcnn_curvature_read_failure", default=None
+)
 
 
 def _hook_caller(manager: Any) -> Any:
@@ -220,30 +386,39 @@ def open_checkpoint(
     settings: Mapping[str, Any] | None = None,
     *,
     manager: Any = None,
+    trust: bool = False,
 ) -> LoadedCheckpoint:
     """Read ``path`` and turn it into a :class:`LoadedCheckpoint` through the ``load_checkpoint``
     hook (plugins first, the built-in loaders last).
 
     ``settings`` are completed with :func:`checkpoint_settings`; ``manager`` is a pluggy plugin
-    manager (default: the registry's). Every failure is a :class:`CurvatureError` whose message
-    says what to change.
+    manager (default: the registry's). The file is read once, as :func:`read_checkpoint` says:
+    a checkpoint pickling objects beyond tensors and plain values raises
+    :class:`UntrustedCheckpointError` unless ``trust=True``. Every failure is a
+    :class:`CurvatureError` whose message says what to change.
     """
     path = Path(path).expanduser()
     resolved = checkpoint_settings(**dict(settings or {}))
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist.")
-    checkpoint, _reason = read_checkpoint(path)
+    checkpoint, failure = _read(path, trust)
+    if failure is not None and failure.refused:
+        raise UntrustedCheckpointError(failure.reason)
     hook = _hook_caller(manager)
+    token = _READ_FAILURE.set((path, failure.reason) if failure is not None else None)
     try:
         loaded = hook(path=path, checkpoint=checkpoint, settings=MappingProxyType(resolved))
     except CurvatureError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # a plugin's sys.exit() too; never the user's Ctrl-C
+        reraise_interrupt(exc)
         implementers = [impl.plugin_name for impl in hook.get_hookimpls()]
         raise PluginError(
             f"loading {path} failed inside a load_checkpoint hook (implemented by "
             f"{', '.join(implementers)}): {_describe_error(exc)}"
         ) from exc
+    finally:
+        _READ_FAILURE.reset(token)
     if not isinstance(loaded, LoadedCheckpoint):
         raise PluginError(
             f"a load_checkpoint hook returned {type(loaded).__name__} for {path}; it must return "
@@ -535,7 +710,8 @@ def load_checkpoint(
     """The built-in loaders: the reference run's Lightning checkpoints, and any state dict with
     ``--model``. Registered last, so every plugin is asked first; never returns ``None``."""
     if checkpoint is None:
-        _, reason = read_checkpoint(path)
+        failure = _READ_FAILURE.get()
+        reason = failure[1] if failure is not None and failure[0] == path else "unreadable"
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint, or it is truncated ({reason}); pass a file "
             "written by torch.save or a Lightning checkpoint (.ckpt)."

@@ -55,7 +55,8 @@ def register_backends(register: Callable[[type[Backend]], None]) -> None:
         registered by another plugin makes that name ambiguous (selecting it raises
         :class:`deconcnn_curvature.errors.DuplicateBackendError` naming both plugins).
 
-    Return value: ignored.
+    Return ``None``: a non-``None`` return value (e.g. the class instead of ``register(cls)``)
+    is reported as a broken plugin by ``deconcnn-curv list-backends`` and not registered.
     """
 
 
@@ -70,8 +71,10 @@ def load_checkpoint(
     that project.
 
     :param path: the checkpoint file the user named.
-    :param checkpoint: the file's contents as loaded by ``torch.load(..., weights_only=False)`` on
-        the CPU, or ``None`` if it could not be read as a torch file.
+    :param checkpoint: the file's contents as loaded by ``torch.load(..., weights_only=True)`` on
+        the CPU (``weights_only=False`` only when the user trusts the file: ``--trust-checkpoint``),
+        or ``None`` if it could not be read as a torch file. A torch file refused as untrusted
+        never reaches the hook; do not unpickle the file yourself.
     :param settings: the CLI's data and model settings (``batch_size``, ``num_batches``, ``data``,
         ``data_root``, ``seed``, ``model``, ``model_args``, ``loss``, ``device``, ``input_shape``,
         ``num_classes``), already validated. ``data`` is ``synthetic``, ``synthetic-cifar`` or

@@ -10,8 +10,9 @@ Environment variables:
     Set to ``1`` to print every hook call to standard error.
 
 A plugin that fails to import, or whose hook raises, is recorded as broken (name and error); every
-other plugin keeps working. ``check_pending()`` runs after loading so a misspelt hook implementation
-fails loudly instead of being silently ignored.
+other plugin keeps working. That includes a plugin calling ``sys.exit()`` or raising any other
+``BaseException`` except ``KeyboardInterrupt``. ``check_pending()`` runs after loading so a
+misspelt hook implementation fails loudly instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "BrokenPlugin",
     "LoadedPlugins",
     "load_plugins",
+    "reraise_interrupt",
 ]
 
 ENV_PLUGINS = "DECONCNN_CURVATURE_PLUGINS"
@@ -65,6 +67,14 @@ class BrokenPlugin:
 class LoadedPlugins:
     manager: pluggy.PluginManager
     broken: list[BrokenPlugin] = field(default_factory=list)
+
+
+def reraise_interrupt(exc: BaseException) -> None:
+    """Re-raise ``exc`` if it is the user's interrupt (Ctrl-C) or not an error at all; return for
+    anything a plugin may have raised, ``SystemExit`` (a plugin calling ``sys.exit()``) and other
+    ``BaseException`` subclasses included, so the caller records the plugin as broken."""
+    if isinstance(exc, KeyboardInterrupt | GeneratorExit):
+        raise exc
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -99,14 +109,16 @@ def load_plugins(extra: tuple[object, ...] = ()) -> LoadedPlugins:
         try:
             plugin = ep.load()
             pm.register(plugin, name=name)
-        except Exception as exc:  # a third-party import failure must not take the registry down
+        except BaseException as exc:  # a third-party import failure must not take us down
+            reraise_interrupt(exc)  # sys.exit() in a plugin is its failure; Ctrl-C is the user's
             broken.append(BrokenPlugin(name, _describe_error(exc), "import"))
 
     for i, plugin in enumerate(extra):
         name = getattr(plugin, "__name__", None) or f"extra-{i}"
         try:
             pm.register(plugin, name=name)
-        except Exception as exc:
+        except BaseException as exc:
+            reraise_interrupt(exc)
             broken.append(BrokenPlugin(name, _describe_error(exc), "import"))
 
     try:

@@ -17,7 +17,12 @@ from deconcnn_curvature.errors import (
     UnknownBackendError,
     UnsupportedQuantityError,
 )
-from deconcnn_curvature.plugins import BrokenPlugin, _describe_error, load_plugins
+from deconcnn_curvature.plugins import (
+    BrokenPlugin,
+    _describe_error,
+    load_plugins,
+    reraise_interrupt,
+)
 
 __all__ = [
     "DEFAULT_BACKEND",
@@ -109,11 +114,15 @@ class Registry:
             others = [p for _, p in plugins if p is not plugin]
             call = pm.subset_hook_caller("register_backends", remove_plugins=others)
             try:
-                call(register=lambda backend, _p=pname: reg._register(backend, _p))
-            except Exception as exc:  # keep every other plugin working
+                returned = call(register=lambda backend, _p=pname: reg._register(backend, _p))
+            except BaseException as exc:  # keep every other plugin working (sys.exit() too)
+                reraise_interrupt(exc)
                 if pname.startswith("builtin:"):
                     raise
                 reg.broken.append(BrokenPlugin(pname, _describe_error(exc), "register_backends"))
+                continue
+            if returned:  # pluggy collects the non-None return values
+                reg.broken.append(BrokenPlugin(pname, _returned(returned), "register_backends"))
         return reg
 
     # -- lookup -------------------------------------------------------------------------------
@@ -165,6 +174,17 @@ class Registry:
                 )
             rows.append(info)
         return rows
+
+
+def _returned(values: list[Any]) -> str:
+    """What a ``register_backends`` hook that returned something instead of ``None`` is told."""
+    shown = ", ".join(repr(v) for v in values)
+    if len(shown) > 200:
+        shown = shown[:197] + "..."
+    return (
+        f"register_backends returned {shown}; the hook must call register(BackendClass) for "
+        "each backend and return None. The returned value was not registered."
+    )
 
 
 _lock = threading.Lock()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CurvatureResult", "Density"]
+from deconcnn_curvature.errors import NonFiniteError, PluginError
+
+__all__ = ["CurvatureResult", "Density", "usable_record", "validate_result"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +102,154 @@ class CurvatureResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary of every field."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# --------------------------------------------------------------------------------------------
+# [issue 10] the host checks every result a backend hands back before anyone uses it
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shape_problem(quantity: str, value: Any, k: Any) -> str | None:
+    """Why ``value`` is not what ``quantity`` returns (see :class:`CurvatureResult`), or None."""
+    if quantity == "trace":
+        return None if _real(value) else "a float"
+    if quantity == "eigenvalues":
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+            return "a non-empty list of floats"
+        if not all(_real(v) for v in value):
+            return "a list of floats"
+        if _real(k) and len(value) > k:
+            return f"at most k={k} values"
+        return None
+    if quantity == "density":
+        if not isinstance(value, Density):
+            return "a deconcnn_curvature.results.Density"
+        if not value.nodes or len(value.nodes) != len(value.weights):
+            return "a Density with as many weights as nodes (at least one)"
+        if not all(_real(v) for v in (*value.nodes, *value.weights)):
+            return "a Density of floats"
+        return None
+    if quantity == "layer_trace":
+        if not isinstance(value, Mapping) or not all(_real(v) for v in value.values()):
+            return "a dict of parameter name to float"
+        return None
+    if quantity == "diagonal":
+        import torch
+
+        if not isinstance(value, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in value.values()
+        ):
+            return "a dict of parameter name to tensor"
+        return None
+    return None  # a plugin's own quantity: its shape is the plugin's contract
+
+
+def _non_finite(quantity: str, value: Any) -> Any:
+    """The first non-finite number in a (shape-checked) value, or None."""
+    if isinstance(value, Density):
+        numbers_ = [*value.nodes, *value.weights]
+    elif isinstance(value, Mapping):
+        numbers_ = []
+        for v in value.values():
+            if hasattr(v, "isfinite"):  # a tensor
+                if not bool(v.isfinite().all()):
+                    return v[~v.isfinite()].flatten()[0].item()
+            elif _real(v):
+                numbers_.append(v)
+    elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        numbers_ = [v for v in value if _real(v)]
+    else:
+        numbers_ = [value] if _real(value) else []
+    return next((v for v in numbers_ if not math.isfinite(v)), None)
+
+
+def validate_result(
+    result: Any,
+    quantity: str,
+    *,
+    backend: str,
+    plugin: str,
+    options: Mapping[str, Any] | None = None,
+    carries_trace: bool = False,
+) -> CurvatureResult:
+    """Return ``result`` if it is a usable answer to ``quantity`` from ``backend`` (registered by
+    ``plugin``); raise otherwise.
+
+    Checked: the type (:class:`CurvatureResult`), its ``quantity``, the shape of ``value`` for
+    the known quantities (a float for ``trace``, a non-empty list of at most ``k`` floats for
+    ``eigenvalues``, a :class:`Density`, a dict of floats or tensors), and that ``value`` and
+    ``stderr`` are finite (``stderr`` also >= 0), as is the trace an ``eigenvalues`` result
+    carries (``carries_trace``). A malformed result is a :class:`PluginError`; a non-finite
+    number a :class:`NonFiniteError`; both name the backend and the plugin. Built-in backends
+    raise on a diverged model before returning, so either means the backend is at fault.
+    """
+    who = f"backend {backend!r} (plugin {plugin!r})"
+    if not isinstance(result, CurvatureResult):
+        raise PluginError(
+            f"{who} returned {type(result).__name__} for {quantity!r}, not a "
+            "deconcnn_curvature.CurvatureResult; the result is refused (a bug in the plugin)."
+        )
+    if result.quantity != quantity:
+        raise PluginError(
+            f"{who} was asked for {quantity!r} but returned a result for "
+            f"{result.quantity!r}; the result is refused (a bug in the plugin)."
+        )
+    expected = _shape_problem(quantity, result.value, (options or {}).get("k"))
+    if expected is not None:
+        raise PluginError(
+            f"{who} returned {type(result.value).__name__} as the value of {quantity!r}; "
+            f"{quantity} must be {expected}. The result is refused (a bug in the plugin)."
+        )
+    stderr = result.stderr
+    if stderr is not None and not _real(stderr):
+        raise PluginError(
+            f"{who} returned a {type(stderr).__name__} as the standard error of {quantity!r}; "
+            "it must be a float or None. The result is refused (a bug in the plugin)."
+        )
+    bad = _non_finite(quantity, result.value)
+    what = quantity
+    if bad is None and stderr is not None and not math.isfinite(stderr):
+        bad, what = stderr, f"standard error of the {quantity}"
+    if bad is None and carries_trace and quantity == "eigenvalues":
+        trace = (result.details or {}).get("trace")
+        if trace is not None and not (_real(trace) and math.isfinite(trace)):
+            bad, what = trace, "trace carried by the eigenvalues result"
+    if bad is not None:
+        raise NonFiniteError(
+            f"{who} returned a non-finite {what} ({bad}); refusing to report it. Check the "
+            "model and data (diverged parameters, NaN inputs); if they are sound, the backend "
+            "is at fault: report it to the plugin's authors."
+        )
+    if stderr is not None and stderr < 0:
+        raise PluginError(
+            f"{who} returned a negative standard error ({stderr}) for {quantity!r}; the result "
+            "is refused (a bug in the plugin)."
+        )
+    return result
+
+
+def _finite_number(value: Any) -> bool:
+    return _real(value) and math.isfinite(value)
+
+
+def usable_record(record: Mapping[str, Any]) -> bool:
+    """Whether a ``curvature.jsonl`` record holds a measurement that summaries and plots may use:
+    no ``error``, a finite ``value`` (a number, or a non-empty list of numbers for eigenvalues),
+    and a finite ``stderr`` and ``ci`` where present. Records written before results were
+    validated can hold ``null`` where a backend returned NaN, with no error; they are skipped."""
+    if record.get("error") is not None:
+        return False
+    value = record.get("value")
+    if isinstance(value, list):
+        if not value or not all(_finite_number(v) for v in value):
+            return False
+    elif value is None or (record.get("quantity") == "trace" and not _finite_number(value)):
+        return False
+    stderr = record.get("stderr")
+    if stderr is not None and not _finite_number(stderr):
+        return False
+    ci = record.get("ci")
+    return ci is None or (isinstance(ci, list | tuple) and all(_finite_number(v) for v in ci))

@@ -161,7 +161,9 @@ def _write(path: Path, kind: str) -> Path:
     ("kind", "match"),
     [
         ("truncated", r"is not a PyTorch checkpoint, or it is truncated \(.*zip"),
-        ("text", r"is not a PyTorch checkpoint, or it is truncated \(.*UnpicklingError"),
+        # weights-only unpickling (issue 10) reports a text file as IndexError, not
+        # UnpicklingError; what matters is the one-line reason in parentheses.
+        ("text", r"is not a PyTorch checkpoint, or it is truncated \(.*(Unpickling|Index)Error"),
         ("empty", r"is not a PyTorch checkpoint, or it is truncated"),
         ("list", r"holds a list, not a checkpoint"),
     ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,8 +40,26 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _finite_only(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_only(v) for v in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, allow_nan=False))
+    """Strict JSON on stdout. Results are validated (finite values and errors) before they get
+    here; a non-finite number left in a backend's ``details`` (an infinite interval, a NaN
+    residual) is written as ``null`` rather than crashing the command."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite_only(obj), indent=2, allow_nan=False)
+    click.echo(text)
 
 
 def console() -> Console:

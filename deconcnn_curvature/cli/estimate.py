@@ -14,9 +14,12 @@ import math
 import os
 import re
 import resource
+import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,9 @@ import deconcnn_curvature as dcc
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.checkpoints import (
     LOSSES,
+    TRUST_FLAG,
     LoadedCheckpoint,
+    UntrustedCheckpointWarning,
     checkpoint_settings,
     open_checkpoint,
     parse_key_values,
@@ -46,6 +51,7 @@ from deconcnn_curvature.errors import (
     UnsupportedModelError,
     UnsupportedQuantityError,
 )
+from deconcnn_curvature.linalg.hutchinson import TraceProgress, trace_progress
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
 from deconcnn_curvature.results import CurvatureResult, Density
 
@@ -203,6 +209,14 @@ def _load_options(func: F) -> F:
             show_default=True,
             metavar="auto|cpu|cuda|cuda:N",
             help="Where to compute; auto picks CUDA when a GPU is visible.",
+        ),
+        click.option(
+            "--trust-checkpoint",
+            "trust_checkpoint",
+            is_flag=True,
+            help="Unpickle the checkpoint in full (torch.load weights_only=False): code pickled "
+            "in it runs. Only for files you trust; without it, a checkpoint holding more than "
+            "tensors and plain values is refused.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON."),
         click.option("--quiet", is_flag=True, help="No progress display, no notes."),
@@ -417,10 +431,19 @@ def _settings(
     )
 
 
-def _load(path: Path, settings: Mapping[str, Any], device: torch.device) -> LoadedCheckpoint:
+def _load(
+    path: Path, settings: Mapping[str, Any], device: torch.device, trust: bool = False
+) -> LoadedCheckpoint:
+    if trust:  # the one-line warning; the library's own warning is not repeated
+        click.echo(
+            f"Warning: {TRUST_FLAG}: {path} is unpickled in full, so any code pickled in it "
+            "runs; use this only for files from a source you trust.",
+            err=True,
+        )
     # A --model factory or a checkpoint loader that prints must not corrupt --json on stdout.
-    with contextlib.redirect_stdout(sys.stderr):
-        loaded = open_checkpoint(path, settings, manager=get_registry().manager)
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrustedCheckpointWarning)
+        loaded = open_checkpoint(path, settings, manager=get_registry().manager, trust=trust)
     try:
         loaded.model.to(device)
     except Exception as exc:
@@ -617,6 +640,7 @@ def estimate_cmd(
         --data cifar10 --data-root ~/data --num-hvps 200 --json
     """
     dev = resolve_device(device)
+    trust = load.pop("trust_checkpoint")
     settings = _settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     cls, _ = dcc.resolve(quantity, backend_name, {})  # unknown / unsupported / unavailable
@@ -624,19 +648,26 @@ def estimate_cmd(
     opts, _ = _backend_options(cls, quantity, named, parse_key_values(extra_options, "-o/--option"))
     _, full = dcc.resolve(quantity, backend_name, opts)  # option values
 
-    with _Progress(quiet) as progress:
-        progress.step(f"loading {checkpoint.name}")
-        loaded = _load(checkpoint, settings, dev)
-        progress.step(f"{quantity} with {backend_name} on {dev}")
-        result = dcc.estimate(
-            loaded.model,
-            loaded.loss_fn,
-            loaded.data,
-            quantity,
-            backend_name,
-            seed=settings["seed"],
-            **opts,
-        )
+    running = _RunningTrace(f"{quantity} with {backend_name} on {dev}")
+    try:
+        with _signals_interrupt(), _Progress(quiet) as progress:
+            progress.step(f"loading {checkpoint.name}")
+            loaded = _load(checkpoint, settings, dev, trust)
+            running.progress = progress
+            progress.step(running.label)
+            with trace_progress(running.update):
+                result = dcc.estimate(
+                    loaded.model,
+                    loaded.loss_fn,
+                    loaded.data,
+                    quantity,
+                    backend_name,
+                    seed=settings["seed"],
+                    **opts,
+                )
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through _signals_interrupt
+        _print_partial(exc, running, quantity, backend_name, settings, as_json, checkpoint, dev)
+        raise click.exceptions.Exit(_exit_code(exc)) from None
 
     if as_json:
         print_json(
@@ -683,6 +714,130 @@ def estimate_cmd(
         out.print(f"rtol {result.rtol:g}: {met} after {result.n_hvp} HVPs")
     if result.peak_memory_bytes is not None and not quiet:
         out.print(f"peak CUDA memory {_fmt_bytes(result.peak_memory_bytes)}")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` runs (the model's state is restored)."""
+
+
+_SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+def _exit_code(exc: BaseException) -> int:
+    """128 + the signal number, as shells report a process killed by it: 130 or 143."""
+    return 128 + int(signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`_Terminated` while the block runs (SIGINT already raises
+    ``KeyboardInterrupt``); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _RunningTrace:
+    """Receives the estimator's :class:`TraceProgress` reports: shows products done / budget and
+    an ETA on the progress display, and keeps the last report for a partial result."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.last: TraceProgress | None = None
+        self.progress: _Progress | None = None
+        self._first: tuple[float, int] | None = None
+        self._shown = 0.0
+
+    def update(self, report: TraceProgress) -> None:
+        self.last = report
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (now, report.n_matvecs)
+        if self.progress is None or not self.progress.enabled or now - self._shown < 0.1:
+            return
+        self._shown = now
+        started, done0 = self._first
+        rate = (report.n_matvecs - done0) / (now - started) if now > started else 0.0
+        left = report.budget - report.n_matvecs
+        eta = f"ETA {_fmt_seconds(left / rate)}" if rate > 0 else "ETA —"
+        self.progress.step(
+            f"{self.label}: {report.n_matvecs}/{report.budget} products, {eta}, "
+            f"{report.method} so far {_fmt(report.value)} ± {_fmt(report.stderr)}"
+        )
+
+
+def _fmt_seconds(value: float) -> str:
+    seconds = round(value)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _print_partial(
+    exc: BaseException,
+    running: _RunningTrace,
+    quantity: str,
+    backend: str,
+    settings: Mapping[str, Any],
+    as_json: bool,
+    checkpoint: Path,
+    device: torch.device,
+) -> None:
+    """What an interrupted ``estimate`` leaves: the trace from the products already made,
+    marked PARTIAL (stdout), or one line saying there is none (stderr)."""
+    name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+    report = running.last if quantity == "trace" else None
+    usable = report is not None and math.isfinite(report.value)
+    if as_json:
+        partial: dict[str, Any] | None = None
+        if usable:
+            assert report is not None
+            finite_se = math.isfinite(report.stderr)
+            partial = {
+                "backend": backend,
+                "quantity": quantity,
+                "value": report.value,
+                "stderr": report.stderr if finite_se else None,
+                "n_hvp": report.n_matvecs,
+                "budget": report.budget,
+                "probes": report.n_probes,
+                "method": report.method,
+                "seed": settings["seed"],
+            }
+        print_json(
+            {
+                "partial": True,
+                "interrupted_by": name,
+                "checkpoint": str(checkpoint),
+                "device": str(device),
+                "result": partial,
+            }
+        )
+        return
+    if not usable:
+        what = "any trace product finished" if quantity == "trace" else "a result"
+        click.echo(f"Interrupted by {name} before {what}: no estimate to show.", err=True)
+        return
+    assert report is not None
+    click.echo(
+        f"PARTIAL {quantity} (interrupted by {name} after {report.n_matvecs}/{report.budget} "
+        f"products): {_fmt(report.value)} ± {_fmt(report.stderr)} ({report.method}, backend "
+        f"{backend}, seed {settings['seed']}, {report.n_probes} probes). Not the requested "
+        "estimate: its error bar is wider; rerun to finish, or lower --num-hvps."
+    )
 
 
 def _warn_unconverged(out: Any, result: CurvatureResult | None) -> None:
@@ -749,6 +904,7 @@ def compare_cmd(
     Peak memory is CUDA memory on a GPU, the process's resident memory otherwise.
     """
     dev = resolve_device(device)
+    trust = load.pop("trust_checkpoint")
     settings = _settings(device=dev, **load)
     registry = get_registry()
     _check_quantity_known(quantity)
@@ -768,7 +924,7 @@ def compare_cmd(
     memory_kind = _PeakMemory(dev).kind
     with _Progress(quiet, total=len(names)) as progress:
         progress.step(f"loading {checkpoint.name}")
-        loaded = _load(checkpoint, settings, dev)
+        loaded = _load(checkpoint, settings, dev, trust)
         for name in names:
             progress.step(f"{name}: {quantity}")
             row: dict[str, Any] = {"backend": name, "status": "ok", "reason": None}
@@ -1043,6 +1199,7 @@ def density_cmd(
     2019); the top-k eigenvalues come from the same backend (Lanczos for pyhessian).
     """
     dev = resolve_device(device)
+    trust = load.pop("trust_checkpoint")
     settings = _settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     cls, _ = dcc.resolve("density", backend_name, {})
@@ -1078,7 +1235,7 @@ def density_cmd(
 
     with _Progress(quiet) as progress:
         progress.step(f"loading {checkpoint.name}")
-        loaded = _load(checkpoint, settings, dev)
+        loaded = _load(checkpoint, settings, dev, trust)
         progress.step(f"density with {backend_name} on {dev}")
         dens = dcc.estimate(
             loaded.model,

@@ -5,7 +5,12 @@ of vectors), so each one is tested on small dense matrices with known spectra be
 network. The Hessian of a network is just one such operator (:mod:`deconcnn_curvature.hvp`).
 """
 
-from deconcnn_curvature.linalg.hutchinson import TraceEstimate, hutchinson
+from deconcnn_curvature.linalg.hutchinson import (
+    TraceEstimate,
+    TraceProgress,
+    hutchinson,
+    trace_progress,
+)
 from deconcnn_curvature.linalg.hutchpp import (
     HutchppResult,
     LowRankSketch,
@@ -27,6 +32,7 @@ __all__ = [
     "LowRankSketch",
     "RitzEstimate",
     "TraceEstimate",
+    "TraceProgress",
     "hutchinson",
     "hutchpp",
     "hutchpp_with_sketch",
@@ -35,4 +41,5 @@ __all__ = [
     "refined_top_eigenvalues",
     "sketch_top_eigenvalues",
     "slq_density",
+    "trace_progress",
 ]

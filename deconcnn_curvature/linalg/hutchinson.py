@@ -13,8 +13,10 @@ probes on a negative trace).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +24,13 @@ from scipy import stats
 
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 
-__all__ = ["TraceEstimate", "hutchinson", "student_t_interval"]
+__all__ = [
+    "TraceEstimate",
+    "TraceProgress",
+    "hutchinson",
+    "student_t_interval",
+    "trace_progress",
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,71 @@ class TraceEstimate:
     samples: tuple[float, ...] | None = None
     layers: Mapping[str, float] | None = None
     details: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TraceProgress:
+    """A running trace estimate, reported after every block of probes to the callback of
+    :func:`trace_progress`: what a front end shows while it runs and prints if it is stopped.
+
+    ``value`` and ``stderr`` are the estimate from the ``n_probes`` probes finished so far (the
+    same formula as the final result, so the last report equals it); ``n_matvecs`` counts every
+    product spent (Hutch++'s sketch included) against ``budget``, the most the run will spend.
+    """
+
+    method: str
+    value: float
+    stderr: float
+    n_probes: int
+    n_matvecs: int
+    budget: int
+
+
+_observer: contextvars.ContextVar[Callable[[TraceProgress], None] | None] = contextvars.ContextVar(
+    "deconcnn_curvature_trace_progress", default=None
+)
+
+
+@contextlib.contextmanager
+def trace_progress(callback: Callable[[TraceProgress], None]) -> Iterator[None]:
+    """Within this block, every trace loop (Hutchinson, the deflated probes of Hutch++) calls
+    ``callback(TraceProgress)`` after each block of probes. The callback runs in the estimator's
+    thread, so it should be quick; an exception it raises stops the estimate."""
+    token = _observer.set(callback)
+    try:
+        yield
+    finally:
+        _observer.reset(token)
+
+
+class _Reporter:
+    """Running mean and variance (Welford) of the probes, kept only while someone listens, so a
+    report costs O(block) and not O(probes so far)."""
+
+    def __init__(self, method: str, budget: int, offset: float = 0.0) -> None:
+        self.callback = _observer.get()
+        self.method, self.budget, self.offset = method, budget, offset
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def __call__(self, new: Sequence[float], n_matvecs: int) -> None:
+        if self.callback is None:
+            return
+        for x in new:
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+        se = math.sqrt(self.m2 / (self.count - 1) / self.count) if self.count > 1 else math.inf
+        self.callback(
+            TraceProgress(
+                method=self.method,
+                value=self.offset + self.mean,
+                stderr=se,
+                n_probes=self.count,
+                n_matvecs=n_matvecs,
+                budget=self.budget,
+            )
+        )
 
 
 def student_t_interval(mean: float, stderr: float, dof: int, level: float) -> tuple[float, float]:
@@ -97,6 +170,7 @@ def hutchinson(
     layer_names = list(layer_slices) if layer_slices else []
     layer_acc = torch.zeros(len(layer_names), dtype=torch.float64, device=op.device)
     target_met: bool | None = None if rtol is None else False
+    report = _Reporter("hutchinson", num_matvecs)
     # Probes are drawn one column at a time, so the sequence does not depend on block_size.
     for size in _blocks(num_matvecs, max(1, block_size)):
         cols = [
@@ -106,7 +180,9 @@ def hutchinson(
         z = torch.cat(cols, dim=1)
         hz = op.matmat(z)
         prod = (z * hz).to(torch.float64)
-        samples.extend(prod.sum(dim=0).tolist())
+        new = prod.sum(dim=0).tolist()
+        samples.extend(new)
+        report(new, len(samples))
         if layer_names:
             layer_acc += torch.stack([prod[layer_slices[n]].sum() for n in layer_names])
         if rtol is not None and len(samples) >= max(min_matvecs, 2):

@@ -74,7 +74,7 @@ import torch
 from scipy import stats
 
 from deconcnn_curvature.errors import BackendFailedError, InvalidOptionError
-from deconcnn_curvature.linalg.hutchinson import TraceEstimate, student_t_interval
+from deconcnn_curvature.linalg.hutchinson import TraceEstimate, _Reporter, student_t_interval
 from deconcnn_curvature.linalg.lanczos import LanczosState, lanczos, ritz
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 
@@ -496,12 +496,15 @@ def hutchpp_with_sketch(
     if is_exact:
         target_met = None if rtol is None else True
     else:
+        report = _Reporter("hutch++", m, offset=exact)  # [issue 10] progress / partial estimate
         while budget.left > 0:
             size = min(max(1, block_size), budget.left)
             z = _draw(op, size, generator)
             pz = z - sub.basis @ (sub.basis.T @ z)
             apz = budget.matmat(pz)
-            samples.extend((pz * apz).to(torch.float64).sum(dim=0).tolist())
+            new = (pz * apz).to(torch.float64).sum(dim=0).tolist()
+            samples.extend(new)
+            report(new, budget.spent)
             if layer_slices:
                 papz = apz - sub.basis @ (sub.basis.T @ apz)
                 prod = (z * papz).to(torch.float64)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
+from deconcnn_curvature.results import usable_record
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -631,6 +632,8 @@ def run_training(cfg: DictConfig) -> RunResult:
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
+    from deconcnn_curvature.checkpoints import check_resume_checkpoint
+
     _require(cfg, "model", "optim", "lrsched", "data", "trainer")
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -644,6 +647,7 @@ def run_training(cfg: DictConfig) -> RunResult:
         raise ConfigurationError(f"resume={resume}: no such checkpoint file.")
     if resume is not None:
         resume = str(Path(resume).expanduser())
+        check_resume_checkpoint(resume)  # pickled code is refused before anything is built
     _check_trainer_values(_plain(cfg.trainer))
     if_exists = cfg.get("if_exists") or "refuse"
     if if_exists not in ("refuse", "move_aside"):
@@ -677,6 +681,7 @@ def _train_in(
     """The run itself, in its created and locked folder (see :func:`run_training`)."""
     from omegaconf import OmegaConf
 
+    from deconcnn_curvature.checkpoints import allowed_checkpoint_globals
     from deconcnn_curvature.lightning import read_curvature_jsonl
     from deconcnn_curvature.training._console import no_logger_tip, progress_bar
     from deconcnn_curvature.training._lightning import pl
@@ -745,7 +750,7 @@ def _train_in(
     group_before = dist.is_available() and dist.is_initialized()
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), allowed_checkpoint_globals():  # resume= weights only
             for pattern in _QUIET:
                 warnings.filterwarnings("ignore", message=pattern)
             trainer.fit(module, datamodule=data, ckpt_path=resume)
@@ -773,8 +778,11 @@ def _train_in(
     records = read_curvature_jsonl(curvature_path) if curvature_path.exists() else []
     plot_path = None
     if cfg.get("plot", True) and records and trainer.is_global_zero:
+        # Measurements that failed stay failed (value null, marked); a record claiming success
+        # with an unusable value (NaN written as null before results were checked) is left out.
+        plotted = [r for r in records if usable_record(r) or r.get("value") is None]
         plot_path = plot_curvature(
-            records,
+            plotted,
             run_dir / "curvature.png",
             title=_title(cfg),
             loss=read_training_loss(metrics_path),
@@ -1073,8 +1081,8 @@ def summary_table(result: RunResult) -> Table:
             table.add_row(key, _fmt(result.metrics[key]))
     recs = list(result.records)
     if recs:
-        ok = [r for r in recs if r.get("value") is not None]
-        failed = [r for r in recs if r.get("value") is None]
+        ok = [r for r in recs if usable_record(r)]  # [issue 10] failed or unusable: skipped
+        failed = [r for r in recs if not usable_record(r)]
         steps = sorted({int(r["step"]) for r in recs})
         table.add_row(
             "curvature records",
