@@ -7,20 +7,21 @@ over the *whole* data set, exact: a dense Hessian by plain double backward (one 
 parameter).
 
 Each of ``--draws`` draws takes a batch of ``--batch-sizes`` samples without replacement and
-measures ``dcc.estimate(..., "trace", backend="pyhessian", num_hvps=--probes,
-data_groups=--groups, population_size=--population)``. Two intervals per draw, same probes and
-same value:
+measures ``dcc.estimate(..., "trace", backend, num_hvps=--probes, data_groups=--groups,
+population_size=--population)`` for each of ``--backends`` (``pyhessian``: Hutchinson;
+``hutchpp``: Hutch++, whose data part adds the groups' ``tr(QᵀH_gQ)``). Two intervals per draw,
+same probes and same value:
 
 - ``data``: the reported interval (``ci``): probe noise and data noise, from the groups × probes
   quadratic forms (:mod:`deconcnn_curvature.linalg.two_way`);
-- ``probe``: the interval the package reported before (Hutchinson's: ``value ± t_{m−1} ·
-  stderr_probe``), an interval for *this batch's* Hessian.
+- ``probe``: the interval the package reported before (``value ± t_{m−1} · stderr_probe``, m
+  the Hutchinson or deflated probes), an interval for *this batch's* Hessian.
 
-Reported per batch size: the coverage of the full-data trace by each (nominal 95 %), the mean of
-``stderr``, ``stderr_probe`` and ``stderr_data``, the empirical standard deviation of the values
-over draws, and the mean relative error.
+Reported per backend and batch size: the coverage of the full-data trace by each (nominal 95 %),
+the mean of ``stderr``, ``stderr_probe`` and ``stderr_data``, the empirical standard deviation of
+the values over draws, and the mean relative error.
 
-    python benchmarks/data_noise.py            # 200 draws at 128 and 256 samples (~1-2 min)
+    python benchmarks/data_noise.py            # 200 draws at 128 and 256 samples (~2 min)
     python benchmarks/data_noise.py --quick    # smoke run (a few seconds)
 
 Prints a table and writes ``--out`` (default ``benchmarks/results/data_noise.json``).
@@ -94,11 +95,11 @@ def draw_intervals(
     probes: int,
     groups: int,
     population_size: int | None,
+    backend: str = "pyhessian",
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One record per draw: value, the data-aware interval and the probe-only one."""
     gen = torch.Generator().manual_seed(seed)
-    t_probe = float(stats.t.ppf(0.975, probes - 1))
     out = []
     for d in range(draws):
         idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
@@ -107,13 +108,15 @@ def draw_intervals(
             loss_fn,
             (x[idx], y[idx]),
             "trace",
-            "pyhessian",
+            backend,
             seed=seed * 100_003 + d,
             num_hvps=probes,
             data_groups=groups,
             population_size=population_size,
         )
         sp = r.details["stderr_probe"]
+        m = int(r.details.get("deflated_probes", probes))
+        t_probe = float(stats.t.ppf(0.975, m - 1))
         out.append(
             {
                 "value": r.value,
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--probes", type=int, default=50, help="num_hvps per draw")
     ap.add_argument("--groups", type=int, default=4, help="data_groups per draw")
+    ap.add_argument("--backends", nargs="+", default=["pyhessian", "hutchpp"])
     ap.add_argument("--no-fpc", action="store_true", help="no finite-population correction")
     ap.add_argument("--quick", action="store_true", help="smoke run: 10 draws, 20 probes")
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON path")
@@ -163,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     truth = exact_trace(model, loss_fn, x, y)
     rows = []
     print(f"full-data trace (exact, {args.population} samples): {truth:.6g}")
-    print("batch  draws  cover(data)  cover(probe)  stderr  s_probe  s_data  sd(values)  sec")
-    for batch in args.batch_sizes:
+    print(
+        "backend    batch  draws  cover(data)  cover(probe)  stderr  s_probe  s_data  "
+        "sd(values)  sec"
+    )
+    for backend, batch in ((b, n) for b in args.backends for n in args.batch_sizes):
         start = time.perf_counter()
         records = draw_intervals(
             model,
@@ -176,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             probes=args.probes,
             groups=args.groups,
             population_size=None if args.no_fpc else args.population,
+            backend=backend,
         )
-        row = {"batch_size": batch, **summarise(records, truth)}
+        row = {"backend": backend, "batch_size": batch, **summarise(records, truth)}
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(
-            f"{batch:5d}  {row['draws']:5d}  {row['coverage_data']:11.3f}  "
+            f"{backend:9s}  {batch:5d}  {row['draws']:5d}  {row['coverage_data']:11.3f}  "
             f"{row['coverage_probe']:12.3f}  {row['mean_stderr']:6.4f}  "
             f"{row['mean_stderr_probe']:7.4f}  {row['mean_stderr_data']:6.4f}  "
             f"{row['sd_of_values']:10.4f}  {row['seconds']:4.1f}"

@@ -53,14 +53,20 @@ def _fd_trace(model, loss_fn, x, y, h: float = 1e-5) -> float:
 
 
 @pytest.mark.slow
-def test_data_interval_covers_the_full_data_trace_where_the_probe_interval_does_not() -> None:
+@pytest.mark.parametrize(
+    ("backend", "batches"),
+    [("pyhessian", (128, 256)), ("hutchpp", (128,))],
+)
+def test_data_interval_covers_the_full_data_trace_where_the_probe_interval_does_not(
+    backend: str, batches: tuple[int, ...]
+) -> None:
     bench = _bench()
     torch.set_num_threads(1)
     model, loss_fn, x, y = bench.make_problem(2048)
     assert sum(p.numel() for p in model.parameters()) <= 200
     truth = bench.exact_trace(model, loss_fn, x, y)
     assert truth == pytest.approx(_fd_trace(model, loss_fn, x, y), rel=1e-6)
-    for batch in (128, 256):
+    for batch in batches:
         records = bench.draw_intervals(
             model,
             loss_fn,
@@ -71,6 +77,7 @@ def test_data_interval_covers_the_full_data_trace_where_the_probe_interval_does_
             probes=50,
             groups=4,
             population_size=2048,
+            backend=backend,
         )
         row = bench.summarise(records, truth)
         assert row["coverage_data"] >= 0.9, (batch, row)
@@ -92,7 +99,12 @@ def test_data_noise_benchmark_runs_and_writes_both_coverages(tmp_path: Path) -> 
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert [r["batch_size"] for r in data["rows"]] == [128, 256]
+    assert [(r["backend"], r["batch_size"]) for r in data["rows"]] == [
+        ("pyhessian", 128),
+        ("pyhessian", 256),
+        ("hutchpp", 128),
+        ("hutchpp", 256),
+    ]
     for row in data["rows"]:
         assert 0 <= row["coverage_probe"] <= 1 and 0 <= row["coverage_data"] <= 1
         assert row["mean_stderr"] >= row["mean_stderr_probe"] > 0

@@ -449,7 +449,15 @@ def test_hutchpp_measures_trace_and_eigenvalues_in_one_call(tmp_path: Path) -> N
     x = torch.stack([dataset[i][0] for i in monitor.curvature_indices])
     y = torch.stack([dataset[i][1] for i in monitor.curvature_indices])
     again = dcc.estimate(
-        module, module.loss_fn, (x, y), "eigenvalues", "hutchpp", seed=eig["seed"], num_hvps=30, k=2
+        module,
+        module.loss_fn,
+        (x, y),
+        "eigenvalues",
+        "hutchpp",
+        seed=eig["seed"],
+        num_hvps=30,
+        k=2,
+        data_groups=4,  # the monitor's default (issue 13)
     )
     assert again.value == eig["value"]
     assert again.details["trace"] == trace["value"]

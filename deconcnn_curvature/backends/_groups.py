@@ -18,33 +18,46 @@ from deconcnn_curvature.errors import InvalidOptionError, InvalidProblemError
 from deconcnn_curvature.hvp import world_size
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size, _check_per_sample_mean
 
-__all__ = ["DATA_GROUP_OPTIONS", "check_data_groups", "grouped_problem"]
+__all__ = [
+    "DATA_GROUP_OPTIONS",
+    "check_data_groups",
+    "check_population",
+    "data_group_options",
+    "grouped_problem",
+]
 
 _T = frozenset({"trace"})
 
-DATA_GROUP_OPTIONS: tuple[Option, ...] = (
-    Option(
-        "data_groups",
-        int,
-        None,
-        "groups of samples for an interval that covers the data noise (the whole data set's "
-        "Hessian), not only the probes': null = the batches given (one batch: probe noise only), "
-        "1 = probe noise only, k >= 2 = one batch split into k parts",
-        min=1,
-        allow_none=True,
-        quantities=_T,
-    ),
-    Option(
-        "population_size",
-        int,
-        None,
-        "samples in the finite data set the measured ones were drawn from without replacement "
-        "(finite-population correction of the data part); null = drawn from a distribution",
-        min=1,
-        allow_none=True,
-        quantities=_T,
-    ),
-)
+
+def data_group_options(quantities: frozenset[str]) -> tuple[Option, ...]:
+    """``data_groups`` and ``population_size``, declared for ``quantities``."""
+    return (
+        Option(
+            "data_groups",
+            int,
+            None,
+            "groups of samples for a trace interval that covers the data noise (the whole data "
+            "set's Hessian), not only the probes': null = the batches given (one batch: probe "
+            "noise only), 1 = probe noise only, k >= 2 = one batch split into k parts",
+            min=1,
+            allow_none=True,
+            quantities=quantities,
+        ),
+        Option(
+            "population_size",
+            int,
+            None,
+            "samples in the finite data set the measured ones were drawn from without "
+            "replacement (finite-population correction of the data part); null = drawn from a "
+            "distribution",
+            min=1,
+            allow_none=True,
+            quantities=quantities,
+        ),
+    )
+
+
+DATA_GROUP_OPTIONS: tuple[Option, ...] = data_group_options(_T)
 
 
 def check_data_groups(backend: str, options: Mapping[str, Any]) -> None:
@@ -113,3 +126,13 @@ def grouped_problem(problem: CurvatureProblem, data_groups: int | None) -> Curva
             f"average to the batch's; pass data_groups=1 (given: {data_groups})."
         ) from None
     return dataclasses.replace(problem, batches=groups)
+
+
+def check_population(problem: CurvatureProblem, population: int | None) -> None:
+    """``population_size`` must count at least the samples measured."""
+    if population is not None and population < problem.num_samples:
+        raise InvalidOptionError(
+            f"option 'population_size' ({population}) is smaller than the "
+            f"{problem.num_samples} samples measured; pass the size of the data set they were "
+            "drawn from, or null."
+        )

@@ -31,9 +31,9 @@ from deconcnn_curvature.backends._common import (
 from deconcnn_curvature.backends._groups import (
     DATA_GROUP_OPTIONS,
     check_data_groups,
+    check_population,
     grouped_problem,
 )
-from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.linalg.hutchinson import hutchinson
 from deconcnn_curvature.linalg.lanczos import lanczos_top_eigenvalues
@@ -204,13 +204,7 @@ class PyHessianBackend(Backend):
         plain trace, products made per group (:mod:`deconcnn_curvature.linalg.two_way`). A
         batch split into groups keeps every group's graph: together they hold what the one
         batch's graph held, and a rebuild per product would cost a forward-backward each."""
-        population = options["population_size"]
-        if population is not None and population < problem.num_samples:
-            raise InvalidOptionError(
-                f"option 'population_size' ({population}) is smaller than the "
-                f"{problem.num_samples} samples measured; pass the size of the data set they were "
-                "drawn from, or null."
-            )
+        check_population(problem, options["population_size"])
         opts = {**options, "retain_graphs": options["retain_graphs"] or split}
         op, gen, common = krylov_setup(self.name, problem, "trace", seed, opts)
         try:

@@ -73,7 +73,14 @@ from scipy import stats
 from deconcnn_curvature.linalg.hutchinson import TraceEstimate, _blocks
 from deconcnn_curvature.linalg.operator import rademacher
 
-__all__ = ["GroupedOperator", "TwoWayTrace", "grouped_hutchinson", "two_way_trace"]
+__all__ = [
+    "GroupRecorder",
+    "GroupedOperator",
+    "TwoWayTrace",
+    "grouped_hutchinson",
+    "hutchpp_forms",
+    "two_way_trace",
+]
 
 
 class GroupedOperator(Protocol):
@@ -288,3 +295,91 @@ def grouped_hutchinson(
         ),
         details=est.details(),
     )
+
+
+class GroupRecorder:
+    """A :class:`~deconcnn_curvature.linalg.operator.LinearOperator` over a grouped operator
+    that keeps what a two-way estimate needs of every product it makes.
+
+    ``matmat(V)`` returns the union's product ``Σ_g w_g A_g V`` (from one ``matmat_groups``
+    call: the same cost) and records ``V`` and the groups' Gram matrices ``Mᵀ A_g M`` over every
+    vector ``M`` multiplied so far — enough to form ``tr(Qᵀ A_g Q)`` for any ``Q`` in the span
+    of the multiplied vectors and the quadratic forms of each multiplied vector, per group, after
+    the estimator has run (:func:`hutchpp_forms`).
+    """
+
+    def __init__(self, op: GroupedOperator) -> None:
+        self.op = op
+        sizes = torch.tensor(op.group_sizes, dtype=torch.float64)
+        self.group_sizes = list(op.group_sizes)
+        self._weights = (sizes / sizes.sum()).to(op.device)
+        self._vectors: list[torch.Tensor] = []
+        self._columns: list[torch.Tensor] = []  # per call: (G, K_so_far, k) = Mᵀ A_g V
+
+    @property
+    def dim(self) -> int:
+        return self.op.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def n_matvecs(self) -> int:
+        return self.op.n_matvecs
+
+    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+        per = self.op.matmat_groups(v)  # (G, dim, k)
+        self._vectors.append(v.detach().clone())  # the operator's dtype: memory of K vectors
+        everything = torch.cat(self._vectors, dim=1).to(torch.float64)  # (dim, K)
+        self._columns.append(torch.einsum("dK,gdk->gKk", everything, per.to(torch.float64)))
+        return (self._weights.to(per.dtype)[:, None, None] * per).sum(dim=0)
+
+    def gram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, [Mᵀ A_g M]_g)``: every vector multiplied (float64) and the groups' Grams."""
+        vectors = torch.cat(self._vectors, dim=1).to(torch.float64)
+        total = vectors.shape[1]
+        gram = torch.zeros(
+            len(self.group_sizes), total, total, dtype=torch.float64, device=vectors.device
+        )
+        start = 0
+        for block in self._columns:
+            k = block.shape[2]
+            rows = block.shape[1]
+            gram[:, :rows, start : start + k] = block
+            gram[:, start : start + k, :rows] = block.transpose(1, 2)
+            start += k
+        return vectors, gram
+
+
+def hutchpp_forms(
+    recorder: GroupRecorder, basis: torch.Tensor, sketch_matvecs: int, deflated: int
+) -> torch.Tensor | None:
+    """``X[g, j] = tr(Qᵀ A_g Q) + (P z_j)ᵀ A_g (P z_j)``: the Hutch++ estimate split by group.
+
+    ``Q`` (``basis``) must lie in the span of the first ``sketch_matvecs`` vectors multiplied
+    (it does: Hutch++ builds it from them), and the last ``deflated`` vectors multiplied must be
+    the deflated probes ``P z_j``. The size-weighted mean over groups of ``X[:, j]`` is the
+    union's Hutch++ sample ``j`` (plus the exact part). ``None`` when fewer than 2 deflated
+    probes were drawn (a sketch spanning everything: no variance to estimate).
+    """
+    if deflated < 2:
+        return None
+    vectors, gram = recorder.gram()
+    total = vectors.shape[1]
+    if sketch_matvecs + deflated != total:
+        raise ValueError(
+            f"recorded {total} products, expected {sketch_matvecs} + {deflated} deflated"
+        )
+    exact = torch.zeros(gram.shape[0], dtype=torch.float64, device=gram.device)
+    if basis.shape[1] and sketch_matvecs:
+        sketch = vectors[:, :sketch_matvecs]
+        coeffs = torch.linalg.lstsq(sketch, basis.to(torch.float64)).solution  # Q = M C
+        g_s = gram[:, :sketch_matvecs, :sketch_matvecs]
+        exact = torch.einsum("ki,gkl,li->g", coeffs, g_s, coeffs)
+    diag = torch.diagonal(gram, dim1=1, dim2=2)[:, sketch_matvecs:]  # (G, deflated)
+    return exact[:, None] + diag

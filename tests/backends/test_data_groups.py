@@ -137,3 +137,41 @@ def test_class_weighted_loss_cannot_be_split() -> None:
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     with pytest.raises(dcc.InvalidOptionError, match="cannot be split into data groups"):
         dcc.estimate(model, loss_fn, (x, y), "trace", seed=0, num_hvps=4, data_groups=4)
+
+
+def test_hutchpp_trace_and_eigenvalues_carry_the_data_interval() -> None:
+    model, loss_fn, x, y = _setup(64)
+    kw = {"seed": 4, "num_hvps": 20}
+    plain = dcc.estimate(model, loss_fn, (x, y), "trace", "hutchpp", **kw)
+    grouped = dcc.estimate(model, loss_fn, (x, y), "trace", "hutchpp", data_groups=4, **kw)
+    assert "stderr_data" not in plain.details
+    assert grouped.value == pytest.approx(plain.value, rel=1e-9)
+    assert grouped.n_hvp == plain.n_hvp == 20
+    d = grouped.details
+    assert d["data_groups"] == 4 and d["data_split"] == "one batch split"
+    assert d["stderr_probe"] == pytest.approx(plain.stderr, rel=1e-8)
+    assert grouped.stderr**2 == pytest.approx(d["stderr_probe"] ** 2 + d["stderr_data"] ** 2)
+    eig_plain = dcc.estimate(model, loss_fn, (x, y), "eigenvalues", "hutchpp", **kw)
+    eig = dcc.estimate(model, loss_fn, (x, y), "eigenvalues", "hutchpp", data_groups=4, **kw)
+    torch.testing.assert_close(
+        torch.tensor(eig.value), torch.tensor(eig_plain.value), rtol=1e-8, atol=0
+    )
+    assert eig.details["trace"] == pytest.approx(grouped.value, rel=1e-12)
+    assert eig.details["trace_stderr"] == pytest.approx(grouped.stderr, rel=1e-12)
+    assert eig.details["trace_details"]["stderr_data"] == pytest.approx(d["stderr_data"])
+    dense = _dense(model, loss_fn, x, y)
+    top = float(torch.linalg.eigvalsh(dense).max())
+    assert eig.value[0] == pytest.approx(top, rel=1e-3)
+
+
+def test_hutchpp_data_groups_on_batches_and_its_refusals() -> None:
+    model, loss_fn, x, y = _setup(48)
+    batches = list(zip(x.split(16), y.split(16), strict=True))
+    r = dcc.estimate(model, loss_fn, batches, "trace", "hutchpp", seed=0, num_hvps=12)
+    assert r.details["data_groups"] == 3 and r.details["data_split"] == "batches"
+    one = dcc.estimate(
+        model, loss_fn, batches, "trace", "hutchpp", seed=0, num_hvps=12, data_groups=1
+    )
+    assert "stderr_data" not in one.details and one.value == pytest.approx(r.value, rel=1e-9)
+    with pytest.raises(dcc.InvalidOptionError, match="eval_mode=false"):
+        dcc.resolve("eigenvalues", "hutchpp", {"data_groups": 4, "eval_mode": False})

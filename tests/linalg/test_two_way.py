@@ -10,8 +10,14 @@ import torch
 from scipy import stats
 
 from deconcnn_curvature.linalg.hutchinson import hutchinson
+from deconcnn_curvature.linalg.hutchpp import hutchpp_with_sketch
 from deconcnn_curvature.linalg.operator import DenseOperator, make_generator, rademacher
-from deconcnn_curvature.linalg.two_way import grouped_hutchinson, two_way_trace
+from deconcnn_curvature.linalg.two_way import (
+    GroupRecorder,
+    grouped_hutchinson,
+    hutchpp_forms,
+    two_way_trace,
+)
 
 MU = 5.0
 
@@ -181,3 +187,46 @@ def test_grouped_hutchinson_rtol_stops_on_the_data_aware_interval() -> None:
     half = (est.ci[1] - est.ci[0]) / 2
     assert est.target_met is True and est.n_matvecs < 400
     assert half <= 0.2 * (abs(est.value) - half)
+
+
+@pytest.mark.parametrize("fraction", [None, 0.667], ids=["adaptive", "published"])
+def test_hutchpp_forms_are_the_groups_exact_and_deflated_parts(fraction: float | None) -> None:
+    # Outliers, so that the sketch keeps a few directions.
+    gen = torch.Generator().manual_seed(4)
+    dim = 40
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    mats = []
+    for _ in range(3):
+        lam = torch.rand(dim, generator=gen, dtype=torch.float64)
+        lam[:3] += torch.tensor([50.0, 30.0, 20.0], dtype=torch.float64) * (
+            1 + torch.rand(3, generator=gen, dtype=torch.float64)
+        )
+        mats.append((q * lam) @ q.T)
+    op = GroupedDense(mats, [5, 9, 6])
+    recorder = GroupRecorder(op)
+    run = hutchpp_with_sketch(
+        recorder, 24, generator=make_generator(2, "cpu"), sketch_fraction=fraction
+    )
+    d = run.trace.details
+    s, g = int(d["sketch_matvecs"]), int(d["deflated_probes"])
+    assert run.sketch.rank >= 1 and g >= 3
+    forms = hutchpp_forms(recorder, run.sketch.basis, s, g)
+    basis = run.sketch.basis
+    exact = torch.stack([torch.trace(basis.T @ a @ basis) for a in mats])
+    vectors, _ = recorder.gram()
+    deflated = vectors[:, s:]
+    torch.testing.assert_close(
+        basis.T @ deflated, torch.zeros(basis.shape[1], g, dtype=torch.float64), atol=1e-10, rtol=0
+    )
+    dense = torch.stack([(deflated * (a @ deflated)).sum(0) for a in mats])
+    torch.testing.assert_close(forms, exact[:, None] + dense, rtol=1e-9, atol=1e-9)
+    w = torch.tensor([5, 9, 6], dtype=torch.float64) / 20
+    torch.testing.assert_close(
+        (w[:, None] * forms).sum(0),
+        d["exact_part"] + torch.tensor(run.trace.samples, dtype=torch.float64),
+        rtol=1e-9,
+        atol=1e-9,
+    )
+    tw = two_way_trace(forms, [5, 9, 6])
+    assert tw.value == pytest.approx(run.trace.value, rel=1e-9)
+    assert tw.stderr_probe == pytest.approx(run.trace.stderr, rel=1e-8)
