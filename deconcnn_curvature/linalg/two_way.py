@@ -56,8 +56,11 @@ by class or by source measure something else. (2) The loss of the union is the s
 the groups' losses — true for a per-sample mean loss in eval mode; BatchNorm in train mode (batch
 statistics) breaks it. (3) The interval is approximate: a variance estimate from G groups carries G
 − 1 degrees of freedom (hence Satterthwaite's t), and heavy tails of the per-sample traces slow the
-normal approximation. A single group (G = 1) has no data part: the result is Hutchinson's, with
-``stderr_data`` absent.
+normal approximation; with G = 2 the data part has one degree of freedom and the interval
+undercovers (85 % for a nominal 95 % in ``benchmarks/data_noise.py``, 92.5–93.5 % with G = 4,
+95.5–98.5 % with G = 8): use G ≥ 4. A single group (G = 1) has no data part: the result is
+Hutchinson's, with ``stderr_data`` absent. Under ``torch.distributed`` the backends measure one
+group (probe noise only).
 """
 
 from __future__ import annotations
