@@ -155,6 +155,45 @@ class HessianOperator:
         """Free the retained gradient graphs."""
         self._graphs = None
 
+    # -- per-batch products (data-noise error bars, issue 13) ----------------------------------
+    @property
+    def group_sizes(self) -> list[int]:
+        """Samples in each of this process's batches: the groups of :meth:`matmat_groups`."""
+        return list(self._sizes)
+
+    def matmat_groups(self, v: torch.Tensor) -> torch.Tensor:
+        """``H_b @ v`` for every batch ``b``: a ``(B, dim, k)`` tensor.
+
+        ``H_b`` is the Hessian of batch ``b``'s mean loss, so ``Σ_b (n_b / N) H_b @ v`` is
+        :meth:`matmat`'s product: the same autograd calls, at the same cost (``k`` products are
+        counted). Used by :func:`~deconcnn_curvature.linalg.two_way.grouped_hutchinson` for an
+        interval that covers the data noise. Not available under a process group.
+        """
+        if self._distributed:
+            raise BackendFailedError(
+                "per-batch products are not available under torch.distributed; measure without "
+                "data groups (data_groups=1)."
+            )
+        if v.ndim != 2 or v.shape[0] != self._dim:
+            raise ValueError(f"expected a ({self._dim}, k) block, got {tuple(v.shape)}")
+        k = v.shape[1]
+        out = v.new_zeros((len(self.problem.batches), *v.shape))
+        for b in range(len(self.problem.batches)):
+            live, grads = self._graphs[b] if self._graphs is not None else self._gradient_graph(b)
+            if live:
+                for start in range(0, k, self.probe_batch):
+                    cols = slice(start, min(k, start + self.probe_batch))
+                    out[b, :, cols] = self._product(live, grads, v[:, cols])
+            del live, grads
+        self._n += k
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(
+                "a Hessian-vector product was not finite although the loss is; the curvature "
+                "is undefined at these parameters (e.g. sqrt or log at 0, overflow). Check the "
+                "model, its parameters and the data."
+            )
+        return out
+
     # -- internals ----------------------------------------------------------------------------
     def _gradient_graph(self, b: int) -> tuple[list[int], list[torch.Tensor]]:
         problem = self.problem

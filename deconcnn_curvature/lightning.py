@@ -240,6 +240,17 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return str(value)
 
 
+def _check_data_groups(value: Any, batch_size: int) -> int:
+    """``data_groups`` (issue 13): at least 1, at most the curvature batch's samples."""
+    groups = _check_int("data_groups", value, 1)
+    if groups > batch_size:
+        raise ConfigurationError(
+            f"CurvatureMonitor: data_groups={groups} exceeds hessian_batch_size={batch_size}; "
+            "each group needs at least one sample: lower data_groups (1: probe noise only)."
+        )
+    return groups
+
+
 def _as_mapping(name: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -368,6 +379,12 @@ class CurvatureMonitor(pl.Callback):
         k: Number of top eigenvalues for ``"eigenvalues"`` (the first one is λ_max).
         hessian_batch_size: Samples in the curvature batch (across all ranks; each rank takes
             its share).
+        data_groups: The curvature batch is split into this many groups for the trace, so its
+            ``stderr`` and ``ci`` cover the data noise too: an interval for the Hessian of the
+            whole training set the batch was drawn from, not only of this batch (backends with a
+            ``data_groups`` option, e.g. ``pyhessian``; see
+            :mod:`deconcnn_curvature.linalg.two_way`). ``1``: probe noise only, as before. Under
+            ``torch.distributed`` the interval covers the probe noise only.
         batch_mode: ``"fixed"``: one batch drawn from the training data by ``seed`` and kept for
             the whole run (the values then differ only through the parameters); ``"refresh"``:
             a new draw at each measurement, determined by ``seed`` and the step.
@@ -416,6 +433,7 @@ class CurvatureMonitor(pl.Callback):
         rtol: float | None = None,
         k: int = 1,
         hessian_batch_size: int = 128,
+        data_groups: int = 4,
         batch_mode: str = "fixed",
         seed: int = 0,
         on_error: str = "warn",
@@ -472,6 +490,7 @@ class CurvatureMonitor(pl.Callback):
         self.rtol = None if rtol is None else float(rtol)
         self.k = _check_int("k", k, 1)
         self.hessian_batch_size = _check_int("hessian_batch_size", hessian_batch_size, 1)
+        self.data_groups = _check_data_groups(data_groups, self.hessian_batch_size)
         self.batch_mode = _check_choice("batch_mode", batch_mode, BATCH_MODES)
         self.seed = _check_int("seed", seed, 0)
         self.on_error = _check_choice("on_error", on_error, ON_ERROR)
@@ -595,6 +614,8 @@ class CurvatureMonitor(pl.Callback):
                 f"CurvatureMonitor: backend {cls.name!r} has no 'k' option for eigenvalues; "
                 "set k to 1 or choose another backend."
             )
+        if quantity == "trace" and applies("data_groups"):
+            opts["data_groups"] = self.data_groups
         for name, value in self.backend_options.items():
             if applies(name):
                 opts[name] = value
@@ -785,6 +806,7 @@ class CurvatureMonitor(pl.Callback):
                     f"CurvatureMonitor: backend {self._backend_name!r} is exact; num_samples="
                     f"{self.num_samples} does not apply to it."
                 )
+        self._log_data_groups(resolved, trainer.world_size)
         self.check_model(pl_module)
         if self.hessian_batch_size < trainer.world_size:
             raise ConfigurationError(
@@ -812,6 +834,18 @@ class CurvatureMonitor(pl.Callback):
             if trainer.is_global_zero:
                 path = self.jsonl if log_dir is None else Path(log_dir or ".") / self.jsonl
                 self._writer = CurvatureRecordWriter(path)
+
+    def _log_data_groups(self, resolved: Mapping[str, Mapping[str, Any]], world_size: int) -> None:
+        """Say what the trace's interval covers (issue 13), once at setup."""
+        trace = resolved.get("trace")
+        if trace is None or self.data_groups < 2:
+            return
+        if "data_groups" not in trace or world_size > 1:
+            why = "has no data_groups option" if world_size == 1 else "runs under DDP"
+            pl.utilities.rank_zero_info(
+                f"CurvatureMonitor: backend {self._backend_name!r} {why}: the trace's stderr and "
+                "interval cover the probe noise only (this batch's Hessian, not the data set's)."
+            )
 
     def _train_loader(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader

@@ -309,6 +309,8 @@ def test_resolve_returns_the_class_and_complete_options() -> None:
         "rtol": None,
         "min_hvps": 10,
         "ci_level": 0.95,
+        "data_groups": None,
+        "population_size": None,
         "eval_mode": True,
         "probe_batch": None,
         "retain_graphs": False,

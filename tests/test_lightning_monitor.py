@@ -378,7 +378,13 @@ def test_values_match_estimate_and_the_dense_hessian(tmp_path: Path) -> None:
     x = torch.stack([dataset[i][0] for i in indices])
     y = torch.stack([dataset[i][1] for i in indices])
     again = dcc.estimate(
-        module, module.loss_fn, (x, y), "trace", seed=monitor.probe_seed(6, "trace"), num_hvps=40
+        module,
+        module.loss_fn,
+        (x, y),
+        "trace",
+        seed=monitor.probe_seed(6, "trace"),
+        num_hvps=40,
+        data_groups=4,  # the monitor's default (issue 13): an interval for the data set's trace
     )
     assert again.value == trace["value"] and again.stderr == trace["stderr"]
     top = dcc.estimate(
@@ -443,7 +449,15 @@ def test_hutchpp_measures_trace_and_eigenvalues_in_one_call(tmp_path: Path) -> N
     x = torch.stack([dataset[i][0] for i in monitor.curvature_indices])
     y = torch.stack([dataset[i][1] for i in monitor.curvature_indices])
     again = dcc.estimate(
-        module, module.loss_fn, (x, y), "eigenvalues", "hutchpp", seed=eig["seed"], num_hvps=30, k=2
+        module,
+        module.loss_fn,
+        (x, y),
+        "eigenvalues",
+        "hutchpp",
+        seed=eig["seed"],
+        num_hvps=30,
+        k=2,
+        data_groups=4,  # the monitor's default (issue 13)
     )
     assert again.value == eig["value"]
     assert again.details["trace"] == trace["value"]
@@ -544,7 +558,13 @@ def test_a_loader_of_dicts_needs_batch_fn_and_says_so_before_training(tmp_path: 
     x = torch.stack([dict_data().dataset[i]["x"] for i in mapped.curvature_indices])
     y = torch.stack([dict_data().dataset[i]["y"] for i in mapped.curvature_indices])
     again = dcc.estimate(
-        module, module.loss_fn, (x, y), "trace", seed=mapped.probe_seed(4, "trace"), num_hvps=5
+        module,
+        module.loss_fn,
+        (x, y),
+        "trace",
+        seed=mapped.probe_seed(4, "trace"),
+        num_hvps=5,
+        data_groups=4,  # the monitor's default (issue 13)
     )
     assert again.value == recs[2]["value"]
 

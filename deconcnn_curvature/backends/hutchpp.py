@@ -35,6 +35,8 @@ so all ranks stay in lockstep and return bit-identical numbers.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +47,15 @@ from deconcnn_curvature.backends._common import (
     check_finite,
     krylov_setup,
 )
+from deconcnn_curvature.backends._groups import (
+    check_data_groups,
+    check_population,
+    data_group_options,
+    grouped_problem,
+)
+from deconcnn_curvature.errors import BackendFailedError
 from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.linalg.hutchinson import TraceEstimate
 from deconcnn_curvature.linalg.hutchpp import (
     MIN_DEFLATED_PROBES,
     HutchppResult,
@@ -54,6 +64,7 @@ from deconcnn_curvature.linalg.hutchpp import (
     refined_top_eigenvalues,
     sketch_top_eigenvalues,
 )
+from deconcnn_curvature.linalg.two_way import GroupRecorder, hutchpp_forms, two_way_trace
 from deconcnn_curvature.problem import CurvatureProblem
 from deconcnn_curvature.results import CurvatureResult
 
@@ -144,8 +155,15 @@ class HutchppBackend(Backend):
             min=1,
             quantities=_E,
         ),
+        *data_group_options(frozenset({"trace", "layer_trace", "eigenvalues"})),
         *COMMON_OPTIONS,
     )
+
+    @classmethod
+    def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        resolved = super().resolve_options(quantity, given)
+        check_data_groups(cls.name, resolved)
+        return resolved
 
     def compute(
         self,
@@ -155,10 +173,19 @@ class HutchppBackend(Backend):
         seed: int,
         options: Mapping[str, Any],
     ) -> CurvatureResult:
+        # Data groups (issue 13): the same products, made per group through a recorder.
+        groups = grouped_problem(problem, options["data_groups"])
+        split = groups is not None and groups is not problem
+        if groups is not None:
+            check_population(groups, options["population_size"])
+            # A split batch keeps every group's graph: together they hold the batch's.
+            options = {**options, "retain_graphs": options["retain_graphs"] or split}
+            problem = groups
         op, gen, common = krylov_setup(self.name, problem, quantity, seed, options)
+        recorder = GroupRecorder(op) if groups is not None else None
         try:
             run = hutchpp_with_sketch(
-                op,
+                op if recorder is None else recorder,
                 options["num_hvps"],
                 generator=gen,
                 sketch_fraction=options["sketch_fraction"],
@@ -169,9 +196,13 @@ class HutchppBackend(Backend):
                 block_size=op.probe_batch,
             )
             est = run.trace
+            if recorder is not None:
+                est = _with_data_interval(run, recorder, options, split=split)
+                run = dataclasses.replace(run, trace=est)
             layers = dict(est.layers or {})
             check_finite([est.value, est.stderr, *layers.values()], "trace")
             details = _trace_details(run, op.probe_batch)
+            details.update({k: est.details[k] for k in _DATA_KEYS if k in est.details})
             if quantity == "trace":
                 if run.sketch.rank:
                     top = sketch_top_eigenvalues(run.sketch, 1)
@@ -249,6 +280,53 @@ class HutchppBackend(Backend):
             raise AssertionError(f"unhandled quantity {quantity!r}")  # registry checked it
         finally:
             op.close()
+
+
+_DATA_KEYS = (
+    "stderr_probe",
+    "stderr_data",
+    "data_groups",
+    "data_samples",
+    "population_size",
+    "dof",
+    "interval",
+    "data_split",
+)
+
+
+def _with_data_interval(
+    run: HutchppResult, recorder: GroupRecorder, options: Mapping[str, Any], *, split: bool
+) -> TraceEstimate:
+    """The Hutch++ trace with the two-way interval of its per-group parts
+    (:func:`~deconcnn_curvature.linalg.two_way.hutchpp_forms`): ``tr(QᵀH_gQ)`` plus the groups'
+    deflated quadratic forms, ``Q`` taken as given. The value is unchanged; with ``rtol``,
+    ``target_met`` is re-read on the wider interval."""
+    est = run.trace
+    d = est.details
+    forms = hutchpp_forms(
+        recorder, run.sketch.basis, int(d["sketch_matvecs"]), int(d["deflated_probes"])
+    )
+    if forms is None:  # the sketch spanned everything: the trace is exact for this batch
+        return est
+    tw = two_way_trace(
+        forms,
+        recorder.group_sizes,
+        population_size=options["population_size"],
+        ci_level=est.ci_level,
+    )
+    if not math.isclose(tw.value, est.value, rel_tol=1e-5, abs_tol=1e-6 * (1 + abs(est.value))):
+        raise BackendFailedError(
+            f"the per-group Hutch++ parts average to {tw.value}, not to the trace {est.value}; "
+            "measure with data_groups=1."
+        )
+    target_met = est.target_met
+    if options["rtol"] is not None:
+        half = (tw.ci[1] - tw.ci[0]) / 2
+        target_met = half <= options["rtol"] * (abs(est.value) - half)
+    details = {**d, **tw.details(), "data_split": "one batch split" if split else "batches"}
+    return dataclasses.replace(
+        est, stderr=tw.stderr, ci=tw.ci, target_met=target_met, details=details
+    )
 
 
 def _trace_details(run: HutchppResult, probe_batch: int) -> dict[str, Any]:

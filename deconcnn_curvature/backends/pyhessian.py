@@ -28,10 +28,17 @@ from deconcnn_curvature.backends._common import (
     check_finite,
     krylov_setup,
 )
+from deconcnn_curvature.backends._groups import (
+    DATA_GROUP_OPTIONS,
+    check_data_groups,
+    check_population,
+    grouped_problem,
+)
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.linalg.hutchinson import hutchinson
 from deconcnn_curvature.linalg.lanczos import lanczos_top_eigenvalues
 from deconcnn_curvature.linalg.slq import slq_density
+from deconcnn_curvature.linalg.two_way import grouped_hutchinson
 from deconcnn_curvature.problem import CurvatureProblem
 from deconcnn_curvature.results import CurvatureResult
 
@@ -94,8 +101,15 @@ class PyHessianBackend(Backend):
         Option("max_hvps", int, 200, "Lanczos step (HVP) cap", min=1, quantities=_E),
         Option("lanczos_steps", int, 80, "Lanczos steps per SLQ run", min=1, quantities=_D),
         Option("num_runs", int, 3, "independent SLQ probe vectors", min=1, quantities=_D),
+        *DATA_GROUP_OPTIONS,
         *COMMON_OPTIONS,
     )
+
+    @classmethod
+    def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        resolved = super().resolve_options(quantity, given)
+        check_data_groups(cls.name, resolved)
+        return resolved
 
     def compute(
         self,
@@ -105,6 +119,10 @@ class PyHessianBackend(Backend):
         seed: int,
         options: Mapping[str, Any],
     ) -> CurvatureResult:
+        if quantity == "trace":
+            groups = grouped_problem(problem, options["data_groups"])
+            if groups is not None:
+                return self._grouped_trace(groups, seed, options, split=groups is not problem)
         op, gen, common = krylov_setup(self.name, problem, quantity, seed, options)
         try:
             if quantity == "trace":
@@ -178,6 +196,46 @@ class PyHessianBackend(Backend):
             raise AssertionError(f"unhandled quantity {quantity!r}")  # registry checked it
         finally:
             op.close()
+
+    def _grouped_trace(
+        self, problem: CurvatureProblem, seed: int, options: Mapping[str, Any], *, split: bool
+    ) -> CurvatureResult:
+        """Hutchinson with the data-noise interval (issue 13): the same probes and value as the
+        plain trace, products made per group (:mod:`deconcnn_curvature.linalg.two_way`). A
+        batch split into groups keeps every group's graph: together they hold what the one
+        batch's graph held, and a rebuild per product would cost a forward-backward each."""
+        check_population(problem, options["population_size"])
+        opts = {**options, "retain_graphs": options["retain_graphs"] or split}
+        op, gen, common = krylov_setup(self.name, problem, "trace", seed, opts)
+        try:
+            est = grouped_hutchinson(
+                op,
+                options["num_hvps"],
+                generator=gen,
+                block_size=op.probe_batch,
+                rtol=options["rtol"],
+                min_matvecs=options["min_hvps"],
+                ci_level=options["ci_level"],
+                layer_slices=problem.slices(),
+                population_size=options["population_size"],
+            )
+        finally:
+            op.close()
+        check_finite([est.value, est.stderr], "trace")
+        return CurvatureResult(
+            value=est.value,
+            stderr=est.stderr,
+            n_hvp=op.n_matvecs,
+            exact=False,
+            method="hutchinson",
+            ci=est.ci,
+            ci_level=est.ci_level,
+            rtol=options["rtol"],
+            target_met=est.target_met,
+            layers=est.layers,
+            details={**est.details, "data_split": "one batch split" if split else "batches"},
+            **common,
+        )
 
 
 @hookimpl

@@ -1,0 +1,138 @@
+"""Data groups for the trace's data-noise interval (issue 13), shared by the HVP backends.
+
+The groups are the batches of the problem (a shuffled loader's batches), or one batch split into
+``data_groups`` near-equal parts along its first dimension (the Lightning monitor's random
+curvature batch). The estimator and its assumptions: :mod:`deconcnn_curvature.linalg.two_way`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from deconcnn_curvature.backend import Option
+from deconcnn_curvature.errors import InvalidOptionError, InvalidProblemError
+from deconcnn_curvature.hvp import world_size
+from deconcnn_curvature.problem import CurvatureProblem, _batch_size, _check_per_sample_mean
+
+__all__ = [
+    "DATA_GROUP_OPTIONS",
+    "check_data_groups",
+    "check_population",
+    "data_group_options",
+    "grouped_problem",
+]
+
+_T = frozenset({"trace"})
+
+
+def data_group_options(quantities: frozenset[str]) -> tuple[Option, ...]:
+    """``data_groups`` and ``population_size``, declared for ``quantities``."""
+    return (
+        Option(
+            "data_groups",
+            int,
+            None,
+            "groups of samples for a trace interval that covers the data noise (the whole data "
+            "set's Hessian), not only the probes': null = the batches given (one batch: probe "
+            "noise only), 1 = probe noise only, k >= 2 = one batch split into k parts",
+            min=1,
+            allow_none=True,
+            quantities=quantities,
+        ),
+        Option(
+            "population_size",
+            int,
+            None,
+            "samples in the finite data set the measured ones were drawn from without "
+            "replacement (finite-population correction of the data part); null = drawn from a "
+            "distribution",
+            min=1,
+            allow_none=True,
+            quantities=quantities,
+        ),
+    )
+
+
+DATA_GROUP_OPTIONS: tuple[Option, ...] = data_group_options(_T)
+
+
+def check_data_groups(backend: str, options: Mapping[str, Any]) -> None:
+    """Refuse, before any work, a split that would change the matrix measured."""
+    groups = options.get("data_groups")
+    if groups is not None and groups >= 2 and options.get("eval_mode") is False:
+        raise InvalidOptionError(
+            f"option 'data_groups' ({groups}) of backend {backend!r} splits the data into "
+            "groups, which changes a train-mode model's batch statistics (BatchNorm) and so the "
+            "Hessian measured; pass data_groups=1 with eval_mode=false, or eval_mode=true."
+        )
+
+
+def _split(value: Any, parts: int) -> list[Any]:
+    if isinstance(value, torch.Tensor) and value.ndim > 0:
+        return list(torch.tensor_split(value, parts, dim=0))
+    if isinstance(value, tuple | list):
+        columns = [_split(v, parts) for v in value]
+        return [type(value)(col[i] for col in columns) for i in range(parts)]
+    if isinstance(value, dict):
+        columns = {k: _split(v, parts) for k, v in value.items()}
+        return [{k: col[i] for k, col in columns.items()} for i in range(parts)]
+    return [value] * parts
+
+
+def grouped_problem(problem: CurvatureProblem, data_groups: int | None) -> CurvatureProblem | None:
+    """The problem whose batches are the data groups, or ``None`` for a single group (or under
+    a process group, where per-group products are not computed: the interval is then the probe
+    noise's, as before).
+
+    Raises :class:`~deconcnn_curvature.errors.InvalidOptionError` when ``data_groups`` cannot be
+    honoured: more groups than samples, several batches that are not ``data_groups`` of them,
+    or a loss that is not a mean over samples.
+    """
+    batches = problem.batches
+    if data_groups == 1 or (data_groups is None and len(batches) < 2):
+        return None
+    if world_size() > 1:
+        return None
+    if data_groups is not None and len(batches) > 1 and len(batches) != data_groups:
+        raise InvalidOptionError(
+            f"option 'data_groups' ({data_groups}) does not match the {len(batches)} batches "
+            "given: several batches are the groups themselves; pass data_groups=null (the "
+            f"batches), data_groups=1 (probe noise only) or one batch to split."
+        )
+    if len(batches) > 1:
+        return problem
+    assert data_groups is not None
+    inputs, targets = batches[0]
+    n = _batch_size(inputs, targets)
+    if n < data_groups:
+        raise InvalidOptionError(
+            f"option 'data_groups' ({data_groups}) exceeds the {n} samples of the batch; pass at "
+            f"most data_groups={n}, or a larger batch."
+        )
+    groups = list(zip(_split(inputs, data_groups), _split(targets, data_groups), strict=True))
+    for i, (x, y) in enumerate(groups):
+        if _batch_size(x, y) == 0:  # inputs not split along their first dimension
+            raise InvalidOptionError(f"data group {i} came out empty; pass data_groups=1.")
+    try:
+        _check_per_sample_mean(problem.loss_fn, groups)
+    except InvalidProblemError:
+        raise InvalidOptionError(
+            f"{type(problem.loss_fn).__name__} here is not a mean over samples (class weights or "
+            "ignore_index targets), so the batch cannot be split into data groups whose losses "
+            f"average to the batch's; pass data_groups=1 (given: {data_groups})."
+        ) from None
+    return dataclasses.replace(problem, batches=groups)
+
+
+def check_population(problem: CurvatureProblem, population: int | None) -> None:
+    """``population_size`` must count at least the samples measured."""
+    if population is not None and population < problem.num_samples:
+        raise InvalidOptionError(
+            f"option 'population_size' ({population}) is smaller than the "
+            f"{problem.num_samples} samples measured; pass the size of the data set they were "
+            "drawn from, or null."
+        )
