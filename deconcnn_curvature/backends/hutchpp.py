@@ -150,7 +150,8 @@ class HutchppBackend(Backend):
             int,
             DEFAULT_MAX_REFINE_HVPS,
             "most extra HVPs the Lanczos refinement and its independent check may spend (on "
-            "top of num_hvps); it stops earlier once converged",
+            "top of num_hvps); it stops earlier once converged; each keeps two parameter-sized "
+            "vectors until the call ends",
             min=1,
             quantities=_E,
         ),

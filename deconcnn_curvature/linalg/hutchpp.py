@@ -782,20 +782,19 @@ def refined_top_eigenvalues(
                 start = (
                     _ritz_pairs(sketch)[1][:, :k].sum(dim=1, keepdim=True) if sketch.rank else None
                 )
-                continued = _Run(op, generator, start=start)
+                continued = _Run(op, generator, union, start=start)
             run = continued
         else:
             if independent is None:
-                independent = _Run(op, generator)
+                independent = _Run(op, generator, union)
             run = independent
         aq = op.matmat(run.q)
-        union.add(run.q, aq)
-        run.step(aq)
+        run.step(aq, union.add(run.q, aq))
         values, residuals = union.top(k)
     used = op.n_matvecs - before
     if len(values) < k:
         raise InvalidOptionError(
-            f"only {union.size} directions were found within max_matvecs={max_matvecs}, fewer "
+            f"only {union.rank} directions were found within max_matvecs={max_matvecs}, fewer "
             f"than k={k}; raise max_matvecs"
         )
     return RitzEstimate(
@@ -811,23 +810,24 @@ def refined_top_eigenvalues(
 class _Union:
     """The span of the sketch and the Lanczos vectors, each ``A`` column kept exactly as computed.
 
-    An orthonormal basis ``W = B C`` of the raw columns ``B`` is built by Gram–Schmidt, but only
-    its coefficients ``C`` are kept: ``A W = (A B) C`` always comes from the products as the
-    operator returned them. (Deriving each new ``A w`` from earlier derived ones compounds
-    rounding by ``1/s`` per step, which blew up as the union neared the whole space.) A raw column
-    whose part outside the span is below ``eps^{1/4}`` of its norm, or whose coefficients would
-    exceed ``eps^{-1/4}``, adds no direction (dropping one only makes the union smaller).
+    An orthonormal basis ``W = B C`` of the raw columns ``B`` (the sketch's ``Q``, then the
+    Lanczos vectors) is built by Gram–Schmidt, but only its coefficients ``C`` are kept:
+    ``A W = (A B) C`` always comes from the products as the operator returned them. (Deriving each
+    new ``A w`` from earlier derived ones compounds rounding by ``1/s`` per step, which blew up as
+    the union neared the whole space.) A raw column whose part outside the span is below
+    ``eps^{1/4}`` of its norm, or whose coefficients would exceed ``eps^{-1/4}``, adds no direction
+    (dropping one only makes the union smaller). Memory: the sketch is referenced, not copied;
+    each refinement matvec adds two vectors (``q`` and ``A q``), which the runs share.
     """
 
     def __init__(self, op: LinearOperator, sketch: LowRankSketch, capacity: int) -> None:
-        r = sketch.rank
         self.dim = op.dim
-        self.raw = torch.empty(op.dim, r + capacity, dtype=op.dtype, device=op.device)
-        self.products = torch.empty_like(self.raw)
-        self.raw[:, :r] = sketch.basis
-        self.products[:, :r] = sketch.products
-        self.size = r
-        self.coef = torch.eye(r, dtype=torch.float64, device=op.device)  # W = raw @ coef
+        self.r = sketch.rank
+        self.sketch_basis, self.sketch_products = sketch.basis, sketch.products
+        self.new = torch.empty(op.dim, capacity, dtype=op.dtype, device=op.device)
+        self.new_products = torch.empty_like(self.new)
+        self.count = 0
+        self.coef = torch.eye(self.r, dtype=torch.float64, device=op.device)  # W = raw @ coef
         self.projected_raw = sketch.projected().to(op.device)  # rawᵀ A raw
         self._cut = float(torch.finfo(op.dtype).eps) ** 0.25
 
@@ -839,29 +839,51 @@ class _Union:
     def whole(self) -> bool:
         return self.rank >= self.dim
 
-    def _w(self, c: torch.Tensor) -> torch.Tensor:
-        return self.raw[:, : self.coef.shape[0]] @ (self.coef @ c).to(self.raw.dtype)
+    def _raw_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``rawᵀ x`` in float64."""
+        parts = [self.sketch_basis.T @ x, self.new[:, : self.count].T @ x]
+        return torch.cat(parts).to(torch.float64)
 
-    def add(self, q: torch.Tensor, aq: torch.Tensor) -> None:
-        j = self.size
+    def _raw_mul(self, c: torch.Tensor, *, products: bool = False) -> torch.Tensor:
+        """``raw @ c`` (or ``(A raw) @ c``)."""
+        first, rest = (
+            (self.sketch_products, self.new_products) if products else (self.sketch_basis, self.new)
+        )
+        c = c.to(self.new.dtype)
+        return first @ c[: self.r] + rest[:, : self.count] @ c[self.r :]
+
+    def add(self, q: torch.Tensor, aq: torch.Tensor) -> int:
+        """Append ``q`` (with ``A q``); return its column among the Lanczos vectors."""
         x, total = q, torch.zeros(self.rank, 1, dtype=torch.float64, device=q.device)
         for _ in range(2):
-            c = self.coef.T @ (self.raw[:, :j].T @ x).to(torch.float64)
-            x = x - self._w(c)
+            c = self.coef.T @ self._raw_t(x)
+            x = x - self._raw_mul(self.coef @ c)
             total = total + c
-        self.raw[:, j : j + 1] = q
-        self.products[:, j : j + 1] = aq
-        self.size = j + 1
-        m = (self.raw[:, : j + 1].T @ aq).to(torch.float64)  # rawᵀ A q; A is symmetric
+        j = self.count
+        self.new[:, j : j + 1] = q
+        self.new_products[:, j : j + 1] = aq
+        self.count = j + 1
+        m = self._raw_t(aq)  # rawᵀ A q; A is symmetric
         self.projected_raw = torch.cat([torch.cat([self.projected_raw, m[:-1].T]), m], dim=1)
         self.coef = torch.cat([self.coef, self.coef.new_zeros(1, self.rank)])
-        s = float(torch.linalg.vector_norm(x)) / float(torch.linalg.vector_norm(q))
+        norm = float(torch.linalg.vector_norm(q))
+        s = float(torch.linalg.vector_norm(x)) / norm
         if s > self._cut and self.rank < self.dim:
             new = -(self.coef @ total)
             new[-1, 0] += 1.0
-            new = new / (s * float(torch.linalg.vector_norm(q)))
+            new = new / (s * norm)
             if float(torch.linalg.vector_norm(new)) <= 1 / self._cut:
                 self.coef = torch.cat([self.coef, new], dim=1)
+        return j
+
+    def deflate(self, x: torch.Tensor, columns: list[int]) -> torch.Tensor:
+        """``x − L Lᵀ x`` for the orthonormal Lanczos vectors ``L`` = these columns (no copies)."""
+        if not columns:
+            return x
+        block = self.new[:, : self.count]
+        c = torch.zeros(self.count, 1, dtype=x.dtype, device=x.device)
+        c[columns] = (block.T @ x)[columns]
+        return x - block @ c
 
     def top(self, k: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Top-``k`` Ritz values (descending) and exact residual norms (``()`` if rank < k)."""
@@ -869,10 +891,9 @@ class _Union:
             return (), ()
         small = self.coef.T @ self.projected_raw @ self.coef
         theta, u = torch.linalg.eigh((small + small.T) / 2)
-        theta, u = theta.flip(0)[:k], u.flip(1)[:, :k]
-        g = (self.coef @ u).to(self.raw.dtype)
-        y = self.raw[:, : self.size] @ g
-        ay = self.products[:, : self.size] @ g
+        g = self.coef @ u.flip(1)[:, :k]
+        y = self._raw_mul(g)
+        ay = self._raw_mul(g, products=True)
         # Values and residuals from the vectors themselves: a Rayleigh quotient is never above
         # λ₁, however the coefficients were rounded.
         yy = (y * y).to(torch.float64).sum(dim=0)
@@ -884,13 +905,18 @@ class _Union:
 
 
 class _Run:
-    """One Lanczos sequence (full reorthogonalisation) from its own random start."""
+    """One Lanczos sequence (full reorthogonalisation) from its own start; its vectors live in
+    the union (``columns``)."""
 
     def __init__(
-        self, op: LinearOperator, generator: torch.Generator, start: torch.Tensor | None = None
+        self,
+        op: LinearOperator,
+        generator: torch.Generator,
+        union: _Union,
+        start: torch.Tensor | None = None,
     ) -> None:
-        self.op, self.generator = op, generator
-        self.basis = torch.empty(op.dim, 0, dtype=op.dtype, device=op.device)
+        self.op, self.generator, self.union = op, generator, union
+        self.columns: list[int] = []
         self.alphas: list[float] = []
         self.betas: list[float] = []
         self.scale = 0.0
@@ -900,20 +926,21 @@ class _Run:
         w = rademacher(self.op.dim, 1, generator=self.generator, dtype=self.op.dtype,
                        device=self.op.device)  # fmt: skip
         for _ in range(2):
-            w = w - self.basis @ (self.basis.T @ w)
+            w = self.union.deflate(w, self.columns)
         return w / torch.linalg.vector_norm(w)
 
-    def step(self, aq: torch.Tensor) -> None:
-        self.basis = torch.cat([self.basis, self.q], dim=1)
+    def step(self, aq: torch.Tensor, column: int) -> None:
+        """Record ``A q`` for the current ``q`` (already in the union as ``column``), move on."""
+        self.columns.append(column)
         w = aq
         for _ in range(2):
-            w = w - self.basis @ (self.basis.T @ w)
+            w = self.union.deflate(w, self.columns)
         alpha = float((self.q.T @ aq).reshape(()))
         beta = float(torch.linalg.vector_norm(w))
         self.alphas.append(alpha)
         self.betas.append(beta)
         self.scale = max(self.scale, abs(alpha), beta)
-        if self.basis.shape[1] >= self.op.dim:
+        if len(self.columns) >= self.op.dim:
             return
         if beta <= 1e-10 * max(self.scale, 1e-30):  # invariant subspace: a decoupled restart
             self.betas[-1] = 0.0
@@ -922,8 +949,5 @@ class _Run:
             self.q = w / beta
 
     def top(self) -> float:
-        return float(
-            torch.linalg.eigvalsh(LanczosState(self.basis, self.alphas, self.betas).tridiagonal())[
-                -1
-            ]
-        )
+        t = LanczosState(self.union.new[:, :0], self.alphas, self.betas).tridiagonal()
+        return float(torch.linalg.eigvalsh(t)[-1])
