@@ -732,9 +732,10 @@ def refined_top_eigenvalues(
     ``converged`` needs (1) every top-``k`` residual on the union at most
     ``rtol/2 · |θ_i|`` (:data:`_RESIDUAL_SHARE`) and (2) both sequences' own top Ritz values within
     ``rtol · |θ_1|`` of the union's ``θ_1``: two independent starts reached the same top of the
-    spectrum. The runs stop when both hold or after ``max_matvecs``. ``methods`` is ``"lanczos"``
-    for every value (``"rayleigh_ritz"``: the sketch was the whole space, no matvecs). Values
-    ``2..k`` are certified by their residuals only.
+    spectrum. The runs stop when both hold or after ``max_matvecs``. ``methods[i]`` is
+    ``"lanczos"`` (Rayleigh–Ritz on the union) or ``"rayleigh_ritz"`` (the sketch's own value was
+    larger, by rounding; or the sketch was the whole space, no matvecs). Values ``2..k`` are
+    certified by their residuals only.
     """
     if max_matvecs < 1:
         raise InvalidOptionError(f"max_matvecs must be >= 1, got {max_matvecs}")
@@ -754,11 +755,30 @@ def refined_top_eigenvalues(
     # refining, and a Lanczos run from an independent random start. One matvec per step, for the
     # sequence that needs it: while the union's residuals miss rtol, the one nearest its top (it
     # is converging there); then whichever lags the union's top, to confirm it.
-    sketch_top = sketch_top_eigenvalues(sketch, 1).values[0] if sketch.rank else -math.inf
+    own = sketch_top_eigenvalues(sketch, min(k, sketch.rank)) if sketch.rank else None
+    sketch_top = own.values[0] if own is not None else -math.inf
+
+    methods: list[str] = []
+    eps = float(torch.finfo(op.dtype).eps)
+
+    def union_top() -> tuple[tuple[float, ...], tuple[float, ...]]:
+        # Per index the larger of the union's and the sketch's own Rayleigh–Ritz values (both
+        # at most λ_i): in exact arithmetic the union's, but in float32 its coefficients can
+        # round it a few ulps below the sketch's.
+        values, residuals = union.top(k)
+        methods[:] = ["lanczos"] * len(values)
+        if not values or own is None:
+            return values, residuals
+        vals, ress = list(values), list(residuals)
+        for i, (v, r) in enumerate(zip(own.values, own.residuals, strict=True)):
+            if v > vals[i] + 8 * eps * abs(v):  # beyond a few ulps of rounding
+                vals[i], ress[i], methods[i] = v, r, "rayleigh_ritz"
+        return tuple(vals), tuple(ress)
+
     continued: _Run | None = None
     independent: _Run | None = None
     before = op.n_matvecs
-    values, residuals = union.top(k)
+    values, residuals = union_top()
     done = False
     while True:
         tops = [
@@ -790,7 +810,7 @@ def refined_top_eigenvalues(
             run = independent
         aq = op.matmat(run.q)
         run.step(aq, union.add(run.q, aq))
-        values, residuals = union.top(k)
+        values, residuals = union_top()
     used = op.n_matvecs - before
     if len(values) < k:
         raise InvalidOptionError(
@@ -800,7 +820,7 @@ def refined_top_eigenvalues(
     return RitzEstimate(
         values=values,
         residuals=residuals,
-        methods=("lanczos",) * k,
+        methods=tuple(methods),
         n_matvecs=used,
         converged=done,
         rtol=rtol,

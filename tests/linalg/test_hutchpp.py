@@ -508,6 +508,13 @@ def test_float32_refinement_is_a_lower_bound_and_converges():
     top = torch.sort(eigs, descending=True).values[:2]
     assert est.converged is True
     torch.testing.assert_close(torch.tensor(est.values, dtype=F64), top, rtol=1e-3, atol=0)
+    for seed in range(10):  # never below the sketch's own value, even after float32 rounding
+        gen = make_generator(seed, "cpu")
+        sketch = hutchpp_with_sketch(op, 30, generator=gen).sketch
+        own = sketch_top_eigenvalues(sketch, 2)
+        est = refined_top_eigenvalues(op, sketch, 2, rtol=1e-3, generator=gen, max_matvecs=40)
+        ulps = 8 * float(torch.finfo(torch.float32).eps)
+        assert all(e >= o - ulps * abs(o) for e, o in zip(est.values, own.values, strict=True))
 
 
 def test_k_larger_than_the_sketch_is_rejected():
