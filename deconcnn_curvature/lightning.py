@@ -80,6 +80,7 @@ DEFAULT_METRIC_KEYS: Mapping[str, str] = {
     "trace": "curvature/hutch_trace",
     "trace_stderr": "curvature/hutch_trace_stderr",
     "eigenvalues": "curvature/lambda_max",
+    "eigenvalues_converged": "curvature/lambda_max_converged",
     "n_hvp": "curvature/n_hvp",
     "seconds": "curvature/seconds",
 }
@@ -393,8 +394,10 @@ class CurvatureMonitor(pl.Callback):
             ``value: null`` and training goes on; ``"raise"``: the run stops with the error.
         metric_keys: Names logged through ``pl_module.log``, overriding
             :data:`DEFAULT_METRIC_KEYS` by key (``trace``, ``trace_stderr``, ``eigenvalues``,
-            ``n_hvp``, ``seconds``); a key mapped to ``None`` is not logged. With ``k > 1``, the
-            i-th eigenvalue is logged as ``<eigenvalues key>_<i>`` for i ≥ 2.
+            ``eigenvalues_converged``, ``n_hvp``, ``seconds``); a key mapped to ``None`` is not
+            logged. With ``k > 1``, the i-th eigenvalue is logged as ``<eigenvalues key>_<i>`` for
+            i ≥ 2. ``eigenvalues_converged`` is 1.0 when the backend reports the eigenvalues
+            converged (``details["converged"]``), 0.0 when it stopped at its cap.
         jsonl: The records file: a name relative to ``trainer.log_dir`` (the default root
             folder when there is no logger), or an absolute path; ``None`` writes no file.
         backend_options: Extra backend options (``deconcnn-curv list-backends --json``), e.g.
@@ -1143,10 +1146,14 @@ class CurvatureMonitor(pl.Callback):
                 out[keys["trace"]] = float(result.value)
             if keys["trace_stderr"] and result.stderr is not None:
                 out[keys["trace_stderr"]] = float(result.stderr)
-        elif result.quantity == "eigenvalues" and keys["eigenvalues"]:
-            for i, value in enumerate(result.value):
-                name = keys["eigenvalues"] if i == 0 else f"{keys['eigenvalues']}_{i + 1}"
-                out[name] = float(value)
+        elif result.quantity == "eigenvalues":
+            if keys["eigenvalues"]:
+                for i, value in enumerate(result.value):
+                    name = keys["eigenvalues"] if i == 0 else f"{keys['eigenvalues']}_{i + 1}"
+                    out[name] = float(value)
+            converged = result.details.get("converged")
+            if keys["eigenvalues_converged"] and isinstance(converged, bool):
+                out[keys["eigenvalues_converged"]] = 1.0 if converged else 0.0
         return out
 
     # ------------------------------------------------------------------------------ lifecycle

@@ -324,6 +324,23 @@ def test_record_content_and_logged_metrics(tmp_path: Path) -> None:
     assert not any("curvature/hutch_trace" in lines[s] for s in lines if s not in (4, 8))
 
 
+@pytest.mark.parametrize(("max_hvps", "expected"), [(1, 0.0), (60, 1.0)])
+def test_lambda_max_converged_is_logged(tmp_path: Path, max_hvps: int, expected: float) -> None:
+    # Issue 11: convergence was only in the JSONL details; a capped λ_max looked like any other.
+    monitor = CurvatureMonitor(
+        quantities="eigenvalues",
+        compute_every_n_steps=2,
+        hessian_batch_size=8,
+        backend_options={"max_hvps": max_hvps},
+    )
+    _, trainer = fit_tiny(tmp_path, monitor, max_steps=2)
+    (eig,) = records(tmp_path / "curvature.jsonl")
+    assert eig["details"]["converged"] is bool(expected)
+    assert float(trainer.callback_metrics["curvature/lambda_max_converged"]) == expected
+    renamed = CurvatureMonitor(metric_keys={"eigenvalues_converged": None})
+    assert renamed.metric_keys["eigenvalues_converged"] is None
+
+
 def test_custom_metric_keys_and_paths(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere" / "curv.jsonl"
     monitor = CurvatureMonitor(

@@ -168,3 +168,32 @@ def test_config_dir_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv(ENV_CONFIG_DIR, str(tmp_path))
     result = _train("--cfg")
     assert result.exit_code == 1 and "has no train.yaml" in result.output
+
+
+def test_summary_marks_an_unconverged_lambda_max(tmp_path: Path) -> None:
+    # Issue 11: the summary printed a capped λ_max like a converged one.
+    from rich.console import Console
+
+    from deconcnn_curvature.training.run import RunResult, summary_table
+
+    def eig(step: int, converged: bool) -> dict:
+        details = {"residuals": [0.3], "converged": converged}
+        return {"step": step, "quantity": "eigenvalues", "value": [2.5], "n_hvp": 30,
+                "seconds": 0.1, "details": details}  # fmt: skip
+
+    def render(recs: list[dict]) -> str:
+        result = RunResult(
+            run_dir=tmp_path, config_path=tmp_path / "c", metrics_path=tmp_path / "m",
+            curvature_path=None, checkpoint_path=None, plot_path=None, global_step=8, epochs=1,
+            seconds=1.0, metrics={}, records=recs,
+        )  # fmt: skip
+        console = Console(record=True, width=200)
+        console.print(summary_table(result))
+        return console.export_text()
+
+    text = render([eig(4, False), eig(8, False)])
+    assert "30 HVPs, UNCONVERGED)" in text
+    assert "λ_max unconverged" in text and "2 of 2 measurements (first at step 4)" in text
+    text = render([eig(4, False), eig(8, True)])
+    assert "UNCONVERGED" not in text and "1 of 2 measurements (first at step 4)" in text
+    assert "unconverged" not in render([eig(4, True), eig(8, True)])

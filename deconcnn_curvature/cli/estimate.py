@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -534,16 +534,7 @@ def _value_rows(result: CurvatureResult) -> list[tuple[str, str, str, str]]:
                 f"{value.num_runs} runs x {value.lanczos_steps} steps",
             )
         ]
-        if "trace_estimate" in result.details:
-            rows.append(
-                (
-                    "trace (from SLQ)",
-                    _fmt(result.details["trace_estimate"]),
-                    _fmt(result.details.get("trace_stderr")),
-                    "",
-                )
-            )
-        return rows
+        return rows  # no trace: SLQ gives one probe per run (deconcnn-curv estimate -q trace)
     if isinstance(value, list | tuple):
         return [(f"λ{i + 1}", _fmt(float(v)), "", "") for i, v in enumerate(value)]
     if isinstance(value, Mapping):
@@ -570,8 +561,7 @@ def _value_rows(result: CurvatureResult) -> list[tuple[str, str, str, str]]:
 def _short_value(result: CurvatureResult) -> str:
     value = result.value
     if isinstance(value, Density):
-        est = result.details.get("trace_estimate")
-        return f"SLQ, {len(value.nodes)} nodes" + (f", tr≈{_fmt(est)}" if est is not None else "")
+        return f"SLQ, {len(value.nodes)} nodes"
     if isinstance(value, list | tuple):
         return ", ".join(_fmt(float(v)) for v in value)
     if isinstance(value, Mapping):
@@ -1089,10 +1079,43 @@ def _plot(
     log_scale: bool,
     title: str,
     subtitle: str,
+    nodes: Sequence[float] = (),
+    dim: int | None = None,
 ) -> None:
+    fig = _density_figure(
+        grid, curve, eigenvalues, log_scale=log_scale, title=title, subtitle=subtitle,
+        nodes=nodes, dim=dim,
+    )  # fmt: skip
+    try:
+        fig.savefig(path, dpi=120)
+    except Exception as exc:  # any backend failure: the caller has already shown the results
+        raise ConfigurationError(
+            f"cannot write the plot to {path}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _density_figure(
+    grid: Any,
+    curve: Any,
+    eigenvalues: list[float],
+    *,
+    log_scale: bool,
+    title: str,
+    subtitle: str,
+    nodes: Sequence[float] = (),
+    dim: int | None = None,
+) -> Any:
+    """The smoothed density, with the top eigenvalues and the SLQ nodes as marks *beside* it.
+
+    An outlying eigenvalue holds 1/dim of the mass: the smoothed curve shows nothing there (on a
+    linear scale), so full-height lines at λ₂, λ₃ suggested mass the curve does not have. The
+    eigenvalues are markers in a strip along the top edge, the SLQ nodes (Ritz values of the runs)
+    a rug along the bottom, and the legend sits below the axes, off the curve.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.transforms import blended_transform_factory
     except ImportError as exc:
         raise ConfigurationError(
             f"--plot needs matplotlib, which cannot be imported ({exc}); install it with "
@@ -1100,7 +1123,7 @@ def _plot(
         ) from exc
     import numpy as np
 
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if log_scale:
@@ -1108,39 +1131,38 @@ def _plot(
         ax.semilogy(grid, np.maximum(curve, floor), color="tab:blue", lw=1.4, label="SLQ density")
         ax.set_ylim(bottom=floor)
     else:
-        ax.plot(grid, curve, color="tab:blue", lw=1.4, label="SLQ density")
+        ax.plot(grid, curve, color="tab:blue", lw=1.4, label="SLQ density (smoothed)")
         ax.fill_between(grid, curve, alpha=0.15, color="tab:blue")
-        ax.set_ylim(bottom=0)
-    for i, lam in enumerate(eigenvalues):
-        ax.axvline(
-            lam,
-            color="tab:red",
-            ls="--",
-            lw=1.0,
-            label=f"top-{len(eigenvalues)} eigenvalues (Lanczos)" if i == 0 else None,
-        )
+        ax.set_ylim(bottom=0, top=float(np.max(curve)) * 1.15)
+    strip = blended_transform_factory(ax.transData, ax.transAxes)  # x: data, y: axes fraction
+    if len(nodes):
+        ax.plot(
+            list(nodes), [0.0] * len(nodes), ls="none", marker="|", ms=9, mew=0.8, color="0.3",
+            transform=strip, clip_on=False, label="SLQ nodes (Ritz values of the runs)",
+        )  # fmt: skip
     if eigenvalues:
+        share = f"; each holds 1/{dim} of the mass" if dim else ""
+        ax.plot(
+            eigenvalues, [1.0] * len(eigenvalues), ls="none", marker="v", ms=7, color="tab:red",
+            transform=strip, clip_on=False,
+            label=f"top-{len(eigenvalues)} eigenvalues (Lanczos{share})",
+        )  # fmt: skip
         ax.annotate(
             f"λ1 = {eigenvalues[0]:.4g}",
-            xy=(eigenvalues[0], 0.92),
-            xycoords=("data", "axes fraction"),
+            xy=(eigenvalues[0], 1.0),
+            xycoords=strip,
             ha="right",
             va="top",
             color="tab:red",
             fontsize=9,
-            xytext=(-4, 0),
+            xytext=(-6, -4),
             textcoords="offset points",
         )
     ax.set_xlabel("eigenvalue of the loss Hessian")
     ax.set_ylabel("density" + (" (log scale)" if log_scale else ""))
     ax.set_title(f"{title}\n{subtitle}", fontsize=10)
-    ax.legend(loc="upper left", fontsize=9)
-    try:
-        fig.savefig(path, dpi=120)
-    except Exception as exc:  # any backend failure: the caller has already shown the results
-        raise ConfigurationError(
-            f"cannot write the plot to {path}: {type(exc).__name__}: {exc}"
-        ) from exc
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig
 
 
 @cli.command("density")
@@ -1274,6 +1296,8 @@ def density_cmd(
                 curve,
                 eigenvalues,
                 log_scale=log_scale,
+                nodes=density.nodes,
+                dim=density.dim,
                 title=f"Hessian spectral density: {checkpoint.name}",
                 subtitle=(
                     f"{backend_name} SLQ, {density.num_runs} runs x {density.lanczos_steps} "
@@ -1389,5 +1413,9 @@ def _show_density(
             )
     out.print(table)
     _warn_unconverged(out, eig)
+    out.print(
+        "no trace from SLQ (one probe per run, its spread unknowable at a few runs); for the "
+        f"trace: deconcnn-curv estimate {escape(checkpoint.name)} -q trace"
+    )
     if plot_path is not None:
         out.print(f"plot written to {escape(str(plot_path))} (σ = {width:.3g})")

@@ -1065,6 +1065,21 @@ def _curvature_time(result: RunResult) -> str:
     return f"{spent:.1f} s ({share:.0%} of the wall time)"
 
 
+def _unconverged_mark(rec: Mapping[str, Any]) -> str:
+    return ", UNCONVERGED" if (rec.get("details") or {}).get("converged") is False else ""
+
+
+def _unconverged_row(table: Table, eigs: list[Mapping[str, Any]]) -> None:
+    """Say how many λ_max values stopped at the solver's cap (``details["converged"]`` false)."""
+    bad = [r for r in eigs if (r.get("details") or {}).get("converged") is False]
+    if bad:
+        table.add_row(
+            "λ_max unconverged",
+            f"{len(bad)} of {len(eigs)} measurements (first at step {bad[0]['step']}): the "
+            "solver stopped at its cap; raise curvature.backend_options.max_hvps",
+        )
+
+
 def summary_table(result: RunResult) -> Table:
     """A rich table of the run: where its files are, final metrics, the curvature measured."""
     from rich.markup import escape
@@ -1102,8 +1117,9 @@ def summary_table(result: RunResult) -> Table:
             table.add_row(
                 f"λ_max @ step {last_eig['step']}",
                 f"{_fmt(last_eig['value'][0])} (residual {_fmt(residuals[0], 2)}, "
-                f"{last_eig.get('n_hvp')} HVPs)",
+                f"{last_eig.get('n_hvp')} HVPs{_unconverged_mark(last_eig)})",
             )
+            _unconverged_row(table, [r for r in ok if r["quantity"] == "eigenvalues"])
         if failed:
             table.add_row("first failure", escape(str(failed[0].get("error"))))
     else:

@@ -259,10 +259,13 @@ def test_density_weights_nodes_and_trace_moment(case: Case) -> None:
     assert math.fsum(d.weights) == pytest.approx(1.0, abs=1e-12)
     assert min(d.weights) >= 0
     assert lo - slack <= min(d.nodes) and max(d.nodes) <= hi + slack
-    # dim·Σ w θ is the mean of the runs' zᵀHz, and lies within its error bars of tr H.
-    est, se = d.trace_estimate(), r.details["trace_stderr"]
-    assert est == pytest.approx(r.details["trace_estimate"], rel=1e-9, abs=1e-12)
-    assert abs(est - float(h.trace())) <= 4 * se, (est, float(h.trace()), se)
+    # dim·Σ w θ is the mean of the runs' zᵀHz: one Hutchinson probe per run, so the density
+    # reports no trace (issue 11: 3 runs gave 35.4 ± 9.0 for a trace of 102-111).
+    quad = r.details["probe_quadratic_forms"]
+    assert len(quad) == 12
+    assert d.trace_estimate() == pytest.approx(math.fsum(quad) / 12, rel=1e-9, abs=1e-12)
+    assert "trace_estimate" not in r.details and "trace_stderr" not in r.details
+    assert "quantity='trace'" in r.details["trace"]
     assert r.n_hvp == 12 * min(15, d.dim)
 
 

@@ -88,9 +88,8 @@ def test_density_and_eigenvalues_match_the_dense_hessian(workdir: Path) -> None:
     tol = 1e-8 * max(abs(lo), abs(hi))
     assert all(lo - tol <= x <= hi + tol for x in density["nodes"])  # Ritz values lie inside
     torch.testing.assert_close(max(density["nodes"]), hi, rtol=1e-6, atol=0)  # λmax converges
-    details = out["density"]["details"]
-    exact_trace = float(hessian.trace())
-    assert abs(details["trace_estimate"] - exact_trace) <= 4 * details["trace_stderr"]
+    details = out["density"]["details"]  # no trace from SLQ: one probe per run (issue 11)
+    assert "trace_estimate" not in details and len(details["probe_quadratic_forms"]) == 8
 
     top = torch.tensor(out["eigenvalues"]["value"], dtype=torch.float64)
     torch.testing.assert_close(top, spectrum.flip(0)[:4], rtol=1e-5, atol=1e-9)
@@ -117,11 +116,54 @@ def test_human_output_log_scale_and_sigma(workdir: Path) -> None:
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert "spectral density — backend pyhessian, seed 0" in text
-    for label in ("density", "trace (from SLQ)", "λ1", "λ2", "3 runs x 10 steps"):
+    for label in ("density", "λ1", "λ2", "3 runs x 10 steps"):
         assert label in text
     assert "λ3" not in text
+    assert "trace (from SLQ)" not in text  # issue 11: it disagreed with estimate's trace
+    assert "no trace from SLQ" in text and "deconcnn-curv estimate w.pt -q trace" in text
     assert f"plot written to {plot} (σ = 0.05)" in text
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_plot_marks_eigenvalues_beside_the_curve_and_keeps_the_legend_off_it(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 11: full-height lines marked λ2, λ3 where the curve shows no mass (each outlier holds
+    # 1/dim of it), and the legend covered the peak.
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    save = Figure.savefig
+
+    def keep(self: Figure, *args: Any, **kwargs: Any) -> None:
+        figures.append(self)
+        save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    path = save_state_dict(workdir / "w.pt", seed=6)
+    result = run(
+        "density", path, *GENERIC_ARGS, "--batch-size", 24, "-k", 4, "-o", "lanczos_steps=20",
+        "--plot", workdir / "d.png",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (fig,) = figures
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    axes_box = ax.get_window_extent(renderer)
+    legends = [*fig.legends, *([ax.get_legend()] if ax.get_legend() else [])]
+    assert legends and all(
+        not leg.get_window_extent(renderer).overlaps(axes_box) for leg in legends
+    )
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for line in lines.values():  # no vertical line claims a height at an eigenvalue
+        x = np.asarray(line.get_xdata(), dtype=float)
+        assert not (len(x) == 2 and x[0] == x[1]), line.get_label()
+    (eig_label,) = [label for label in lines if label.startswith("top-4 eigenvalues")]
+    assert "each holds 1/" in eig_label and "of the mass" in eig_label
+    eig = lines[eig_label]
+    assert eig.get_marker() == "v" and list(eig.get_ydata()) == [1.0] * 4  # the top edge
+    rug = lines["SLQ nodes (Ritz values of the runs)"]
+    assert len(rug.get_xdata()) == 3 * 20 and set(rug.get_ydata()) == {0.0}  # the bottom edge
 
 
 def test_plugin_backend_without_eigenvalues(workdir: Path) -> None:

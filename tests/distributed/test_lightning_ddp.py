@@ -150,6 +150,7 @@ def test_metrics_are_identical_on_every_rank_and_logged_once(ddp_run: dict[str, 
         "curvature/hutch_trace",
         "curvature/hutch_trace_stderr",
         "curvature/lambda_max",
+        "curvature/lambda_max_converged",
         "curvature/n_hvp",
     }
     metrics = list(ddp_run["out"].rglob("metrics.csv"))
