@@ -1,0 +1,166 @@
+"""Every way of computing one Hessian-vector product (``HessianOperator(hvp_path=...)``, issue 13)
+gives the products of a dense Hessian built by plain double-backward autograd: BatchNorm in eval
+mode, frozen and unused parameters, a negative-curvature loss, several batches (graphs retained
+or rebuilt), probes one at a time and in blocks, Dropout in train mode, and the environment
+variable that forces a path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from cases import CASES, Case, get_case
+from torch import nn
+
+import deconcnn_curvature as dcc
+from deconcnn_curvature.errors import InvalidOptionError
+from deconcnn_curvature.hvp import ENV_HVP_PATH, HVP_PATHS, HessianOperator, resolve_hvp_path
+from deconcnn_curvature.problem import build_problem, preserve_state
+
+ROOT = Path(__file__).resolve().parent.parent
+CASE_IDS = [c.id for c in CASES]
+
+
+def double_backward_hessian(
+    model: nn.Module, loss_fn: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Ground truth: differentiate each entry of the flat gradient of the sample-weighted mean
+    loss once more (one row per parameter entry); unused parameters give zero rows."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(len(y) for _, y in batches)
+    loss = sum(loss_fn(model(x), y) * (len(y) / total) for x, y in batches)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    flat = torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+    rows = []
+    for i in range(flat.numel()):
+        if not flat[i].requires_grad:
+            rows.append(torch.zeros_like(flat))
+            continue
+        row = torch.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (r if r is not None else torch.zeros_like(p)).reshape(-1)
+                    for r, p in zip(row, params, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows).detach()
+
+
+def _split(batch: tuple[torch.Tensor, torch.Tensor], parts: int) -> list:
+    x, y = batch
+    return list(zip(x.chunk(parts), y.chunk(parts), strict=True))
+
+
+def _operator_matrix(
+    case: Case, path: str, *, probe_batch: int = 1, parts: int = 1, retain: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, HessianOperator]:
+    model, loss_fn, batch = case.make()
+    batches = _split(batch, parts)
+    with preserve_state(model):
+        exact = double_backward_hessian(model, loss_fn, batches)
+    problem = build_problem(model, loss_fn, batches)
+    with preserve_state(model):
+        op = HessianOperator(problem, probe_batch=probe_batch, retain_graphs=retain, hvp_path=path)
+        eye = torch.eye(problem.dim, dtype=problem.dtype)
+        got = op.matmat(eye)
+        op.close()
+    return got, exact, op
+
+
+def test_the_ground_truth_agrees_with_the_case_table() -> None:
+    """The double-backward dense Hessian is the same matrix as tests/cases.py's."""
+    for case in CASES:
+        model, loss_fn, batch = case.make()
+        torch.testing.assert_close(double_backward_hessian(model, loss_fn, [batch]), case.exact)
+
+
+@pytest.mark.parametrize("path", HVP_PATHS)
+@pytest.mark.parametrize("case_id", CASE_IDS)
+@pytest.mark.parametrize("probe_batch", [1, 4], ids=["seq", "block4"])
+def test_every_path_multiplies_by_the_dense_hessian(
+    case_id: str, path: str, probe_batch: int
+) -> None:
+    got, exact, op = _operator_matrix(get_case(case_id), path, probe_batch=probe_batch)
+    assert op.hvp_path == path
+    torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", HVP_PATHS)
+@pytest.mark.parametrize("retain", [False, True], ids=["rebuild", "retain"])
+@pytest.mark.parametrize("case_id", ["cnn_bn_eval", "unused_param"])
+def test_every_path_with_several_batches(case_id: str, path: str, retain: bool) -> None:
+    got, exact, _ = _operator_matrix(get_case(case_id), path, probe_batch=3, parts=3, retain=retain)
+    torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-10)
+
+
+class _DropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("probe_batch", [1, 4])
+def test_forward_over_reverse_replays_the_dropout_masks(probe_batch: int) -> None:
+    """Measured in train mode, each product of forward-over-reverse runs its own forward pass:
+    the RNG state is replayed so every product sees the masks of the double backward's graph,
+    and the operator stays one fixed symmetric matrix."""
+    torch.manual_seed(0)
+    model = _DropoutNet().double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    problem = build_problem(model, nn.CrossEntropyLoss(), (x, y), eval_mode=False)
+    mats = {}
+    with preserve_state(model):
+        for path in HVP_PATHS:
+            op = HessianOperator(problem, probe_batch=probe_batch, hvp_path=path)
+            mats[path] = op.matmat(torch.eye(problem.dim, dtype=torch.float64))
+    torch.testing.assert_close(mats["forward_over_reverse"], mats["double_backward"])
+    torch.testing.assert_close(mats["forward_over_reverse"], mats["forward_over_reverse"].T)
+
+
+def test_the_environment_variable_forces_a_path_and_training_is_undisturbed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, loss_fn, batch = get_case("cnn_bn_eval").make()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    results = {}
+    for path in ("auto", *HVP_PATHS):
+        monkeypatch.setenv(ENV_HVP_PATH, path)
+        results[path] = dcc.estimate(model, loss_fn, batch, "trace", seed=3, num_hvps=6)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    values = [r.value for r in results.values()]
+    assert values == pytest.approx([values[0]] * len(values), rel=1e-10)
+
+
+def test_default_path_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_HVP_PATH, raising=False)
+    for device in ("cpu", "cuda"):
+        assert resolve_hvp_path(None, torch.device(device)) == "double_backward"
+    monkeypatch.setenv(ENV_HVP_PATH, "Forward-Over-Reverse")
+    assert resolve_hvp_path(None, torch.device("cpu")) == "forward_over_reverse"
+    assert resolve_hvp_path("double_backward", torch.device("cpu")) == "double_backward"
+
+
+def test_an_unknown_path_is_named_with_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_HVP_PATH, "reverse_over_forward")
+    model, loss_fn, batch = get_case("mlp").make()
+    with pytest.raises(InvalidOptionError) as info:
+        dcc.estimate(model, loss_fn, batch, "trace", seed=0, num_hvps=2)
+    message = str(info.value)
+    assert ENV_HVP_PATH in message and "'reverse_over_forward'" in message
+    assert "auto, double_backward, forward_over_reverse" in message
