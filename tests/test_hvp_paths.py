@@ -229,3 +229,25 @@ def test_peak_memory_of_hutchpp_is_within_1_5x_of_pyhessian() -> None:
     ours, theirs = peak("hutchpp"), peak("pyhessian")
     assert theirs > 20 * 2**20, theirs  # the measurement sees the gradient graph at all
     assert ours <= 1.5 * theirs, (ours / 2**20, theirs / 2**20)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", HVP_PATHS)
+@pytest.mark.parametrize("probe_batch", [1, 4], ids=["seq", "block4"])
+@pytest.mark.parametrize("case_id", ["cnn_bn_eval", "unused_param", "frozen_layer"])
+def test_every_path_on_cuda_multiplies_by_the_dense_hessian(
+    case_id: str, path: str, probe_batch: int
+) -> None:
+    case = get_case(case_id)
+    model, loss_fn, (x, y) = case.make()
+    device = torch.device("cuda:0")
+    model.to(device)
+    batches = [(x[:6].to(device), y[:6].to(device)), (x[6:].to(device), y[6:].to(device))]
+    problem = build_problem(model, loss_fn, batches)
+    v = torch.randn(problem.dim, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with preserve_state(model):
+        op = HessianOperator(problem, probe_batch=probe_batch, hvp_path=path)
+        hv = op.matmat(v.to(device))
+        op.close()
+    assert hv.device == device
+    torch.testing.assert_close(hv.cpu(), case.exact @ v, rtol=1e-9, atol=1e-11)
