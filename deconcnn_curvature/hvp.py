@@ -25,11 +25,12 @@ everywhere. A failure on one rank never leaves the others waiting: see :func:`ra
   ``torch.func.functional_call`` (Pearlmutter's R-operator), one forward and backward pass per
   product and no graph kept; ``probe_batch > 1`` maps it over the probes with ``torch.func.vmap``.
 
-Both give the same products to float tolerance. ``benchmarks/hvp_paths.py`` measured the double
-backward as the cheaper one on the CPU (2.5 gradients per product on ``resnet18_cifar`` width 1/8,
-batch 128, against 3.6 for forward-over-reverse), hence the default. ``hvp_path=None`` reads the
-environment variable :data:`ENV_HVP_PATH` (``DECONCNN_CURVATURE_HVP_PATH``), so a path can be
-forced for every measurement of a run without touching the code (``"auto"`` = the default).
+Both give the same products to float tolerance. ``benchmarks/hvp_paths.py`` measured the
+double backward as the cheaper one on the CPU (2.6–2.8 gradients per product on
+``resnet18_cifar`` width 1/8, batch 128, against 3.6–3.7 for forward-over-reverse), hence the
+default. ``hvp_path=None`` reads the environment variable :data:`ENV_HVP_PATH`
+(``DECONCNN_CURVATURE_HVP_PATH``), so a path can be forced for every measurement of a run
+without touching the code (``"auto"`` = the default).
 """
 
 from __future__ import annotations
