@@ -7,6 +7,7 @@ variable that forces a path."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -251,3 +252,39 @@ def test_every_path_on_cuda_multiplies_by_the_dense_hessian(
         op.close()
     assert hv.device == device
     torch.testing.assert_close(hv.cpu(), case.exact @ v, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.distributed
+def test_forward_over_reverse_under_a_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 gloo ranks with uneven shards, every distributed backend and quantity of
+    tests/distributed's numerics scenario, products forced through forward-over-reverse: the
+    same numbers as one process on the union with the default double backward."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with the gloo backend")
+    from tests.distributed import _ranks
+
+    monkeypatch.setenv(ENV_HVP_PATH, "forward_over_reverse")
+    rank0, rank1 = (p["results"] for p in _ranks.launch("numerics", tmp_path, timeout=240.0))
+    monkeypatch.delenv(ENV_HVP_PATH)
+    assert rank0 and rank0 == rank1
+    for key, got in rank0.items():
+        backend, quantity, extra = key.split("/", 2)
+        ref = _ranks.measure(backend, quantity, _ranks.union_batch(), **json.loads(extra))
+        assert got["n_hvp"] == ref["n_hvp"], key
+        value, expected = got["value"], ref["value"]
+        if isinstance(expected, dict):
+            value, expected = (
+                value["nodes"] + value["weights"],
+                expected["nodes"] + expected["weights"],
+            )
+        torch.testing.assert_close(
+            torch.tensor(value, dtype=torch.float64),
+            torch.tensor(expected, dtype=torch.float64),
+            rtol=1e-8,
+            atol=1e-10,
+            msg=key,
+        )
