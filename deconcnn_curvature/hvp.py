@@ -323,7 +323,14 @@ class _ForwardOverReverse:
         inputs, targets = problem.batches[b]
 
         def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            out = torch.func.functional_call(problem.model, params, (inputs,), strict=False)
+            # Buffers are copied inside the transformed function: a model measured in train mode
+            # (eval_mode=False) updates BatchNorm's running statistics in place, which torch.func
+            # refuses on a captured tensor; the copies take the update and are dropped (the
+            # output uses the batch statistics, so the product is unaffected).
+            buffers = {n: b.clone() for n, b in problem.model.named_buffers()}
+            out = torch.func.functional_call(
+                problem.model, (params, buffers), (inputs,), strict=False
+            )
             return problem.loss_fn(out, targets)
 
         return list(range(len(problem.params))), [_FunctionalBatch(loss_of, replay_rng)]

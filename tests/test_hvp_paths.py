@@ -135,6 +135,27 @@ def test_forward_over_reverse_replays_the_dropout_masks(probe_batch: int) -> Non
     torch.testing.assert_close(mats["forward_over_reverse"], mats["forward_over_reverse"].T)
 
 
+@pytest.mark.parametrize("path", HVP_PATHS)
+@pytest.mark.parametrize("probe_batch", [1, 4], ids=["seq", "block4"])
+def test_every_path_with_batchnorm_in_train_mode(path: str, probe_batch: int) -> None:
+    """``eval_mode=False``: BatchNorm normalises with the batch statistics and updates its
+    running statistics in place at every forward pass, which torch.func refuses on a captured
+    buffer; the forward-over-reverse path updates copies instead. Products equal the dense
+    Hessian of the train-mode loss; the buffers are untouched."""
+    model, loss_fn, batch = get_case("cnn_bn_eval").make()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    with preserve_state(model):
+        exact = double_backward_hessian(model, loss_fn, [batch])
+    problem = build_problem(model, loss_fn, batch, eval_mode=False)
+    with preserve_state(model):
+        op = HessianOperator(problem, probe_batch=probe_batch, hvp_path=path)
+        got = op.matmat(torch.eye(problem.dim, dtype=problem.dtype))
+    torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-10)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
 def test_the_environment_variable_forces_a_path_and_training_is_undisturbed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
