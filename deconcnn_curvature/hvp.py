@@ -16,29 +16,77 @@ Under an initialised ``torch.distributed`` process group of more than one proces
 Hessian of the mean loss over the union of all ranks' samples. The reduced products are identical
 on every rank, so estimators built on them take the same branches and return bit-identical numbers
 everywhere. A failure on one rank never leaves the others waiting: see :func:`rank_agreement`.
+
+**How one product is computed** (issue 13) is the operator's ``hvp_path``:
+
+- ``"double_backward"`` (the default on every device): the second differentiation of the gradient
+  graph described above, built once per batch and reused by every product;
+- ``"forward_over_reverse"``: ``torch.func.jvp`` over ``torch.func.grad`` of the loss through
+  ``torch.func.functional_call`` (Pearlmutter's R-operator), one forward and backward pass per
+  product and no graph kept; ``probe_batch > 1`` maps it over the probes with ``torch.func.vmap``.
+
+Both give the same products to float tolerance. ``benchmarks/hvp_paths.py`` measured the
+double backward as the cheaper one on the CPU (2.6–2.8 gradients per product on
+``resnet18_cifar`` width 1/8, batch 128, against 3.6–3.7 for forward-over-reverse), hence the
+default. ``hvp_path=None`` reads the environment variable :data:`ENV_HVP_PATH`
+(``DECONCNN_CURVATURE_HVP_PATH``), so a path can be forced for every measurement of a run
+without touching the code (``"auto"`` = the default).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from pyhessian.utils import hessian_vector_product
 
-from deconcnn_curvature.errors import BackendFailedError, InvalidProblemError, NonFiniteError
+from deconcnn_curvature.errors import (
+    BackendFailedError,
+    InvalidOptionError,
+    InvalidProblemError,
+    NonFiniteError,
+)
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size
 
 __all__ = [
+    "ENV_HVP_PATH",
+    "HVP_PATHS",
     "HessianOperator",
     "RankAgreement",
     "agree",
     "local_only",
     "rank_agreement",
+    "resolve_hvp_path",
     "world_size",
 ]
+
+#: How one Hessian-vector product can be computed (see the module docstring).
+HVP_PATHS = ("double_backward", "forward_over_reverse")
+#: Environment variable read when ``hvp_path`` is not given: a name from :data:`HVP_PATHS` or
+#: ``auto`` (empty = ``auto``).
+ENV_HVP_PATH = "DECONCNN_CURVATURE_HVP_PATH"
+
+
+def resolve_hvp_path(hvp_path: str | None, device: torch.device) -> str:
+    """The product path to use: ``hvp_path``, else :data:`ENV_HVP_PATH`, else the device's
+    default (``"double_backward"``: the fastest measured on the CPU, and today's on CUDA, where
+    ``benchmarks/hvp_paths.py --device cuda`` is the measurement to make before changing it)."""
+    source = "hvp_path"
+    if hvp_path is None:
+        hvp_path, source = os.environ.get(ENV_HVP_PATH, "") or "auto", ENV_HVP_PATH
+    value = str(hvp_path).strip().lower().replace("-", "_")
+    if value == "auto":
+        return "double_backward"
+    if value not in HVP_PATHS:
+        raise InvalidOptionError(
+            f"{source} must be one of auto, {', '.join(HVP_PATHS)}; got {hvp_path!r}. Unset "
+            f"{ENV_HVP_PATH} (or pass hvp_path='auto') for the default."
+        )
+    return value
 
 
 class HessianOperator:
@@ -52,6 +100,9 @@ class HessianOperator:
         retain_graphs: with several batches, keep every batch's gradient graph in memory (fast) or
             rebuild them on each ``matmat`` (memory of one batch). A single batch is always kept.
         distributed: all-reduce products across the default process group.
+        hvp_path: how one product is computed: ``"double_backward"``, ``"forward_over_reverse"``,
+            ``"auto"``, or ``None`` (the :data:`ENV_HVP_PATH` environment variable, else auto);
+            see :func:`resolve_hvp_path`. Every path gives the same products to float tolerance.
     """
 
     def __init__(
@@ -61,9 +112,14 @@ class HessianOperator:
         probe_batch: int = 1,
         retain_graphs: bool = False,
         distributed: bool = False,
+        hvp_path: str | None = None,
     ) -> None:
         self.problem = problem
         self.probe_batch = max(1, int(probe_batch))
+        self.hvp_path = resolve_hvp_path(hvp_path, problem.device)
+        self._functional = (
+            _ForwardOverReverse(problem) if self.hvp_path == "forward_over_reverse" else None
+        )
         self._n = 0
         self._slices = list(problem.slices().values())
         self._shapes = [p.shape for p in problem.params]
@@ -200,20 +256,17 @@ class HessianOperator:
         inputs, targets = problem.batches[b]
         first_build = b not in self._rng
         self._replay_rng(b)
+        if self._functional is not None:
+            # Forward-over-reverse keeps no graph: what a batch needs is a closure that replays
+            # its RNG state before each product's forward pass (checked once here, like a graph).
+            if first_build:
+                with torch.no_grad():
+                    _check_loss(problem.loss_fn(problem.model(inputs), targets), b, finite=True)
+            return self._functional.prepare(b, lambda: self._replay_rng(b))
         loss = problem.loss_fn(problem.model(inputs), targets)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise InvalidProblemError(
-                f"loss_fn must return a scalar (mean-reduced) loss tensor, got {shape}; reduce it "
-                "with .mean() over the batch."
-            )
-        # A host synchronisation on CUDA: once per batch, not at every rebuild (a rebuild replays
-        # the same parameters, inputs and RNG state, so the loss is the one already checked).
-        if first_build and not torch.isfinite(loss.detach()):
-            raise NonFiniteError(
-                f"the loss is {loss.item()} on batch {b}; curvature of a non-finite loss is "
-                "undefined. Check the data and the model's parameters (diverged training?)."
-            )
+        # The finiteness check is a host synchronisation on CUDA: once per batch, not at every
+        # rebuild (a rebuild replays the same parameters, inputs and RNG state).
+        _check_loss(loss, b, finite=first_build)
         grads = torch.autograd.grad(loss, problem.params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         return live, [grads[i] for i in live]
@@ -230,6 +283,8 @@ class HessianOperator:
             torch.cuda.set_rng_state(saved[1], self.problem.device)
 
     def _product(self, live: list[int], grads: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        if self._functional is not None:
+            return self._functional.product(grads, v, self.probe_batch)
         params = [self.problem.params[i] for i in live]
         k = v.shape[1]
         if k == 1:
@@ -259,6 +314,95 @@ class HessianOperator:
         for i, col in zip(live, cols, strict=True):
             if col is not None:
                 out[self._slices[i]] = col
+        return out
+
+
+def _check_loss(loss: object, b: int, *, finite: bool) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise InvalidProblemError(
+            f"loss_fn must return a scalar (mean-reduced) loss tensor, got {shape}; reduce it "
+            "with .mean() over the batch."
+        )
+    if finite and not torch.isfinite(loss.detach()):
+        raise NonFiniteError(
+            f"the loss is {loss.item()} on batch {b}; curvature of a non-finite loss is "
+            "undefined. Check the data and the model's parameters (diverged training?)."
+        )
+
+
+class _FunctionalBatch:
+    """One batch's loss as a function of the trainable parameters (no graph is kept), and how to
+    replay the RNG state of its first forward pass (the same Dropout masks at every product)."""
+
+    def __init__(
+        self,
+        loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        replay_rng: Callable[[], None],
+    ) -> None:
+        self.loss_of = loss_of
+        self.replay_rng = replay_rng
+
+
+class _ForwardOverReverse:
+    """``H v = ∂/∂ε ∇L(θ + εv)`` by ``torch.func.jvp`` over ``torch.func.grad`` (Pearlmutter's
+    R-operator, forward-mode over reverse-mode), through ``torch.func.functional_call`` on the
+    trainable parameters; every other parameter and buffer is the module's own. ``k > 1`` probes
+    are mapped with ``torch.func.vmap`` (one Dropout mask for all of them: ``randomness="same"``).
+    Unused parameters get zero rows, as in the double backward."""
+
+    def __init__(self, problem: CurvatureProblem) -> None:
+        self.problem = problem
+        self.names = list(problem.names)
+        self.slices = list(problem.slices().values())
+        self.shapes = [p.shape for p in problem.params]
+
+    def prepare(self, b: int, replay_rng: Callable[[], None]) -> tuple[list[int], list]:
+        problem = self.problem
+        inputs, targets = problem.batches[b]
+
+        def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            # Buffers are copied inside the transformed function: a model measured in train mode
+            # (eval_mode=False) updates BatchNorm's running statistics in place, which torch.func
+            # refuses on a captured tensor; the copies take the update and are dropped (the
+            # output uses the batch statistics, so the product is unaffected).
+            buffers = {n: b.clone() for n, b in problem.model.named_buffers()}
+            out = torch.func.functional_call(
+                problem.model, (params, buffers), (inputs,), strict=False
+            )
+            return problem.loss_fn(out, targets)
+
+        return list(range(len(problem.params))), [_FunctionalBatch(loss_of, replay_rng)]
+
+    def product(self, state: list, v: torch.Tensor, probe_batch: int) -> torch.Tensor:
+        (batch,) = state
+        primals = {n: p.detach() for n, p in zip(self.names, self.problem.params, strict=True)}
+        grad_fn = torch.func.grad(batch.loss_of)
+
+        def hvp(tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return torch.func.jvp(grad_fn, (primals,), (tangents,))[1]
+
+        k = v.shape[1]
+        out = torch.empty_like(v)
+        if k == 1 or probe_batch == 1:
+            for j in range(k):
+                tangents = {
+                    n: v[sl, j].reshape(shape)
+                    for n, sl, shape in zip(self.names, self.slices, self.shapes, strict=True)
+                }
+                batch.replay_rng()
+                hv = hvp(tangents)
+                for n, sl in zip(self.names, self.slices, strict=True):
+                    out[sl, j] = hv[n].reshape(-1)
+            return out
+        tangents = {
+            n: v[sl].T.reshape(k, *shape)
+            for n, sl, shape in zip(self.names, self.slices, self.shapes, strict=True)
+        }
+        batch.replay_rng()
+        hv = torch.func.vmap(hvp, randomness="same")(tangents)
+        for n, sl in zip(self.names, self.slices, strict=True):
+            out[sl] = hv[n].reshape(k, -1).T
         return out
 
 

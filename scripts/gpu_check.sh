@@ -2,7 +2,9 @@
 # The prepared GPU check (issue 7): the card, the cuda-marked tests, and the benchmarks — HVP/gradient
 # time ratio with probe_batch 1 vs 8, peak memory vs raw PyHessian on the same batch (resnet18_cifar,
 # width 1.0, batch 128), and the monitoring overhead ratio (one monitor measurement in training steps,
-# in gpu_hvp.json; benchmarks/monitor_overhead.py too when it can target the GPU).
+# in gpu_hvp.json; benchmarks/monitor_overhead.py too when it can target the GPU), and every HVP path
+# (double backward, forward-over-reverse, batched, curvlinops, raw PyHessian) as a ratio to a
+# gradient with hutchpp's peak memory vs PyHessian's (benchmarks/hvp_paths.py, hvp_paths.json).
 # Finishes in well under 10 minutes on one H100/H200-class GPU; never part of CI.
 #
 #   bash scripts/gpu_check.sh                  on a CUDA machine
@@ -130,6 +132,17 @@ else
   step gpu_hvp "$PY" benchmarks/gpu_hvp.py --device cpu --quick --out "$OUTDIR/gpu_hvp.json"
 fi
 
+say "benchmark: every HVP path as a ratio to a gradient, hutchpp memory (benchmarks/hvp_paths.py)"
+# resnet18_cifar at deconCNN's width 1.0 and batch 128 (plus the tiny CNN); torch.compile is left
+# out here to hold the 5-minute budget (run the script without --no-compile for that row).
+if [ "$MODE" = gpu ]; then
+  step hvp_paths "$PY" benchmarks/hvp_paths.py --device cuda --width 1.0 --batch 128 --reps 5 \
+    --probes 8 --no-compile --memory --out "$OUTDIR/hvp_paths.json"
+else
+  step hvp_paths "$PY" benchmarks/hvp_paths.py --device cpu --quick --no-compile --memory \
+    --out "$OUTDIR/hvp_paths.json"
+fi
+
 say "benchmark: monitoring overhead (benchmarks/monitor_overhead.py)"
 # gpu_hvp.json's monitor_measurement already holds the CUDA overhead of one measurement at the
 # monitor's defaults; this whole-Lightning-run benchmark is run too when it can target the device.
@@ -162,7 +175,7 @@ fi
 # ---------------------------------------------------------------------------------------- summary
 say "summary"
 steps_json=""
-for name in tests gpu_hvp monitor_overhead; do
+for name in tests gpu_hvp hvp_paths monitor_overhead; do
   steps_json+="\"$name\": {\"exit\": \"${RC[$name]:-not run}\", \"seconds\": ${SECONDS_TAKEN[$name]:-null}}, "
 done
 MODE=$MODE OUTDIR=$OUTDIR STEPS="{${steps_json%, }}" TOTAL=$(( $(date +%s) - START )) "$PY" - <<'EOF'
@@ -182,12 +195,19 @@ if bench.exists():
     summary["gpu_hvp_ratios"] = json.loads(bench.read_text())["ratios"]
     summary["gpu_hvp_peak_memory_bytes"] = json.loads(bench.read_text())["peak_memory_bytes"]
     summary["monitor_measurement"] = json.loads(bench.read_text())["monitor_measurement"]
+paths = out / "hvp_paths.json"
+if paths.exists():
+    data = json.loads(paths.read_text())
+    summary["hvp_paths_ratios"] = {m: r["ratio"] for m, r in data["models"].items()}
+    summary["hvp_paths_memory_ratio"] = {
+        m: r["ratio_to_pyhessian"] for m, r in data["memory"].items()
+    }
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
 EOF
 rm -f "$OUTDIR/.card.csv"
 status=0
-for name in tests gpu_hvp; do
+for name in tests gpu_hvp hvp_paths; do
   [ "${RC[$name]:-1}" = 0 ] || status=1
 done
 case "${RC[monitor_overhead]:-}" in 0|skipped|absent) ;; *) status=1 ;; esac

@@ -38,6 +38,7 @@ SMOKE: dict[str, list[str]] = {
         "1",
     ],
     "gpu_hvp": ["--device", "cpu", "--quick"],
+    "hvp_paths": ["--quick", "--memory"],
     "trace_accuracy": ["--quick", "--seeds", "2", "--jobs", "1"],
 }
 
@@ -58,6 +59,15 @@ def _check(name: str, data: dict[str, Any]) -> None:
         assert {"pyhessian", "hutchpp"} <= set(backends)
         assert all(_positive(b["ratio_on_off"]) for b in backends.values())
         assert all(_positive(b["cost_in_training_steps"]) for b in backends.values())
+    elif name == "hvp_paths":
+        cnn = data["models"]["cnn"]
+        for path in ("double_backward", "forward_over_reverse", "pyhessian_raw"):
+            assert _positive(cnn["ratio"][path]), (path, cnn)
+            assert cnn["max_rel_diff_vs_double_backward"][path] < 1e-4
+        # curvlinops and torch.compile: a measured row or a note saying why not
+        for row in ("curvlinops", "compiled[forward_over_reverse_vmap]"):
+            assert row in cnn["ratio"] or row in cnn["notes"], row
+        assert _positive(data["memory"]["cnn"]["ratio_to_pyhessian"]["hutchpp:double_backward"])
     elif name == "gpu_hvp":
         assert data["device"] == "cpu" and data["ratios"]
     elif name == "trace_accuracy":

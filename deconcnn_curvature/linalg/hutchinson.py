@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from scipy import stats
 
+from deconcnn_curvature.linalg._quantiles import student_t_quantile
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 
 __all__ = [
@@ -123,7 +123,7 @@ def student_t_interval(mean: float, stderr: float, dof: int, level: float) -> tu
     """Two-sided Student-t interval ``mean ± t_{(1+level)/2, dof} · stderr``."""
     if dof < 1 or not math.isfinite(stderr):
         return (-math.inf, math.inf)
-    half = float(stats.t.ppf(0.5 + level / 2, dof)) * stderr
+    half = student_t_quantile(0.5 + level / 2, dof) * stderr
     return (mean - half, mean + half)
 
 

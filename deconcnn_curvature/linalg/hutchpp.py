@@ -71,9 +71,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
-from scipy import stats
 
 from deconcnn_curvature.errors import BackendFailedError, InvalidOptionError
+from deconcnn_curvature.linalg._quantiles import normal_quantile
 from deconcnn_curvature.linalg.hutchinson import TraceEstimate, _Reporter, student_t_interval
 from deconcnn_curvature.linalg.lanczos import LanczosState
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
@@ -468,7 +468,7 @@ def hutchpp_with_sketch(
     m = int(num_matvecs)
     before = op.n_matvecs
     budget = _Budget(op, m)
-    z_level = float(stats.norm.ppf(0.5 + ci_level / 2))
+    z_level = normal_quantile(0.5 + ci_level / 2)
     floor = max(min_samples, MIN_DEFLATED_PROBES) if rtol is not None else MIN_DEFLATED_PROBES
 
     def plan_probes(f_hat: float, trace_hat: float, start: bool = False) -> int:

@@ -71,8 +71,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from scipy import stats
 
+from deconcnn_curvature.linalg._quantiles import student_t_quantile
 from deconcnn_curvature.linalg.hutchinson import TraceEstimate, _blocks
 from deconcnn_curvature.linalg.operator import rademacher
 
@@ -198,7 +198,7 @@ def two_way_trace(
     dof = var**2 / denom if denom > 0 else float(m - 1)
     se = math.sqrt(var)
     if se > 0 and math.isfinite(dof):
-        half = float(stats.t.ppf(0.5 + ci_level / 2, dof)) * se
+        half = student_t_quantile(0.5 + ci_level / 2, dof) * se
         ci = (grand - half, grand + half)
     else:
         ci = (grand, grand)
