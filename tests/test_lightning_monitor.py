@@ -939,7 +939,7 @@ def test_a_module_without_forward_is_measured_through_its_only_model_child(
     x, y = tiny_data().dataset[monitor.curvature_indices]
     again = dcc.estimate(
         module.net, nn.CrossEntropyLoss(), (x, y), "trace", seed=monitor.probe_seed(4, "trace"),
-        num_hvps=5,
+        num_hvps=5, data_groups=4,  # the monitor's default (issue 13)
     )  # fmt: skip
     assert again.value == recs[2]["value"]
 
