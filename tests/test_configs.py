@@ -23,7 +23,6 @@ from deconcnn_curvature.lightning import DEFAULT_METRIC_KEYS, CurvatureMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-PACKAGED = ROOT / "deconcnn_curvature" / "conf"
 CURVATURE_FILES = sorted(p.stem for p in (CONFIGS / "curvature").glob("*.yaml"))
 
 
@@ -177,17 +176,6 @@ def test_callback_file_reads_a_dropped_in_curvature_group(tmp_path: Path) -> Non
     cfg = _compose(["curvature.enabled=true", "curvature=hutchpp"], configs, name="config")
     monitor = instantiate(cfg.callbacks)
     assert monitor.enabled and monitor.backend == "hutchpp"
-
-
-def test_packaged_configs_are_identical_to_configs() -> None:
-    """An installed package composes from deconcnn_curvature/conf; it must match configs/."""
-    source = {p.relative_to(CONFIGS): p.read_bytes() for p in CONFIGS.rglob("*.yaml")}
-    packaged = {p.relative_to(PACKAGED): p.read_bytes() for p in PACKAGED.rglob("*.yaml")}
-    assert sorted(map(str, packaged)) == sorted(map(str, source)), (
-        "deconcnn_curvature/conf differs from configs/; run: python -m deconcnn_curvature.conf"
-    )
-    stale = sorted(str(k) for k in source if packaged[k] != source[k])
-    assert not stale, f"stale packaged configs {stale}; run: python -m deconcnn_curvature.conf"
 
 
 class _InlineLoss:

@@ -28,7 +28,7 @@ PACKAGE = "deconcnn_curvature"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("errors", "_records", "conf", "conf.*")),
+    ("base", ("errors", "_records")),
     ("contract", ("problem", "results", "backend")),
     ("numerics", ("linalg", "linalg.*", "hvp", "distributed", "datasets", "data_sources")),
     ("extension", ("hookspecs", "plugins", "registry", "backends", "backends.*")),
