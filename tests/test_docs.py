@@ -29,6 +29,7 @@ def test_every_python_block_parses(name: str) -> None:
         compile(block, f"{name}[block {i}]", "exec")
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs_and_gives_finite_numbers() -> None:
     namespace: dict[str, object] = {}
     torch.manual_seed(0)

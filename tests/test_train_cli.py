@@ -80,6 +80,7 @@ def test_train_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert "val/acc" in {k for line in lines for k in line["metrics"]}
 
 
+@pytest.mark.slow
 def test_train_prints_a_summary_table_and_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = _train(*TINY, f"run_dir={run}")
