@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deconcnn_curvature.backend import QUANTITIES, Backend
+from deconcnn_curvature.distributed import local_only, rank_agreement, world_size
 from deconcnn_curvature.errors import (
     BackendFailedError,
     BackendUnavailableError,
@@ -23,7 +24,6 @@ from deconcnn_curvature.errors import (
     UnknownBackendError,
     UnsupportedQuantityError,
 )
-from deconcnn_curvature.hvp import local_only, rank_agreement, world_size
 from deconcnn_curvature.problem import (
     SDPA_KERNEL,
     Batch,
@@ -155,7 +155,7 @@ def estimate(
             "distributed=False to measure each rank's own data alone."
         )
     # [issue 7] Under a process group every rank fails or none does (no rank left waiting in a
-    # collective): see deconcnn_curvature.hvp.rank_agreement.
+    # collective): see deconcnn_curvature.distributed.rank_agreement.
     with rank_agreement(_first_param_device(model), enabled=world > 1) as agreement:
         seed = _check_seed(seed)  # a bad seed on one rank fails every rank, no hang
         if agreement is not None:

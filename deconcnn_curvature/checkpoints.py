@@ -3,22 +3,23 @@
 :func:`open_checkpoint` reads the file once (``torch.load`` on the CPU, ``weights_only=True``
 unless the caller trusts the file: see :func:`read_checkpoint`) and asks the
 ``load_checkpoint`` hook (:mod:`deconcnn_curvature.hookspecs`) for a :class:`LoadedCheckpoint`.
-Plugins are asked first; this module's own implementation is registered ``trylast`` and
-understands two kinds of file:
+Plugins are asked first. Two loaders are built in, both registered through that public hook:
 
 1. **Checkpoints of the reference training run** (:class:`deconcnn_curvature.training.module.
-   ClassificationModule`, written by Lightning): the model is rebuilt from the saved
-   ``hyper_parameters`` (``model_name``, ``model_kwargs``) with
-   :func:`deconcnn_curvature.training.resnet_cifar.build_model` (torch only, Lightning is not
-   imported), the loss is cross-entropy, and the data come from the saved data configuration
-   (``datamodule_hyper_parameters``, which Lightning writes when the data module saves its
-   hyper-parameters, a ``data`` entry of the module's hyper-parameters, or the ``data`` section of
-   the ``config.yaml`` that ``deconcnn-curv train`` writes next to ``last.ckpt``) unless ``data``
-   is set.
+   ClassificationModule`, written by Lightning): :mod:`deconcnn_curvature.training.reference`,
+   a built-in plugin that lives with the training run (this module never imports it). The model
+   is rebuilt from the saved ``hyper_parameters`` (``model_name``, ``model_kwargs``), torch only.
 2. **Anything else with a model factory** (``model="package.module:factory"`` plus
-   ``model_args``): a plain state dict, or a checkpoint holding one under ``state_dict`` (Lightning)
-   or ``model_state_dict``. Prefixes such as ``model.`` (a LightningModule attribute) or
-   ``module.`` (DistributedDataParallel) are stripped when the keys then fit the model exactly.
+   ``model_args``), this module's own implementation, registered ``trylast``: a plain state dict,
+   or a checkpoint holding one under ``state_dict`` (Lightning) or ``model_state_dict``. Prefixes
+   such as ``model.`` (a LightningModule attribute) or ``module.`` (DistributedDataParallel) are
+   stripped when the keys then fit the model exactly.
+
+Both finish with :func:`loaded_checkpoint`: the loss is cross-entropy unless ``loss`` is set, and
+the data come from the saved data configuration (``datamodule_hyper_parameters``, which Lightning
+writes when the data module saves its hyper-parameters, a ``data`` entry of the module's
+hyper-parameters, or the ``data`` section of the ``config.yaml`` that ``deconcnn-curv train``
+writes next to ``last.ckpt``) unless ``data`` is set.
 
 ``settings`` (see :data:`DEFAULT_SETTINGS`) carry the command line's choices: data source and
 shape, batch size and count, seed, model factory and arguments, loss.
@@ -36,7 +37,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -48,7 +49,7 @@ from deconcnn_curvature.data_sources import DATA_SOURCES, DataSpec, build_batche
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.plugins import reraise_interrupt
-from deconcnn_curvature.problem import Batch, LossFn, preserve_state
+from deconcnn_curvature.problem import LoadedCheckpoint, preserve_state
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -63,10 +64,12 @@ __all__ = [
     "checkpoint_settings",
     "import_factory",
     "load_checkpoint",
+    "loaded_checkpoint",
     "open_checkpoint",
     "parse_key_values",
     "parse_value",
     "read_checkpoint",
+    "reference_checkpoint",
 ]
 
 #: Loss names accepted by ``--loss`` → mean-reduced loss classes.
@@ -92,7 +95,6 @@ DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
     }
 )
 
-_REFERENCE = "reference run (ClassificationModule)"
 _DATA_HINT = (
     "--data synthetic-cifar (the reference run's synthetic images), --data cifar10 --data-root "
     "DIR, or --data synthetic (random inputs)"
@@ -101,37 +103,6 @@ _DATA_HINT = (
 
 class CheckpointError(ConfigurationError):
     """A checkpoint file is missing, unreadable, or does not describe a model we can rebuild."""
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """What a ``load_checkpoint`` implementation returns: a curvature problem ready to measure.
-
-    ``model`` holds the checkpoint's weights (on the CPU or on ``settings["device"]``; the caller
-    moves it to the chosen device). ``loss_fn`` is mean-reduced, ``loss_fn(model(x), y)``.
-    ``data`` is a list of ``(inputs, targets)`` batches. ``loader`` names who understood the file
-    (e.g. ``"builtin:reference"`` or a plugin's name); ``model_description`` and
-    ``data_description`` are one line each for people; ``metadata`` holds JSON-serialisable facts
-    such as ``epoch`` and ``global_step``.
-    """
-
-    model: nn.Module
-    loss_fn: LossFn
-    data: list[Batch]
-    loader: str
-    model_description: str
-    data_description: str
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-serialisable summary (no tensors)."""
-        return {
-            "loader": self.loader,
-            "model": self.model_description,
-            "data": self.data_description,
-            "num_batches": len(self.data),
-            "metadata": dict(self.metadata),
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,21 +640,6 @@ def _output_width(model: nn.Module, input_shape: tuple[int, ...], what: str) -> 
 # the built-in loader
 
 
-def _reference_model(hparams: Mapping[str, Any], path: Path) -> tuple[nn.Module, str]:
-    from deconcnn_curvature.training.resnet_cifar import build_model
-
-    name = hparams["model_name"]
-    kwargs = dict(hparams.get("model_kwargs") or {})
-    try:
-        model = build_model(name, **kwargs)
-    except CurvatureError as exc:
-        raise CheckpointError(
-            f"cannot rebuild the model of {path} from its hyper-parameters: {exc} Pass "
-            "--model package.module:factory (and --model-arg key=value) to build it yourself."
-        ) from exc
-    return model, _call_repr(str(name), kwargs)
-
-
 def _not_rebuildable(path: Path, checkpoint: Mapping[str, Any]) -> CheckpointError:
     hparams = checkpoint.get("hyper_parameters")
     if isinstance(hparams, Mapping):
@@ -703,12 +659,26 @@ def _not_rebuildable(path: Path, checkpoint: Mapping[str, Any]) -> CheckpointErr
     )
 
 
+def reference_checkpoint(checkpoint: Any) -> bool:
+    """Whether ``checkpoint`` looks like one of the reference run's Lightning checkpoints
+    (``hyper_parameters.model_name`` and a ``state_dict``)."""
+    if not isinstance(checkpoint, Mapping):
+        return False
+    hparams = checkpoint.get("hyper_parameters")
+    return (
+        isinstance(hparams, Mapping)
+        and isinstance(hparams.get("model_name"), str)
+        and isinstance(checkpoint.get("state_dict"), Mapping)
+    )
+
+
 @hookimpl(trylast=True)
 def load_checkpoint(
     path: Path, checkpoint: Mapping[str, Any] | None, settings: Mapping[str, Any]
 ) -> LoadedCheckpoint:
-    """The built-in loaders: the reference run's Lightning checkpoints, and any state dict with
-    ``--model``. Registered last, so every plugin is asked first; never returns ``None``."""
+    """The built-in fallback loader: any state dict with ``--model``. Registered last, so every
+    plugin (the reference run's loader, ``deconcnn_curvature.training.reference``, included) is
+    asked first; never returns ``None``."""
     if checkpoint is None:
         failure = _READ_FAILURE.get()
         reason = failure[1] if failure is not None and failure[0] == path else "unreadable"
@@ -721,56 +691,49 @@ def load_checkpoint(
             f"{path} holds a {type(checkpoint).__name__}, not a checkpoint; expected a state "
             "dict or a Lightning checkpoint (a dict with 'state_dict')."
         )
-    hparams = checkpoint.get("hyper_parameters")
-    is_reference = (
-        isinstance(hparams, Mapping)
-        and isinstance(hparams.get("model_name"), str)
-        and isinstance(checkpoint.get("state_dict"), Mapping)
-    )
     model_spec: str | None = settings["model"]
+    if model_spec is None:
+        raise _not_rebuildable(path, checkpoint)
     model_args: Mapping[str, Any] = settings["model_args"]
+    model = _build_from_factory(model_spec, model_args)
+    state, kind = _find_state_dict(checkpoint, path)
+    _load_weights(
+        model,
+        state,
+        f"{path} ({kind})",
+        _PREFIXES,
+        f"check --model {model_spec} and --model-arg",
+    )
+    return loaded_checkpoint(
+        path,
+        checkpoint,
+        settings,
+        model=model,
+        description=_call_repr(model_spec, model_args),
+        loader="builtin:factory",
+    )
+
+
+def loaded_checkpoint(
+    path: Path,
+    checkpoint: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    *,
+    model: nn.Module,
+    description: str,
+    loader: str,
+) -> LoadedCheckpoint:
+    """Complete a loader's work once it has the model with the checkpoint's weights: check the
+    model is a classifier of the expected width, pick the loss (``settings["loss"]``, default
+    cross-entropy) and build the data (``settings["data"]``, else the data configuration saved
+    with the checkpoint)."""
     num_classes = settings["num_classes"]
     metadata: dict[str, Any] = {
         k: checkpoint[k]
         for k in ("epoch", "global_step", "pytorch-lightning_version")
         if isinstance(checkpoint.get(k), int | str)
     }
-
-    if model_spec is not None:
-        loader = "builtin:factory"
-        model = _build_from_factory(model_spec, model_args)
-        state, kind = _find_state_dict(checkpoint, path)
-        _load_weights(
-            model,
-            state,
-            f"{path} ({kind})",
-            _PREFIXES,
-            f"check --model {model_spec} and --model-arg",
-        )
-        description = _call_repr(model_spec, model_args)
-        default_loss = "cross_entropy"
-    elif is_reference:
-        assert isinstance(hparams, Mapping)
-        loader = "builtin:reference"
-        if model_args:
-            raise ConfigurationError(
-                "--model-arg needs --model: the reference run's model is rebuilt from the "
-                "checkpoint's own hyper-parameters."
-            )
-        model, description = _reference_model(hparams, path)
-        _load_weights(
-            model,
-            checkpoint["state_dict"],
-            f"{path} ('state_dict' entry)",
-            ("model.",),
-            "the checkpoint does not match its own hyper-parameters; pass --model to rebuild it",
-        )
-        description = f"{_REFERENCE}: {description}"
-        default_loss = "cross_entropy"
-    else:
-        raise _not_rebuildable(path, checkpoint)
-
-    loss_name = settings["loss"] or default_loss
+    loss_name = settings["loss"] or "cross_entropy"
     what = f"the model {description}"
     shape = tuple(settings["input_shape"] or (3, 32, 32))
     width = _output_width(model, shape, what)

@@ -8,12 +8,12 @@ Three sources, named as on the command line (``deconcnn-curv estimate --data ...
     but torch; for smoke tests and timings (the curvature of a loss on noise says little about
     training).
 ``synthetic-cifar``
-    :class:`deconcnn_curvature.training.data.SyntheticCIFAR`, the learnable stand-in data the
+    :class:`deconcnn_curvature.datasets.SyntheticCIFAR`, the learnable stand-in data the
     reference run trains on (split ``"train"``, no augmentation). Its class patterns depend on
     its seed, so use the training run's data seed.
 ``cifar10``
     The first ``batch_size * num_batches`` images of CIFAR-10's training batches, read from a
-    local folder by :func:`deconcnn_curvature.training.data.load_cifar10` and normalised with the
+    local folder by :func:`deconcnn_curvature.datasets.load_cifar10` and normalised with the
     CIFAR-10 channel statistics, without augmentation.
 
 The last two reuse the training package's data sets and reader, which need only torch (no
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from deconcnn_curvature import datasets
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
 
 __all__ = ["DATA_SOURCES", "DataSpec", "build_batches"]
@@ -116,18 +117,6 @@ class DataSpec:
         }
 
 
-def _training_data_module() -> Any:
-    """``deconcnn_curvature.training.data``, or the reason it cannot be imported here."""
-    try:
-        from deconcnn_curvature.training import data
-    except CurvatureError as exc:  # LightningUnavailableError carries the fix
-        raise ConfigurationError(
-            f"this data source reuses the reference run's data module, which cannot be imported "
-            f"here: {exc} (--data synthetic needs no extra)."
-        ) from exc
-    return data
-
-
 def _split(spec: DataSpec, x: torch.Tensor, labels: torch.Tensor) -> list[tuple[Any, Any]]:
     targets: torch.Tensor = labels
     if spec.one_hot:
@@ -167,7 +156,7 @@ def build_batches(spec: DataSpec) -> list[tuple[Any, Any]]:
     if spec.source == "synthetic-cifar":
         size = spec.input_shape[-1]
         _require_cifar_shape(spec, (3, size, size))
-        data = _training_data_module()
+        data = datasets
         dataset = data.SyntheticCIFAR(
             spec.num_samples,
             num_classes=spec.num_classes,
@@ -195,7 +184,7 @@ def build_batches(spec: DataSpec) -> list[tuple[Any, Any]]:
             f"batch_size x num_batches = {spec.num_samples} exceeds the {_CIFAR_TRAIN_SIZE} "
             "CIFAR-10 training images; lower --batch-size or --num-batches."
         )
-    data = _training_data_module()
+    data = datasets
     try:
         images, labels = data.load_cifar10(spec.root, train=True)
     except CurvatureError as exc:

@@ -32,7 +32,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from deconcnn_curvature.backend import Backend
-    from deconcnn_curvature.checkpoints import LoadedCheckpoint
+    from deconcnn_curvature.problem import LoadedCheckpoint
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
 
@@ -80,7 +80,8 @@ def load_checkpoint(
         ``num_classes``), already validated. ``data`` is ``synthetic``, ``synthetic-cifar`` or
         ``cifar10``; ``model_args`` is a dict; ``num_classes=None`` means the model's output size.
 
-    Return a :class:`deconcnn_curvature.checkpoints.LoadedCheckpoint`, or ``None`` to let the next
-    loader try. Raise :class:`deconcnn_curvature.errors.CurvatureError` with a message for the user
-    when the checkpoint is yours but unusable.
+    Return a :class:`deconcnn_curvature.problem.LoadedCheckpoint` (also importable from
+    ``deconcnn_curvature.checkpoints``), or ``None`` to let the next loader try. Raise
+    :class:`deconcnn_curvature.errors.CurvatureError` with a message for the user when the
+    checkpoint is yours but unusable.
     """

@@ -52,14 +52,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deconcnn_curvature._lightning import pl
 from deconcnn_curvature._records import open_for_append, read_jsonl, supersede_after
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
+from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.hvp import rank_agreement
 from deconcnn_curvature.problem import _to_device, preserve_state
 from deconcnn_curvature.results import CurvatureResult, _plain
-from deconcnn_curvature.training._lightning import pl
 
 __all__ = [
     "BATCH_MODES",

@@ -42,12 +42,15 @@ __all__ = [
 ENV_PLUGINS = "DECONCNN_CURVATURE_PLUGINS"
 ENV_TRACE = "DECONCNN_CURVATURE_TRACE"
 
-#: Modules registered as plugins before any entry point; they use the same public hooks.
+#: Modules registered as plugins before any entry point; they use the same public hooks. Named,
+#: not imported: ``training.reference`` (the reference run's checkpoint loader, torch only) stays
+#: a leaf the core never imports.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "deconcnn_curvature.backends.pyhessian",
     "deconcnn_curvature.backends.hutchpp",
     "deconcnn_curvature.backends.backpack",
     "deconcnn_curvature.checkpoints",
+    "deconcnn_curvature.training.reference",
 )
 
 

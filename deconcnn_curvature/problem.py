@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deconcnn_curvature.errors import InvalidProblemError
 
-__all__ = ["SDPA_KERNEL", "Batch", "CurvatureProblem", "build_problem", "preserve_state"]
+__all__ = [
+    "SDPA_KERNEL",
+    "Batch",
+    "CurvatureProblem",
+    "LoadedCheckpoint",
+    "build_problem",
+    "preserve_state",
+]
 
 #: The scaled-dot-product-attention kernel every measurement runs with (recorded in each result's
 #: ``details["sdpa_kernel"]``). The fused kernels (flash, memory-efficient, cuDNN, CPU flash) have
@@ -366,3 +373,38 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
             torch.cuda.set_rng_state_all(cuda_rng)
         random.setstate(py_rng)
         np.random.set_state(np_rng)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What a ``load_checkpoint`` hook returns: a curvature problem ready to measure.
+
+    Defined here, with the problem it describes, so that the hook specification
+    (:mod:`deconcnn_curvature.hookspecs`) need not import the checkpoint loaders;
+    :mod:`deconcnn_curvature.checkpoints` re-exports it.
+
+    ``model`` holds the checkpoint's weights (on the CPU or on ``settings["device"]``; the caller
+    moves it to the chosen device). ``loss_fn`` is mean-reduced, ``loss_fn(model(x), y)``.
+    ``data`` is a list of ``(inputs, targets)`` batches. ``loader`` names who understood the file
+    (e.g. ``"builtin:reference"`` or a plugin's name); ``model_description`` and
+    ``data_description`` are one line each for people; ``metadata`` holds JSON-serialisable facts
+    such as ``epoch`` and ``global_step``.
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    data: list[Batch]
+    loader: str
+    model_description: str
+    data_description: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable summary (no tensors)."""
+        return {
+            "loader": self.loader,
+            "model": self.model_description,
+            "data": self.data_description,
+            "num_batches": len(self.data),
+            "metadata": dict(self.metadata),
+        }

@@ -20,6 +20,11 @@ def _isolated_plugins(monkeypatch: pytest.MonkeyPatch):
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    # A process group spawns interpreters: every `distributed` test is also `slow`, so the quick
+    # tier (`pytest -m "not slow"`) stays quick without each test having to say so.
+    for item in items:
+        if item.get_closest_marker("distributed") is not None:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

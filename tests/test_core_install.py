@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from deconcnn_curvature.training.resnet_cifar import small_cnn
@@ -59,6 +60,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_estimate_on_synthetic_cifar_needs_no_lightning(tmp_path: Path) -> None:
     torch.manual_seed(0)
     torch.save(small_cnn().state_dict(), tmp_path / "w.pt")
@@ -85,6 +87,7 @@ def test_estimate_on_synthetic_cifar_needs_no_lightning(tmp_path: Path) -> None:
     assert torch.isfinite(torch.tensor(result["value"]))
 
 
+@pytest.mark.slow
 def test_train_without_the_extra_names_it_and_exits_1(tmp_path: Path) -> None:
     status, out, err = _run(tmp_path, "train", "+preset=demo")
     assert status["code"] == 1, (out, err)

@@ -29,6 +29,7 @@ def test_every_python_block_parses(name: str) -> None:
         compile(block, f"{name}[block {i}]", "exec")
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs_and_gives_finite_numbers() -> None:
     namespace: dict[str, object] = {}
     torch.manual_seed(0)
@@ -61,5 +62,47 @@ def test_readme_plugin_example_works_as_an_installed_entry_point(
         result = dcc.estimate(model, loss_fn, batch, "trace", backend="dense")
         torch.testing.assert_close(result.value, float(case.exact.trace()), rtol=1e-10, atol=0.0)
         assert result.exact and result.n_hvp == case.exact.shape[0]
+        # The declared option is checked and used: a block of 7 columns gives the same trace.
+        blocked = dcc.estimate(model, loss_fn, batch, "trace", backend="dense", block=7)
+        torch.testing.assert_close(blocked.value, result.value, rtol=1e-12, atol=0.0)
+        assert [o["name"] for o in row["options"]] == ["block"]
+        with pytest.raises(dcc.InvalidOptionError, match="block"):
+            dcc.estimate(model, loss_fn, batch, "trace", backend="dense", block=0)
+        # validate_model refuses a model too large for a dense Hessian, before any work.
+        big = torch.nn.Linear(200, 200)
+        with pytest.raises(dcc.UnsupportedModelError, match="40200 parameters"):
+            dcc.estimate(
+                big, torch.nn.MSELoss(), (torch.randn(2, 200), torch.randn(2, 200)), "trace",
+                backend="dense",
+            )  # fmt: skip
+    finally:
+        registry.reset_registry()
+
+
+def test_readme_checkpoint_plugin_example_loads_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's load_checkpoint plugin, installed with its entry point, is asked before the
+    built-in loaders and turns its own file into a problem `estimate` measures; other files pass
+    through to the built-in loaders."""
+    from deconcnn_curvature.checkpoints import CheckpointError, open_checkpoint
+
+    source = next(b for b in _python_blocks("README.md") if "def load_checkpoint" in b)
+    module = "readme_checkpoint_example"
+    write_distribution(tmp_path, "readme-ckpt", {"my_ckpt": module}, {module: source})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DECONCNN_CURVATURE_PLUGINS", "my_ckpt")
+    registry.reset_registry()
+    try:
+        weights = torch.nn.Linear(4, 3).state_dict()
+        torch.save({"my_linear": weights}, tmp_path / "mine.pt")
+        loaded = open_checkpoint(tmp_path / "mine.pt", {"batch_size": 5, "seed": 3})
+        assert loaded.loader == "my-linear" and loaded.data[0][0].shape == (5, 4)
+        torch.testing.assert_close(loaded.model.weight.detach(), weights["weight"])
+        result = dcc.estimate(loaded.model, loaded.loss_fn, loaded.data, "trace", backend="hutchpp")
+        assert torch.isfinite(torch.tensor(result.value))
+        torch.save({"other": torch.zeros(1)}, tmp_path / "other.pt")
+        with pytest.raises(CheckpointError, match=r"--model package\.module:factory"):
+            open_checkpoint(tmp_path / "other.pt")
     finally:
         registry.reset_registry()

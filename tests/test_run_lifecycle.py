@@ -341,6 +341,7 @@ def test_curvature_share_after_a_resume_counts_this_segment() -> None:
     )
 
 
+@pytest.mark.slow
 def test_the_demo_writes_runs_demo_and_a_second_demo_moves_the_first_aside(
     tmp_path: Path,
 ) -> None:

@@ -180,6 +180,7 @@ def test_trust_checkpoint_runs_it_once_and_warns(workdir: Path) -> None:
     assert runs(marker) == 1
 
 
+@pytest.mark.slow
 def test_a_real_subprocess_exits_1_without_traceback(workdir: Path) -> None:
     marker = workdir / "marker"
     path = hostile(workdir / "evil.ckpt", marker)
@@ -214,6 +215,7 @@ def test_resume_refuses_a_hostile_checkpoint_before_reading_it(workdir: Path) ->
         check_resume_checkpoint(workdir / "text.ckpt")
 
 
+@pytest.mark.slow
 def test_train_resume_of_a_hostile_checkpoint_is_one_line(workdir: Path) -> None:
     pytest.importorskip("lightning")
     pytest.importorskip("hydra")

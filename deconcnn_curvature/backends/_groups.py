@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from deconcnn_curvature.backend import Option
+from deconcnn_curvature.distributed import world_size
 from deconcnn_curvature.errors import InvalidOptionError, InvalidProblemError
-from deconcnn_curvature.hvp import world_size
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size, _check_per_sample_mean
 
 __all__ = [

@@ -57,9 +57,9 @@ from torch import fx, nn
 
 from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.backends._common import COMMON_OPTIONS
+from deconcnn_curvature.distributed import agree, world_size
 from deconcnn_curvature.errors import NonFiniteError, UnsupportedModelError
 from deconcnn_curvature.hookspecs import hookimpl
-from deconcnn_curvature.hvp import agree, world_size
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size
 from deconcnn_curvature.results import CurvatureResult
 

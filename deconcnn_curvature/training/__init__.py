@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deconcnn_curvature.training._lightning import LightningUnavailableError
+    from deconcnn_curvature._lightning import LightningUnavailableError
     from deconcnn_curvature.training.data import (
         CIFAR10_MEAN,
         CIFAR10_STD,
@@ -65,7 +65,7 @@ _EXPORTS: dict[str, str] = {
     "warmup_cosine_factor": "module",
     "MetricsJSONL": "metrics",
     "read_metrics_jsonl": "metrics",
-    "LightningUnavailableError": "_lightning",
+    "LightningUnavailableError": "._lightning",  # the core module ../_lightning.py
 }
 
 __all__ = [
@@ -97,7 +97,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 

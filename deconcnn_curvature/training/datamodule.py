@@ -13,8 +13,8 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from deconcnn_curvature._lightning import pl
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.training._lightning import pl
 from deconcnn_curvature.training.data import (
     DATA_SOURCES,
     EpochShuffleSampler,

@@ -38,9 +38,9 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from deconcnn_curvature._lightning import pl
 from deconcnn_curvature._records import open_for_append, read_jsonl, supersede_after
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.training._lightning import pl
 
 __all__ = ["MetricsJSONL", "read_metrics_jsonl"]
 

@@ -19,8 +19,9 @@ The run folder (``run_dir``, default ``runs/<name or timestamp>``) holds::
     curvature.png     the plot
 
 Where the configs come from (:func:`default_config_dir`): ``$DECONCNN_CURVATURE_CONFIG_DIR`` if
-set; else the repository's ``configs/`` when running from a source checkout; else the copy shipped
-inside the package (``deconcnn_curvature/conf``), which a test keeps identical to ``configs/``.
+set; else the repository's ``configs/`` when running from a source checkout; else the same files as
+installed with the package (``deconcnn_curvature/conf``: ``pyproject.toml`` maps that package to
+``configs/``, the only copy in the repository).
 """
 
 from __future__ import annotations
@@ -510,7 +511,7 @@ def _make_trainer(settings: dict[str, Any], **kwargs: Any) -> Any:
     """``lightning.pytorch.Trainer(**settings, **kwargs)``, its refusals as one-line errors."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from deconcnn_curvature.training._lightning import pl
+    from deconcnn_curvature._lightning import pl
 
     try:
         return pl.Trainer(**settings, **kwargs)
@@ -578,7 +579,7 @@ def _checkpoint_on_sigterm(path: Path) -> Any:
     ``SIGTERMException`` after the current optimiser step, so the saved state is consistent)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from deconcnn_curvature.training._lightning import pl
+    from deconcnn_curvature._lightning import pl
 
     class _CheckpointOnSigterm(pl.Callback):
         def on_exception(
@@ -681,10 +682,10 @@ def _train_in(
     """The run itself, in its created and locked folder (see :func:`run_training`)."""
     from omegaconf import OmegaConf
 
+    from deconcnn_curvature._lightning import pl
     from deconcnn_curvature.checkpoints import allowed_checkpoint_globals
     from deconcnn_curvature.lightning import read_curvature_jsonl
     from deconcnn_curvature.training._console import no_logger_tip, progress_bar
-    from deconcnn_curvature.training._lightning import pl
     from deconcnn_curvature.training.metrics import MetricsJSONL
     from deconcnn_curvature.training.module import ClassificationModule
 

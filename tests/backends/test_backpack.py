@@ -53,6 +53,7 @@ def test_absent_backpack_is_listed_unavailable_with_the_install_command(
         assert INSTALL in str(err.value) and "backpack" in str(err.value)
 
 
+@pytest.mark.slow
 def test_module_imports_and_registers_without_backpack() -> None:
     code = (
         "import sys; sys.modules['backpack'] = None\n"

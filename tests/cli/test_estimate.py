@@ -204,6 +204,7 @@ def test_backend_from_the_environment(workdir: Path) -> None:
     assert "Unset or fix $DECONCNN_CURVATURE_BACKEND" in result.stderr
 
 
+@pytest.mark.slow
 def test_generic_path_needs_no_lightning(workdir: Path) -> None:
     """With Lightning unimportable, a state dict + --model + synthetic data still works, and
     nothing even tries to import Lightning."""

@@ -93,6 +93,7 @@ def _interrupt(workdir: Path, sig: int, *extra: str) -> tuple[int, str, str]:
     return proc.returncode, stdout, seen.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_the_partial_trace_and_exits_130(workdir: Path) -> None:
     code, stdout, terminal = _interrupt(workdir, signal.SIGINT)
     assert code == 130, (stdout, terminal[-2000:])
@@ -108,6 +109,7 @@ def test_ctrl_c_prints_the_partial_trace_and_exits_130(workdir: Path) -> None:
     assert "ETA" in terminal  # the progress display ran on the terminal
 
 
+@pytest.mark.slow
 def test_sigterm_with_json_prints_a_partial_object_and_exits_143(workdir: Path) -> None:
     code, stdout, terminal = _interrupt(workdir, signal.SIGTERM, "--json")
     assert code == 143, (stdout, terminal[-2000:])

@@ -142,6 +142,7 @@ def test_help_lists_the_command() -> None:
     assert result.exit_code == 0 and "list-backends" in result.output
 
 
+@pytest.mark.slow
 def test_console_script_runs_in_a_fresh_process() -> None:
     env = {"DECONCNN_CURVATURE_PLUGINS": "", "PATH": ""}
     proc = subprocess.run(

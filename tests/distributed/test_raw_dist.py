@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from deconcnn_curvature.hvp import agree, rank_agreement
+from deconcnn_curvature.distributed import agree, rank_agreement
 from tests.cases import dense_hessian
 from tests.distributed import _ranks
 

@@ -167,6 +167,7 @@ def test_probes_come_only_from_the_generator() -> None:
     assert abs(float(z.mean())) < 0.1
 
 
+@pytest.mark.slow
 def test_rtol_stopping_proves_the_relative_error_it_claims() -> None:
     """An indefinite matrix with a small trace (2) and a large per-probe spread (9.5): a rule
     that compares the half-width with rtol·|mean| stops early exactly when |mean| came out too

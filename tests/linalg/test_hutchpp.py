@@ -202,6 +202,7 @@ def _mean_rel_error(values: list[float], exact: float) -> float:
     return sum(abs(v - exact) for v in values) / (len(values) * abs(exact))
 
 
+@pytest.mark.slow
 def test_adaptive_split_beats_hutchinson_on_outliers_and_nearly_matches_it_on_flat_spectra():
     """Budget 30, dim 600, 200 seeds: ≤ 1/3 of Hutchinson's error on outliers, ≤ 1.25× on flat."""
     budget, seeds, n = 30, 200, 600
@@ -451,6 +452,7 @@ def _close_gap_case(seed: int) -> tuple[torch.Tensor, float, float]:
     return (a + a.T) / 2, 1.0, gap
 
 
+@pytest.mark.slow
 def test_close_gaps_never_pass_the_second_eigenvalue_off_as_converged_lambda_max():
     # Issue 11: Rayleigh–Ritz on the sketch (or Lanczos from its top Ritz vector) converged to λ₂
     # with a small residual and was reported as λ_max: 29 of these 500 seeds before the fix.

@@ -7,8 +7,8 @@ import importlib.util
 
 import pytest
 
+from deconcnn_curvature import _lightning
 from deconcnn_curvature.errors import CurvatureError
-from deconcnn_curvature.training import _lightning
 
 
 def test_broken_torchvision_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:

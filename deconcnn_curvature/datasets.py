@@ -1,0 +1,557 @@
+"""CIFAR-shaped data without torchvision: a synthetic stand-in, a CIFAR-10 reader, augmentation.
+
+* :class:`SyntheticCIFAR` makes a learnable, seed-determined data set of CIFAR-shaped images
+  (class-dependent smooth colour patterns plus noise), for demos and tests without a download.
+* :func:`load_cifar10` reads the python-format CIFAR-10 batches (``data_batch_1`` ...
+  ``data_batch_5``, ``test_batch``) from a local folder, with a restricted unpickler.
+* :class:`RandomResizedCropFlip` is the Inception-style random resized crop (Szegedy et al.,
+  "Going Deeper with Convolutions", CVPR 2015) plus a horizontal flip, written with torch ops and
+  driven by an explicit ``torch.Generator``.
+* :class:`~deconcnn_curvature.training.datamodule.CIFARDataModule` (the reference run's; it needs
+  Lightning, this module does not) wraps either source for Lightning, with seeded shuffling and
+  seeded, per-worker augmentation, and normalises with the CIFAR-10 channel mean and std.
+
+This module is part of the core (torch only): the command line's ``--data synthetic-cifar`` and
+``--data cifar10`` (:mod:`deconcnn_curvature.data_sources`) and the reference training run
+(:mod:`deconcnn_curvature.training.data`, which re-exports it) share it.
+
+Images are stored as ``uint8`` tensors ``(N, 3, H, W)``; each item comes out as a normalised
+``float32`` tensor ``(3, H, W)`` and an ``int`` label, so any consumer of a loader (the training
+loop, a curvature measurement) sees the same inputs.
+
+Reproducibility: the training loader of the data module draws its order and its augmentation from
+:class:`EpochShuffleSampler`, which yields ``(epoch, index)`` pairs: the order is a function of
+``(seed, epoch)`` and each image's augmentation of ``(seed, epoch, index)``. The same configuration
+gives the same batches on every run, for any ``num_workers``, and a run resumed at an epoch
+boundary sees exactly the data an uninterrupted run would (Lightning calls ``set_epoch`` at every
+epoch start). Indexing a data set with a plain ``int`` draws augmentation from a per-process stream
+seeded by ``seed`` (and the worker's seed inside a DataLoader worker).
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler, get_worker_info
+
+from deconcnn_curvature.errors import ConfigurationError, CurvatureError
+
+__all__ = [
+    "CIFAR10_FOLDER_NAME",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR10_TEST_FILES",
+    "CIFAR10_TRAIN_FILES",
+    "DATA_SOURCES",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "EpochShuffleSampler",
+    "ImageTensorDataset",
+    "RandomResizedCropFlip",
+    "SyntheticCIFAR",
+    "find_cifar10_folder",
+    "load_cifar10",
+    "normalize",
+]
+
+#: Per-channel mean of the CIFAR-10 training images (RGB, pixel values scaled to [0, 1]).
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+#: Per-channel standard deviation of the CIFAR-10 training images (RGB, scaled to [0, 1]).
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+#: Name of the folder the official ``cifar-10-python.tar.gz`` archive extracts to.
+CIFAR10_FOLDER_NAME = "cifar-10-batches-py"
+#: Training batch files of the python-format CIFAR-10 (10 000 images each).
+CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
+#: Test batch file of the python-format CIFAR-10 (10 000 images).
+CIFAR10_TEST_FILES: tuple[str, ...] = ("test_batch",)
+
+#: Allowed values of :class:`CIFARDataModule`'s ``source``.
+DATA_SOURCES: tuple[str, ...] = ("synthetic", "cifar10")
+
+_CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_MASK64 = (1 << 64) - 1
+
+
+class DatasetNotFoundError(CurvatureError, FileNotFoundError):
+    """A data folder, or a file it must contain, is missing."""
+
+
+class DatasetFormatError(CurvatureError, ValueError):
+    """A data file exists but does not hold what its format promises."""
+
+
+# --------------------------------------------------------------------------------------------
+# seeds
+
+
+def _mix_seed(*values: int) -> int:
+    """Combine integers into one 63-bit seed (splitmix64 finaliser applied after each value)."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (int(value) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigurationError(f"seed must be an integer >= 0; got {seed!r}.")
+    return seed
+
+
+def _check_count(name: str, value: int | None, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        hint = " or null (all)" if allow_none else ""
+        raise ConfigurationError(f"{name} must be an integer >= 1{hint}; got {value!r}.")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# normalisation and augmentation
+
+
+def normalize(
+    images: Tensor,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> Tensor:
+    """Return ``(images - mean) / std`` per channel, for ``(..., C, H, W)`` images in [0, 1]."""
+    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+class RandomResizedCropFlip:
+    """Random resized crop followed by a random horizontal flip, for one ``(C, H, W)`` image.
+
+    The crop covers a fraction of the image area drawn uniformly from ``scale`` with an aspect
+    ratio drawn log-uniformly from ``ratio`` (up to 10 tries, then the largest centred crop
+    within ``ratio``), and is resized to ``size x size`` with bilinear interpolation, the recipe
+    of Szegedy et al. (2015) that torchvision's ``RandomResizedCrop`` also follows. Every random
+    number comes from the generator passed to :meth:`__call__`, so the result is a function of
+    the image and the generator's state.
+
+    Args:
+        size: Output height and width.
+        scale: Range of the crop's fraction of the image area, ``0 < low <= high <= 1``.
+        ratio: Range of the crop's width/height, ``0 < low <= high``.
+        flip_prob: Probability of a horizontal flip, in [0, 1].
+    """
+
+    def __init__(
+        self,
+        size: int = 32,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        flip_prob: float = 0.5,
+    ) -> None:
+        _check_count("size", size)
+        scale = tuple(float(s) for s in scale)
+        ratio = tuple(float(r) for r in ratio)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigurationError(
+                f"scale must be two numbers (low, high) with 0 < low <= high <= 1, e.g. "
+                f"(0.08, 1.0); got {scale!r}."
+            )
+        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise ConfigurationError(
+                f"ratio must be two numbers (low, high) with 0 < low <= high, e.g. (0.75, 1.333); "
+                f"got {ratio!r}."
+            )
+        if not 0.0 <= float(flip_prob) <= 1.0:
+            raise ConfigurationError(f"flip_prob must be in [0, 1]; got {flip_prob!r}.")
+        self.size = size
+        self.scale: tuple[float, float] = (scale[0], scale[1])
+        self.ratio: tuple[float, float] = (ratio[0], ratio[1])
+        self.flip_prob = float(flip_prob)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+            f"flip_prob={self.flip_prob})"
+        )
+
+    @staticmethod
+    def _uniform(low: float, high: float, generator: torch.Generator) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    def crop_box(
+        self, height: int, width: int, generator: torch.Generator
+    ) -> tuple[int, int, int, int]:
+        """Draw ``(top, left, crop_height, crop_width)`` inside a ``height x width`` image."""
+        area = height * width
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target_area = area * self._uniform(self.scale[0], self.scale[1], generator)
+            aspect = math.exp(self._uniform(log_low, log_high, generator))
+            crop_w = round(math.sqrt(target_area * aspect))
+            crop_h = round(math.sqrt(target_area / aspect))
+            if 0 < crop_w <= width and 0 < crop_h <= height:
+                top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+                left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
+                return top, left, crop_h, crop_w
+        # Fallback: the whole image, trimmed to the allowed aspect ratios, centred.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            crop_w, crop_h = width, round(width / self.ratio[0])
+        elif in_ratio > self.ratio[1]:
+            crop_h, crop_w = height, round(height * self.ratio[1])
+        else:
+            crop_w, crop_h = width, height
+        return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+    def __call__(self, image: Tensor, generator: torch.Generator) -> Tensor:
+        """Crop, resize and maybe flip one float image ``(C, H, W)``; return ``(C, size, size)``."""
+        if image.dim() != 3:
+            raise ConfigurationError(
+                f"RandomResizedCropFlip takes one image of shape (C, H, W); got shape "
+                f"{tuple(image.shape)}."
+            )
+        if not image.is_floating_point():
+            image = image.float()
+        top, left, crop_h, crop_w = self.crop_box(image.shape[-2], image.shape[-1], generator)
+        crop = image[:, top : top + crop_h, left : left + crop_w]
+        if (crop_h, crop_w) != (self.size, self.size):
+            crop = F.interpolate(
+                crop.unsqueeze(0), size=(self.size, self.size), mode="bilinear", align_corners=False
+            ).squeeze(0)
+        if float(torch.rand((), generator=generator)) < self.flip_prob:
+            crop = crop.flip(-1)
+        return crop.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# data sets
+
+Transform = Callable[[Tensor, torch.Generator], Tensor]
+
+
+class ImageTensorDataset(Dataset[tuple[Tensor, int]]):
+    """Images held in memory as ``uint8`` ``(N, C, H, W)`` with ``int64`` labels ``(N,)``.
+
+    ``dataset[i]`` returns ``(image, label)``: the image scaled to [0, 1], passed through
+    ``transform(image, generator)`` if one is given, then normalised with ``mean``/``std``.
+
+    Args:
+        images: ``uint8`` tensor ``(N, C, H, W)``.
+        labels: Integer tensor ``(N,)``.
+        transform: Random augmentation called as ``transform(image, generator)``, e.g. a
+            :class:`RandomResizedCropFlip`; ``None`` for none (validation).
+        mean: Per-channel mean used to normalise; ``None`` leaves images in [0, 1].
+        std: Per-channel std used to normalise (ignored when ``mean`` is ``None``).
+        seed: Seeds the augmentation generator (combined with the worker seed in a worker).
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        transform: Transform | None = None,
+        mean: Sequence[float] | None = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        seed: int = 0,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ConfigurationError(
+                f"images must be a uint8 tensor of shape (N, C, H, W); got dtype {images.dtype} "
+                f"and shape {tuple(images.shape)}."
+            )
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise ConfigurationError(
+                f"labels must have shape ({images.shape[0]},) to match the images; got "
+                f"{tuple(labels.shape)}."
+            )
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.transform = transform
+        self.mean = None if mean is None else tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.seed = _check_seed(seed)
+        self._generator: torch.Generator | None = None
+        self._generator_owner: tuple[int, int | None] | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_generator"] = None
+        state["_generator_owner"] = None
+        return state
+
+    def augmentation_generator(self) -> torch.Generator:
+        """The generator augmentation draws from in this process (one per DataLoader worker).
+
+        In the main process it is seeded from ``seed``; in a worker from ``seed`` and the worker's
+        ``torch.utils.data.get_worker_info().seed``, so workers never share a stream.
+        """
+        info = get_worker_info()
+        owner = (os.getpid(), None if info is None else info.id)
+        if self._generator is None or self._generator_owner != owner:
+            seed = self.seed if info is None else _mix_seed(self.seed, info.seed)
+            self._generator = torch.Generator().manual_seed(seed)
+            self._generator_owner = owner
+        return self._generator
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, int]:
+        epoch = None
+        if isinstance(index, tuple):  # (epoch, index) from an EpochShuffleSampler
+            epoch, index = index
+        image = self.images[index].to(torch.float32).div_(255.0)
+        if self.transform is not None:
+            if epoch is None:
+                generator = self.augmentation_generator()
+            else:
+                seed = _mix_seed(self.seed, int(epoch), int(index))
+                generator = torch.Generator().manual_seed(seed)
+            image = self.transform(image, generator)
+        if self.mean is not None:
+            image = normalize(image, self.mean, self.std)
+        return image, int(self.labels[index])
+
+
+class EpochShuffleSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` for every index of a data set of ``num_samples`` items: a
+    permutation determined by ``(seed, epoch)`` (or ascending order with ``shuffle=False``).
+
+    :class:`ImageTensorDataset` seeds each item's augmentation from the pair, so the data of an
+    epoch depends only on the seed and the epoch number: not on worker processes, not on how many
+    epochs this process has already iterated. Lightning calls :meth:`set_epoch` at the start of
+    every epoch (a resumed run included); a loop that never calls it gets the next epoch number
+    on each pass, so repeated passes still see new orders.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
+        _check_count("num_samples", num_samples)
+        self.num_samples = int(num_samples)
+        self.seed = _check_seed(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass that of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = range(self.num_samples)
+        return iter([(epoch, i) for i in order])
+
+
+class SyntheticCIFAR(ImageTensorDataset):
+    """A learnable, CIFAR-shaped synthetic data set, fully determined by ``seed`` and ``split``.
+
+    Each class has a prototype: a smooth random colour pattern (a 4x4 random field upsampled to
+    ``image_size``) blended with a class colour. An image is its class prototype plus Gaussian
+    pixel noise (std ``noise_std``), clipped to [0, 1] and stored as ``uint8``. Labels are
+    balanced (``i % num_classes``) and shuffled. The ``"train"`` and ``"val"`` splits of one seed
+    share the prototypes and differ in noise and order, so a model trained on one generalises
+    to the other, and a short run shows a falling loss.
+
+    Args:
+        num_samples: Number of images.
+        num_classes: Number of classes (at least 2).
+        seed: Determines prototypes, noise and labels.
+        image_size: Height and width of the images.
+        split: ``"train"``, ``"val"`` or ``"test"``; different splits draw different samples.
+        noise_std: Standard deviation of the pixel noise, on the [0, 1] scale.
+        transform: Augmentation, as in :class:`ImageTensorDataset`.
+        mean: Normalisation mean (``None`` keeps [0, 1] images).
+        std: Normalisation std.
+    """
+
+    SPLITS: tuple[str, ...] = ("train", "val", "test")
+    _CHUNK = 4096
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int = 10,
+        seed: int = 0,
+        image_size: int = 32,
+        *,
+        split: str = "train",
+        noise_std: float = 0.25,
+        transform: Transform | None = None,
+        mean: Sequence[float] | None = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        _check_count("num_samples", num_samples)
+        _check_count("image_size", image_size)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ConfigurationError(f"num_classes must be an integer >= 2; got {num_classes!r}.")
+        if split not in self.SPLITS:
+            raise ConfigurationError(
+                f"split must be one of {', '.join(map(repr, self.SPLITS))}; got {split!r}."
+            )
+        if not math.isfinite(noise_std) or noise_std < 0:
+            raise ConfigurationError(f"noise_std must be a finite number >= 0; got {noise_std!r}.")
+        seed = _check_seed(seed)
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.split = split
+        self.noise_std = float(noise_std)
+
+        proto_gen = torch.Generator().manual_seed(_mix_seed(seed, 0))
+        field = torch.rand(num_classes, 3, 4, 4, generator=proto_gen)
+        pattern = F.interpolate(
+            field, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
+        colour = torch.rand(num_classes, 3, 1, 1, generator=proto_gen)
+        self.prototypes = 0.5 * pattern + 0.5 * colour
+
+        sample_gen = torch.Generator().manual_seed(_mix_seed(seed, 1 + self.SPLITS.index(split)))
+        labels = torch.arange(num_samples) % num_classes
+        labels = labels[torch.randperm(num_samples, generator=sample_gen)]
+        images = torch.empty(num_samples, 3, image_size, image_size, dtype=torch.uint8)
+        for start in range(0, num_samples, self._CHUNK):
+            stop = min(start + self._CHUNK, num_samples)
+            noise = torch.randn(stop - start, 3, image_size, image_size, generator=sample_gen)
+            chunk = self.prototypes[labels[start:stop]] + self.noise_std * noise
+            images[start:stop] = chunk.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        super().__init__(images, labels, transform=transform, mean=mean, std=std, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 python batches
+
+
+def _layout_help(root: Path) -> str:
+    return (
+        f"Expected the python-format CIFAR-10 batches ({', '.join(CIFAR10_TRAIN_FILES)}, "
+        f"{', '.join(CIFAR10_TEST_FILES)}) either in {root / CIFAR10_FOLDER_NAME} or directly in "
+        f"{root}. Download {_CIFAR10_URL} and extract it there (tar -xzf cifar-10-python.tar.gz "
+        f"-C {root}), or use the synthetic data (data=synthetic)."
+    )
+
+
+def find_cifar10_folder(root: str | os.PathLike[str]) -> Path:
+    """Return the folder that holds the CIFAR-10 batch files.
+
+    ``root`` may be that folder itself or its parent holding ``cifar-10-batches-py/``.
+
+    Raises:
+        DatasetNotFoundError: if ``root`` does not exist or either candidate folder lacks batch
+            files; the message names the missing files and the expected layout.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"CIFAR-10 folder {root} does not exist (or is not a folder). {_layout_help(root)}"
+        )
+    wanted = CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES
+    candidates = [root / CIFAR10_FOLDER_NAME, root]
+    best: tuple[Path, list[str]] | None = None
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        missing = [name for name in wanted if not (folder / name).is_file()]
+        if not missing:
+            return folder
+        if best is None or len(missing) < len(best[1]):
+            best = (folder, missing)
+    assert best is not None  # root itself is a directory
+    folder, missing = best
+    raise DatasetNotFoundError(
+        f"CIFAR-10 files missing in {folder}: {', '.join(missing)}. {_layout_help(root)}"
+    )
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickler that only builds numpy arrays: a data file cannot run code when loaded."""
+
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("_codecs", "encode"): codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays"
+            ) from None
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as handle:
+            raw = _BatchUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise DatasetFormatError(
+            f"{path} is not a python-format CIFAR-10 batch ({exc}). Re-extract "
+            f"cifar-10-python.tar.gz from {_CIFAR10_URL}."
+        ) from exc
+    if not isinstance(raw, dict):
+        raise DatasetFormatError(f"{path} should hold a dict; found {type(raw).__name__}.")
+    entries = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    if "data" not in entries or "labels" not in entries:
+        raise DatasetFormatError(
+            f"{path} should have keys 'data' and 'labels'; found {sorted(map(str, entries))}."
+        )
+    data = np.asarray(entries["data"])
+    labels = np.asarray(entries["labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DatasetFormatError(
+            f"{path}: 'data' should be uint8 of shape (N, 3072); got {data.dtype} {data.shape}."
+        )
+    if labels.shape != (data.shape[0],):
+        raise DatasetFormatError(
+            f"{path}: 'labels' should hold {data.shape[0]} integers; got shape {labels.shape}."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DatasetFormatError(
+            f"{path}: labels must lie in 0..9; found {int(labels.min())}..{int(labels.max())}."
+        )
+    return data, labels
+
+
+def load_cifar10(root: str | os.PathLike[str], train: bool = True) -> tuple[Tensor, Tensor]:
+    """Read CIFAR-10 from its python-format batches.
+
+    Args:
+        root: The ``cifar-10-batches-py`` folder or the folder that contains it.
+        train: The 50 000 training images (``data_batch_1..5``) or the 10 000 test images
+            (``test_batch``).
+
+    Returns:
+        ``(images, labels)``: ``uint8`` ``(N, 3, 32, 32)`` in RGB order, and ``int64`` ``(N,)``.
+
+    Raises:
+        DatasetNotFoundError: the folder or a batch file is missing.
+        DatasetFormatError: a file is not a CIFAR-10 batch (only numpy arrays are unpickled).
+    """
+    folder = find_cifar10_folder(root)
+    names = CIFAR10_TRAIN_FILES if train else CIFAR10_TEST_FILES
+    parts = [_read_batch(folder / name) for name in names]
+    data = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels)
