@@ -73,6 +73,7 @@ class PyHessianBackend(Backend):
             "Hutchinson probe budget (the cap when rtol is set)",
             min=2,
             quantities=_T,
+            budget=True,
         ),
         Option(
             "rtol",
