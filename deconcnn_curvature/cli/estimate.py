@@ -50,13 +50,12 @@ from deconcnn_curvature.errors import (
 from deconcnn_curvature.linalg.hutchinson import TraceProgress, trace_progress
 from deconcnn_curvature.present import (
     _check_plot_path,
+    _compare_table,
     _default_sigma,
     _fmt,
     _fmt_bytes,
-    _fmt_ci,
     _grid,
     _plot,
-    _short_value,
     _table,
     _value_rows,
 )
@@ -773,44 +772,11 @@ def compare_cmd(
         out = console()
         if not quiet:
             _header(out, checkpoint, loaded, dev)
-        mem_col = "peak CUDA" if dev.type == "cuda" else "peak RSS"
-        table = _table(
+        table, failures = _compare_table(
+            rows,
             f"{quantity}: same model, data and seed ({settings['seed']})",
-            [
-                ("backend", "left"),
-                ("value", "right"),
-                ("± stderr", "right"),
-                ("interval", "left"),
-                ("HVPs", "right"),
-                ("seconds", "right"),
-                (mem_col, "right"),
-                ("note", "left"),
-            ],
+            "peak CUDA" if dev.type == "cuda" else "peak RSS",
         )
-        failures: list[dict[str, Any]] = []
-        for r in rows:
-            if r["status"] != "ok":
-                failures.append(r)
-                table.add_row(
-                    r["backend"], "—", "", "", "", "", "", f"{r['status']} [{len(failures)}]"
-                )
-                continue
-            res: CurvatureResult = r["_result"]
-            note = res.method + (" (exact)" if res.exact else "")
-            if res.quantity == "eigenvalues" and (res.details or {}).get("converged") is False:
-                note += "; NOT converged (raise -o max_hvps)"
-            if r.get("ignored_options"):
-                note += f"; ignored {', '.join(r['ignored_options'])}"
-            table.add_row(
-                r["backend"],
-                _short_value(res),
-                _fmt(res.stderr),
-                _fmt_ci(res),
-                str(res.n_hvp),
-                f"{res.seconds:.2f}",
-                _fmt_bytes(r["peak_memory_bytes"]),
-                escape(note),
-            )
         out.print(table)
         # Reasons are whole sentences with a fix; they read better below the table than folded
         # into a narrow column.
