@@ -53,7 +53,7 @@ from deconcnn_curvature.backends._common import (
     krylov_setup,
 )
 from deconcnn_curvature.backends._groups import (
-    check_data_groups,
+    DataGroupsMixin,
     check_population,
     data_group_options,
     grouped_problem,
@@ -89,7 +89,7 @@ DEFAULT_MAX_REFINE_HVPS = 50
 _E = frozenset({"eigenvalues"})
 
 
-class HutchppBackend(Backend):
+class HutchppBackend(DataGroupsMixin, Backend):
     name = "hutchpp"
     description = (
         "Hutch++ on PyHessian HVPs: trace with error bars and rtol mode, per-layer traces, "
@@ -171,12 +171,6 @@ class HutchppBackend(Backend):
         *data_group_options(frozenset({"trace", "layer_trace", "eigenvalues"})),
         *COMMON_OPTIONS,
     )
-
-    @classmethod
-    def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
-        resolved = super().resolve_options(quantity, given)
-        check_data_groups(cls.name, resolved)
-        return resolved
 
     def compute(
         self,

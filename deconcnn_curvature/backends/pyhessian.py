@@ -32,7 +32,7 @@ from deconcnn_curvature.backends._common import (
 )
 from deconcnn_curvature.backends._groups import (
     DATA_GROUP_OPTIONS,
-    check_data_groups,
+    DataGroupsMixin,
     check_population,
     grouped_problem,
 )
@@ -57,7 +57,7 @@ _E = frozenset({"eigenvalues"})
 _D = frozenset({"density"})
 
 
-class PyHessianBackend(Backend):
+class PyHessianBackend(DataGroupsMixin, Backend):
     name = "pyhessian"
     description = "PyHessian HVPs; Hutchinson trace, Lanczos eigenvalues, SLQ density (default)"
     quantities = frozenset({"trace", "eigenvalues", "density"})
@@ -113,12 +113,6 @@ class PyHessianBackend(Backend):
         *DATA_GROUP_OPTIONS,
         *COMMON_OPTIONS,
     )
-
-    @classmethod
-    def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
-        resolved = super().resolve_options(quantity, given)
-        check_data_groups(cls.name, resolved)
-        return resolved
 
     def compute(
         self,
