@@ -69,7 +69,7 @@ def _fit(args: argparse.Namespace, backend: str | None, workdir: Path) -> dict[s
                 backend=backend,
                 quantities=supported,
                 compute_every_n_steps=args.every,
-                num_samples=None if _exact(backend) else args.num_samples,
+                num_hvps=None if _exact(backend) else args.num_samples,
                 hessian_batch_size=args.hessian_batch_size,
                 jsonl=str(jsonl),
                 log_metrics=False,

@@ -256,7 +256,7 @@ def eigen_from_one_call(
         for s in range(seeds)
     ]
     lam_err = [abs(r.value[0] - exact["lambda_max"]) / exact["lambda_max"] for r in rs]
-    tr_err = [abs(r.details["trace"] - exact["trace"]) / abs(exact["trace"]) for r in rs]
+    tr_err = [abs(r.also["trace"].value - exact["trace"]) / abs(exact["trace"]) for r in rs]
     both = [t <= 0.05 and e <= 0.01 for t, e in zip(tr_err, lam_err, strict=True)]
     return {
         "runs": len(rs),

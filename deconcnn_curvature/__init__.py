@@ -11,7 +11,14 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from deconcnn_curvature.api import estimate, get_backend, list_backends, resolve
+from deconcnn_curvature.api import (
+    compare,
+    density,
+    estimate,
+    get_backend,
+    list_backends,
+    resolve,
+)
 from deconcnn_curvature.backend import QUANTITIES, Availability, Backend, Option
 from deconcnn_curvature.errors import (
     BackendFailedError,
@@ -63,6 +70,8 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedQuantityError",
     "__version__",
+    "compare",
+    "density",
     "estimate",
     "get_backend",
     "hookimpl",

@@ -14,12 +14,23 @@ strict reader would stop at it. So :func:`open_for_append` moves a torn last lin
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["TornLineWarning", "open_for_append", "read_jsonl", "side_file", "supersede_after"]
+from deconcnn_curvature.results import _plain
+
+__all__ = [
+    "RecordWriter",
+    "TornLineWarning",
+    "open_for_append",
+    "read_jsonl",
+    "side_file",
+    "supersede_after",
+]
 
 
 class TornLineWarning(UserWarning):
@@ -142,3 +153,49 @@ def supersede_after(path: str | os.PathLike[str], step: int) -> tuple[int, Path 
     tmp.write_text("".join(keep), encoding="utf-8")
     os.replace(tmp, path)
     return len(moved), side
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON values; non-finite floats become ``None`` so every line is strict JSON."""
+    value = _plain(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RecordWriter:
+    """Append JSON records, one per line, to ``path`` (``curvature.jsonl``, ``metrics.jsonl``).
+
+    The file is opened in append mode on the first write (a resumed run continues it; a torn last
+    line moves aside first, see :func:`open_for_append`) and its folder is created. Each line is
+    flushed; ``fsync`` also pushes it to disk, so it survives a crash of the process or the
+    machine right after the write.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = bool(fsync)
+        self._file: IO[str] | None = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` as one line of strict JSON (non-finite floats as ``null``)."""
+        if self._file is None:
+            self._file = open_for_append(self.path)
+        self._file.write(json.dumps(_json_safe(dict(record)), allow_nan=False) + "\n")
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        """Close the file (a later :meth:`write` reopens it in append mode)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

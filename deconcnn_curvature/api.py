@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from deconcnn_curvature.errors import (
     CurvatureError,
     InvalidOptionError,
     UnknownBackendError,
+    UnsupportedModelError,
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.problem import (
@@ -34,7 +36,7 @@ from deconcnn_curvature.problem import (
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
 from deconcnn_curvature.results import CurvatureResult, validate_result
 
-__all__ = ["estimate", "get_backend", "list_backends", "resolve"]
+__all__ = ["compare", "density", "estimate", "get_backend", "list_backends", "resolve"]
 
 
 def list_backends() -> list[dict[str, Any]]:
@@ -112,6 +114,7 @@ def estimate(
     backend: str | None = None,
     *,
     seed: int | None = 0,
+    eval_mode: bool = True,
     distributed: bool | None = None,
     **options: Any,
 ) -> CurvatureResult:
@@ -130,6 +133,9 @@ def estimate(
             seed, recorded in the result). The global RNG is never consumed. Under a process
             group every rank uses rank 0's seed (the products of all ranks are summed, so the
             probes must be the same).
+        eval_mode: measure the model in eval mode (``True``, BatchNorm with running statistics,
+            Dropout off) or in the mode it was handed over in (``False``). Like ``seed`` and
+            ``distributed`` an argument of the host, not of the backend.
         distributed: under an initialised ``torch.distributed`` process group, ``None`` (the
             default) or ``True`` make this a collective call: every rank must call it with its
             shard of the data, and every rank gets the result on the union. ``False`` measures
@@ -144,8 +150,12 @@ def estimate(
         )
     if distributed is False:
         with local_only():
-            return estimate(model, loss_fn, data, quantity, backend, seed=seed, **options)
-    cls, opts = resolve(quantity, backend, options)
+            return estimate(
+                model, loss_fn, data, quantity, backend, seed=seed, eval_mode=eval_mode, **options
+            )
+    cls, opts = resolve(quantity, backend, {**options, "eval_mode": eval_mode})
+    # The host's arguments are applied here; the backend gets its own options only.
+    eval_mode = opts.pop("eval_mode", eval_mode)
     world = world_size()
     if world > 1 and not cls.supports_distributed:
         raise CurvatureError(
@@ -161,7 +171,6 @@ def estimate(
         if agreement is not None:
             seed = _rank0_seed(agreement, seed)
         cls.validate_model(model)
-        eval_mode = opts.get("eval_mode", True)
         problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
         cuda = problem.device.type == "cuda"
         if cuda:
@@ -181,7 +190,7 @@ def estimate(
             if cuda:
                 torch.cuda.synchronize(problem.device)
     seconds = time.perf_counter() - start
-    result = _validated(result, cls, quantity, opts)
+    result = _validated(_host_filled(result, cls, quantity, seed, problem), cls, quantity, opts)
     # Every backend ran inside preserve_state, so attention used the math kernel: say so.
     extra: dict[str, Any] = {
         "seconds": seconds,
@@ -190,6 +199,31 @@ def estimate(
     if cuda:
         extra["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(problem.device) - base)
     return dataclasses.replace(result, **extra)
+
+
+def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, problem: Any) -> Any:
+    """[issue 14] Fill the fields the host knows and a backend left at their defaults:
+    ``backend``, ``quantity``, ``seed`` (a stochastic backend's), ``device``, ``dim``; likewise in
+    each result of ``also`` (whose ``seconds`` stay 0.0: the call's time is the main result's)."""
+    if not isinstance(result, CurvatureResult):
+        return result  # refused by validate_result, with the plugin named
+
+    def fill(r: Any, q: str) -> Any:
+        if not isinstance(r, CurvatureResult):
+            return r
+        known = {
+            "backend": r.backend or cls.name,
+            "quantity": r.quantity or q,
+            "seed": seed if r.seed is None and not cls.exact else r.seed,
+            "device": r.device or str(problem.device),
+            "dim": r.dim or problem.dim,
+        }
+        return dataclasses.replace(r, **known)
+
+    also = result.also
+    if isinstance(also, dict) and also:
+        also = {q: fill(r, q) for q, r in also.items()}
+    return dataclasses.replace(fill(result, quantity), also=also)
 
 
 def _validated(result: Any, cls: type[Backend], quantity: str, opts: dict[str, Any]) -> Any:
@@ -202,7 +236,7 @@ def _validated(result: Any, cls: type[Backend], quantity: str, opts: dict[str, A
         backend=cls.name,
         plugin=entry.plugin if entry is not None else "unregistered",
         options=opts,
-        carries_trace=cls.eigenvalues_carry_trace,
+        also=frozenset(cls.also_computes.get(quantity, ())),
     )
 
 
@@ -211,3 +245,147 @@ def _first_param_device(model: Any) -> torch.device | None:
         return next(iter(model.parameters())).device
     except Exception:  # not a module, or no parameters: build_problem says what is wrong
         return None
+
+
+def comparison_status(exc: BaseException) -> str:
+    """The status of a :func:`compare` row whose backend raised ``exc``."""
+    if isinstance(exc, BackendUnavailableError):
+        return "unavailable"
+    if isinstance(exc, UnsupportedQuantityError | UnsupportedModelError):
+        return "unsupported"
+    if isinstance(exc, InvalidOptionError):
+        return "invalid option"
+    return "failed"
+
+
+def compare(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Batch | Iterable[Batch],
+    quantity: str = "trace",
+    backends: Sequence[str] | None = None,
+    *,
+    seed: int | None = 0,
+    options: Mapping[str, Any] | Callable[[type[Backend]], Mapping[str, Any]] | None = None,
+    before: Callable[[str], None] | None = None,
+    measure: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure ``quantity`` with several backends on the same model, data and seed.
+
+    ``backends``: names (default: every registered backend that computes ``quantity``).
+    ``options``: a mapping (each backend gets the options it takes for ``quantity``; the others
+    are named in its row's ``ignored_options``), or a function of the backend class giving its
+    options. ``before(name)`` is called as each backend starts; ``measure(name)`` gives a context
+    manager entered around its :func:`estimate` call (a memory meter, say).
+
+    One row per backend, in order: ``backend``, ``status`` (``"ok"``, ``"unavailable"``,
+    ``"unsupported"``, ``"invalid option"`` or ``"failed"``), ``reason`` (``None`` or the error
+    message), ``result`` (the :class:`CurvatureResult`, or ``None``) and ``ignored_options``. A
+    backend that cannot run is a row with its reason, never an exception.
+    """
+    registry = get_registry()
+    names = registry.supporting(quantity) if backends is None else list(backends)
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        if before is not None:
+            before(name)
+        row: dict[str, Any] = {
+            "backend": name,
+            "status": "ok",
+            "reason": None,
+            "result": None,
+            "ignored_options": [],
+        }
+        try:
+            cls = registry.get(name)
+            if callable(options):
+                opts = dict(options(cls))
+            else:
+                declared = cls.option_map()
+                opts = {}
+                for key, value in (options or {}).items():
+                    opt = declared.get(key)
+                    if opt is None or (opt.quantities and quantity not in opt.quantities):
+                        row["ignored_options"].append(key)
+                    else:
+                        opts[key] = value
+            resolve(quantity, name, opts)
+            with measure(name) if measure is not None else contextlib.nullcontext():
+                row["result"] = estimate(model, loss_fn, data, quantity, name, seed=seed, **opts)
+        except Exception as exc:  # one backend's failure is a row, not the end of the run
+            row["status"] = comparison_status(exc)
+            row["reason"] = (
+                str(exc) if isinstance(exc, CurvatureError) else f"{type(exc).__name__}: {exc}"
+            )
+        rows.append(row)
+    return rows
+
+
+def density_options(
+    backend: str | None,
+    k: int,
+    options: Mapping[str, Any] | None = None,
+    *,
+    label: Callable[[str], str] = lambda name: f"option {name!r}",
+) -> tuple[type[Backend], dict[str, Any], dict[str, Any]]:
+    """Check a :func:`density` call before any work: the backend computes the density (and the
+    eigenvalues when ``k > 0``); each option goes to the quantities it applies to. Returns the
+    backend class and the density's and the eigenvalues' options. ``label`` names an option in
+    the messages (the CLI says ``-o name``)."""
+    cls, _ = resolve("density", backend, {})
+    name = cls.name
+    if k > 0 and "eigenvalues" not in cls.quantities:
+        raise UnsupportedQuantityError(
+            f"backend {name!r} computes no eigenvalues to mark; pass -k 0 or a backend "
+            "that computes both density and eigenvalues."
+        )
+    density_opts: dict[str, Any] = {}
+    eig_opts: dict[str, Any] = {"k": k} if k > 0 else {}
+    declared = cls.option_map()
+    for key, value in (options or {}).items():
+        routed = False
+        for q, target in (("density", density_opts), ("eigenvalues", eig_opts)):
+            if q == "eigenvalues" and k == 0:
+                continue
+            option = declared.get(key)
+            if option is not None and (not option.quantities or q in option.quantities):
+                target[key] = value
+                routed = True
+        if not routed:
+            raise InvalidOptionError(
+                f"{label(key)} is not an option of backend {name!r} for density or "
+                "eigenvalues; see `deconcnn-curv list-backends --json`."
+            )
+    if "k" in (options or {}):
+        raise InvalidOptionError("use -k, not -o k=..., to choose how many eigenvalues to mark.")
+    resolve("density", name, density_opts)
+    if k > 0:
+        resolve("eigenvalues", name, eig_opts)
+    return cls, density_opts, eig_opts
+
+
+def density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Batch | Iterable[Batch],
+    backend: str | None = None,
+    *,
+    k: int = 1,
+    seed: int | None = 0,
+    options: Mapping[str, Any] | None = None,
+    before: Callable[[str], None] | None = None,
+) -> tuple[CurvatureResult, CurvatureResult | None]:
+    """The spectral density (stochastic Lanczos quadrature) and the top ``k`` eigenvalues (none
+    when ``k == 0``) from one backend, same data and seed. ``options`` are routed to the
+    quantities they apply to (:func:`density_options`, checked before any work); ``before(q)``
+    is called as each quantity starts."""
+    cls, density_opts, eig_opts = density_options(backend, k, options)
+    if before is not None:
+        before("density")
+    dens = estimate(model, loss_fn, data, "density", cls.name, seed=seed, **density_opts)
+    eig = None
+    if k > 0:
+        if before is not None:
+            before("eigenvalues")
+        eig = estimate(model, loss_fn, data, "eigenvalues", cls.name, seed=seed, **eig_opts)
+    return dens, eig

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from deconcnn_curvature.problem import CurvatureProblem
     from deconcnn_curvature.results import CurvatureResult
 
-__all__ = ["QUANTITIES", "Availability", "Backend", "Option"]
+__all__ = ["HOST_OPTIONS", "QUANTITIES", "Availability", "Backend", "Option"]
 
 #: Quantities the package knows about, with a one-line description each.
 QUANTITIES: Mapping[str, str] = {
@@ -61,6 +61,9 @@ class Option:
     min_exclusive: bool = False
     #: Quantities the option applies to (empty: all of the backend's quantities).
     quantities: frozenset[str] = frozenset()
+    #: True for the option that is the HVP budget of the quantities it applies to (at most one
+    #: per quantity). Front ends map their one budget setting (``num_hvps``) onto it.
+    budget: bool = False
 
     def check(self, value: Any, backend: str) -> Any:
         where = f"option {self.name!r} of backend {backend!r}"
@@ -115,7 +118,26 @@ class Option:
             "max": self.max,
             "choices": list(self.choices) if self.choices else None,
             "quantities": sorted(self.quantities),
+            "budget": self.budget,
         }
+
+
+#: [issue 14] Arguments of the host (:func:`deconcnn_curvature.estimate`), not of any backend:
+#: the host applies them around the backend's call (``eval_mode``: the mode the model is measured
+#: in; besides it, ``seed`` and ``distributed`` are plain arguments of ``estimate``). A front end
+#: may pass them with the backend options (``-o eval_mode=false``, ``backend_options``): the one
+#: resolver (:meth:`Backend.resolve_options`) checks them, and the host takes them out before
+#: :meth:`Backend.compute` sees the options.
+HOST_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "eval_mode",
+        bool,
+        True,
+        "measure the model in eval mode (BatchNorm uses running statistics, Dropout off); "
+        "false measures it in the mode it was handed over in",
+    ),
+)
+HOST_OPTION_NAMES: frozenset[str] = frozenset(o.name for o in HOST_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -146,11 +168,11 @@ class Backend(ABC):
     options: ClassVar[tuple[Option, ...]] = ()
     #: Whether the backend is correct under an initialised ``torch.distributed`` process group.
     supports_distributed: ClassVar[bool] = False
-    #: Whether an ``eigenvalues`` result also carries the trace estimated from the same products,
-    #: in ``details``: ``trace``, ``trace_stderr``, ``trace_ci``, ``trace_ci_level``,
-    #: ``trace_n_hvp``, ``trace_target_met``, ``trace_method``, and it takes the trace's budget
-    #: options. A caller that wants both (the Lightning monitor) then makes one call, not two.
-    eigenvalues_carry_trace: ClassVar[bool] = False
+    #: Per quantity, the other quantities one call for it also returns, in the result's ``also``
+    #: (measured from the same products, with the options of both: a call for ``eigenvalues``
+    #: that also returns the ``trace`` takes the trace's budget). A caller that wants both (the
+    #: Lightning monitor) then makes one call, not two. E.g. ``{"eigenvalues": {"trace"}}``.
+    also_computes: ClassVar[Mapping[str, frozenset[str]]] = {}
 
     @classmethod
     def availability(cls) -> Availability:
@@ -168,7 +190,18 @@ class Backend(ABC):
 
     @classmethod
     def option_map(cls) -> dict[str, Option]:
-        return {o.name: o for o in cls.options}
+        """Every option a caller may give: the host's (:data:`HOST_OPTIONS`) and the backend's."""
+        return {o.name: o for o in (*HOST_OPTIONS, *cls.options)}
+
+    @classmethod
+    def budget_option(cls, quantity: str) -> str | None:
+        """The name of the option that is the HVP budget of ``quantity``: the one declared with
+        ``budget=True``, else one named ``num_hvps`` (the package's one name for the budget);
+        None when there is none (an exact backend)."""
+        applying = [o for o in cls.options if not o.quantities or quantity in o.quantities]
+        found = next((o for o in applying if o.budget), None)
+        found = found or next((o for o in applying if o.name == "num_hvps"), None)
+        return None if found is None else found.name
 
     @classmethod
     def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,8 +215,10 @@ class Backend(ABC):
                 f"its options are: {known}."
             )
         resolved = {}
+        # A call that also returns other quantities (also_computes) takes their options too.
+        served = {quantity, *cls.also_computes.get(quantity, ())}
         for name, opt in declared.items():
-            applies = not opt.quantities or quantity in opt.quantities
+            applies = not opt.quantities or bool(served & opt.quantities)
             if name in given and not applies:
                 raise InvalidOptionError(
                     f"option {name!r} of backend {cls.name!r} applies to "
@@ -208,7 +243,8 @@ class Backend(ABC):
         seed: int,
         options: Mapping[str, Any],
     ) -> CurvatureResult:
-        """Compute ``quantity`` for ``problem``; ``options`` are already validated and complete."""
+        """Compute ``quantity`` for ``problem``; ``options`` are already validated and complete
+        (the backend's own: the host's arguments, :data:`HOST_OPTIONS`, are not among them)."""
 
 
 def describe(backend: type[Backend]) -> dict[str, Any]:
@@ -225,4 +261,5 @@ def describe(backend: type[Backend]) -> dict[str, Any]:
         "install": avail.install,
         "distributed": backend.supports_distributed,
         "options": [o.to_dict() for o in backend.options],
+        "host_options": [o.to_dict() for o in HOST_OPTIONS],
     }

@@ -33,33 +33,41 @@ Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021), Lanczos for the top eigenva
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
-import importlib
-import json
 import math
 import os
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from deconcnn_curvature._lightning import pl
-from deconcnn_curvature._records import open_for_append, read_jsonl, supersede_after
+from deconcnn_curvature._monitor_settings import (
+    _LOSS_ATTRS,
+    LOSS_NAMES,
+    _as_mapping,
+    _callable_from_setting,
+    _check_bool,
+    _check_choice,
+    _check_data_groups,
+    _check_int,
+    _loss_from_setting,
+    _mix_seed,
+    _private_view,
+    _short_repr,
+)
+from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.problem import _to_device, preserve_state
-from deconcnn_curvature.results import CurvatureResult, _plain
+from deconcnn_curvature.problem import _to_device, global_rng_preserved, preserve_state
+from deconcnn_curvature.results import CurvatureResult
 
 __all__ = [
     "BATCH_MODES",
@@ -84,63 +92,12 @@ DEFAULT_METRIC_KEYS: Mapping[str, str] = {
     "n_hvp": "curvature/n_hvp",
     "seconds": "curvature/seconds",
 }
-#: Names under which a backend may declare its probe budget for the trace, in order of preference.
-_BUDGET_OPTIONS: tuple[str, ...] = ("num_hvps", "num_samples", "num_probes", "num_matvecs")
-_MASK63 = (1 << 63) - 1
-#: Short loss names ``loss_fn`` accepts (e.g. from a config: ``curvature.loss_fn=cross_entropy``);
-#: each builds the mean-reduced torch loss.
-LOSS_NAMES: Mapping[str, Callable[[], nn.Module]] = {
-    "cross_entropy": nn.CrossEntropyLoss,
-    "mse": nn.MSELoss,
-    "nll": nn.NLLLoss,
-    "bce_with_logits": nn.BCEWithLogitsLoss,
-}
-#: Attributes of the LightningModule read as the loss when ``loss_fn`` is not given, in order.
-_LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
-
-
 # ------------------------------------------------------------------------------------- records
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values; non-finite floats become ``None`` so every line is strict JSON."""
-    value = _plain(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-class CurvatureRecordWriter:
-    """Append JSON records, one per line, to ``path``; each line is flushed and fsync'd.
-
-    The file is opened in append mode on the first write (a resumed run continues it) and its
-    folder is created. ``fsync`` makes a line survive a crash of the process or the machine right
-    after the measurement that produced it.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], fsync: bool = True) -> None:
-        self.path = Path(path)
-        self.fsync = bool(fsync)
-        self._file: IO[str] | None = None
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        """Append ``record`` as one line of strict JSON and push it to disk."""
-        if self._file is None:
-            self._file = open_for_append(self.path)  # a torn last line moves aside first
-        self._file.write(json.dumps(_json_safe(dict(record)), allow_nan=False) + "\n")
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        """Close the file (a later :meth:`write` reopens it in append mode)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+#: The records file's writer: :class:`deconcnn_curvature._records.RecordWriter` (one writer for
+#: ``curvature.jsonl`` and ``metrics.jsonl``), under its historical name.
+CurvatureRecordWriter = RecordWriter
 
 
 def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -149,168 +106,7 @@ def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
-# ------------------------------------------------------------------------------------- helpers
-
-
-def _mix_seed(*parts: Any) -> int:
-    """A 63-bit seed determined by ``parts`` (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _MASK63
-
-
-@contextmanager
-def _global_rng_preserved() -> Iterator[None]:
-    """Restore the global torch (CPU and initialised CUDA), ``random`` and NumPy RNG states."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    py = random.getstate()
-    npy = np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        random.setstate(py)
-        np.random.set_state(npy)
-
-
-def _private_rng(value: Any) -> Any:
-    """A copy of a random generator with the same state (``value`` itself if it is none)."""
-    if isinstance(value, torch.Generator):
-        clone = torch.Generator(device=value.device)
-        clone.set_state(value.get_state())
-        return clone
-    if isinstance(value, random.Random | np.random.Generator | np.random.RandomState):
-        return copy.deepcopy(value)
-    return value
-
-
-def _private_view(dataset: Any, depth: int = 0) -> Any:
-    """A shallow copy of ``dataset`` that shares its data but not its random generators.
-
-    Reading items through it draws augmentation from copies of the data set's generators (the
-    copy goes through ``__getstate__`` when the class defines one, which is how a data set drops
-    per-process generators), so the training data set's own streams never advance. Wrapped data
-    sets (``Subset``, ``ConcatDataset``) are copied the same way, a few levels deep.
-    """
-    try:
-        clone = copy.copy(dataset)
-    except Exception:  # an uncopyable data set: read it in place, under the global RNG guard
-        return dataset
-    attrs = getattr(clone, "__dict__", None)
-    if isinstance(attrs, dict) and depth < 4:
-        for name, value in list(attrs.items()):
-            if isinstance(value, torch.utils.data.Dataset):
-                attrs[name] = _private_view(value, depth + 1)
-            elif (
-                isinstance(value, list | tuple)
-                and value
-                and all(isinstance(v, torch.utils.data.Dataset) for v in value)
-            ):
-                attrs[name] = type(value)(_private_view(v, depth + 1) for v in value)
-            else:
-                attrs[name] = _private_rng(value)
-    return clone
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or null" if allow_none else ""
-        raise ConfigurationError(
-            f"CurvatureMonitor: {name} must be an integer >= {minimum}{extra}; got {value!r}."
-        )
-    return int(value)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    # bool("false") is True: a string from a config must not pass for a flag.
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"CurvatureMonitor: {name} must be true or false; got {value!r}.")
-    return value
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigurationError(
-            f"CurvatureMonitor: {name} must be one of {', '.join(map(repr, choices))}; got "
-            f"{value!r}."
-        )
-    return str(value)
-
-
-def _check_data_groups(value: Any, batch_size: int) -> int:
-    """``data_groups`` (issue 13): at least 1, at most the curvature batch's samples."""
-    groups = _check_int("data_groups", value, 1)
-    if groups > batch_size:
-        raise ConfigurationError(
-            f"CurvatureMonitor: data_groups={groups} exceeds hessian_batch_size={batch_size}; "
-            "each group needs at least one sample: lower data_groups (1: probe noise only)."
-        )
-    return groups
-
-
-def _as_mapping(name: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) and not hasattr(value, "items"):
-        raise ConfigurationError(
-            f"CurvatureMonitor: {name} must be a mapping (e.g. {{'probe_batch': 4}}); got "
-            f"{type(value).__name__}."
-        )
-    return {str(k): v for k, v in value.items()}
-
-
-def _loss_from_setting(value: Any) -> Any:
-    """``loss_fn`` as given: a callable, a short name from :data:`LOSS_NAMES`, or ``None``."""
-    if isinstance(value, str):
-        factory = LOSS_NAMES.get(value.strip().lower())
-        if factory is None:
-            raise ConfigurationError(
-                f"CurvatureMonitor: unknown loss_fn name {value!r}; the names are "
-                f"{', '.join(LOSS_NAMES)}, or give a loss object (in a config: "
-                "loss_fn: {_target_: torch.nn.CrossEntropyLoss})."
-            )
-        return factory()
-    if value is not None and not callable(value):
-        raise ConfigurationError(
-            f"CurvatureMonitor: loss_fn must be callable as loss_fn(outputs, targets) or one of "
-            f"{', '.join(LOSS_NAMES)}; got {type(value).__name__}."
-        )
-    return value
-
-
-def _callable_from_setting(name: str, value: Any) -> Any:
-    """A callable, or a string ``"package.module:function"`` (``.function`` also works) naming one,
-    so a config can give ``batch_fn`` as text."""
-    if isinstance(value, str) and ("." in value or ":" in value):
-        path = value.strip()
-        module_name, sep, attr = path.partition(":")
-        if not sep:
-            module_name, _, attr = path.rpartition(".")
-        try:
-            found = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ConfigurationError(
-                f"CurvatureMonitor: {name}={value!r} does not name an importable function "
-                f"('package.module:function'): {type(exc).__name__}: {exc}"
-            ) from None
-        value = found
-    if value is not None and not callable(value):
-        raise ConfigurationError(
-            f"CurvatureMonitor: {name} must be a callable mapping a collated training batch to "
-            f"(inputs, targets), or its import path 'package.module:function'; got "
-            f"{type(value).__name__}."
-        )
-    return value
-
-
-def _short_repr(value: Any) -> str:
-    """``repr`` of a loss on one line, shortened (a module's repr can span lines)."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 80 else text[:77] + "..."
+# ------------------------------------------------------------------------------------- model
 
 
 def _has_own_forward(module: nn.Module) -> bool:
@@ -370,13 +166,14 @@ class CurvatureMonitor(pl.Callback):
             follows the optimiser step that brings ``global_step`` to a multiple of it. With
             gradient accumulation that is once per accumulation window.
         compute_at_step_zero: Also measure the initial model, before the first optimiser step.
-        num_samples: The trace's probe (HVP) budget, passed to the backend's budget option
-            (``num_hvps`` for ``pyhessian`` and ``hutchpp``) exactly, never capped. ``None``
+        num_hvps: The trace's probe (HVP) budget, passed to the option the backend declares as
+            its budget (:meth:`~deconcnn_curvature.backend.Backend.budget_option`; ``num_hvps``
+            for ``pyhessian`` and ``hutchpp``) exactly, never capped. ``None``
             keeps the backend's default (logged at setup). With ``rtol`` it is the most the
             backend may spend. Exact backends have no budget; it is then ignored (logged).
         rtol: Target relative error of the trace (the backend's ``rtol``): stop once the
             confidence interval's half-width is at most ``rtol * |trace|``. ``None``: spend
-            ``num_samples``.
+            ``num_hvps``.
         k: Number of top eigenvalues for ``"eigenvalues"`` (the first one is λ_max).
         hessian_batch_size: Samples in the curvature batch (across all ranks; each rank takes
             its share).
@@ -417,6 +214,7 @@ class CurvatureMonitor(pl.Callback):
             else raises, asking for ``model_attr``).
         enabled: ``False`` makes the callback do nothing (one flag in a config turns it off).
         log_metrics: Log through ``pl_module.log`` (the JSONL is written either way).
+        num_samples: Deprecated alias of ``num_hvps`` (kept for one release; warns).
 
     Every measurement writes one line per quantity to the JSONL file: ``timestamp``, ``step``,
     ``epoch``, ``backend``, ``quantity``, ``value`` (a float for the trace, a list for
@@ -432,7 +230,7 @@ class CurvatureMonitor(pl.Callback):
         quantities: Sequence[str] = ("trace", "eigenvalues"),
         compute_every_n_steps: int = 500,
         compute_at_step_zero: bool = False,
-        num_samples: int | None = None,
+        num_hvps: int | None = None,
         rtol: float | None = None,
         k: int = 1,
         hessian_batch_size: int = 128,
@@ -448,8 +246,22 @@ class CurvatureMonitor(pl.Callback):
         batch_fn: Callable[[Any], Any] | None = None,
         enabled: bool = True,
         log_metrics: bool = True,
+        num_samples: int | None = None,
     ) -> None:
         super().__init__()
+        if num_samples is not None:
+            if num_hvps is not None:
+                raise ConfigurationError(
+                    "CurvatureMonitor: num_samples is the deprecated name of num_hvps; give "
+                    f"num_hvps alone (got num_hvps={num_hvps!r} and num_samples={num_samples!r})."
+                )
+            warnings.warn(
+                "CurvatureMonitor: num_samples is deprecated and will be removed in the next "
+                f"release; use num_hvps={num_samples!r} (in a config: curvature.num_hvps).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            num_hvps = num_samples
         if backend is not None and not isinstance(backend, str):
             raise ConfigurationError(
                 f"CurvatureMonitor: backend must be a backend name or null; got {backend!r}."
@@ -480,7 +292,7 @@ class CurvatureMonitor(pl.Callback):
         self.quantities = quantities
         self.compute_every_n_steps = _check_int("compute_every_n_steps", compute_every_n_steps, 1)
         self.compute_at_step_zero = _check_bool("compute_at_step_zero", compute_at_step_zero)
-        self.num_samples = _check_int("num_samples", num_samples, 1, allow_none=True)
+        self.num_hvps = _check_int("num_hvps", num_hvps, 1, allow_none=True)
         if rtol is not None and (
             isinstance(rtol, bool)
             or not isinstance(rtol, int | float)
@@ -592,15 +404,15 @@ class CurvatureMonitor(pl.Callback):
 
         opts: dict[str, Any] = {}
         if quantity == "trace":
-            if self.num_samples is not None:
-                budget = next((n for n in _BUDGET_OPTIONS if applies(n)), None)
+            if self.num_hvps is not None:
+                budget = cls.budget_option("trace")
                 if budget is not None:
-                    opts[budget] = self.num_samples
+                    opts[budget] = self.num_hvps
                 elif not cls.exact:
                     raise ConfigurationError(
                         f"CurvatureMonitor: backend {cls.name!r} declares no probe-budget option "
-                        f"for the trace, so num_samples={self.num_samples} cannot be honoured; "
-                        "set num_samples to null or choose another backend."
+                        f"for the trace, so num_hvps={self.num_hvps} cannot be honoured; "
+                        "set num_hvps to null or choose another backend."
                     )
             if self.rtol is not None:
                 if applies("rtol"):
@@ -760,8 +572,11 @@ class CurvatureMonitor(pl.Callback):
         cls = get_backend(self.backend)
         self._check_backend_options(cls)
         # A backend whose eigenvalues come with the trace of the same products measures both in
-        # one call (one sketch of num_samples products, not two runs).
-        joint = cls.eigenvalues_carry_trace and {"trace", "eigenvalues"} <= set(self.quantities)
+        # one call (one sketch of num_hvps products, not two runs).
+        joint = "trace" in cls.also_computes.get("eigenvalues", ()) and {
+            "trace",
+            "eigenvalues",
+        } <= set(self.quantities)
         plan, resolved = [], {}
         for quantity in self.quantities:
             opts = self._budget_options(cls, quantity)
@@ -791,9 +606,11 @@ class CurvatureMonitor(pl.Callback):
             return
         resolved = self.check_config()
         pl.utilities.rank_zero_info(self._what_is_measured(pl_module))
-        exact = get_backend(self._backend_name).exact
+        cls = get_backend(self._backend_name)
+        exact = cls.exact
         for quantity, full in resolved.items():
-            budget = {n: full[n] for n in (*_BUDGET_OPTIONS, "rtol", "k") if n in full}
+            names = (cls.budget_option(quantity), "rtol", "k")
+            budget = {n: full[n] for n in names if n in full}
             pl.utilities.rank_zero_info(
                 f"CurvatureMonitor: {quantity} by backend {self._backend_name!r} every "
                 f"{self.compute_every_n_steps} steps on {self.hessian_batch_size} samples "
@@ -801,13 +618,13 @@ class CurvatureMonitor(pl.Callback):
             )
             if (
                 quantity == "trace"
-                and self.num_samples is not None
+                and self.num_hvps is not None
                 and exact
-                and not any(name in full for name in _BUDGET_OPTIONS)
+                and cls.budget_option("trace") is None
             ):
                 pl.utilities.rank_zero_info(
-                    f"CurvatureMonitor: backend {self._backend_name!r} is exact; num_samples="
-                    f"{self.num_samples} does not apply to it."
+                    f"CurvatureMonitor: backend {self._backend_name!r} is exact; num_hvps="
+                    f"{self.num_hvps} does not apply to it."
                 )
         self._log_data_groups(resolved, trainer.world_size)
         self.check_model(pl_module)
@@ -956,7 +773,7 @@ class CurvatureMonitor(pl.Callback):
         precisions cast them to the model's dtype)."""
         local = indices[trainer.global_rank :: trainer.world_size]
         view = _private_view(loader.dataset)
-        with _global_rng_preserved():
+        with global_rng_preserved():
             batch = loader.collate_fn([view[i] for i in local])
         if self.batch_fn is not None:
             batch = self.batch_fn(batch)
@@ -1017,7 +834,7 @@ class CurvatureMonitor(pl.Callback):
         pl.utilities.rank_zero_warn(
             f"CurvatureMonitor: at step {step} the trace missed rtol={self.rtol} within its "
             f"budget of {result.n_hvp} products (target_met is false in the records; reported "
-            "once). The value is logged with its larger error; raise num_samples or rtol."
+            "once). The value is logged with its larger error; raise num_hvps or rtol."
         )
 
     def _after_failure(self, reason: str, step: int) -> None:
@@ -1097,29 +914,14 @@ class CurvatureMonitor(pl.Callback):
 
     @staticmethod
     def _joint_trace(result: CurvatureResult) -> CurvatureResult:
-        """The trace an ``eigenvalues`` result carries (``Backend.eigenvalues_carry_trace``), as
-        a result of its own: its ``n_hvp`` are the products of the shared call that the trace
-        used (not extra ones), its ``seconds`` 0.0 (the eigenvalues record holds the time of the
-        one call, so summed record times stay true), ``details["measured_with"]`` says so."""
-        d = dict(result.details)
-        ci = d.get("trace_ci")
-        trace_details = dict(d.get("trace_details") or {})
-        trace_details["measured_with"] = "eigenvalues"
-        return dataclasses.replace(
-            result,
-            quantity="trace",
-            value=float(d["trace"]),
-            stderr=d.get("trace_stderr"),
-            ci=None if ci is None else tuple(ci),
-            ci_level=d.get("trace_ci_level"),
-            n_hvp=int(d.get("trace_n_hvp", result.n_hvp)),
-            seconds=0.0,
-            method=str(d.get("trace_method", result.method)),
-            exact=False,
-            target_met=d.get("trace_target_met"),
-            layers=None,
-            details=trace_details,
-        )
+        """The trace an ``eigenvalues`` call also returned (``result.also["trace"]``, see
+        ``Backend.also_computes``): its ``n_hvp`` are the products of the shared call that the
+        trace used (not extra ones), its ``seconds`` 0.0 (the eigenvalues record holds the time
+        of the one call, so summed record times stay true), ``details["measured_with"]`` says
+        so."""
+        trace = result.also["trace"]
+        details = {**trace.details, "measured_with": "eigenvalues"}
+        return dataclasses.replace(trace, seconds=0.0, details=details)
 
     @staticmethod
     def _result_fields(result: CurvatureResult) -> dict[str, Any]:

@@ -30,6 +30,7 @@ __all__ = [
     "CurvatureProblem",
     "LoadedCheckpoint",
     "build_problem",
+    "global_rng_preserved",
     "preserve_state",
 ]
 
@@ -311,6 +312,24 @@ def _iterate(data: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
+def global_rng_preserved() -> Iterator[None]:
+    """Restore the global torch (CPU and initialised CUDA), ``random`` and NumPy RNG states on
+    exit: the one copy of this guard (:func:`preserve_state` and the Lightning monitor use it)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    py = random.getstate()
+    npy = np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+@contextlib.contextmanager
 def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None]:
     """Run the body with ``model`` prepared for curvature and restore everything afterwards.
 
@@ -336,10 +355,8 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
         for b in slots.values()
         if b is not None
     ]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    py_rng = random.getstate()
-    np_rng = np.random.get_state()
+    rng = contextlib.ExitStack()
+    rng.enter_context(global_rng_preserved())
     try:
         for p in params:
             p.grad = None
@@ -368,11 +385,7 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
             p.grad = g
         for m, training in modes:
             m.training = training
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        random.setstate(py_rng)
-        np.random.set_state(np_rng)
+        rng.close()
 
 
 @dataclass(frozen=True)

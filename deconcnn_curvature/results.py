@@ -68,7 +68,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CurvatureResult:
     """One measurement of one quantity by one backend.
 
@@ -78,19 +78,27 @@ class CurvatureResult:
     where it has no meaning); ``ci`` is a two-sided interval at ``ci_level``. ``method`` names the
     algorithm that produced the number(s); ``details`` carries backend-specific extras (Ritz
     residuals, HVP timing) that are JSON-serialisable through :meth:`to_dict`.
+
+    ``also`` holds the results of other quantities the same call measured from the same products
+    (a backend declares them in :attr:`~deconcnn_curvature.backend.Backend.also_computes`, e.g.
+    ``hutchpp``'s ``eigenvalues`` also returns the ``trace``): one call, several quantities.
+
+    The host (:func:`deconcnn_curvature.estimate`) fills the fields it knows when a backend leaves
+    them at their defaults: ``backend``, ``quantity``, ``seed``, ``device``, ``dim``, and always
+    ``seconds``; a backend sets only what it measured.
     """
 
-    backend: str
-    quantity: str
     value: Any
     stderr: float | None
     n_hvp: int
-    seconds: float
-    seed: int | None
-    device: str
     exact: bool
     method: str
-    dim: int
+    backend: str = ""
+    quantity: str = ""
+    seconds: float = 0.0
+    seed: int | None = None
+    device: str = ""
+    dim: int = 0
     ci: tuple[float, float] | None = None
     ci_level: float | None = None
     rtol: float | None = None
@@ -98,6 +106,7 @@ class CurvatureResult:
     layers: Mapping[str, float] | None = None
     peak_memory_bytes: int | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    also: Mapping[str, CurvatureResult] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary of every field."""
@@ -173,7 +182,7 @@ def validate_result(
     backend: str,
     plugin: str,
     options: Mapping[str, Any] | None = None,
-    carries_trace: bool = False,
+    also: frozenset[str] = frozenset(),
 ) -> CurvatureResult:
     """Return ``result`` if it is a usable answer to ``quantity`` from ``backend`` (registered by
     ``plugin``); raise otherwise.
@@ -181,8 +190,9 @@ def validate_result(
     Checked: the type (:class:`CurvatureResult`), its ``quantity``, the shape of ``value`` for
     the known quantities (a float for ``trace``, a non-empty list of at most ``k`` floats for
     ``eigenvalues``, a :class:`Density`, a dict of floats or tensors), and that ``value`` and
-    ``stderr`` are finite (``stderr`` also >= 0), as is the trace an ``eigenvalues`` result
-    carries (``carries_trace``). A malformed result is a :class:`PluginError`; a non-finite
+    ``stderr`` are finite (``stderr`` also >= 0), and so is every result in ``also``, which may
+    hold only the quantities the backend declares there (``also``). A malformed result is a
+    :class:`PluginError`; a non-finite
     number a :class:`NonFiniteError`; both name the backend and the plugin. Built-in backends
     raise on a diverged model before returning, so either means the backend is at fault.
     """
@@ -213,10 +223,6 @@ def validate_result(
     what = quantity
     if bad is None and stderr is not None and not math.isfinite(stderr):
         bad, what = stderr, f"standard error of the {quantity}"
-    if bad is None and carries_trace and quantity == "eigenvalues":
-        trace = (result.details or {}).get("trace")
-        if trace is not None and not (_real(trace) and math.isfinite(trace)):
-            bad, what = trace, "trace carried by the eigenvalues result"
     if bad is not None:
         raise NonFiniteError(
             f"{who} returned a non-finite {what} ({bad}); refusing to report it. Check the "
@@ -228,7 +234,20 @@ def validate_result(
             f"{who} returned a negative standard error ({stderr}) for {quantity!r}; the result "
             "is refused (a bug in the plugin)."
         )
+    extra = result.also or {}
+    if not isinstance(extra, Mapping) or not set(extra) <= set(also):
+        declared = ", ".join(sorted(also)) or "none"
+        raise PluginError(
+            f"{who} returned other quantities ({_short(extra)}) with {quantity!r} in `also`; it "
+            f"declares {declared} there. The result is refused (a bug in the plugin)."
+        )
+    for name, other in extra.items():
+        validate_result(other, name, backend=backend, plugin=plugin, options=options)
     return result
+
+
+def _short(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, Mapping) else type(value).__name__
 
 
 def _finite_number(value: Any) -> bool:

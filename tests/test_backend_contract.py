@@ -58,8 +58,10 @@ def test_declared_attributes_are_readable_on_the_class() -> None:
     assert cls.install_hint == "pip install pyhessian==0.1"
     assert cls.supports_distributed is True
     assert cls.availability() == Availability(True)
-    defaults = {o.name: o.default for o in cls.options}
+    defaults = {o.name: o.default for o in cls.option_map().values()}
     assert defaults["num_hvps"] == 100 and defaults["k"] == 1 and defaults["eval_mode"] is True
+    # [issue 14] eval_mode is the host's argument, declared once by the contract, not per backend.
+    assert "eval_mode" not in {o.name for o in cls.options}
     assert cls.option_map()["k"].quantities == frozenset({"eigenvalues"})
 
 
@@ -82,6 +84,7 @@ def test_describe_is_json_serialisable() -> None:
         "install",
         "distributed",
         "options",
+        "host_options",  # [issue 14] eval_mode: the host's, declared once by the contract
     }
 
 
@@ -101,8 +104,8 @@ def test_every_registered_backend_honours_the_contract() -> None:
                 assert opt.check(opt.default, cls.name) == opt.default, (cls.name, opt.name)
         for q in cls.quantities:
             resolved = cls.resolve_options(q, {})
-            assert set(resolved) == {
-                o.name for o in cls.options if not o.quantities or q in o.quantities
+            assert set(resolved) == {  # the backend's options and the host's (eval_mode)
+                o.name for o in cls.option_map().values() if not o.quantities or q in o.quantities
             }
         if not row["available"]:
             assert row["reason"] and row["install"], f"{cls.name}: unavailable without a reason"

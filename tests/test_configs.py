@@ -46,7 +46,7 @@ def test_train_config_composes_with_curvature_on_by_default() -> None:
     assert isinstance(monitor, CurvatureMonitor)
     assert monitor.enabled and monitor.backend == "pyhessian"
     assert monitor.quantities == ("trace", "eigenvalues")
-    assert monitor.compute_every_n_steps == 500 and monitor.num_samples == 50
+    assert monitor.compute_every_n_steps == 500 and monitor.num_hvps == 50
     assert monitor.hessian_batch_size == 128 and monitor.batch_mode == "fixed"
     assert monitor.on_error == "warn" and monitor.metric_keys == dict(DEFAULT_METRIC_KEYS)
     assert monitor.check_config()["trace"]["num_hvps"] == 50
@@ -60,7 +60,7 @@ def test_one_flag_enables_and_one_override_swaps_the_backend() -> None:
 
     hutchpp = instantiate(_compose(["curvature=hutchpp"]).callbacks)
     assert hutchpp.backend == "hutchpp" and hutchpp.enabled is True  # train.yaml turns it on
-    assert hutchpp.quantities == ("trace", "eigenvalues") and hutchpp.num_samples == 50
+    assert hutchpp.quantities == ("trace", "eigenvalues") and hutchpp.num_hvps == 50
 
     swapped = instantiate(_compose(["curvature.backend=backpack"]).callbacks)
     assert swapped.backend == "backpack"
@@ -70,12 +70,12 @@ def test_one_flag_enables_and_one_override_swaps_the_backend() -> None:
         _compose(["curvature=backpack", "curvature.compute_every_n_steps=50"]).callbacks
     )
     assert backpack.backend == "backpack" and backpack.quantities == ("trace",)
-    assert backpack.num_samples is None and backpack.compute_every_n_steps == 50
+    assert backpack.num_hvps is None and backpack.compute_every_n_steps == 50
 
     tuned = instantiate(
         _compose(
             [
-                "curvature.num_samples=20",
+                "curvature.num_hvps=20",
                 "curvature.rtol=0.05",
                 "curvature.batch_mode=refresh",
                 "curvature.on_error=raise",
@@ -84,7 +84,7 @@ def test_one_flag_enables_and_one_override_swaps_the_backend() -> None:
             ]
         ).callbacks
     )
-    assert tuned.num_samples == 20 and tuned.rtol == 0.05 and tuned.batch_mode == "refresh"
+    assert tuned.num_hvps == 20 and tuned.rtol == 0.05 and tuned.batch_mode == "refresh"
     assert tuned.on_error == "raise" and tuned.backend_options == {"probe_batch": 4}
     assert tuned.quantities == ("trace",)
 
@@ -175,12 +175,12 @@ def test_callback_file_works_standalone_in_a_foreign_callbacks_folder(tmp_path: 
     monitor = instantiate(cfg.callbacks)
     assert isinstance(monitor, CurvatureMonitor) and monitor.enabled
     assert monitor.backend == "pyhessian" and monitor.compute_every_n_steps == 500
-    assert monitor.num_samples == 50 and monitor.quantities == ("trace", "eigenvalues")
+    assert monitor.num_hvps == 50 and monitor.quantities == ("trace", "eigenvalues")
     assert monitor.rtol is None and monitor.backend_options == {}
     assert monitor.jsonl == Path("curvature.jsonl")
 
-    tuned = instantiate(_compose(["callbacks.num_samples=10"], configs, name="config").callbacks)
-    assert tuned.num_samples == 10
+    tuned = instantiate(_compose(["callbacks.num_hvps=10"], configs, name="config").callbacks)
+    assert tuned.num_hvps == 10
 
 
 def test_callback_file_reads_a_dropped_in_curvature_group(tmp_path: Path) -> None:
@@ -251,7 +251,7 @@ def test_a_module_with_an_inline_loss_is_enabled_by_config_alone(tmp_path: Path,
         loss,
         "curvature.model_attr=net",
         "curvature.compute_every_n_steps=2",
-        "curvature.num_samples=4",
+        "curvature.num_hvps=4",
         "curvature.hessian_batch_size=8",
     ]
     monitor = instantiate(_compose(overrides).callbacks, jsonl=str(tmp_path / "c.jsonl"))

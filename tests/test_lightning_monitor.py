@@ -228,7 +228,7 @@ def test_training_is_bit_identical_with_monitor_on_and_off(tmp_path: Path, batch
     monitor = CurvatureMonitor(
         compute_every_n_steps=2,
         compute_at_step_zero=True,
-        num_samples=6,
+        num_hvps=6,
         hessian_batch_size=8,
         batch_mode=batch_mode,
         backend_options={"max_hvps": 6},
@@ -246,7 +246,7 @@ def test_training_is_bit_identical_with_monitor_on_and_off(tmp_path: Path, batch
 def test_measurements_land_on_the_cadence(tmp_path: Path) -> None:
     monitor = CurvatureMonitor(
         compute_every_n_steps=3,
-        num_samples=4,
+        num_hvps=4,
         hessian_batch_size=8,
         backend_options={"max_hvps": 4},
     )
@@ -264,7 +264,7 @@ def test_step_zero_and_gradient_accumulation(tmp_path: Path) -> None:
         quantities=["trace"],
         compute_every_n_steps=2,
         compute_at_step_zero=True,
-        num_samples=3,
+        num_hvps=3,
         hessian_batch_size=4,
     )
     module, trainer = fit_tiny(tmp_path, monitor, max_steps=6, accumulate_grad_batches=2)
@@ -283,7 +283,7 @@ def test_record_content_and_logged_metrics(tmp_path: Path) -> None:
 
     monitor = CurvatureMonitor(
         compute_every_n_steps=4,
-        num_samples=7,
+        num_hvps=7,
         k=2,
         hessian_batch_size=16,
         backend_options={"max_hvps": 30},
@@ -346,7 +346,7 @@ def test_custom_metric_keys_and_paths(tmp_path: Path) -> None:
     monitor = CurvatureMonitor(
         quantities="trace",
         compute_every_n_steps=2,
-        num_samples=3,
+        num_hvps=3,
         hessian_batch_size=4,
         metric_keys={"trace": "hess/tr", "trace_stderr": None, "seconds": None},
         jsonl=str(target),
@@ -381,7 +381,7 @@ def test_values_match_estimate_and_the_dense_hessian(tmp_path: Path) -> None:
     dcc.estimate on the same batch and seeds, and check λ_max against the dense Hessian."""
     monitor = CurvatureMonitor(
         compute_every_n_steps=3,
-        num_samples=40,
+        num_hvps=40,
         hessian_batch_size=12,
         backend_options={"tol": 1e-10, "max_hvps": 83},
     )
@@ -429,13 +429,13 @@ def test_values_match_estimate_and_the_dense_hessian(tmp_path: Path) -> None:
 
 def test_hutchpp_measures_trace_and_eigenvalues_in_one_call(tmp_path: Path) -> None:
     """hutchpp's eigenvalues carry the trace of the same sketch: the monitor makes one call of
-    num_samples products per measurement (not a trace run plus an eigenvalue run), and both
+    num_hvps products per measurement (not a trace run plus an eigenvalue run), and both
     records are those of dcc.estimate on the same batch, seed and parameters; checked against
     the dense Hessian."""
     monitor = CurvatureMonitor(
         backend="hutchpp",
         compute_every_n_steps=3,
-        num_samples=30,
+        num_hvps=30,
         k=2,
         hessian_batch_size=12,
         log_metrics=True,
@@ -477,8 +477,8 @@ def test_hutchpp_measures_trace_and_eigenvalues_in_one_call(tmp_path: Path) -> N
         data_groups=4,  # the monitor's default (issue 13)
     )
     assert again.value == eig["value"]
-    assert again.details["trace"] == trace["value"]
-    assert again.details["trace_stderr"] == trace["stderr"]
+    assert again.also["trace"].value == trace["value"]
+    assert again.also["trace"].stderr == trace["stderr"]
 
     module.eval()
     exact = dense_hessian(module, module.loss_fn, [(x, y)])
@@ -498,7 +498,7 @@ def test_failures_are_isolated_recorded_once_and_never_zero(
     flaky = type("Flaky", (_FlakyBackend,), {"fail_calls": 4, "calls": 0})
     use_plugin(monkeypatch, _TestPlugin(flaky))
     monitor = CurvatureMonitor(
-        backend="flaky", compute_every_n_steps=2, num_samples=5, hessian_batch_size=4
+        backend="flaky", compute_every_n_steps=2, num_hvps=5, hessian_batch_size=4
     )
     with pytest.warns(UserWarning, match="kaboom") as caught:
         module, trainer = fit_tiny(tmp_path, monitor, max_steps=6)
@@ -528,7 +528,7 @@ def test_a_model_the_backend_refuses_fails_before_the_first_step(
     """Backend.validate_model runs at setup: a whole run of null records is never the outcome."""
     use_plugin(monkeypatch, _TestPlugin(_PickyBackend))
     monitor = CurvatureMonitor(
-        backend="picky", compute_every_n_steps=2, num_samples=5, hessian_batch_size=4
+        backend="picky", compute_every_n_steps=2, num_hvps=5, hessian_batch_size=4
     )
     pl.seed_everything(0, verbose=False)
     module = Tiny()
@@ -553,7 +553,7 @@ def dict_data() -> DataLoader:
 
 
 def test_a_loader_of_dicts_needs_batch_fn_and_says_so_before_training(tmp_path: Path) -> None:
-    monitor = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=4)
+    monitor = CurvatureMonitor(compute_every_n_steps=2, num_hvps=5, hessian_batch_size=4)
     pl.seed_everything(0, verbose=False)
     module = DictBatches()
     with pytest.raises(ConfigurationError, match=r"dict with keys \['x', 'y'\].*batch_fn"):
@@ -562,7 +562,7 @@ def test_a_loader_of_dicts_needs_batch_fn_and_says_so_before_training(tmp_path: 
 
     mapped = CurvatureMonitor(
         compute_every_n_steps=2,
-        num_samples=5,
+        num_hvps=5,
         hessian_batch_size=4,
         batch_fn=lambda b: (b["x"], b["y"]),
         jsonl=str(tmp_path / "mapped.jsonl"),
@@ -595,7 +595,7 @@ class Float32Tiny(Tiny):
 def test_true_precision_casts_the_curvature_batch_like_training_inputs(tmp_path: Path) -> None:
     """precision='64-true' runs the model in float64 and Lightning casts training inputs; the
     monitor's own batch (float32 data here) is cast the same way instead of failing."""
-    monitor = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=4)
+    monitor = CurvatureMonitor(compute_every_n_steps=2, num_hvps=5, hessian_batch_size=4)
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
     pl.seed_everything(0, verbose=False)
@@ -614,7 +614,7 @@ def test_on_error_raise_stops_the_run(tmp_path: Path, monkeypatch: pytest.Monkey
         backend="flaky",
         quantities=["trace"],
         compute_every_n_steps=2,
-        num_samples=5,
+        num_hvps=5,
         hessian_batch_size=4,
         on_error="raise",
     )
@@ -636,7 +636,7 @@ def test_on_error_raise_stops_the_run(tmp_path: Path, monkeypatch: pytest.Monkey
     [
         ({"compute_every_n_steps": 0}, "compute_every_n_steps must be an integer >= 1"),
         ({"compute_every_n_steps": -5}, "compute_every_n_steps"),
-        ({"num_samples": 0}, "num_samples must be an integer >= 1"),
+        ({"num_hvps": 0}, "num_hvps must be an integer >= 1"),
         ({"hessian_batch_size": 0}, "hessian_batch_size"),
         ({"rtol": 0.0}, "rtol must be a number > 0"),
         ({"k": 0}, "k must be"),
@@ -705,7 +705,7 @@ def test_loggers_get_each_measurement_once_at_its_step(tmp_path: Path) -> None:
         quantities=["trace"],
         compute_every_n_steps=3,
         compute_at_step_zero=True,
-        num_samples=2,
+        num_hvps=2,
         hessian_batch_size=8,
     )
     logger = CSVLogger(tmp_path, name="csv")
@@ -727,7 +727,7 @@ def test_resume_writes_the_same_records(tmp_path: Path, batch_mode: str) -> None
         return CurvatureMonitor(
             compute_every_n_steps=3,
             compute_at_step_zero=True,
-            num_samples=4,
+            num_hvps=4,
             hessian_batch_size=8,
             batch_mode=batch_mode,
             backend_options={"max_hvps": 5},
@@ -765,7 +765,7 @@ def test_resuming_with_another_seed_keeps_the_checkpoints_batch_and_says_so(
         return CurvatureMonitor(
             quantities=["trace"],
             compute_every_n_steps=2,
-            num_samples=2,
+            num_hvps=2,
             hessian_batch_size=8,
             seed=seed,
             jsonl=str(tmp_path / "c.jsonl"),
@@ -801,7 +801,7 @@ def test_resuming_from_an_older_checkpoint_keeps_each_step_once(tmp_path: Path) 
             CurvatureMonitor(
                 quantities=["trace"],
                 compute_every_n_steps=2,
-                num_samples=2,
+                num_hvps=2,
                 hessian_batch_size=8,
                 jsonl=str(tmp_path / "c.jsonl"),
             ),
@@ -833,7 +833,7 @@ def test_an_unreachable_rtol_is_reported_once(tmp_path: Path) -> None:
     monitor = CurvatureMonitor(
         quantities=["trace"],
         compute_every_n_steps=2,
-        num_samples=4,
+        num_hvps=4,
         rtol=1e-9,
         hessian_batch_size=8,
     )
@@ -849,14 +849,14 @@ def test_two_monitors_keep_separate_state(tmp_path: Path) -> None:
     a = CurvatureMonitor(
         quantities=["trace"],
         compute_every_n_steps=2,
-        num_samples=2,
+        num_hvps=2,
         jsonl="a",
         hessian_batch_size=8,
     )
     b = CurvatureMonitor(
         quantities=["trace"],
         compute_every_n_steps=3,
-        num_samples=2,
+        num_hvps=2,
         jsonl="b",
         hessian_batch_size=8,
     )
@@ -870,7 +870,7 @@ def test_two_monitors_keep_separate_state(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         c = CurvatureMonitor(
-            quantities=["trace"], compute_every_n_steps=2, num_samples=2, hessian_batch_size=8
+            quantities=["trace"], compute_every_n_steps=2, num_hvps=2, hessian_batch_size=8
         )
         c.load_state_dict(saved[a.state_key])
     assert c.measurements == 2 and c.curvature_indices == a.curvature_indices
@@ -920,7 +920,7 @@ def test_a_module_without_forward_is_measured_through_its_only_model_child(
     function'); the monitor now measures pl_module.net, found by itself, and says so."""
     monitor = CurvatureMonitor(
         compute_every_n_steps=2,
-        num_samples=5,
+        num_hvps=5,
         hessian_batch_size=8,
         loss_fn=nn.CrossEntropyLoss(),
     )
@@ -947,7 +947,7 @@ def test_a_module_without_forward_is_measured_through_its_only_model_child(
 def test_an_ambiguous_module_fails_before_the_first_step_naming_model_attr(
     tmp_path: Path,
 ) -> None:
-    monitor = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=8,
+    monitor = CurvatureMonitor(compute_every_n_steps=2, num_hvps=5, hessian_batch_size=8,
                                loss_fn=nn.CrossEntropyLoss())  # fmt: skip
     module = TwoNets()
     trainer = make_trainer(tmp_path, [monitor], max_steps=4)
@@ -956,7 +956,7 @@ def test_an_ambiguous_module_fails_before_the_first_step_naming_model_attr(
     assert module.steps_run == 0 and trainer.global_step == 0
     assert not (tmp_path / "curvature.jsonl").exists()
 
-    named = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=8,
+    named = CurvatureMonitor(compute_every_n_steps=2, num_hvps=5, hessian_batch_size=8,
                              loss_fn=nn.CrossEntropyLoss(), model_attr="net")  # fmt: skip
     make_trainer(tmp_path, [named], max_steps=2).fit(TwoNets(), tiny_data())
     assert [r["error"] for r in records(tmp_path / "curvature.jsonl")] == [None, None]
@@ -998,7 +998,7 @@ def test_a_measurement_that_cannot_work_stops_the_run_before_step_one(
 ) -> None:
     """One forward + loss on the curvature batch at the start of training: whatever would make
     every measurement fail raises a ConfigurationError saying what to set, before step 1."""
-    monitor = CurvatureMonitor(compute_every_n_steps=2, num_samples=5, hessian_batch_size=8,
+    monitor = CurvatureMonitor(compute_every_n_steps=2, num_hvps=5, hessian_batch_size=8,
                                **kwargs)  # fmt: skip
     module = module_cls()
     trainer = make_trainer(tmp_path, [monitor], max_steps=4)
@@ -1025,7 +1025,7 @@ def test_training_a_module_without_forward_is_bit_identical_with_monitor_on_and_
     monitor = CurvatureMonitor(
         compute_every_n_steps=3,
         compute_at_step_zero=True,
-        num_samples=4,
+        num_hvps=4,
         hessian_batch_size=8,
         loss_fn="cross_entropy",
     )
@@ -1042,11 +1042,11 @@ class WithCriterion(NoForward):
 
 def test_the_loss_is_read_from_a_criterion_attribute_or_a_short_name(tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
-    from_attr = CurvatureMonitor(quantities=["trace"], compute_every_n_steps=2, num_samples=3,
+    from_attr = CurvatureMonitor(quantities=["trace"], compute_every_n_steps=2, num_hvps=3,
                                  hessian_batch_size=8, jsonl="attr.jsonl")  # fmt: skip
     make_trainer(tmp_path, [from_attr], max_steps=2).fit(WithCriterion(), tiny_data())
     pl.seed_everything(0, verbose=False)
-    by_name = CurvatureMonitor(quantities=["trace"], compute_every_n_steps=2, num_samples=3,
+    by_name = CurvatureMonitor(quantities=["trace"], compute_every_n_steps=2, num_hvps=3,
                                hessian_batch_size=8, jsonl="name.jsonl",
                                loss_fn="cross_entropy")  # fmt: skip
     make_trainer(tmp_path, [by_name], max_steps=2).fit(NoForward(), tiny_data())

@@ -16,7 +16,7 @@ from deconcnn_curvature.lightning import CurvatureMonitor
 
 def test_logged_stderr_is_the_total_and_the_record_has_its_parts(tmp_path: Path) -> None:
     monitor = CurvatureMonitor(
-        quantities="trace", compute_every_n_steps=4, num_samples=12, hessian_batch_size=24
+        quantities="trace", compute_every_n_steps=4, num_hvps=12, hessian_batch_size=24
     )
     assert monitor.data_groups == 4
     module, trainer = fit_tiny(tmp_path, monitor, max_steps=4)
@@ -40,7 +40,7 @@ def test_data_groups_1_logs_the_probe_only_stderr(tmp_path: Path) -> None:
     monitor = CurvatureMonitor(
         quantities="trace",
         compute_every_n_steps=4,
-        num_samples=6,
+        num_hvps=6,
         hessian_batch_size=8,
         data_groups=1,
     )
@@ -72,7 +72,7 @@ def test_train_mode_measurement_with_groups_fails_before_the_first_step(tmp_path
 
 def test_hutchpp_monitor_logs_the_total_from_its_one_call(tmp_path: Path) -> None:
     monitor = CurvatureMonitor(
-        backend="hutchpp", compute_every_n_steps=4, num_samples=12, hessian_batch_size=24
+        backend="hutchpp", compute_every_n_steps=4, num_hvps=12, hessian_batch_size=24
     )
     _, trainer = fit_tiny(tmp_path, monitor, max_steps=4)
     trace, eig = records(tmp_path / "curvature.jsonl")

@@ -51,7 +51,7 @@ TINY: tuple[str, ...] = (
     "trainer.val_check_interval=1.0",
     "trainer.enable_progress_bar=false",
     "curvature.compute_every_n_steps=2",
-    "curvature.num_samples=6",  # Hutch++ needs at least 5
+    "curvature.num_hvps=6",  # Hutch++ needs at least 5
     "curvature.hessian_batch_size=8",
 )
 #: Appended to the checkpoint commands: fewer samples and products, same code paths.

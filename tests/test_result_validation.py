@@ -207,7 +207,7 @@ TINY = [
     "lrsched.warmup_epochs=0.5",
     "curvature.compute_every_n_steps=1",
     "curvature.compute_at_step_zero=true",
-    "curvature.num_samples=null",
+    "curvature.num_hvps=null",
     "curvature.hessian_batch_size=8",
 ]
 

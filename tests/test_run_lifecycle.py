@@ -355,7 +355,7 @@ def test_the_demo_writes_runs_demo_and_a_second_demo_moves_the_first_aside(
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
         "trainer.val_check_interval=1.0",
-        "curvature.num_samples=2",
+        "curvature.num_hvps=2",
         "curvature.hessian_batch_size=8",
         "+curvature.backend_options.max_hvps=3",
     ]

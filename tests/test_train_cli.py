@@ -33,7 +33,7 @@ TINY = [
     "lrsched.warmup_epochs=0.5",
     "curvature.compute_every_n_steps=2",
     "curvature.compute_at_step_zero=true",
-    "curvature.num_samples=4",
+    "curvature.num_hvps=4",
     "curvature.hessian_batch_size=8",
     "+curvature.backend_options.max_hvps=6",
 ]
@@ -110,7 +110,7 @@ def test_reference_resnet_runs(tmp_path: Path) -> None:
         "trainer.enable_progress_bar=false",
         "trainer.val_check_interval=1.0",
         "curvature.compute_every_n_steps=2",
-        "curvature.num_samples=2",
+        "curvature.num_hvps=2",
         "curvature.hessian_batch_size=8",
         "+curvature.backend_options.max_hvps=3",
         f"run_dir={tmp_path / 'r'}",

@@ -36,13 +36,6 @@ TOP_K_OPTION = Option(
 
 COMMON_OPTIONS: tuple[Option, ...] = (
     Option(
-        "eval_mode",
-        bool,
-        True,
-        "measure the model in eval mode (BatchNorm uses running statistics, Dropout off); "
-        "false measures it in the mode it was handed over in",
-    ),
-    Option(
         "probe_batch",
         int,
         None,

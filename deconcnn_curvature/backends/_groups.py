@@ -20,6 +20,7 @@ from deconcnn_curvature.problem import CurvatureProblem, _batch_size, _check_per
 
 __all__ = [
     "DATA_GROUP_OPTIONS",
+    "DataGroupsMixin",
     "check_data_groups",
     "check_population",
     "data_group_options",
@@ -69,6 +70,20 @@ def check_data_groups(backend: str, options: Mapping[str, Any]) -> None:
             "groups, which changes a train-mode model's batch statistics (BatchNorm) and so the "
             "Hessian measured; pass data_groups=1 with eval_mode=false, or eval_mode=true."
         )
+
+
+class DataGroupsMixin:
+    """For a backend declaring the data-group options: its option resolver also refuses, before
+    any work, a split that would change the matrix measured (:func:`check_data_groups`). Put it
+    before :class:`~deconcnn_curvature.backend.Backend` in the bases."""
+
+    name: str
+
+    @classmethod
+    def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        resolved: dict[str, Any] = super().resolve_options(quantity, given)  # type: ignore[misc]
+        check_data_groups(cls.name, resolved)
+        return resolved
 
 
 def _split(value: Any, parts: int) -> list[Any]:

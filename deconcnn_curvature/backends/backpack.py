@@ -56,7 +56,6 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from deconcnn_curvature.backend import Backend, Option
-from deconcnn_curvature.backends._common import COMMON_OPTIONS
 from deconcnn_curvature.distributed import agree, world_size
 from deconcnn_curvature.errors import NonFiniteError, UnsupportedModelError
 from deconcnn_curvature.hookspecs import hookimpl
@@ -545,7 +544,6 @@ class BackpackBackend(Backend):
             "before measuring, compare BackPACK's diagonal on one sample with exact autograd "
             "HVPs (one entry per parameter tensor); always on for models torch.fx cannot trace",
         ),
-        COMMON_OPTIONS[0],  # eval_mode
     )
 
     @classmethod

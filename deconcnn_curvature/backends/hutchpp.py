@@ -25,7 +25,8 @@ One Hutch++ run of ``num_hvps`` products answers every quantity:
   does not prove a Ritz value is the *top* eigenvalue (on close gaps the sketch's value was λ₂), so
   ``details["converged"]`` needs residuals at most ``eig_rtol/2 · |θ|`` *and* both sequences
   agreeing on λ_max within ``eig_rtol``. ``details["methods"]`` says which method produced each
-  value, and ``details["trace"]`` (with its stderr and interval) is the trace from the same run.
+  value, and ``also["trace"]`` (a result with its stderr and interval) is the trace from the same
+  run.
 
 ``probe_batch > 1`` multiplies the deflated probes in blocks through the vectorised product (and
 the published split's sketch in one block); the Krylov steps of the adaptive split are one column
@@ -42,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.backends._common import (
@@ -52,7 +53,7 @@ from deconcnn_curvature.backends._common import (
     krylov_setup,
 )
 from deconcnn_curvature.backends._groups import (
-    check_data_groups,
+    DataGroupsMixin,
     check_population,
     data_group_options,
     grouped_problem,
@@ -88,14 +89,14 @@ DEFAULT_MAX_REFINE_HVPS = 50
 _E = frozenset({"eigenvalues"})
 
 
-class HutchppBackend(Backend):
+class HutchppBackend(DataGroupsMixin, Backend):
     name = "hutchpp"
     description = (
         "Hutch++ on PyHessian HVPs: trace with error bars and rtol mode, per-layer traces, "
         "top eigenvalues from the same sketch"
     )
     quantities = frozenset({"trace", "layer_trace", "eigenvalues"})
-    eigenvalues_carry_trace = True
+    also_computes: ClassVar[Mapping[str, frozenset[str]]] = {"eigenvalues": frozenset({"trace"})}
     exact = False
     requires = ("pyhessian",)
     install_hint = "pip install pyhessian==0.1"
@@ -108,6 +109,7 @@ class HutchppBackend(Backend):
             f"Hutch++ budget in HVPs, spent exactly (the cap when rtol is set); at least "
             f"{MIN_NUM_HVPS}: 2 for the low-rank part, {MIN_DEFLATED_PROBES} deflated probes",
             min=MIN_NUM_HVPS,
+            budget=True,
         ),
         Option(
             "rtol",
@@ -169,12 +171,6 @@ class HutchppBackend(Backend):
         *data_group_options(frozenset({"trace", "layer_trace", "eigenvalues"})),
         *COMMON_OPTIONS,
     )
-
-    @classmethod
-    def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
-        resolved = super().resolve_options(quantity, given)
-        check_data_groups(cls.name, resolved)
-        return resolved
 
     def compute(
         self,
@@ -277,14 +273,21 @@ class HutchppBackend(Backend):
                         "refinement_hvps": eig.n_matvecs,
                         "target": "largest algebraic",
                         "multiplicity": "distinct values: a repeated eigenvalue is reported once",
-                        "trace": est.value,
-                        "trace_stderr": est.stderr,
-                        "trace_ci": est.ci,
-                        "trace_ci_level": est.ci_level,
-                        "trace_n_hvp": est.n_matvecs,
-                        "trace_target_met": est.target_met,
-                        "trace_method": "hutch++",
-                        "trace_details": details,
+                    },
+                    # The trace of the same sketch: its products are part of this call's n_hvp.
+                    also={
+                        "trace": CurvatureResult(
+                            value=est.value,
+                            stderr=est.stderr,
+                            n_hvp=est.n_matvecs,
+                            exact=False,
+                            method="hutch++",
+                            ci=est.ci,
+                            ci_level=est.ci_level,
+                            rtol=options["rtol"],
+                            target_met=est.target_met,
+                            details=details,
+                        )
                     },
                     **common,
                 )

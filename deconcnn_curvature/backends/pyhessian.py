@@ -32,7 +32,7 @@ from deconcnn_curvature.backends._common import (
 )
 from deconcnn_curvature.backends._groups import (
     DATA_GROUP_OPTIONS,
-    check_data_groups,
+    DataGroupsMixin,
     check_population,
     grouped_problem,
 )
@@ -57,7 +57,7 @@ _E = frozenset({"eigenvalues"})
 _D = frozenset({"density"})
 
 
-class PyHessianBackend(Backend):
+class PyHessianBackend(DataGroupsMixin, Backend):
     name = "pyhessian"
     description = "PyHessian HVPs; Hutchinson trace, Lanczos eigenvalues, SLQ density (default)"
     quantities = frozenset({"trace", "eigenvalues", "density"})
@@ -73,6 +73,7 @@ class PyHessianBackend(Backend):
             "Hutchinson probe budget (the cap when rtol is set)",
             min=2,
             quantities=_T,
+            budget=True,
         ),
         Option(
             "rtol",
@@ -112,12 +113,6 @@ class PyHessianBackend(Backend):
         *DATA_GROUP_OPTIONS,
         *COMMON_OPTIONS,
     )
-
-    @classmethod
-    def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
-        resolved = super().resolve_options(quantity, given)
-        check_data_groups(cls.name, resolved)
-        return resolved
 
     def compute(
         self,

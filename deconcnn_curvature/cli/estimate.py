@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
-import resource
 import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,9 @@ import click
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 import deconcnn_curvature as dcc
+from deconcnn_curvature.api import density_options
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.checkpoints import (
     LOSSES,
@@ -41,17 +39,26 @@ from deconcnn_curvature.checkpoints import (
     parse_key_values,
 )
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
+from deconcnn_curvature.cli._memory import _PeakMemory, _Progress
 from deconcnn_curvature.data_sources import DATA_SOURCES
 from deconcnn_curvature.errors import (
-    BackendUnavailableError,
     ConfigurationError,
-    CurvatureError,
     InvalidOptionError,
     UnknownBackendError,
-    UnsupportedModelError,
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.linalg.hutchinson import TraceProgress, trace_progress
+from deconcnn_curvature.present import (
+    _check_plot_path,
+    _compare_table,
+    _default_sigma,
+    _fmt,
+    _fmt_bytes,
+    _grid,
+    _plot,
+    _table,
+    _value_rows,
+)
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
 from deconcnn_curvature.results import CurvatureResult, Density
 
@@ -120,10 +127,15 @@ def _backend_options(
     ``compare``, dropped and named in the returned list.
     """
     declared = cls.option_map()
-    applicable = sorted(o.name for o in cls.options if not o.quantities or quantity in o.quantities)
+    applicable = sorted(
+        n for n, o in declared.items() if not o.quantities or quantity in o.quantities
+    )
     opts: dict[str, Any] = {}
     dropped: list[str] = []
     given = [(name, _FLAGS[name], value) for name, value in named.items() if value is not None]
+    # --num-hvps sets the option the backend declares as its budget (Option.budget).
+    budget = cls.budget_option(quantity)
+    given = [(budget if n == "num_hvps" and budget else n, f, v) for n, f, v in given]
     given += [(name, f"-o {name}", value) for name, value in extra.items()]
     for name, flag, value in given:
         option = declared.get(name)
@@ -279,126 +291,6 @@ def _backend_option(func: F) -> F:
 
 
 # --------------------------------------------------------------------------------------------
-# progress and memory
-
-
-class _Progress:
-    """A transient rich progress display on stderr; silent with --quiet or when stderr is not a
-    terminal (pipes, CI logs, tests)."""
-
-    def __init__(self, quiet: bool, total: int | None = None) -> None:
-        self.console = Console(stderr=True)
-        self.enabled = not quiet and self.console.is_terminal
-        self.total = total
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
-            if self.total is not None:
-                columns += [BarColumn(), MofNCompleteColumn()]
-            columns.append(TimeElapsedColumn())
-            self._progress = Progress(*columns, console=self.console, transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task("loading the checkpoint", total=self.total)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def step(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description=text)
-
-    def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class _PeakMemory:
-    """Peak memory of one backend run.
-
-    On CUDA the number comes from :func:`deconcnn_curvature.estimate` (``torch.cuda.
-    max_memory_allocated`` above the allocation at the start). On the CPU: the process's resident
-    set size above its level at the start, sampled every 2 ms from ``/proc/self/statm``; where
-    that file does not exist, the rise of ``getrusage().ru_maxrss`` (the process's all-time peak,
-    so it only counts what exceeds earlier peaks). In one process, memory an earlier backend freed
-    but the allocator kept is reused without being counted again, so on the CPU the numbers of
-    later backends are lower bounds; run ``compare --backends NAME`` once per backend for
-    separate measurements.
-    """
-
-    INTERVAL = 0.002
-
-    def __init__(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            self.kind = "cuda_max_allocated"
-        elif _rss_bytes() is not None:
-            self.kind = "rss_sampled"
-        else:
-            self.kind = "ru_maxrss"
-        self.peak_bytes: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def _maxrss() -> int:
-        value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(value) if sys.platform == "darwin" else int(value) * 1024
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.INTERVAL):
-            rss = _rss_bytes() or 0
-            self._max = max(self._max, rss)
-
-    def __enter__(self) -> _PeakMemory:
-        if self.kind == "rss_sampled":
-            self._base = self._max = _rss_bytes() or 0
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        elif self.kind == "ru_maxrss":
-            self._base = self._maxrss()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._max = max(self._max, _rss_bytes() or 0)
-            self.peak_bytes = self._max - self._base
-        elif self.kind == "ru_maxrss":
-            self.peak_bytes = self._maxrss() - self._base
-
-    def explain(self) -> str:
-        return {
-            "cuda_max_allocated": "CUDA memory allocated above the level at the start "
-            "(torch.cuda.max_memory_allocated)",
-            "rss_sampled": "process resident memory above its level at the start of each "
-            "backend, sampled every 2 ms",
-            "ru_maxrss": "rise of the process's peak resident memory (getrusage ru_maxrss)",
-        }[self.kind]
-
-
-# --------------------------------------------------------------------------------------------
 # shared steps
 
 
@@ -465,9 +357,11 @@ def _check_compare_options(
     takes = {
         o.name
         for cls in classes
-        for o in cls.options
+        for o in cls.option_map().values()  # the backend's options and the host's (eval_mode)
         if not o.quantities or quantity in o.quantities
     }
+    if any(cls.budget_option(quantity) for cls in classes):
+        takes.add("num_hvps")  # --num-hvps: each backend's declared budget option
     given = {name: _FLAGS[name] for name, value in named.items() if value is not None}
     given.update({name: f"-o {name}" for name in extra})
     unknown = [flag for name, flag in given.items() if name not in takes]
@@ -494,94 +388,6 @@ def _check_quantity_known(quantity: str) -> None:
         raise UnsupportedQuantityError(
             f"unknown quantity {quantity!r}; registered backends compute: {', '.join(known)}."
         )
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _fmt_ci(result: CurvatureResult) -> str:
-    if result.ci is None:
-        return ""
-    lo, hi = result.ci
-    level = f" ({result.ci_level:.0%})" if result.ci_level is not None else ""
-    return f"[{_fmt(lo)}, {_fmt(hi)}]{level}"
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return ""
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _value_rows(result: CurvatureResult) -> list[tuple[str, str, str, str]]:
-    """(label, value, ± stderr, interval) rows for one result, whatever the quantity."""
-    value = result.value
-    q = result.quantity
-    if isinstance(value, Density):
-        lo, hi = min(value.nodes), max(value.nodes)
-        rows = [
-            (
-                "density",
-                f"{len(value.nodes)} nodes in [{_fmt(lo)}, {_fmt(hi)}]",
-                "",
-                f"{value.num_runs} runs x {value.lanczos_steps} steps",
-            )
-        ]
-        return rows  # no trace: SLQ gives one probe per run (deconcnn-curv estimate -q trace)
-    if isinstance(value, list | tuple):
-        return [(f"λ{i + 1}", _fmt(float(v)), "", "") for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        rows = []
-        total = 0.0
-        for name, v in value.items():
-            if isinstance(v, torch.Tensor):
-                total += float(v.sum())
-                rows.append(
-                    (
-                        str(name),
-                        f"sum {_fmt(float(v.sum()))}",
-                        "",
-                        f"min {_fmt(float(v.min()))}, max {_fmt(float(v.max()))}",
-                    )
-                )
-            else:
-                total += float(v)
-                rows.append((str(name), _fmt(float(v)), "", ""))
-        return [(f"{q} (total)", _fmt(total), _fmt(result.stderr), _fmt_ci(result)), *rows]
-    return [(q, _fmt(value), _fmt(result.stderr), _fmt_ci(result))]
-
-
-def _short_value(result: CurvatureResult) -> str:
-    value = result.value
-    if isinstance(value, Density):
-        return f"SLQ, {len(value.nodes)} nodes"
-    if isinstance(value, list | tuple):
-        return ", ".join(_fmt(float(v)) for v in value)
-    if isinstance(value, Mapping):
-        return _value_rows(result)[0][1]
-    return _fmt(value)
-
-
-def _table(title: str, columns: list[tuple[str, str]]) -> Table:
-    """A table whose numeric columns never wrap; free-text columns ("note", "detail") fold."""
-    table = Table(title=title)
-    for name, justify in columns:
-        free = name in ("note", "interval", "value / detail", "interval / detail")
-        table.add_column(
-            name,
-            justify=justify,  # type: ignore[arg-type]
-            no_wrap=not free,
-            overflow="fold",
-            min_width=len(name) if not free else 12,
-        )
-    return table
 
 
 def _header(out: Console, path: Path, loaded: LoadedCheckpoint, device: torch.device) -> None:
@@ -852,16 +658,6 @@ def _warn_unconverged(out: Any, result: CurvatureResult | None) -> None:
 # compare
 
 
-def _classify(exc: BaseException) -> str:
-    if isinstance(exc, BackendUnavailableError):
-        return "unavailable"
-    if isinstance(exc, UnsupportedQuantityError | UnsupportedModelError):
-        return "unsupported"
-    if isinstance(exc, InvalidOptionError):
-        return "invalid option"
-    return "failed"
-
-
 @cli.command("compare")
 @_load_options
 @click.option(
@@ -910,43 +706,53 @@ def compare_cmd(
     extra = parse_key_values(extra_options, "-o/--option")
     _check_compare_options(names, quantity, named, extra)
 
-    rows: list[dict[str, Any]] = []
     memory_kind = _PeakMemory(dev).kind
+    meters: dict[str, _PeakMemory] = {}
+    dropped: dict[str, list[str]] = {}
+
+    def options_for(cls: type[Backend]) -> dict[str, Any]:
+        opts, dropped[cls.name] = _backend_options(cls, quantity, named, extra, strict=False)
+        return opts
+
+    def started(progress: _Progress, name: str) -> None:
+        if name != names[0]:
+            progress.advance()  # the previous backend is done
+        progress.step(f"{name}: {quantity}")
+
+    def measure(name: str) -> _PeakMemory:
+        meters[name] = _PeakMemory(dev)
+        return meters[name]
+
     with _Progress(quiet, total=len(names)) as progress:
         progress.step(f"loading {checkpoint.name}")
         loaded = _load(checkpoint, settings, dev, trust)
-        for name in names:
-            progress.step(f"{name}: {quantity}")
-            row: dict[str, Any] = {"backend": name, "status": "ok", "reason": None}
-            try:
-                cls = registry.get(name)
-                opts, dropped = _backend_options(cls, quantity, named, extra, strict=False)
-                if dropped:
-                    row["ignored_options"] = dropped
-                dcc.resolve(quantity, name, opts)
-                meter = _PeakMemory(dev)
-                with meter:
-                    result = dcc.estimate(
-                        loaded.model,
-                        loaded.loss_fn,
-                        loaded.data,
-                        quantity,
-                        name,
-                        seed=settings["seed"],
-                        **opts,
-                    )
-                row["result"] = result.to_dict()
-                row["peak_memory_bytes"] = (
-                    result.peak_memory_bytes if dev.type == "cuda" else meter.peak_bytes
-                )
-                row["_result"] = result
-            except Exception as exc:  # one backend's failure is a row, not the end of the run
-                row["status"] = _classify(exc)
-                row["reason"] = (
-                    str(exc) if isinstance(exc, CurvatureError) else f"{type(exc).__name__}: {exc}"
-                )
-            rows.append(row)
+        found = dcc.compare(
+            loaded.model,
+            loaded.loss_fn,
+            loaded.data,
+            quantity,
+            names,
+            seed=settings["seed"],
+            options=options_for,
+            before=lambda name: started(progress, name),
+            measure=measure,
+        )
+        if found:
             progress.advance()
+    rows: list[dict[str, Any]] = []
+    for found_row in found:
+        name = found_row["backend"]
+        row: dict[str, Any] = {k: found_row[k] for k in ("backend", "status", "reason")}
+        if dropped.get(name):
+            row["ignored_options"] = dropped[name]
+        result = found_row["result"]
+        if result is not None:
+            row["result"] = result.to_dict()
+            row["peak_memory_bytes"] = (
+                result.peak_memory_bytes if dev.type == "cuda" else meters[name].peak_bytes
+            )
+            row["_result"] = result
+        rows.append(row)
 
     ok = [r for r in rows if r["status"] == "ok"]
     explain = _PeakMemory(dev).explain()
@@ -966,44 +772,11 @@ def compare_cmd(
         out = console()
         if not quiet:
             _header(out, checkpoint, loaded, dev)
-        mem_col = "peak CUDA" if dev.type == "cuda" else "peak RSS"
-        table = _table(
+        table, failures = _compare_table(
+            rows,
             f"{quantity}: same model, data and seed ({settings['seed']})",
-            [
-                ("backend", "left"),
-                ("value", "right"),
-                ("± stderr", "right"),
-                ("interval", "left"),
-                ("HVPs", "right"),
-                ("seconds", "right"),
-                (mem_col, "right"),
-                ("note", "left"),
-            ],
+            "peak CUDA" if dev.type == "cuda" else "peak RSS",
         )
-        failures: list[dict[str, Any]] = []
-        for r in rows:
-            if r["status"] != "ok":
-                failures.append(r)
-                table.add_row(
-                    r["backend"], "—", "", "", "", "", "", f"{r['status']} [{len(failures)}]"
-                )
-                continue
-            res: CurvatureResult = r["_result"]
-            note = res.method + (" (exact)" if res.exact else "")
-            if res.quantity == "eigenvalues" and (res.details or {}).get("converged") is False:
-                note += "; NOT converged (raise -o max_hvps)"
-            if r.get("ignored_options"):
-                note += f"; ignored {', '.join(r['ignored_options'])}"
-            table.add_row(
-                r["backend"],
-                _short_value(res),
-                _fmt(res.stderr),
-                _fmt_ci(res),
-                str(res.n_hvp),
-                f"{res.seconds:.2f}",
-                _fmt_bytes(r["peak_memory_bytes"]),
-                escape(note),
-            )
         out.print(table)
         # Reasons are whole sentences with a fix; they read better below the table than folded
         # into a narrow column.
@@ -1025,144 +798,6 @@ def compare_cmd(
 
 def _num_samples(loaded: LoadedCheckpoint) -> int:
     return sum(int(y.shape[0]) if isinstance(y, torch.Tensor) else len(y) for _, y in loaded.data)
-
-
-def _default_sigma(density: Density) -> float:
-    lo, hi = min(density.nodes), max(density.nodes)
-    spread = hi - lo
-    return spread / 100 if spread > 0 else max(abs(hi), 1.0) * 1e-3
-
-
-def _grid(density: Density, eigenvalues: list[float], sigma: float, points: int) -> Any:
-    import numpy as np
-
-    values = [*density.nodes, *eigenvalues]
-    return np.linspace(min(values) - 5 * sigma, max(values) + 5 * sigma, points)
-
-
-def _check_plot_path(path: Path) -> None:
-    """Fail before any work if the plot cannot be written: folder, format, matplotlib."""
-    if not path.parent.is_dir():
-        what = "is not a folder" if path.parent.exists() else "does not exist"
-        raise ConfigurationError(f"cannot write the plot to {path}: {path.parent} {what}.")
-    try:
-        from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"--plot needs matplotlib, which cannot be imported ({exc}); install it with "
-            "pip install matplotlib."
-        ) from exc
-    # pgf needs a LaTeX installation at save time: not offered.
-    formats = {f for f in FigureCanvasBase.get_supported_filetypes() if f != "pgf"}
-    suffix = path.suffix.lower().lstrip(".")
-    if suffix not in formats:
-        raise ConfigurationError(
-            f"cannot write the plot to {path}: unknown image format {path.suffix or '(none)'!r}; "
-            f"use one of {', '.join('.' + f for f in sorted(formats))}."
-        )
-    existed = path.exists()
-    try:  # can we write there at all? (before minutes of work, not after)
-        with path.open("ab"):
-            pass
-    except OSError as exc:
-        raise ConfigurationError(f"cannot write the plot to {path}: {exc.strerror}.") from exc
-    if not existed:
-        path.unlink()
-
-
-def _plot(
-    path: Path,
-    grid: Any,
-    curve: Any,
-    eigenvalues: list[float],
-    *,
-    log_scale: bool,
-    title: str,
-    subtitle: str,
-    nodes: Sequence[float] = (),
-    dim: int | None = None,
-) -> None:
-    fig = _density_figure(
-        grid, curve, eigenvalues, log_scale=log_scale, title=title, subtitle=subtitle,
-        nodes=nodes, dim=dim,
-    )  # fmt: skip
-    try:
-        fig.savefig(path, dpi=120)
-    except Exception as exc:  # any backend failure: the caller has already shown the results
-        raise ConfigurationError(
-            f"cannot write the plot to {path}: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _density_figure(
-    grid: Any,
-    curve: Any,
-    eigenvalues: list[float],
-    *,
-    log_scale: bool,
-    title: str,
-    subtitle: str,
-    nodes: Sequence[float] = (),
-    dim: int | None = None,
-) -> Any:
-    """The smoothed density, with the top eigenvalues and the SLQ nodes as marks *beside* it.
-
-    An outlying eigenvalue holds 1/dim of the mass: the smoothed curve shows nothing there (on a
-    linear scale), so full-height lines at λ₂, λ₃ suggested mass the curve does not have. The
-    eigenvalues are markers in a strip along the top edge, the SLQ nodes (Ritz values of the runs)
-    a rug along the bottom, and the legend sits below the axes, off the curve.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.transforms import blended_transform_factory
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"--plot needs matplotlib, which cannot be imported ({exc}); install it with "
-            "pip install matplotlib."
-        ) from exc
-    import numpy as np
-
-    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if log_scale:
-        floor = float(np.max(curve)) * 1e-6
-        ax.semilogy(grid, np.maximum(curve, floor), color="tab:blue", lw=1.4, label="SLQ density")
-        ax.set_ylim(bottom=floor)
-    else:
-        ax.plot(grid, curve, color="tab:blue", lw=1.4, label="SLQ density (smoothed)")
-        ax.fill_between(grid, curve, alpha=0.15, color="tab:blue")
-        ax.set_ylim(bottom=0, top=float(np.max(curve)) * 1.15)
-    strip = blended_transform_factory(ax.transData, ax.transAxes)  # x: data, y: axes fraction
-    if len(nodes):
-        ax.plot(
-            list(nodes), [0.0] * len(nodes), ls="none", marker="|", ms=9, mew=0.8, color="0.3",
-            transform=strip, clip_on=False, label="SLQ nodes (Ritz values of the runs)",
-        )  # fmt: skip
-    if eigenvalues:
-        share = f"; each holds 1/{dim} of the mass" if dim else ""
-        ax.plot(
-            eigenvalues, [1.0] * len(eigenvalues), ls="none", marker="v", ms=7, color="tab:red",
-            transform=strip, clip_on=False,
-            label=f"top-{len(eigenvalues)} eigenvalues (Lanczos{share})",
-        )  # fmt: skip
-        ax.annotate(
-            f"λ1 = {eigenvalues[0]:.4g}",
-            xy=(eigenvalues[0], 1.0),
-            xycoords=strip,
-            ha="right",
-            va="top",
-            color="tab:red",
-            fontsize=9,
-            xytext=(-6, -4),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("eigenvalue of the loss Hessian")
-    ax.set_ylabel("density" + (" (log scale)" if log_scale else ""))
-    ax.set_title(f"{title}\n{subtitle}", fontsize=10)
-    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    return fig
 
 
 @cli.command("density")
@@ -1224,62 +859,29 @@ def density_cmd(
     trust = load.pop("trust_checkpoint")
     settings = _settings(device=dev, **load)
     backend_name = backend or default_backend_name()
-    cls, _ = dcc.resolve("density", backend_name, {})
-    if k > 0 and "eigenvalues" not in cls.quantities:
-        raise UnsupportedQuantityError(
-            f"backend {backend_name!r} computes no eigenvalues to mark; pass -k 0 or a backend "
-            "that computes both density and eigenvalues."
-        )
     extra = parse_key_values(extra_options, "-o/--option")
-    density_opts: dict[str, Any] = {}
-    eig_opts: dict[str, Any] = {"k": k} if k > 0 else {}
-    for name, value in extra.items():
-        routed = False
-        for q, target in (("density", density_opts), ("eigenvalues", eig_opts)):
-            if q == "eigenvalues" and k == 0:
-                continue
-            option = cls.option_map().get(name)
-            if option is not None and (not option.quantities or q in option.quantities):
-                target[name] = value
-                routed = True
-        if not routed:
-            raise InvalidOptionError(
-                f"-o {name} is not an option of backend {backend_name!r} for density or "
-                "eigenvalues; see `deconcnn-curv list-backends --json`."
-            )
-    if "k" in extra:
-        raise InvalidOptionError("use -k, not -o k=..., to choose how many eigenvalues to mark.")
+    _, density_opts, _ = density_options(backend_name, k, extra, label=lambda name: f"-o {name}")
     _, density_full = dcc.resolve("density", backend_name, density_opts)
-    if k > 0:
-        dcc.resolve("eigenvalues", backend_name, eig_opts)
     if plot_path is not None:
         _check_plot_path(plot_path.expanduser())
 
     with _Progress(quiet) as progress:
         progress.step(f"loading {checkpoint.name}")
         loaded = _load(checkpoint, settings, dev, trust)
-        progress.step(f"density with {backend_name} on {dev}")
-        dens = dcc.estimate(
+        steps = {
+            "density": f"density with {backend_name} on {dev}",
+            "eigenvalues": f"top-{k} eigenvalues with {backend_name} on {dev}",
+        }
+        dens, eig = dcc.density(
             loaded.model,
             loaded.loss_fn,
             loaded.data,
-            "density",
             backend_name,
+            k=k,
             seed=settings["seed"],
-            **density_opts,
+            options=extra,
+            before=lambda q: progress.step(steps[q]),
         )
-        eig: CurvatureResult | None = None
-        if k > 0:
-            progress.step(f"top-{k} eigenvalues with {backend_name} on {dev}")
-            eig = dcc.estimate(
-                loaded.model,
-                loaded.loss_fn,
-                loaded.data,
-                "eigenvalues",
-                backend_name,
-                seed=settings["seed"],
-                **eig_opts,
-            )
 
     density: Density = dens.value
     eigenvalues = [float(v) for v in eig.value] if eig is not None else []

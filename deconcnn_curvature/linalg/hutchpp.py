@@ -74,7 +74,12 @@ import torch
 
 from deconcnn_curvature.errors import BackendFailedError, InvalidOptionError
 from deconcnn_curvature.linalg._quantiles import normal_quantile
-from deconcnn_curvature.linalg.hutchinson import TraceEstimate, _Reporter, student_t_interval
+from deconcnn_curvature.linalg.hutchinson import (
+    TraceEstimate,
+    _mean_se,
+    _Reporter,
+    student_t_interval,
+)
 from deconcnn_curvature.linalg.lanczos import LanczosState
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 
@@ -637,15 +642,6 @@ def _check_args(
         raise InvalidOptionError(f"ci_level must be in (0, 1), got {ci_level}")
     if block_size < 1:
         raise InvalidOptionError(f"block_size must be >= 1, got {block_size}")
-
-
-def _mean_se(samples: list[float]) -> tuple[float, float]:
-    m = len(samples)
-    mean = math.fsum(samples) / m
-    if m < 2:
-        return mean, math.inf
-    var = math.fsum((s - mean) ** 2 for s in samples) / (m - 1)
-    return mean, math.sqrt(var / m)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,19 +27,18 @@ flushed after every line. Non-finite values are written as ``null`` so every lin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from deconcnn_curvature._lightning import pl
-from deconcnn_curvature._records import open_for_append, read_jsonl, supersede_after
+from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
 from deconcnn_curvature.errors import ConfigurationError
 
 __all__ = ["MetricsJSONL", "read_metrics_jsonl"]
@@ -109,7 +108,7 @@ class MetricsJSONL(pl.Callback):
         self.val_prefix = str(val_prefix)
         self.always_prefixes = tuple(str(p) for p in always_prefixes)
         self.write_validation = bool(write_validation)
-        self._file: IO[str] | None = None
+        self._writer = RecordWriter(self.path, fsync=False)
         self._seen: dict[str, tuple[Any, ...]] = {}
         self._keep: dict[str, Any] = {}
         self._pending_step: int | None = None
@@ -119,21 +118,16 @@ class MetricsJSONL(pl.Callback):
 
     def write(self, step: int, metrics: Mapping[str, Any], timestamp: float | None = None) -> None:
         """Append one line now and flush (the hooks call this on global rank zero only)."""
-        if self._file is None:
-            self._file = open_for_append(self.path)  # a torn last line moves aside first
         record = {
             "timestamp": time.time() if timestamp is None else float(timestamp),
             "step": int(step),
             "metrics": {str(k): _to_float(v) for k, v in metrics.items()},
         }
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        self._writer.write(record)
 
     def close(self) -> None:
         """Close the file (a later :meth:`write` reopens it in append mode)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._writer.close()
 
     def _fresh(
         self, trainer: pl.Trainer, want_val: bool, only_always: bool = False
@@ -247,8 +241,7 @@ class MetricsJSONL(pl.Callback):
         """Write anything left and flush."""
         if trainer.is_global_zero:
             self._flush_pending(trainer)
-            if self._file is not None:
-                self._file.flush()
+            self._writer.flush()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

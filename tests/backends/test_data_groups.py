@@ -156,9 +156,9 @@ def test_hutchpp_trace_and_eigenvalues_carry_the_data_interval() -> None:
     torch.testing.assert_close(
         torch.tensor(eig.value), torch.tensor(eig_plain.value), rtol=1e-8, atol=0
     )
-    assert eig.details["trace"] == pytest.approx(grouped.value, rel=1e-12)
-    assert eig.details["trace_stderr"] == pytest.approx(grouped.stderr, rel=1e-12)
-    assert eig.details["trace_details"]["stderr_data"] == pytest.approx(d["stderr_data"])
+    assert eig.also["trace"].value == pytest.approx(grouped.value, rel=1e-12)
+    assert eig.also["trace"].stderr == pytest.approx(grouped.stderr, rel=1e-12)
+    assert eig.also["trace"].details["stderr_data"] == pytest.approx(d["stderr_data"])
     dense = _dense(model, loss_fn, x, y)
     top = float(torch.linalg.eigvalsh(dense).max())
     assert eig.value[0] == pytest.approx(top, rel=1e-3)

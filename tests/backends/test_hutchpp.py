@@ -89,8 +89,9 @@ def test_registered_as_a_builtin_with_its_declared_capabilities() -> None:
     assert options["num_hvps"]["default"] == 30 and options["num_hvps"]["min"] == 5
     for name in ("rtol", "min_hvps", "sketch_fraction", "ci_level", "k", "eig_rtol", "max_hvps"):
         assert name in options
-    for name in ("eval_mode", "probe_batch", "retain_graphs"):  # COMMON_OPTIONS
+    for name in ("probe_batch", "retain_graphs"):  # COMMON_OPTIONS
         assert name in options
+    assert "eval_mode" not in options  # [issue 14] a host argument, in row["host_options"]
     out = CliRunner().invoke(cli, ["list-backends"], prog_name="deconcnn-curv")
     assert out.exit_code == 0 and "hutchpp" in out.output
 
@@ -284,8 +285,9 @@ def test_top_eigenvalues_match_dense(case: Case, k: int) -> None:
         assert res <= 1e-6 * abs(value) + 1e-12
     # The trace computed on the way is the trace quantity's number for the same seed.
     t = _est(case, seed=0, num_hvps=40)
-    assert d["trace"] == t.value and d["trace_stderr"] == t.stderr
-    assert d["trace_n_hvp"] == t.n_hvp and r.n_hvp == t.n_hvp + d["refinement_hvps"]
+    also = r.also["trace"]
+    assert also.value == t.value and also.stderr == t.stderr
+    assert also.n_hvp == t.n_hvp and r.n_hvp == t.n_hvp + d["refinement_hvps"]
     assert r.stderr is None
 
 
@@ -330,7 +332,7 @@ def test_n_hvp_is_what_the_operator_multiplied(counting, quantity, opts, probe_b
     assert r.n_hvp == counting.columns > 0
     if quantity != "eigenvalues" and "rtol" not in opts:
         assert r.n_hvp == opts["num_hvps"]
-    details = r.details["trace_details"] if quantity == "eigenvalues" else r.details
+    details = r.also["trace"].details if quantity == "eigenvalues" else r.details
     assert details["probe_batch"] == probe_batch
 
 
@@ -347,7 +349,7 @@ def test_same_seed_same_result_different_seed_different_result(quantity: str, op
     assert a == b
     json.dumps(a, allow_nan=False)
     if quantity == "eigenvalues":  # the same values, found from a different sketch
-        assert a["details"]["trace"] != c["details"]["trace"]
+        assert a["also"]["trace"]["value"] != c["also"]["trace"]["value"]
         torch.testing.assert_close(
             torch.tensor(a["value"], dtype=F64),
             torch.tensor(c["value"], dtype=F64),

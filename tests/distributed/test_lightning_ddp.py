@@ -117,7 +117,7 @@ def test_values_equal_a_single_process_on_the_union_of_the_shards(
     assert len(indices) == driver.GOOD["hessian_batch_size"]
     union = [(x[indices[r::2]], y[indices[r::2]]) for r in range(2)]  # rank r's share
     options = {
-        "trace": {"num_hvps": driver.GOOD["num_samples"]},
+        "trace": {"num_hvps": driver.GOOD["num_hvps"]},
         "eigenvalues": {"k": 1, **driver.GOOD["backend_options"]},
     }
     records = read_curvature_jsonl(ddp_run["log_dir"] / "curvature.jsonl")

@@ -1,0 +1,177 @@
+"""Issue 14 item 1: one option model owned by the backend contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from deconcnn_curvature.api import get_backend, list_backends
+from deconcnn_curvature.lightning import CurvatureMonitor
+
+
+def test_budget_option_is_declared_by_the_backend() -> None:
+    assert get_backend("pyhessian").budget_option("trace") == "num_hvps"
+    assert get_backend("pyhessian").budget_option("eigenvalues") is None
+    assert get_backend("hutchpp").budget_option("trace") == "num_hvps"
+    assert get_backend("backpack").budget_option("trace") is None
+    listed = {b["name"]: b for b in list_backends()}
+    budget = [o["name"] for o in listed["pyhessian"]["options"] if o["budget"]]
+    assert budget == ["num_hvps"]
+
+
+def test_monitor_budget_is_num_hvps() -> None:
+    monitor = CurvatureMonitor(backend="pyhessian", quantities=["trace"], num_hvps=7)
+    resolved = monitor.check_config()
+    assert resolved["trace"]["num_hvps"] == 7
+
+
+def test_monitor_num_samples_is_a_deprecated_alias() -> None:
+    with pytest.warns(DeprecationWarning, match="num_samples is deprecated.*num_hvps=7"):
+        monitor = CurvatureMonitor(backend="pyhessian", quantities=["trace"], num_samples=7)
+    assert monitor.num_hvps == 7
+    assert monitor.check_config()["trace"]["num_hvps"] == 7
+
+
+def test_monitor_refuses_both_budget_names() -> None:
+    from deconcnn_curvature.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="give num_hvps alone"):
+        CurvatureMonitor(num_hvps=5, num_samples=5)
+
+
+def test_eval_mode_is_a_host_argument_the_backend_never_sees(monkeypatch) -> None:
+    import torch
+    from torch import nn
+
+    import deconcnn_curvature as dcc
+    from deconcnn_curvature.backends.pyhessian import PyHessianBackend
+
+    seen: list[dict] = []
+    compute = PyHessianBackend.compute
+
+    def spy(self, problem, quantity, *, seed, options):
+        seen.append(dict(options))
+        return compute(self, problem, quantity, seed=seed, options=options)
+
+    monkeypatch.setattr(PyHessianBackend, "compute", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    batch = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    dcc.estimate(model, nn.CrossEntropyLoss(), batch, "trace", num_hvps=4, eval_mode=False)
+    assert seen and "eval_mode" not in seen[0]
+    _, opts = dcc.resolve("trace", "pyhessian", {"eval_mode": False})
+    assert opts["eval_mode"] is False  # the one resolver checks it with the backend's options
+    with pytest.raises(dcc.InvalidOptionError, match="true or false"):
+        dcc.resolve("trace", "pyhessian", {"eval_mode": "no"})
+
+
+def test_eigenvalues_call_also_returns_the_trace_as_a_result() -> None:
+    import torch
+    from torch import nn
+
+    import deconcnn_curvature as dcc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    batch = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    eig = dcc.estimate(model, nn.CrossEntropyLoss(), batch, "eigenvalues", "hutchpp", seed=2)
+    trace = dcc.estimate(model, nn.CrossEntropyLoss(), batch, "trace", "hutchpp", seed=2)
+    also = eig.also["trace"]
+    # the host filled what it knows: backend, quantity, seed, device, dim
+    assert (also.backend, also.quantity, also.seed, also.device, also.dim) == (
+        "hutchpp",
+        "trace",
+        2,
+        "cpu",
+        trace.dim,
+    )
+    assert also.value == trace.value and also.stderr == trace.stderr
+    assert "trace" not in eig.details  # no magic keys
+
+
+# A third-party backend whose budget is named otherwise: the host maps the one name onto it.
+
+
+def _probes_backend():
+    from deconcnn_curvature.backend import Backend, Option
+    from deconcnn_curvature.results import CurvatureResult
+
+    class ProbesBackend(Backend):
+        name = "probes"
+        description = "test backend with a differently named budget"
+        quantities = frozenset({"trace", "eigenvalues"})
+        options = (
+            Option(
+                "num_probes", int, 3, "budget", min=1, quantities=frozenset({"trace"}), budget=True
+            ),
+        )
+        also_computes = {"eigenvalues": frozenset({"trace"})}  # noqa: RUF012
+
+        def compute(self, problem, quantity, *, seed, options):  # type: ignore[no-untyped-def]
+            trace = CurvatureResult(
+                value=float(options.get("num_probes", 0)), stderr=0.0, n_hvp=1, exact=False,
+                method="count",
+            )  # fmt: skip
+            if quantity == "trace":
+                return trace
+            return CurvatureResult(
+                value=[1.0], stderr=None, n_hvp=2, exact=False, method="x", also={"trace": trace}
+            )
+
+    return ProbesBackend
+
+
+class _Plugin:
+    def __init__(self, cls) -> None:  # type: ignore[no-untyped-def]
+        self.cls = cls
+
+    from deconcnn_curvature.hookspecs import hookimpl
+
+    @hookimpl
+    def register_backends(self, register):  # type: ignore[no-untyped-def]
+        register(self.cls)
+
+
+def test_a_declared_budget_option_takes_num_hvps_everywhere(monkeypatch) -> None:
+    import torch
+    from torch import nn
+
+    import deconcnn_curvature as dcc
+    from deconcnn_curvature import registry as registry_module
+    from deconcnn_curvature.cli.estimate import _backend_options
+    from deconcnn_curvature.registry import Registry
+
+    cls = _probes_backend()
+    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(cls),)))
+    assert cls.budget_option("trace") == "num_probes"
+    # the CLI's --num-hvps and the monitor's num_hvps both set num_probes
+    assert _backend_options(cls, "trace", {"num_hvps": 7}, {})[0] == {"num_probes": 7}
+    monitor = CurvatureMonitor(backend="probes", quantities=["trace", "eigenvalues"], num_hvps=7)
+    resolved = monitor.check_config()
+    assert resolved["trace"]["num_probes"] == 7
+    assert [q for q, _ in monitor._plan] == ["eigenvalues"]  # one call gives both
+    # the host fills backend, quantity, seed, device, dim the backend left out
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    r = dcc.estimate(model, nn.CrossEntropyLoss(), batch, "eigenvalues", "probes", seed=5)
+    for res, q in ((r, "eigenvalues"), (r.also["trace"], "trace")):
+        assert (res.backend, res.quantity, res.seed, res.device, res.dim) == (
+            "probes", q, 5, "cpu", 8,
+        )  # fmt: skip
+    assert r.also["trace"].value == 3.0
+
+
+def test_also_may_hold_only_declared_quantities(monkeypatch) -> None:
+    import torch
+    from torch import nn
+
+    import deconcnn_curvature as dcc
+    from deconcnn_curvature import registry as registry_module
+    from deconcnn_curvature.registry import Registry
+
+    cls = _probes_backend()
+    cls.also_computes = {}  # the eigenvalues result carries a trace it did not declare
+    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(cls),)))
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    with pytest.raises(dcc.PluginError, match="declares none there"):
+        dcc.estimate(nn.Linear(3, 2), nn.CrossEntropyLoss(), batch, "eigenvalues", "probes")
