@@ -28,12 +28,24 @@ PACKAGE = "deconcnn_curvature"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("errors", "_records")),
-    ("contract", ("problem", "results", "backend")),
+    ("base", ("errors",)),
+    ("contract", ("problem", "results", "backend", "_records")),
     ("numerics", ("linalg", "linalg.*", "hvp", "distributed", "datasets", "data_sources")),
     ("extension", ("hookspecs", "plugins", "registry", "backends", "backends.*")),
     ("api", ("api", "checkpoints")),
-    ("front", ("", "__main__", "_lightning", "lightning", "cli", "cli.*")),
+    (
+        "front",
+        (
+            "",
+            "__main__",
+            "_lightning",
+            "_monitor_settings",
+            "present",
+            "lightning",
+            "cli",
+            "cli.*",
+        ),
+    ),
     # `deconcnn-curv train` is the training run's command: the CLI loads it by name, like a plugin.
     ("training", ("training", "training.*", "cli.train")),
 )
