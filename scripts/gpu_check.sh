@@ -2,8 +2,10 @@
 # The prepared GPU check (issue 7): the card, the cuda-marked tests, and the benchmarks — HVP/gradient
 # time ratio with probe_batch 1 vs 8, peak memory vs raw PyHessian on the same batch (resnet18_cifar,
 # width 1.0, batch 128), and the monitoring overhead ratio (one monitor measurement in training steps,
-# in gpu_hvp.json; benchmarks/monitor_overhead.py too when it can target the GPU).
-# Finishes in well under 10 minutes on one H100/H200-class GPU; never part of CI.
+# in gpu_hvp.json; benchmarks/monitor_overhead.py too when it can target the GPU), and seconds per
+# measurement vs accuracy at deconCNN's settings (benchmarks/cost_accuracy.py, issue 13).
+# Finishes in about 5 minutes on one H100/H200-class GPU (each step capped by STEP_TIMEOUT_S); never
+# part of CI.
 #
 #   bash scripts/gpu_check.sh                  on a CUDA machine
 #   bash scripts/gpu_check.sh --cpu            the same steps on CPU at tiny sizes (checks the logic)
@@ -159,10 +161,22 @@ else
   RC[monitor_overhead]=absent
 fi
 
+say "benchmark: cost vs accuracy at deconCNN's settings (benchmarks/cost_accuracy.py)"
+# Seconds per measurement (trace + λ_max; 50 products on 128 samples is deconCNN's setting, target
+# < 3 s) and the share of training time every 500 steps, against the full-data values, at steps 0
+# and 30 of a training run of resnet18_cifar at full width (1.0) on 1024 synthetic samples.
+if [ "$MODE" = gpu ]; then
+  step cost_accuracy "$PY" benchmarks/cost_accuracy.py --device cuda --width 1.0 \
+    --population 1024 --checkpoints 0 30 --num-hvps 20 50 --batch-sizes 64 128 --draws 2 \
+    --ref-hvps 90 --ref-max-hvps 40 --threads 4 --out "$OUTDIR/cost_accuracy.json"
+else
+  step cost_accuracy "$PY" benchmarks/cost_accuracy.py --quick --out "$OUTDIR/cost_accuracy.json"
+fi
+
 # ---------------------------------------------------------------------------------------- summary
 say "summary"
 steps_json=""
-for name in tests gpu_hvp monitor_overhead; do
+for name in tests gpu_hvp monitor_overhead cost_accuracy; do
   steps_json+="\"$name\": {\"exit\": \"${RC[$name]:-not run}\", \"seconds\": ${SECONDS_TAKEN[$name]:-null}}, "
 done
 MODE=$MODE OUTDIR=$OUTDIR STEPS="{${steps_json%, }}" TOTAL=$(( $(date +%s) - START )) "$PY" - <<'EOF'
@@ -182,12 +196,18 @@ if bench.exists():
     summary["gpu_hvp_ratios"] = json.loads(bench.read_text())["ratios"]
     summary["gpu_hvp_peak_memory_bytes"] = json.loads(bench.read_text())["peak_memory_bytes"]
     summary["monitor_measurement"] = json.loads(bench.read_text())["monitor_measurement"]
+cost = out / "cost_accuracy.json"
+if cost.exists():
+    summary["seconds_per_measurement"] = {
+        r["name"]: round(r["seconds_per_measurement"], 3)
+        for r in json.loads(cost.read_text())["results"]
+    }
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
 EOF
 rm -f "$OUTDIR/.card.csv"
 status=0
-for name in tests gpu_hvp; do
+for name in tests gpu_hvp cost_accuracy; do
   [ "${RC[$name]:-1}" = 0 ] || status=1
 done
 case "${RC[monitor_overhead]:-}" in 0|skipped|absent) ;; *) status=1 ;; esac
