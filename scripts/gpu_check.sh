@@ -2,10 +2,11 @@
 # The prepared GPU check (issue 7): the card, the cuda-marked tests, and the benchmarks — HVP/gradient
 # time ratio with probe_batch 1 vs 8, peak memory vs raw PyHessian on the same batch (resnet18_cifar,
 # width 1.0, batch 128), and the monitoring overhead ratio (one monitor measurement in training steps,
-# in gpu_hvp.json; benchmarks/monitor_overhead.py too when it can target the GPU), and every HVP path
+# in gpu_hvp.json; benchmarks/monitor_overhead.py too when it can target the GPU), every HVP path
 # (double backward, forward-over-reverse, batched, curvlinops, raw PyHessian) as a ratio to a
-# gradient with hutchpp's peak memory vs PyHessian's (benchmarks/hvp_paths.py, hvp_paths.json).
-# Finishes in well under 10 minutes on one H100/H200-class GPU; never part of CI.
+# gradient with hutchpp's peak memory vs PyHessian's (benchmarks/hvp_paths.py, hvp_paths.json),
+# and seconds per measurement vs accuracy at deconCNN's settings (benchmarks/cost_accuracy.py).
+# Each step is capped by STEP_TIMEOUT_S; never part of CI.
 #
 #   bash scripts/gpu_check.sh                  on a CUDA machine
 #   bash scripts/gpu_check.sh --cpu            the same steps on CPU at tiny sizes (checks the logic)
@@ -172,10 +173,22 @@ else
   RC[monitor_overhead]=absent
 fi
 
+say "benchmark: cost vs accuracy at deconCNN's settings (benchmarks/cost_accuracy.py)"
+# Seconds per measurement (trace + λ_max; 50 products on 128 samples is deconCNN's setting, target
+# < 3 s) and the share of training time every 500 steps, against the full-data values, at steps 0
+# and 30 of a training run of resnet18_cifar at full width (1.0) on 1024 synthetic samples.
+if [ "$MODE" = gpu ]; then
+  step cost_accuracy "$PY" benchmarks/cost_accuracy.py --device cuda --width 1.0 \
+    --population 1024 --checkpoints 0 30 --num-hvps 20 50 --batch-sizes 64 128 --draws 2 \
+    --ref-hvps 90 --ref-max-hvps 40 --threads 4 --out "$OUTDIR/cost_accuracy.json"
+else
+  step cost_accuracy "$PY" benchmarks/cost_accuracy.py --quick --out "$OUTDIR/cost_accuracy.json"
+fi
+
 # ---------------------------------------------------------------------------------------- summary
 say "summary"
 steps_json=""
-for name in tests gpu_hvp hvp_paths monitor_overhead; do
+for name in tests gpu_hvp hvp_paths monitor_overhead cost_accuracy; do
   steps_json+="\"$name\": {\"exit\": \"${RC[$name]:-not run}\", \"seconds\": ${SECONDS_TAKEN[$name]:-null}}, "
 done
 MODE=$MODE OUTDIR=$OUTDIR STEPS="{${steps_json%, }}" TOTAL=$(( $(date +%s) - START )) "$PY" - <<'EOF'
@@ -202,12 +215,18 @@ if paths.exists():
     summary["hvp_paths_memory_ratio"] = {
         m: r["ratio_to_pyhessian"] for m, r in data["memory"].items()
     }
+cost = out / "cost_accuracy.json"
+if cost.exists():
+    summary["seconds_per_measurement"] = {
+        r["name"]: round(r["seconds_per_measurement"], 3)
+        for r in json.loads(cost.read_text())["results"]
+    }
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
 EOF
 rm -f "$OUTDIR/.card.csv"
 status=0
-for name in tests gpu_hvp hvp_paths; do
+for name in tests gpu_hvp hvp_paths cost_accuracy; do
   [ "${RC[$name]:-1}" = 0 ] || status=1
 done
 case "${RC[monitor_overhead]:-}" in 0|skipped|absent) ;; *) status=1 ;; esac

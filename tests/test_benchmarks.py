@@ -40,6 +40,7 @@ SMOKE: dict[str, list[str]] = {
     "gpu_hvp": ["--device", "cpu", "--quick"],
     "hvp_paths": ["--quick", "--memory"],
     "trace_accuracy": ["--quick", "--seeds", "2", "--jobs", "1"],
+    "cost_accuracy": ["--quick"],
 }
 
 
@@ -70,6 +71,17 @@ def _check(name: str, data: dict[str, Any]) -> None:
         assert _positive(data["memory"]["cnn"]["ratio_to_pyhessian"]["hutchpp:double_backward"])
     elif name == "gpu_hvp":
         assert data["device"] == "cpu" and data["ratios"]
+    elif name == "cost_accuracy":
+        rows = {r["backend"]: r for r in data["results"]}
+        assert set(rows) == {"pyhessian", "hutchpp"}
+        assert all(
+            _positive(r["share"]) and _positive(r["cost_in_training_steps"]) for r in rows.values()
+        )
+        assert set(data["reference"]) == {"0", "2"}  # checkpoints of the training run
+        for r in rows.values():
+            assert set(r["per_checkpoint"]) == {"0", "2"}
+            assert 0 <= r["accuracy"]["coverage"] <= 1 and isinstance(r["accuracy"]["met"], bool)
+        assert data["frontier"] and set(data["frontier"]) <= {r["name"] for r in rows.values()}
     elif name == "trace_accuracy":
         assert set(data["accuracy"]) >= {"cnn_init", "cnn_trained"}
         assert all("met" in t for t in data["targets"])
