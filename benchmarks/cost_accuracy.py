@@ -208,9 +208,10 @@ def _reference(model: Any, loss_fn: Any, x: Any, y: Any, args: argparse.Namespac
         data_groups=1,
     )
     d = res.details
+    trace = res.also["trace"]  # the trace of the same products (issue 14: CurvatureResult.also)
     return {
-        "trace": float(d["trace"]),
-        "trace_stderr": d.get("trace_stderr"),
+        "trace": float(trace.value),
+        "trace_stderr": float(trace.stderr),
         "lambda_max": float(res.value[0]),
         "lambda_converged": d.get("converged"),
         "n_hvp": int(res.n_hvp),
