@@ -139,20 +139,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
                     ci_level=options["ci_level"],
                     layer_slices=problem.slices(),
                 )
-                check_finite([est.value, est.stderr], "trace")
-                return CurvatureResult(
-                    value=est.value,
-                    stderr=est.stderr,
-                    n_hvp=op.n_matvecs,
-                    exact=False,
-                    method="hutchinson",
-                    ci=est.ci,
-                    ci_level=est.ci_level,
-                    rtol=options["rtol"],
-                    target_met=est.target_met,
-                    layers=est.layers,
-                    **common,
-                )
+                return _trace_result(est, op.n_matvecs, options, common)
             if quantity == "eigenvalues":
                 eig = lanczos_top_eigenvalues(
                     op,
@@ -223,23 +210,36 @@ class PyHessianBackend(DataGroupsMixin, Backend):
             )
         finally:
             op.close()
-        check_finite([est.value, est.stderr], "trace")
-        return CurvatureResult(
-            value=est.value,
-            stderr=est.stderr,
-            n_hvp=op.n_matvecs,
-            exact=False,
-            method="hutchinson",
-            ci=est.ci,
-            ci_level=est.ci_level,
-            rtol=options["rtol"],
-            target_met=est.target_met,
-            layers=est.layers,
-            details={**est.details, "data_split": "one batch split" if split else "batches"},
-            **common,
-        )
+        details = {**est.details, "data_split": "one batch split" if split else "batches"}
+        return _trace_result(est, op.n_matvecs, options, common, details)
 
 
 @hookimpl
 def register_backends(register: Any) -> None:
     register(PyHessianBackend)
+
+
+def _trace_result(
+    est: Any,
+    n_hvp: int,
+    options: Mapping[str, Any],
+    common: Mapping[str, Any],
+    details: dict[str, Any] | None = None,
+) -> CurvatureResult:
+    """The result of a Hutchinson trace, probe-only or with data groups (one place for both)."""
+    check_finite([est.value, est.stderr], "trace")
+    extra = {} if details is None else {"details": details}
+    return CurvatureResult(
+        value=est.value,
+        stderr=est.stderr,
+        n_hvp=n_hvp,
+        exact=False,
+        method="hutchinson",
+        ci=est.ci,
+        ci_level=est.ci_level,
+        rtol=options["rtol"],
+        target_met=est.target_met,
+        layers=est.layers,
+        **extra,
+        **common,
+    )
