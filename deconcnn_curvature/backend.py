@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from deconcnn_curvature.problem import CurvatureProblem
     from deconcnn_curvature.results import CurvatureResult
 
-__all__ = ["HOST_OPTIONS", "QUANTITIES", "Availability", "Backend", "Option"]
+__all__ = ["HOST_ARGUMENTS", "HOST_OPTIONS", "QUANTITIES", "Availability", "Backend", "Option"]
 
 #: Quantities the package knows about, with a one-line description each.
 QUANTITIES: Mapping[str, str] = {
@@ -64,6 +64,11 @@ class Option:
     #: True for the option that is the HVP budget of the quantities it applies to (at most one
     #: per quantity). Front ends map their one budget setting (``num_hvps``) onto it.
     budget: bool = False
+    #: The command-line flag of this option (``"-k"``, ``"--rtol"``, ``"--num-hvps"``), or None
+    #: (set with ``-o name=value``). The CLI makes its flags from the built-in backends'
+    #: declarations; a plugin's option is set by a built-in flag when it declares the same flag,
+    #: is its backend's budget (``--num-hvps``) or has the built-in option's name.
+    flag: str | None = None
 
     def check(self, value: Any, backend: str) -> Any:
         where = f"option {self.name!r} of backend {backend!r}"
@@ -119,6 +124,7 @@ class Option:
             "choices": list(self.choices) if self.choices else None,
             "quantities": sorted(self.quantities),
             "budget": self.budget,
+            "flag": self.flag,
         }
 
 
@@ -138,6 +144,17 @@ HOST_OPTIONS: tuple[Option, ...] = (
     ),
 )
 HOST_OPTION_NAMES: frozenset[str] = frozenset(o.name for o in HOST_OPTIONS)
+
+#: [issue 14] Every argument of the host (:func:`deconcnn_curvature.estimate`) a backend option
+#: could be mistaken for, with what a backend reads instead. A backend may not declare an option
+#: of these names (registration refuses it): the host applies them itself and never passes them
+#: to :meth:`Backend.compute` as options, so such an option would silently never arrive.
+HOST_ARGUMENTS: Mapping[str, str] = {
+    "eval_mode": "compute() finds the mode the model is measured in as problem.eval_mode",
+    "seed": "compute() receives the seed as its `seed` argument",
+    "distributed": "declare supports_distributed = True; the host decides whether a call is "
+    "collective",
+}
 
 
 @dataclass(frozen=True)
@@ -190,8 +207,11 @@ class Backend(ABC):
 
     @classmethod
     def option_map(cls) -> dict[str, Option]:
-        """Every option a caller may give: the host's (:data:`HOST_OPTIONS`) and the backend's."""
-        return {o.name: o for o in (*HOST_OPTIONS, *cls.options)}
+        """Every option a caller may give: the backend's and the host's (:data:`HOST_OPTIONS`;
+        registration refuses a backend option named like one, see :data:`HOST_ARGUMENTS`)."""
+        declared = {o.name: o for o in HOST_OPTIONS}
+        declared.update({o.name: o for o in cls.options if o.name not in declared})
+        return declared
 
     @classmethod
     def budget_option(cls, quantity: str) -> str | None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import inspect
 import os
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deconcnn_curvature.backend import Backend, describe
+from deconcnn_curvature.backend import HOST_ARGUMENTS, Backend, Option, describe
 from deconcnn_curvature.errors import (
     DuplicateBackendError,
     PluginError,
@@ -18,6 +21,7 @@ from deconcnn_curvature.errors import (
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.plugins import (
+    BUILTIN_PLUGINS,
     BrokenPlugin,
     _describe_error,
     load_plugins,
@@ -28,7 +32,10 @@ __all__ = [
     "DEFAULT_BACKEND",
     "ENV_BACKEND",
     "BackendEntry",
+    "Flag",
     "Registry",
+    "builtin_backends",
+    "builtin_flags",
     "default_backend_name",
     "get_registry",
     "reset_registry",
@@ -84,6 +91,7 @@ class Registry:
                 f"plugin {plugin!r} registered backend {name!r} without a non-empty set of "
                 "quantity names in `quantities`."
             )
+        _check_declared_options(cls, name, plugin)
         if name in self.entries:
             # Not raised: the plugin's other backends must still register. The name is ambiguous
             # from now on; selecting it raises DuplicateBackendError naming every plugin.
@@ -165,8 +173,12 @@ class Registry:
     def describe_all(self) -> list[dict[str, Any]]:
         rows = []
         for name in self.names():
-            info = describe(self.entries[name].cls)
+            cls = self.entries[name].cls
+            info = describe(cls)
             info["plugin"] = self.entries[name].plugin
+            # The command-line flag that sets each option (a plugin's option too), if any.
+            for row, option in zip(info["options"], cls.options, strict=True):
+                row["flag"] = flag_of(cls, option)
             if name in self.conflicts:
                 info["available"] = False
                 info["reason"] = "name registered by several plugins: " + ", ".join(
@@ -174,6 +186,141 @@ class Registry:
                 )
             rows.append(info)
         return rows
+
+
+def _check_declared_options(cls: type[Backend], name: str, plugin: str) -> None:
+    """[issue 14] A backend's ``options`` are :class:`Option` values with distinct names, none
+    named like an argument of the host (``eval_mode``, ``seed``, ``distributed``): the host
+    applies those itself and never hands them to ``compute`` as options, so a backend declaring
+    one would be told it has an option that never arrives (or, for ``seed``, one no caller can
+    pass)."""
+    where = f"plugin {plugin!r} registered backend {name!r}"
+    options = getattr(cls, "options", ())
+    if not isinstance(options, tuple | list) or not all(isinstance(o, Option) for o in options):
+        raise PluginError(f"{where} whose `options` is not a tuple of deconcnn_curvature.Option.")
+    seen: set[str] = set()
+    for option in options:
+        if option.name in HOST_ARGUMENTS:
+            raise PluginError(
+                f"{where} declaring option {option.name!r}, which is an argument of the host "
+                f"(estimate(..., {option.name}=...)), not of a backend: the host applies it and "
+                f"never passes it to compute() as an option. Remove it from `options`; "
+                f"{HOST_ARGUMENTS[option.name]}."
+            )
+        if option.name in seen:
+            raise PluginError(f"{where} declaring option {option.name!r} twice.")
+        seen.add(option.name)
+
+
+# --------------------------------------------------------------------------------------------
+# command-line flags, from the built-in backends' declarations
+
+
+@functools.cache
+def builtin_backends() -> tuple[type[Backend], ...]:
+    """The built-in backend classes, as their modules register them through the public
+    ``register_backends`` hook (modules imported, nothing instantiated, no optional dependency
+    imported; no entry point loaded)."""
+    found: list[type[Backend]] = []
+    for modname in BUILTIN_PLUGINS:
+        if modname.startswith("deconcnn_curvature.backends."):
+            importlib.import_module(modname).register_backends(register=found.append)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag made from the built-in declarations of an option.
+
+    ``option`` carries the flag's type, bounds, choices and help: where built-in backends declare
+    the option differently, the loosest bounds (each backend's own :meth:`Option.check` then
+    refuses what it does not take, with its reason) and each backend's help. ``budget``: the
+    flag sets each backend's budget option (:meth:`Backend.budget_option`), whatever its name.
+    """
+
+    flag: str
+    option: Option
+    budget: bool
+    sources: tuple[tuple[str, Option], ...]
+
+    @property
+    def dest(self) -> str:
+        """The Python name of the flag's value (the built-in option's name)."""
+        return self.option.name
+
+    def target(self, cls: type[Backend], quantity: str) -> str:
+        """The option of ``cls`` this flag sets for ``quantity`` (applicable or not: the caller
+        says when it does not apply): one declaring this flag, else the backend's budget option
+        (the budget flag), else the option of the built-in name."""
+        declared = [o for o in cls.options if o.flag == self.flag]
+        applying = [o for o in declared if not o.quantities or quantity in o.quantities]
+        if applying or declared:
+            return (applying or declared)[0].name
+        if self.budget:
+            return cls.budget_option(quantity) or self.dest
+        return self.dest
+
+
+def _merge(flag: str, sources: list[tuple[str, Option]]) -> Flag:
+    options = [o for _, o in sources]
+    first = options[0]
+    names = {o.name for o in options}
+    types = {o.type for o in options}
+    budget = {o.budget for o in options}
+    if len(types) > 1 or len(budget) > 1 or (len(names) > 1 and budget != {True}):
+        raise AssertionError(  # a bug in the built-in declarations, caught by the test suite
+            f"built-in backends declare flag {flag} for different options: {sources}"
+        )
+    mins = [(o.min, o.min_exclusive) for o in options]
+    lowest = None if any(m is None for m, _ in mins) else min(mins, key=lambda m: (m[0], m[1]))
+    maxes = [o.max for o in options]
+    helps = list(dict.fromkeys(o.help for o in options))
+    text = (
+        helps[0]
+        if len(helps) == 1
+        else "; ".join(f"{b}: {o.help}" for b, o in sources if o.help in helps)
+    )
+    choices = None
+    if all(o.choices is not None for o in options):
+        choices = tuple(dict.fromkeys(c for o in options for c in o.choices or ()))
+    merged = Option(
+        first.name if len(names) == 1 else "num_hvps",
+        first.type,
+        None,
+        text,
+        min=None if lowest is None else lowest[0],
+        max=None if any(m is None for m in maxes) else max(m for m in maxes if m is not None),
+        choices=choices,
+        allow_none=True,
+        min_exclusive=False if lowest is None else lowest[1],
+        budget=first.budget,
+        flag=flag,
+    )
+    return Flag(flag, merged, first.budget, tuple(sources))
+
+
+@functools.cache
+def builtin_flags() -> Mapping[str, Flag]:
+    """The flags (``"-k"``, ``"--num-hvps"``, ...) the built-in backends declare, by flag."""
+    by_flag: dict[str, list[tuple[str, Option]]] = {}
+    for cls in builtin_backends():
+        for option in cls.options:
+            if option.flag is not None:
+                by_flag.setdefault(option.flag, []).append((cls.name, option))
+    return {flag: _merge(flag, sources) for flag, sources in by_flag.items()}
+
+
+def flag_of(cls: type[Backend], option: Option) -> str | None:
+    """The command-line flag that sets ``option`` of ``cls``, or None (then ``-o name=value``)."""
+    flags = builtin_flags()
+    if option.flag in flags:
+        return option.flag
+    for flag in flags.values():
+        if any(o.flag == flag.flag for o in cls.options):
+            continue  # the flag sets the backend's own option declaring it
+        if (flag.budget and option.budget) or option.name == flag.dest:
+            return flag.flag
+    return None
 
 
 def _returned(values: list[Any]) -> str:

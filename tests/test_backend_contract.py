@@ -185,3 +185,85 @@ def test_options_take_numpy_scalars_and_refuse_non_finite_integers() -> None:
 def test_quantities_table_names_the_standard_quantities() -> None:
     assert {"trace", "eigenvalues", "density"} <= set(QUANTITIES)
     assert dcc.QUANTITIES is QUANTITIES
+
+
+def _host_named(option: str) -> type[dcc.Backend]:
+    """A backend of the pre-redesign contract, which asked for ``eval_mode`` to be declared."""
+
+    class HostNamed(dcc.Backend):
+        name = "host-named"
+        quantities = frozenset({"trace"})
+        options = (
+            Option("num_hvps", int, 10, "probes", min=2),
+            Option(option, bool, True, "the host's argument, declared again"),
+        )
+
+        def compute(self, problem, quantity, *, seed, options):  # pragma: no cover
+            raise AssertionError("never registered, never called")
+
+    return HostNamed
+
+
+@pytest.mark.parametrize(
+    ("option", "fix"),
+    [
+        ("eval_mode", "problem.eval_mode"),
+        ("seed", "as its `seed` argument"),
+        ("distributed", "supports_distributed = True"),
+    ],
+)
+def test_a_backend_option_named_like_a_host_argument_is_refused_at_registration(
+    monkeypatch: pytest.MonkeyPatch, option: str, fix: str
+) -> None:
+    """[issue 14] The host applies eval_mode/seed/distributed and never passes them to compute()
+    as options; a backend declaring one used to register and then silently never receive it
+    (eval_mode), or crash the CLI (`-o seed=1`: estimate() got seed twice)."""
+    cls = _host_named(option)
+
+    @hookimpl
+    def register_backends(register):
+        register(cls)
+
+    plugin = types.ModuleType("host_named_plugin")
+    plugin.register_backends = register_backends
+    reg = Registry.build(extra_plugins=(plugin,))
+    monkeypatch.setattr(registry, "_registry", reg)
+    (broken,) = [b for b in reg.broken if b.name == "host_named_plugin"]
+    assert broken.where == "register_backends"
+    assert (
+        f"PluginError: plugin 'host_named_plugin' registered backend 'host-named' declaring "
+        f"option {option!r}, which is an argument of the host (estimate(..., {option}=...))"
+    ) in broken.error
+    assert fix in broken.error
+    with pytest.raises(dcc.UnknownBackendError):
+        dcc.get_backend("host-named")
+    assert dcc.get_backend("pyhessian").name == "pyhessian"  # every other backend still works
+
+
+def test_the_host_applies_eval_mode_and_the_backend_reads_it_from_the_problem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[tuple[bool, bool, dict]] = []
+
+    class Reads(dcc.Backend):
+        name = "reads-mode"
+        quantities = frozenset({"trace"})
+        exact = True
+
+        def compute(self, problem, quantity, *, seed, options):
+            seen.append((problem.eval_mode, problem.model.training, dict(options)))
+            return dcc.CurvatureResult(value=1.0, stderr=0.0, n_hvp=0, exact=True, method="one")
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(Reads)
+
+    monkeypatch.setattr(registry, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.1))
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    for eval_mode in (True, False):
+        dcc.estimate(model, torch.nn.CrossEntropyLoss(), batch, "trace", "reads-mode",
+                     eval_mode=eval_mode)  # fmt: skip
+    assert seen == [(True, False, {}), (False, True, {})]
+    assert model.training

@@ -144,7 +144,7 @@ def test_a_declared_budget_option_takes_num_hvps_everywhere(monkeypatch) -> None
     monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(cls),)))
     assert cls.budget_option("trace") == "num_probes"
     # the CLI's --num-hvps and the monitor's num_hvps both set num_probes
-    assert _backend_options(cls, "trace", {"num_hvps": 7}, {})[0] == {"num_probes": 7}
+    assert _backend_options(cls, "trace", {"--num-hvps": 7}, {})[0] == {"num_probes": 7}
     monitor = CurvatureMonitor(backend="probes", quantities=["trace", "eigenvalues"], num_hvps=7)
     resolved = monitor.check_config()
     assert resolved["trace"]["num_probes"] == 7

@@ -32,6 +32,7 @@ TOP_K_OPTION = Option(
     "reported once (single-vector Krylov)",
     min=1,
     quantities=frozenset({"eigenvalues"}),
+    flag="-k",
 )
 
 COMMON_OPTIONS: tuple[Option, ...] = (

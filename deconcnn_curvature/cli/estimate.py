@@ -28,7 +28,7 @@ from rich.markup import escape
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature.api import density_options
-from deconcnn_curvature.backend import Backend
+from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.checkpoints import (
     LOSSES,
     TRUST_FLAG,
@@ -59,15 +59,24 @@ from deconcnn_curvature.present import (
     _table,
     _value_rows,
 )
-from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
+from deconcnn_curvature.registry import (
+    ENV_BACKEND,
+    Flag,
+    builtin_flags,
+    default_backend_name,
+    get_registry,
+)
 from deconcnn_curvature.results import CurvatureResult, Density
 
 __all__ = ["compare_cmd", "density_cmd", "estimate_cmd", "resolve_device"]
 
 F = Callable[..., Any]
 
-#: Command-line shortcuts → backend option names.
-_FLAGS: Mapping[str, str] = {"num_hvps": "--num-hvps", "rtol": "--rtol", "k": "-k"}
+#: [issue 14] The estimator flags (``--num-hvps``, ``--rtol``, ``-k``), made from the built-in
+#: backends' option declarations (:func:`deconcnn_curvature.registry.builtin_flags`): type, bounds
+#: and help come from the :class:`Option`; each flag sets the selected backend's option
+#: (:meth:`Flag.target`; ``--num-hvps`` its budget option). Any other option: ``-o name=value``.
+_FLAGS: Mapping[str, Flag] = builtin_flags()
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,10 +122,38 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) 
     return shape
 
 
+def _param(flag: Flag) -> str:
+    """The Python name under which Click passes a generated flag's value."""
+    return f"flag_{flag.dest}"
+
+
+def _estimator_values(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Take the estimator options (:func:`_estimator_options`) out of a command's ``params``:
+    ``{flag: value}`` for the flags the user gave, and the ``-o name=value`` options."""
+    values = {flag: params.pop(_param(spec)) for flag, spec in _FLAGS.items()}
+    extra = parse_key_values(params.pop("extra_options"), "-o/--option")
+    return {flag: value for flag, value in values.items() if value is not None}, extra
+
+
+def _targets(
+    cls: type[Backend], quantity: str, flags: Mapping[str, Any], extra: Mapping[str, Any]
+) -> list[tuple[str, str, Any]]:
+    """``(option name, how the user gave it, value)`` for ``cls`` and ``quantity``: each flag
+    set on the option it maps to for this backend (``--num-hvps``: its budget option), each
+    ``-o name=value`` on ``name``."""
+    given = [(_FLAGS[flag].target(cls, quantity), flag, value) for flag, value in flags.items()]
+    return given + [(name, f"-o {name}", value) for name, value in extra.items()]
+
+
+def _applies(cls: type[Backend], name: str, quantity: str) -> bool:
+    option = cls.option_map().get(name)
+    return option is not None and (not option.quantities or quantity in option.quantities)
+
+
 def _backend_options(
     cls: type[Backend],
     quantity: str,
-    named: Mapping[str, Any],
+    flags: Mapping[str, Any],
     extra: Mapping[str, Any],
     *,
     strict: bool = True,
@@ -132,14 +169,8 @@ def _backend_options(
     )
     opts: dict[str, Any] = {}
     dropped: list[str] = []
-    given = [(name, _FLAGS[name], value) for name, value in named.items() if value is not None]
-    # --num-hvps sets the option the backend declares as its budget (Option.budget).
-    budget = cls.budget_option(quantity)
-    given = [(budget if n == "num_hvps" and budget else n, f, v) for n, f, v in given]
-    given += [(name, f"-o {name}", value) for name, value in extra.items()]
-    for name, flag, value in given:
-        option = declared.get(name)
-        if option is None or (option.quantities and quantity not in option.quantities):
+    for name, flag, value in _targets(cls, quantity, flags, extra):
+        if not _applies(cls, name, quantity):
             if not strict:
                 dropped.append(flag)
                 continue
@@ -238,21 +269,36 @@ def _load_options(func: F) -> F:
     return func
 
 
+def _click_type(option: Option) -> Any:
+    """The Click type of a declared option: its choices, or its type with its bounds."""
+    if option.choices is not None and option.type is str:
+        return click.Choice([str(c) for c in option.choices])
+    bounded = option.min is not None or option.max is not None
+    if option.type is int and bounded:
+        return click.IntRange(option.min, option.max, min_open=option.min_exclusive)
+    if option.type is float and bounded:
+        return click.FloatRange(option.min, option.max, min_open=option.min_exclusive)
+    known = {int: click.INT, float: click.FLOAT, bool: click.BOOL}
+    return known.get(option.type, click.STRING)
+
+
+def _flag_help(flag: Flag) -> str:
+    option = flag.option
+    if flag.budget:
+        return f"HVP budget: sets the backend's budget option ({option.help})."
+    return f"{option.help} (backend option {option.name})."
+
+
+def _flag_option(flag: Flag) -> Callable[[F], F]:
+    """The Click option of a generated flag: type, bounds and help from the declarations."""
+    return click.option(
+        flag.flag, _param(flag), type=_click_type(flag.option), help=_flag_help(flag)
+    )
+
+
 def _estimator_options(func: F) -> F:
     options = [
-        click.option(
-            "--num-hvps",
-            type=click.IntRange(min=2),  # one probe has no standard error
-            help="Probe budget of a stochastic trace (backend option num_hvps).",
-        ),
-        click.option(
-            "--rtol",
-            type=click.FloatRange(min=0, min_open=True),
-            help="Stop a trace estimate once its interval half-width is at most rtol·|trace|.",
-        ),
-        click.option(
-            "-k", "k", type=click.IntRange(min=1), help="Number of top eigenvalues (option k)."
-        ),
+        *(_flag_option(flag) for flag in _FLAGS.values()),
         click.option(
             "-o",
             "--option",
@@ -346,7 +392,7 @@ def _load(
 
 
 def _check_compare_options(
-    names: list[str], quantity: str, named: Mapping[str, Any], extra: Mapping[str, Any]
+    names: list[str], quantity: str, flags: Mapping[str, Any], extra: Mapping[str, Any]
 ) -> None:
     """Before any work: an option no compared backend takes for ``quantity`` is a typo, and a
     value every compared backend refuses is a mistake, not rows to discover after loading. A
@@ -362,9 +408,14 @@ def _check_compare_options(
     }
     if any(cls.budget_option(quantity) for cls in classes):
         takes.add("num_hvps")  # --num-hvps: each backend's declared budget option
-    given = {name: _FLAGS[name] for name, value in named.items() if value is not None}
-    given.update({name: f"-o {name}" for name in extra})
-    unknown = [flag for name, flag in given.items() if name not in takes]
+    taken = {
+        label
+        for cls in classes
+        for name, label, _ in _targets(cls, quantity, flags, extra)
+        if _applies(cls, name, quantity)
+    }
+    unknown = [label for _, label, _ in _targets(classes[0], quantity, flags, extra)]
+    unknown = [label for label in unknown if label not in taken]
     if unknown:
         raise InvalidOptionError(
             f"{', '.join(unknown)}: no compared backend ({', '.join(names)}) takes this option "
@@ -372,7 +423,7 @@ def _check_compare_options(
         )
     refused: list[str] = []
     for cls in classes:
-        opts, _ = _backend_options(cls, quantity, named, extra, strict=False)
+        opts, _ = _backend_options(cls, quantity, flags, extra, strict=False)
         try:
             cls.resolve_options(quantity, opts)
         except InvalidOptionError as exc:
@@ -419,10 +470,6 @@ def estimate_cmd(
     checkpoint: Path,
     backend: str | None,
     quantity: str,
-    num_hvps: int | None,
-    rtol: float | None,
-    k: int | None,
-    extra_options: tuple[str, ...],
     as_json: bool,
     quiet: bool,
     device: str,
@@ -437,11 +484,11 @@ def estimate_cmd(
     """
     dev = resolve_device(device)
     trust = load.pop("trust_checkpoint")
+    flags, extra = _estimator_values(load)
     settings = _settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     cls, _ = dcc.resolve(quantity, backend_name, {})  # unknown / unsupported / unavailable
-    named = {"num_hvps": num_hvps, "rtol": rtol, "k": k}
-    opts, _ = _backend_options(cls, quantity, named, parse_key_values(extra_options, "-o/--option"))
+    opts, _ = _backend_options(cls, quantity, flags, extra)
     _, full = dcc.resolve(quantity, backend_name, opts)  # option values
 
     running = _RunningTrace(f"{quantity} with {backend_name} on {dev}")
@@ -672,10 +719,6 @@ def compare_cmd(
     checkpoint: Path,
     backends: str | None,
     quantity: str,
-    num_hvps: int | None,
-    rtol: float | None,
-    k: int | None,
-    extra_options: tuple[str, ...],
     as_json: bool,
     quiet: bool,
     device: str,
@@ -691,6 +734,7 @@ def compare_cmd(
     """
     dev = resolve_device(device)
     trust = load.pop("trust_checkpoint")
+    flags, extra = _estimator_values(load)
     settings = _settings(device=dev, **load)
     registry = get_registry()
     _check_quantity_known(quantity)
@@ -702,16 +746,14 @@ def compare_cmd(
             raise ConfigurationError("--backends is empty; name at least one backend.")
         for name in names:
             registry.get(name)  # unknown names are a typo: fail before any work
-    named = {"num_hvps": num_hvps, "rtol": rtol, "k": k}
-    extra = parse_key_values(extra_options, "-o/--option")
-    _check_compare_options(names, quantity, named, extra)
+    _check_compare_options(names, quantity, flags, extra)
 
     memory_kind = _PeakMemory(dev).kind
     meters: dict[str, _PeakMemory] = {}
     dropped: dict[str, list[str]] = {}
 
     def options_for(cls: type[Backend]) -> dict[str, Any]:
-        opts, dropped[cls.name] = _backend_options(cls, quantity, named, extra, strict=False)
+        opts, dropped[cls.name] = _backend_options(cls, quantity, flags, extra, strict=False)
         return opts
 
     def started(progress: _Progress, name: str) -> None:
@@ -821,10 +863,10 @@ def _num_samples(loaded: LoadedCheckpoint) -> int:
 @click.option(
     "-k",
     "k",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=_FLAGS["-k"].option.max),
     default=5,
     show_default=True,
-    help="Top eigenvalues to mark (0: none).",
+    help=f"Top eigenvalues to mark, 0: none ({_FLAGS['-k'].option.help}; backend option k).",
 )
 @click.option(
     "-o",
