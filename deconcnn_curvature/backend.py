@@ -228,6 +228,12 @@ class Backend(ABC):
         """Check user options against the declaration and fill in defaults for ``quantity``."""
         declared = cls.option_map()
         unknown = sorted(set(given) - set(declared))
+        host = [name for name in unknown if name in HOST_ARGUMENTS]
+        if host:
+            raise InvalidOptionError(
+                f"{host[0]!r} is not an option of backend {cls.name!r} but an argument of the "
+                f"host: pass it as estimate(..., {host[0]}=...)."
+            )
         if unknown:
             known = ", ".join(sorted(declared)) or "(none)"
             raise InvalidOptionError(

@@ -267,3 +267,13 @@ def test_the_host_applies_eval_mode_and_the_backend_reads_it_from_the_problem(
                      eval_mode=eval_mode)  # fmt: skip
     assert seen == [(True, False, {}), (False, True, {})]
     assert model.training
+
+
+@pytest.mark.parametrize("name", ["seed", "distributed"])
+def test_resolving_a_host_argument_as_an_option_names_the_argument(name: str) -> None:
+    with pytest.raises(dcc.InvalidOptionError) as info:
+        dcc.resolve("trace", "pyhessian", {name: 1})
+    assert str(info.value) == (
+        f"{name!r} is not an option of backend 'pyhessian' but an argument of the host: pass it "
+        f"as estimate(..., {name}=...)."
+    )

@@ -28,7 +28,7 @@ from rich.markup import escape
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature.api import density_options
-from deconcnn_curvature.backend import Backend, Option
+from deconcnn_curvature.backend import HOST_ARGUMENTS, Backend, Option
 from deconcnn_curvature.checkpoints import (
     LOSSES,
     TRUST_FLAG,
@@ -150,6 +150,12 @@ def _applies(cls: type[Backend], name: str, quantity: str) -> bool:
     return option is not None and (not option.quantities or quantity in option.quantities)
 
 
+def _host_argument(flag: str, name: str) -> str:
+    """What ``-o seed=...`` (a host argument given as a backend option) is told."""
+    fix = "use --seed" if name == "seed" else "the command line measures in one process"
+    return f"{flag}: {name!r} is not a backend option but an argument of the host; {fix}."
+
+
 def _backend_options(
     cls: type[Backend],
     quantity: str,
@@ -174,6 +180,8 @@ def _backend_options(
             if not strict:
                 dropped.append(flag)
                 continue
+            if name in HOST_ARGUMENTS:
+                raise InvalidOptionError(_host_argument(flag, name))
             raise InvalidOptionError(
                 f"{flag} does not apply to quantity {quantity!r} with backend {cls.name!r}; its "
                 f"options for {quantity} are: {', '.join(applicable) or '(none)'} (set them with "
@@ -416,6 +424,9 @@ def _check_compare_options(
     }
     unknown = [label for _, label, _ in _targets(classes[0], quantity, flags, extra)]
     unknown = [label for label in unknown if label not in taken]
+    host = [name for name in extra if name in HOST_ARGUMENTS and f"-o {name}" in unknown]
+    if host:
+        raise InvalidOptionError(_host_argument(f"-o {host[0]}", host[0]))
     if unknown:
         raise InvalidOptionError(
             f"{', '.join(unknown)}: no compared backend ({', '.join(names)}) takes this option "

@@ -168,3 +168,20 @@ def test_list_backends_json_is_the_declarations_with_each_flag(probes: None) -> 
     # A plugin's option: the flag it declares, its budget's, or the built-in option's name's.
     flags = {o["name"]: o["flag"] for o in rows["probes"]["options"]}
     assert flags == {"num_probes": "--num-hvps", "top": "-k", "rtol": "--rtol", "scale": None}
+
+
+@pytest.mark.parametrize("command", ["estimate", "compare"])
+@pytest.mark.parametrize(
+    ("option", "fix"),
+    [("seed=3", "use --seed"), ("distributed=true", "the command line measures in one process")],
+)
+def test_a_host_argument_given_as_a_backend_option_says_where_it_goes(
+    workdir: Path, command: str, option: str, fix: str
+) -> None:
+    path = save_state_dict(workdir / "w.pt")
+    result = run(command, path, *GENERIC_ARGS, "--batch-size", 4, "-o", option)
+    name = option.split("=")[0]
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"Error: -o {name}: {name!r} is not a backend option but an argument of the host; {fix}."
+    ]
