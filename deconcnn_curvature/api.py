@@ -301,11 +301,9 @@ def compare(
             if callable(options):
                 opts = dict(options(cls))
             else:
-                declared = cls.option_map()
                 opts = {}
                 for key, value in (options or {}).items():
-                    opt = declared.get(key)
-                    if opt is None or (opt.quantities and quantity not in opt.quantities):
+                    if not cls.applies(key, quantity):
                         row["ignored_options"].append(key)
                     else:
                         opts[key] = value
@@ -341,14 +339,12 @@ def density_options(
         )
     density_opts: dict[str, Any] = {}
     eig_opts: dict[str, Any] = {"k": k} if k > 0 else {}
-    declared = cls.option_map()
     for key, value in (options or {}).items():
         routed = False
         for q, target in (("density", density_opts), ("eigenvalues", eig_opts)):
             if q == "eigenvalues" and k == 0:
                 continue
-            option = declared.get(key)
-            if option is not None and (not option.quantities or q in option.quantities):
+            if cls.applies(key, q):
                 target[key] = value
                 routed = True
         if not routed:

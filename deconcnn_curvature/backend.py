@@ -224,6 +224,15 @@ class Backend(ABC):
         return None if found is None else found.name
 
     @classmethod
+    def applies(cls, name: str, quantity: str) -> bool:
+        """Whether option ``name`` (the backend's or the host's) is taken by a call for
+        ``quantity``: declared for it, for every quantity, or for a quantity the call also
+        returns (:attr:`also_computes`). The one rule of :meth:`resolve_options` and the CLI."""
+        option = cls.option_map().get(name)
+        served = {quantity, *cls.also_computes.get(quantity, ())}
+        return option is not None and (not option.quantities or bool(served & option.quantities))
+
+    @classmethod
     def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
         """Check user options against the declaration and fill in defaults for ``quantity``."""
         declared = cls.option_map()
@@ -241,10 +250,8 @@ class Backend(ABC):
                 f"its options are: {known}."
             )
         resolved = {}
-        # A call that also returns other quantities (also_computes) takes their options too.
-        served = {quantity, *cls.also_computes.get(quantity, ())}
         for name, opt in declared.items():
-            applies = not opt.quantities or bool(served & opt.quantities)
+            applies = cls.applies(name, quantity)
             if name in given and not applies:
                 raise InvalidOptionError(
                     f"option {name!r} of backend {cls.name!r} applies to "

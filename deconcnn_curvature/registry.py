@@ -256,8 +256,9 @@ class Flag:
         applying = [o for o in declared if not o.quantities or quantity in o.quantities]
         if applying or declared:
             return (applying or declared)[0].name
-        if self.budget:
-            return cls.budget_option(quantity) or self.dest
+        if self.budget:  # a call that also returns the trace takes the trace's budget
+            served = (quantity, *sorted(cls.also_computes.get(quantity, ())))
+            return next(filter(None, map(cls.budget_option, served)), self.dest)
         return self.dest
 
 

@@ -145,11 +145,6 @@ def _targets(
     return given + [(name, f"-o {name}", value) for name, value in extra.items()]
 
 
-def _applies(cls: type[Backend], name: str, quantity: str) -> bool:
-    option = cls.option_map().get(name)
-    return option is not None and (not option.quantities or quantity in option.quantities)
-
-
 def _host_argument(flag: str, name: str) -> str:
     """What ``-o seed=...`` (a host argument given as a backend option) is told."""
     fix = "use --seed" if name == "seed" else "the command line measures in one process"
@@ -169,14 +164,11 @@ def _backend_options(
     A flag the backend does not declare for ``quantity`` is an error (``strict``) or, for
     ``compare``, dropped and named in the returned list.
     """
-    declared = cls.option_map()
-    applicable = sorted(
-        n for n, o in declared.items() if not o.quantities or quantity in o.quantities
-    )
+    applicable = sorted(n for n in cls.option_map() if cls.applies(n, quantity))
     opts: dict[str, Any] = {}
     dropped: list[str] = []
     for name, flag, value in _targets(cls, quantity, flags, extra):
-        if not _applies(cls, name, quantity):
+        if not cls.applies(name, quantity):
             if not strict:
                 dropped.append(flag)
                 continue
@@ -408,11 +400,8 @@ def _check_compare_options(
     the reason, as the help promises."""
     registry = get_registry()
     classes = [registry.get(name) for name in names]
-    takes = {
-        o.name
-        for cls in classes
-        for o in cls.option_map().values()  # the backend's options and the host's (eval_mode)
-        if not o.quantities or quantity in o.quantities
+    takes = {  # the backends' options and the host's (eval_mode)
+        name for cls in classes for name in cls.option_map() if cls.applies(name, quantity)
     }
     if any(cls.budget_option(quantity) for cls in classes):
         takes.add("num_hvps")  # --num-hvps: each backend's declared budget option
@@ -420,7 +409,7 @@ def _check_compare_options(
         label
         for cls in classes
         for name, label, _ in _targets(cls, quantity, flags, extra)
-        if _applies(cls, name, quantity)
+        if cls.applies(name, quantity)
     }
     unknown = [label for _, label, _ in _targets(classes[0], quantity, flags, extra)]
     unknown = [label for label in unknown if label not in taken]

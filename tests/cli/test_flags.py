@@ -5,6 +5,7 @@ every option."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -115,10 +116,25 @@ class Probes(Backend):
         return CurvatureResult(value=value, stderr=None, n_hvp=1, exact=False, method="fixed")
 
 
+class Joint(Probes):
+    """One call for the eigenvalues also returns the trace, so it takes the trace's options."""
+
+    name = "joint"
+    also_computes = {"eigenvalues": frozenset({"trace"})}  # noqa: RUF012
+
+    def compute(self, problem, quantity, *, seed, options):  # type: ignore[no-untyped-def]
+        trace = super().compute(problem, "trace", seed=seed, options=options)
+        if quantity == "trace":
+            return trace
+        top = super().compute(problem, quantity, seed=seed, options=options)
+        return dataclasses.replace(top, also={"trace": trace})
+
+
 class ProbesPlugin:
     @hookimpl
     def register_backends(self, register):  # type: ignore[no-untyped-def]
         register(Probes)
+        register(Joint)
 
 
 @pytest.fixture
@@ -185,3 +201,23 @@ def test_a_host_argument_given_as_a_backend_option_says_where_it_goes(
     assert result.stderr.strip().splitlines() == [
         f"Error: -o {name}: {name!r} is not a backend option but an argument of the host; {fix}."
     ]
+
+
+def test_a_call_that_also_returns_the_trace_takes_its_flags_like_the_resolver(
+    workdir: Path, probes: None
+) -> None:
+    """The CLI decides applicability by the resolver's one rule (Backend.applies): the trace's
+    budget and rtol reach an eigenvalues call that also returns the trace."""
+    path = save_state_dict(workdir / "w.pt")
+    args = ["estimate", path, *GENERIC_ARGS, "--batch-size", 4, "-b", "joint", "--json"]
+    result = run(*args, "-q", "eigenvalues", "-k", 2, "--num-hvps", 6, "--rtol", 0.5)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["options"] == {
+        "eval_mode": True,
+        "num_probes": 6,
+        "top": 2,
+        "rtol": 0.5,
+        "scale": 1.0,
+    }
+    assert out["result"]["also"]["trace"]["value"] == 6.0
