@@ -41,7 +41,9 @@ __all__ = ["compare", "density", "estimate", "get_backend", "list_backends", "re
 
 def list_backends() -> list[dict[str, Any]]:
     """One dictionary per registered backend: ``name``, ``plugin``, ``available``, ``reason``,
-    ``install``, ``quantities``, ``exact``, ``distributed``, ``options``, ``description``."""
+    ``install``, ``quantities``, ``exact``, ``distributed``, ``description``, ``options`` (the
+    declarations, each with its ``budget`` mark and the command-line ``flag`` that sets it, or
+    None) and ``host_options`` (the host's, e.g. ``eval_mode``)."""
     return get_registry().describe_all()
 
 
