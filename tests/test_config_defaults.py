@@ -121,6 +121,10 @@ def test_an_explicit_null_stays_null_and_unset_takes_the_default() -> None:
     null = instantiate(compose_config(["curvature.jsonl=null", "curvature.rtol=0.1"]).callbacks)
     assert null.jsonl is None and null.rtol == 0.1
     assert CurvatureMonitor.from_config({"jsonl": None, "k": "???"}).jsonl is None
+    # The group itself (a DictConfig holding ??? values) works as well as its plain copy.
+    direct = CurvatureMonitor.from_config(compose_config(["curvature=hutchpp"]).curvature)
+    assert direct.num_hvps == _listed("hutchpp")["num_hvps"]
+    assert direct.k == PARAMETERS["k"].default
 
 
 def test_the_run_config_shows_the_values_the_monitor_uses() -> None:
