@@ -233,6 +233,9 @@ def test_a_foreign_config_tree_with_the_dropped_in_files(tmp_path: Path) -> None
         legacy = compose("config", overrides=["curvature.num_samples=50"])
     monitor = instantiate(cfg.callbacks)
     assert monitor.enabled and monitor.k == 2 and monitor.backend == "pyhessian"
+    # deconCNN combines monitors (all_monitors.yaml style): the node still builds inside a list.
+    combined = OmegaConf.create({"curvature": cfg.curvature, "all": [cfg.callbacks]})
+    assert instantiate(combined.all)[0].k == 2
     with pytest.warns(DeprecationWarning, match="num_samples is deprecated"):
         assert instantiate(legacy.callbacks).num_hvps == 50
 
