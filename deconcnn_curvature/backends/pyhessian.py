@@ -102,7 +102,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
             "tol",
             float,
             1e-5,
-            "Lanczos stops when every Ritz residual is at most tol·|λ_max|",
+            "Lanczos stops when each top-k Ritz residual is at most tol·max|θ| (spectral scale)",
             min=0,
             min_exclusive=True,
             quantities=_E,
