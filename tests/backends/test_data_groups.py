@@ -175,3 +175,27 @@ def test_hutchpp_data_groups_on_batches_and_its_refusals() -> None:
     assert "stderr_data" not in one.details and one.value == pytest.approx(r.value, rel=1e-9)
     with pytest.raises(dcc.InvalidOptionError, match="eval_mode=false"):
         dcc.resolve("eigenvalues", "hutchpp", {"data_groups": 4, "eval_mode": False})
+
+
+def test_non_finite_products_are_refused_whole_and_per_group() -> None:
+    class SqrtOfSquare(nn.Module):
+        """Finite output and loss, but the gradient of sqrt(w²) at w = 0 is 0/0."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sqrt(self.w**2).sum()
+
+    model = SqrtOfSquare()
+    x = torch.ones(4, 3, dtype=torch.float64)
+    problem = build_problem(model, nn.MSELoss(), [(x[:2], x[:2]), (x[2:], x[2:])])
+    v = torch.ones(problem.dim, 2, dtype=torch.float64)
+    message = r"^a Hessian-vector product was not finite although the loss is; "
+    with preserve_state(model):
+        op = HessianOperator(problem)
+        with pytest.raises(dcc.NonFiniteError, match=message):
+            op.matmat(v)
+        with pytest.raises(dcc.NonFiniteError, match=message):
+            op.matmat_groups(v)
