@@ -49,7 +49,7 @@ from deconcnn_curvature.errors import (
     InvalidProblemError,
     NonFiniteError,
 )
-from deconcnn_curvature.problem import CurvatureProblem, _batch_size
+from deconcnn_curvature.problem import CurvatureProblem, _batch_size, check_finite_loss
 
 __all__ = ["ENV_HVP_PATH", "HVP_PATHS", "HessianOperator", "resolve_hvp_path"]
 
@@ -318,11 +318,8 @@ def _check_loss(loss: object, b: int, *, finite: bool) -> None:
             f"loss_fn must return a scalar (mean-reduced) loss tensor, got {shape}; reduce it "
             "with .mean() over the batch."
         )
-    if finite and not torch.isfinite(loss.detach()):
-        raise NonFiniteError(
-            f"the loss is {loss.item()} on batch {b}; curvature of a non-finite loss is "
-            "undefined. Check the data and the model's parameters (diverged training?)."
-        )
+    if finite:
+        check_finite_loss(loss, f"batch {b}")
 
 
 class _FunctionalBatch:
