@@ -178,19 +178,16 @@ def test_hutchpp_data_groups_on_batches_and_its_refusals() -> None:
 
 
 def test_non_finite_products_are_refused_whole_and_per_group() -> None:
-    class SqrtOfSquare(nn.Module):
-        """Finite output and loss, but the gradient of sqrt(w²) at w = 0 is 0/0."""
+    # A finite loss, sqrt of the mean square, at a zero residual: its gradient is 0/0.
+    model = nn.Linear(3, 3, bias=False).double()
+    nn.init.zeros_(model.weight)
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    def root_mean_square(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((out - target) ** 2).mean().sqrt()
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * torch.sqrt(self.w**2).sum()
-
-    model = SqrtOfSquare()
     x = torch.ones(4, 3, dtype=torch.float64)
-    problem = build_problem(model, nn.MSELoss(), [(x[:2], x[:2]), (x[2:], x[2:])])
+    y = torch.zeros(4, 3, dtype=torch.float64)
+    problem = build_problem(model, root_mean_square, [(x[:2], y[:2]), (x[2:], y[2:])])
     v = torch.ones(problem.dim, 2, dtype=torch.float64)
     message = r"^a Hessian-vector product was not finite although the loss is; "
     with preserve_state(model):
