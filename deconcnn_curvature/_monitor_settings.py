@@ -1,6 +1,7 @@
 """The Lightning monitor's settings and helpers: argument validators, the loss and function
 settings a config may give as names, the module introspection that finds the model to measure,
-the seed mixer and the private views of a dataset the curvature batch is drawn from.
+the monitor's seed mixer (defined in :mod:`deconcnn_curvature._seeds`) and the private views of
+a dataset the curvature batch is drawn from.
 
 Split from :mod:`deconcnn_curvature.lightning` (issue 14) so that module holds the callback only.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import importlib
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from deconcnn_curvature._seeds import tagged_seed as _mix_seed  # noqa: F401  (the monitor's mixer)
 from deconcnn_curvature.errors import ConfigurationError
 
-_MASK63 = (1 << 63) - 1
 #: Short loss names ``loss_fn`` accepts (e.g. from a config: ``curvature.loss_fn=cross_entropy``);
 #: each builds the mean-reduced torch loss.
 LOSS_NAMES: Mapping[str, Callable[[], nn.Module]] = {
@@ -35,12 +35,6 @@ _LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _mix_seed(*parts: Any) -> int:
-    """A 63-bit seed determined by ``parts`` (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _MASK63
 
 
 def _private_rng(value: Any) -> Any:

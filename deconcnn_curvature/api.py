@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 import os
 import secrets
 import time
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature.backend import QUANTITIES, Backend
 from deconcnn_curvature.distributed import local_only, rank_agreement, world_size
 from deconcnn_curvature.errors import (
@@ -89,11 +89,7 @@ def resolve(
 def _check_seed(seed: Any) -> int:
     if seed is None:
         return secrets.randbits(31)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
-        raise InvalidOptionError(
-            f"seed must be a non-negative integer or None (below 2**63), got {seed!r}."
-        )
-    return int(seed)
+    return check_seed(seed, error=InvalidOptionError, or_none=True)
 
 
 def _rank0_seed(agreement: Any, seed: int) -> int:

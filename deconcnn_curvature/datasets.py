@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from deconcnn_curvature._seeds import check_seed as _check_seed
+from deconcnn_curvature._seeds import integer_seed as _mix_seed
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
 
 __all__ = [
@@ -80,7 +82,6 @@ CIFAR10_TEST_FILES: tuple[str, ...] = ("test_batch",)
 DATA_SOURCES: tuple[str, ...] = ("synthetic", "cifar10")
 
 _CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-_MASK64 = (1 << 64) - 1
 
 
 class DatasetNotFoundError(CurvatureError, FileNotFoundError):
@@ -92,26 +93,7 @@ class DatasetFormatError(CurvatureError, ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# seeds
-
-
-def _mix_seed(*values: int) -> int:
-    """Combine integers into one 63-bit seed (splitmix64 finaliser applied after each value)."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (int(value) & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state >> 1
-
-
-def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigurationError(f"seed must be an integer >= 0; got {seed!r}.")
-    return seed
+# counts
 
 
 def _check_count(name: str, value: int | None, allow_none: bool = False) -> int | None:

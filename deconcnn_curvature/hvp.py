@@ -49,7 +49,7 @@ from deconcnn_curvature.errors import (
     InvalidProblemError,
     NonFiniteError,
 )
-from deconcnn_curvature.problem import CurvatureProblem, _batch_size
+from deconcnn_curvature.problem import CurvatureProblem, _batch_size, check_finite_loss
 
 __all__ = ["ENV_HVP_PATH", "HVP_PATHS", "HessianOperator", "resolve_hvp_path"]
 
@@ -185,16 +185,8 @@ class HessianOperator:
         elif failure is not None:
             raise failure
         self._n += k
-        if not bool(torch.isfinite(out).all()):
-            # Caught here, not by each estimator: Lanczos would otherwise fail inside eigh on a
-            # NaN tridiagonal matrix and surface as an unrelated linear-algebra error. After the
-            # all-reduce, so every rank of a process group raises together.
-            raise NonFiniteError(
-                "a Hessian-vector product was not finite although the loss is; the curvature "
-                "is undefined at these parameters (e.g. sqrt or log at 0, overflow). Check the "
-                "model, its parameters and the data."
-            )
-        return out
+        # After the all-reduce, so every rank of a process group raises together.
+        return _finite_products(out)
 
     def close(self) -> None:
         """Free the retained gradient graphs."""
@@ -231,13 +223,7 @@ class HessianOperator:
                     out[b, :, cols] = self._product(live, grads, v[:, cols])
             del live, grads
         self._n += k
-        if not bool(torch.isfinite(out).all()):
-            raise NonFiniteError(
-                "a Hessian-vector product was not finite although the loss is; the curvature "
-                "is undefined at these parameters (e.g. sqrt or log at 0, overflow). Check the "
-                "model, its parameters and the data."
-            )
-        return out
+        return _finite_products(out)
 
     # -- internals ----------------------------------------------------------------------------
     def _gradient_graph(self, b: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -310,6 +296,21 @@ class HessianOperator:
         return out
 
 
+def _finite_products(out: torch.Tensor) -> torch.Tensor:
+    """``out`` (Hessian-vector products, whole or per batch), or :class:`NonFiniteError`.
+
+    Caught here, not by each estimator: Lanczos would otherwise fail inside eigh on a NaN
+    tridiagonal matrix and surface as an unrelated linear-algebra error.
+    """
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(
+            "a Hessian-vector product was not finite although the loss is; the curvature "
+            "is undefined at these parameters (e.g. sqrt or log at 0, overflow). Check the "
+            "model, its parameters and the data."
+        )
+    return out
+
+
 def _check_loss(loss: object, b: int, *, finite: bool) -> None:
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -317,11 +318,8 @@ def _check_loss(loss: object, b: int, *, finite: bool) -> None:
             f"loss_fn must return a scalar (mean-reduced) loss tensor, got {shape}; reduce it "
             "with .mean() over the batch."
         )
-    if finite and not torch.isfinite(loss.detach()):
-        raise NonFiniteError(
-            f"the loss is {loss.item()} on batch {b}; curvature of a non-finite loss is "
-            "undefined. Check the data and the model's parameters (diverged training?)."
-        )
+    if finite:
+        check_finite_loss(loss, f"batch {b}")
 
 
 class _FunctionalBatch:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from deconcnn_curvature.errors import InvalidProblemError
+from deconcnn_curvature.errors import InvalidProblemError, NonFiniteError
 
 __all__ = [
     "SDPA_KERNEL",
@@ -77,6 +77,17 @@ def _is_single_batch(data: Any) -> bool:
             and isinstance(data[0][1], torch.Tensor)
         )
     )
+
+
+def check_finite_loss(loss: torch.Tensor, where: str) -> None:
+    """Refuse a non-finite loss value (on ``where``, e.g. ``"batch 0"``) with
+    :class:`~deconcnn_curvature.errors.NonFiniteError`: its curvature is undefined. The Hessian
+    operator and the BackPACK backend both check every batch's loss with it."""
+    if not torch.isfinite(loss.detach()):
+        raise NonFiniteError(
+            f"the loss is {loss.item()} on {where}; curvature of a non-finite loss is undefined. "
+            "Check the data and the model's parameters (diverged training?)."
+        )
 
 
 def _check_per_sample_mean(loss_fn: Any, batches: list[Batch]) -> None:

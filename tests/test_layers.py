@@ -28,7 +28,7 @@ PACKAGE = "deconcnn_curvature"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("errors",)),
+    ("base", ("errors", "_seeds")),
     ("contract", ("problem", "results", "backend", "_records")),
     ("numerics", ("linalg", "linalg.*", "hvp", "distributed", "datasets", "data_sources")),
     ("extension", ("hookspecs", "plugins", "registry", "backends", "backends.*")),

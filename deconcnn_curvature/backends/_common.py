@@ -16,9 +16,12 @@ from deconcnn_curvature.problem import CurvatureProblem
 
 __all__ = [
     "COMMON_OPTIONS",
+    "PYHESSIAN_INSTALL",
+    "PYHESSIAN_REQUIRES",
     "TOP_K_OPTION",
     "check_finite",
     "check_k",
+    "ci_level_option",
     "default_probe_batch",
     "krylov_setup",
 ]
@@ -34,6 +37,24 @@ TOP_K_OPTION = Option(
     quantities=frozenset({"eigenvalues"}),
     flag="-k",
 )
+
+#: What the backends that compute with PyHessian's HVPs require, and how to install it.
+PYHESSIAN_REQUIRES: tuple[str, ...] = ("pyhessian",)
+PYHESSIAN_INSTALL = "pip install pyhessian==0.1"
+
+
+def ci_level_option(quantities: frozenset[str] = frozenset()) -> Option:
+    """The confidence level of a trace interval (one rule for every stochastic trace backend)."""
+    return Option(
+        "ci_level",
+        float,
+        0.95,
+        "confidence level of the reported interval",
+        min=0.5,
+        max=0.9999,
+        quantities=quantities,
+    )
+
 
 COMMON_OPTIONS: tuple[Option, ...] = (
     Option(

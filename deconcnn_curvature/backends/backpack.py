@@ -59,7 +59,7 @@ from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.distributed import agree, world_size
 from deconcnn_curvature.errors import NonFiniteError, UnsupportedModelError
 from deconcnn_curvature.hookspecs import hookimpl
-from deconcnn_curvature.problem import CurvatureProblem, _batch_size
+from deconcnn_curvature.problem import CurvatureProblem, _batch_size, check_finite_loss
 from deconcnn_curvature.results import CurvatureResult
 
 __all__ = ["SUPPORTED_LAYERS", "SUPPORTED_LOSSES", "BackpackBackend", "register_backends"]
@@ -444,11 +444,7 @@ def _diag_of_batch(
             f"{_ALTERNATIVES[1:]}"
         )
     loss = ext.loss(out, targets)
-    if not torch.isfinite(loss.detach()):
-        raise NonFiniteError(
-            f"the loss is {loss.item()} on {what}; curvature of a non-finite loss is undefined. "
-            "Check the data and the model's parameters (diverged training?)."
-        )
+    check_finite_loss(loss, what)
     try:
         with backpack.backpack(DiagHessian()):
             loss.backward()

@@ -48,8 +48,11 @@ from typing import Any, ClassVar
 from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.backends._common import (
     COMMON_OPTIONS,
+    PYHESSIAN_INSTALL,
+    PYHESSIAN_REQUIRES,
     TOP_K_OPTION,
     check_finite,
+    ci_level_option,
     krylov_setup,
 )
 from deconcnn_curvature.backends._groups import (
@@ -98,8 +101,8 @@ class HutchppBackend(DataGroupsMixin, Backend):
     quantities = frozenset({"trace", "layer_trace", "eigenvalues"})
     also_computes: ClassVar[Mapping[str, frozenset[str]]] = {"eigenvalues": frozenset({"trace"})}
     exact = False
-    requires = ("pyhessian",)
-    install_hint = "pip install pyhessian==0.1"
+    requires = PYHESSIAN_REQUIRES
+    install_hint = PYHESSIAN_INSTALL
     supports_distributed = True
     options = (
         Option(
@@ -141,14 +144,7 @@ class HutchppBackend(DataGroupsMixin, Backend):
             min_exclusive=True,
             allow_none=True,
         ),
-        Option(
-            "ci_level",
-            float,
-            0.95,
-            "confidence level of the reported interval",
-            min=0.5,
-            max=0.9999,
-        ),
+        ci_level_option(),
         TOP_K_OPTION,
         Option(
             "eig_rtol",
@@ -212,6 +208,18 @@ class HutchppBackend(DataGroupsMixin, Backend):
             check_finite([est.value, est.stderr, *layers.values()], "trace")
             details = _trace_details(run, op.probe_batch)
             details.update({k: est.details[k] for k in _DATA_KEYS if k in est.details})
+            # What a trace run reports, as the trace or as the per-layer traces.
+            run_fields = {
+                "n_hvp": op.n_matvecs,
+                "exact": bool(est.details["exact"]),
+                "method": "hutch++",
+                "ci_level": est.ci_level,
+                "rtol": options["rtol"],
+                "target_met": est.target_met,
+                "layers": layers,
+                "details": details,
+                **common,
+            }
             if quantity == "trace":
                 if run.sketch.rank:
                     top = sketch_top_eigenvalues(run.sketch, 1)
@@ -219,37 +227,12 @@ class HutchppBackend(DataGroupsMixin, Backend):
                     details["lambda_max"] = top.values[0]
                     details["lambda_max_residual"] = top.residuals[0]
                     details["lambda_max_method"] = "rayleigh_ritz"
-                return CurvatureResult(
-                    value=est.value,
-                    stderr=est.stderr,
-                    n_hvp=op.n_matvecs,
-                    exact=bool(est.details["exact"]),
-                    method="hutch++",
-                    ci=est.ci,
-                    ci_level=est.ci_level,
-                    rtol=options["rtol"],
-                    target_met=est.target_met,
-                    layers=layers,
-                    details=details,
-                    **common,
-                )
+                return CurvatureResult(value=est.value, stderr=est.stderr, ci=est.ci, **run_fields)
             if quantity == "layer_trace":
                 details["trace"] = est.value
                 details["trace_stderr"] = est.stderr
                 details["trace_ci"] = est.ci
-                return CurvatureResult(
-                    value=layers,
-                    stderr=None,
-                    n_hvp=op.n_matvecs,
-                    exact=bool(est.details["exact"]),
-                    method="hutch++",
-                    ci_level=est.ci_level,
-                    rtol=options["rtol"],
-                    target_met=est.target_met,
-                    layers=layers,
-                    details=details,
-                    **common,
-                )
+                return CurvatureResult(value=layers, stderr=None, **run_fields)
             if quantity == "eigenvalues":
                 eig = refined_top_eigenvalues(
                     op,

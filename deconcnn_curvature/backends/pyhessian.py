@@ -26,8 +26,11 @@ from typing import Any
 from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.backends._common import (
     COMMON_OPTIONS,
+    PYHESSIAN_INSTALL,
+    PYHESSIAN_REQUIRES,
     TOP_K_OPTION,
     check_finite,
+    ci_level_option,
     krylov_setup,
 )
 from deconcnn_curvature.backends._groups import (
@@ -57,13 +60,29 @@ _E = frozenset({"eigenvalues"})
 _D = frozenset({"density"})
 
 
+def _hutchinson_args(
+    op: Any, generator: Any, problem: CurvatureProblem, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The trace options as the arguments of :func:`hutchinson` and :func:`grouped_hutchinson`
+    (the same probes, budget and stop rule with or without data groups)."""
+    return {
+        "num_matvecs": options["num_hvps"],
+        "generator": generator,
+        "block_size": op.probe_batch,
+        "rtol": options["rtol"],
+        "min_matvecs": options["min_hvps"],
+        "ci_level": options["ci_level"],
+        "layer_slices": problem.slices(),
+    }
+
+
 class PyHessianBackend(DataGroupsMixin, Backend):
     name = "pyhessian"
     description = "PyHessian HVPs; Hutchinson trace, Lanczos eigenvalues, SLQ density (default)"
     quantities = frozenset({"trace", "eigenvalues", "density"})
     exact = False
-    requires = ("pyhessian",)
-    install_hint = "pip install pyhessian==0.1"
+    requires = PYHESSIAN_REQUIRES
+    install_hint = PYHESSIAN_INSTALL
     supports_distributed = True
     options = (
         Option(
@@ -90,21 +109,13 @@ class PyHessianBackend(DataGroupsMixin, Backend):
         Option(
             "min_hvps", int, 10, "probes before the rtol rule is consulted", min=2, quantities=_T
         ),
-        Option(
-            "ci_level",
-            float,
-            0.95,
-            "confidence level of the reported interval",
-            min=0.5,
-            max=0.9999,
-            quantities=_T,
-        ),
+        ci_level_option(_T),
         TOP_K_OPTION,
         Option(
             "tol",
             float,
             1e-5,
-            "Lanczos stops when every Ritz residual is at most tol·|λ_max|",
+            "Lanczos stops when each top-k Ritz residual is at most tol·max|θ| (spectral scale)",
             min=0,
             min_exclusive=True,
             quantities=_E,
@@ -131,16 +142,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
         op, gen, common = krylov_setup(self.name, problem, quantity, seed, options)
         try:
             if quantity == "trace":
-                est = hutchinson(
-                    op,
-                    options["num_hvps"],
-                    generator=gen,
-                    block_size=op.probe_batch,
-                    rtol=options["rtol"],
-                    min_matvecs=options["min_hvps"],
-                    ci_level=options["ci_level"],
-                    layer_slices=problem.slices(),
-                )
+                est = hutchinson(op, **_hutchinson_args(op, gen, problem, options))
                 return _trace_result(est, op.n_matvecs, options, common)
             if quantity == "eigenvalues":
                 eig = lanczos_top_eigenvalues(
@@ -201,13 +203,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
         try:
             est = grouped_hutchinson(
                 op,
-                options["num_hvps"],
-                generator=gen,
-                block_size=op.probe_batch,
-                rtol=options["rtol"],
-                min_matvecs=options["min_hvps"],
-                ci_level=options["ci_level"],
-                layer_slices=problem.slices(),
+                **_hutchinson_args(op, gen, problem, options),
                 population_size=options["population_size"],
             )
         finally:

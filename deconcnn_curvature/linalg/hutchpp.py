@@ -80,7 +80,7 @@ from deconcnn_curvature.linalg.hutchinson import (
     _Reporter,
     student_t_interval,
 )
-from deconcnn_curvature.linalg.lanczos import LanczosState
+from deconcnn_curvature.linalg.lanczos import LanczosState, ritz_converged
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 
 __all__ = [
@@ -690,10 +690,8 @@ def sketch_top_eigenvalues(
 
 
 def _all_within(values: tuple[float, ...], residuals: tuple[float, ...], rtol: float) -> bool:
-    scale = max(abs(values[0]), 1e-300)
-    return all(
-        r <= rtol * max(abs(v), 1e-12 * scale) for v, r in zip(values, residuals, strict=True)
-    )
+    """:func:`ritz_converged` relative to each value (``1e-12 · |θ_1|`` only guards a zero)."""
+    return ritz_converged(values, residuals, rtol, floor=1e-12 * max(abs(values[0]), 1e-300))
 
 
 def refined_top_eigenvalues(

@@ -12,13 +12,20 @@ the spectrum) rather than the largest magnitude. Convergence is judged by the Ri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 
-__all__ = ["EigenEstimate", "LanczosState", "lanczos", "lanczos_top_eigenvalues"]
+__all__ = [
+    "EigenEstimate",
+    "LanczosState",
+    "lanczos",
+    "lanczos_top_eigenvalues",
+    "ritz_converged",
+]
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,23 @@ def ritz(state: LanczosState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return theta, s, residuals
 
 
+def ritz_converged(
+    values: Sequence[float], residuals: Sequence[float], rtol: float, *, floor: float
+) -> bool:
+    """The one test of "converged" for Ritz pairs: every ``residuals[i] ≤ rtol · max(|values[i]|,
+    floor)``.
+
+    A Ritz pair's residual ``‖A y − θ y‖`` bounds the distance from ``θ`` to an eigenvalue of a
+    symmetric ``A``, so this asks for each value's error bound to be a share ``rtol`` of its size.
+    ``floor`` is the caller's choice of scale below which a value's own size stops counting:
+    :func:`lanczos_top_eigenvalues` passes the spectral scale (an absolute bound relative to
+    ``max |θ|``: a λ_max near 0 next to large negative eigenvalues still converges), the Hutch++
+    eigenvalue routines ``1e-12 · |θ_1|`` (relative to each value; the floor only guards a
+    zero value).
+    """
+    return all(r <= rtol * max(abs(v), floor) for v, r in zip(values, residuals, strict=True))
+
+
 def lanczos_top_eigenvalues(
     op: LinearOperator,
     k: int = 1,
@@ -126,8 +150,9 @@ def lanczos_top_eigenvalues(
 ) -> EigenEstimate:
     """The ``k`` largest **algebraic** eigenvalues of ``op`` (descending).
 
-    Stops when every one of the top ``k`` Ritz residuals is at most ``tol · max(|θ_1|, ε)`` (a bound
-    on the absolute eigenvalue error, relative to the spectral scale), or after ``max_matvecs``.
+    Stops when every one of the top ``k`` Ritz residuals is at most ``tol · max_i |θ_i|`` over all
+    Ritz values (a bound on the absolute eigenvalue error, relative to the spectral scale; see
+    :func:`ritz_converged`), or after ``max_matvecs``.
     Like every single-vector Krylov method, an eigenvalue of multiplicity > 1 is found once.
     """
     if k < 1:
@@ -142,9 +167,8 @@ def lanczos_top_eigenvalues(
         if m == op.dim:
             return True
         theta, _, res = ritz(state)
-        top = res[-k:]
         scale = max(float(theta.abs().max()), 1e-30)
-        return bool((top <= tol * scale).all())
+        return ritz_converged(theta[-k:].tolist(), res[-k:].tolist(), tol, floor=scale)
 
     state = lanczos(op, max_matvecs, generator=generator, stop=converged)
     theta, _, res = ritz(state)

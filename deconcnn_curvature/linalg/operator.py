@@ -6,16 +6,15 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["DenseOperator", "LinearOperator", "rademacher"]
+__all__ = ["DenseOperator", "LinearOperator", "OperatorShape", "rademacher"]
 
 
 @runtime_checkable
-class LinearOperator(Protocol):
-    """A symmetric ``dim × dim`` operator that multiplies blocks of column vectors.
-
-    ``matmat(V)`` takes a ``(dim, k)`` tensor on ``device`` with ``dtype`` and returns ``A @ V`` of
-    the same shape. ``n_matvecs`` counts the columns multiplied so far (one column = one HVP).
-    """
+class OperatorShape(Protocol):
+    """What every operator here states about itself: the ``dim`` of the vectors it multiplies,
+    their ``dtype`` and ``device``, and ``n_matvecs``, the columns multiplied so far (one column =
+    one HVP). :class:`LinearOperator` and
+    :class:`~deconcnn_curvature.linalg.two_way.GroupedOperator` add how they multiply."""
 
     @property
     def dim(self) -> int: ...
@@ -28,6 +27,15 @@ class LinearOperator(Protocol):
 
     @property
     def n_matvecs(self) -> int: ...
+
+
+@runtime_checkable
+class LinearOperator(OperatorShape, Protocol):
+    """A symmetric ``dim × dim`` operator that multiplies blocks of column vectors.
+
+    ``matmat(V)`` takes a ``(dim, k)`` tensor on ``device`` with ``dtype`` and returns ``A @ V`` of
+    the same shape.
+    """
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor: ...
 

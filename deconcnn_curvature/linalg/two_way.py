@@ -68,13 +68,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from deconcnn_curvature.linalg._quantiles import student_t_quantile
 from deconcnn_curvature.linalg.hutchinson import TraceEstimate, _blocks
-from deconcnn_curvature.linalg.operator import rademacher
+from deconcnn_curvature.linalg.operator import OperatorShape, rademacher
 
 __all__ = [
     "GroupRecorder",
@@ -86,24 +86,13 @@ __all__ = [
 ]
 
 
-class GroupedOperator(Protocol):
+@runtime_checkable
+class GroupedOperator(OperatorShape, Protocol):
     """An operator ``Σ_g w_g A_g`` whose parts can be multiplied separately.
 
     ``matmat_groups(V)`` returns the ``(G, dim, k)`` products ``A_g @ V``; ``group_sizes`` the
     ``n_g`` (the weights are ``n_g / Σ n``).
     """
-
-    @property
-    def dim(self) -> int: ...
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def n_matvecs(self) -> int: ...
 
     @property
     def group_sizes(self) -> list[int]: ...

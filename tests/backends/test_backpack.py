@@ -673,3 +673,17 @@ def test_distributed_failure_on_one_rank_raises_on_every_rank_without_hanging(
     outcomes = [Path(f"{out}.{r}").read_text() for r in range(2)]
     assert all(o != "returned" and not o.startswith("raw") for o in outcomes), outcomes
     assert "rank 1" in outcomes[0], outcomes[0]
+
+
+@pytest.mark.parametrize("backend", ["backpack", "pyhessian"])
+def test_a_non_finite_loss_is_refused_with_one_message_by_both_loss_checks(bp, backend) -> None:
+    model, loss_fn, (x, y) = get_case("mlp").make()
+    x = x.clone()
+    x[3, 2] = float("nan")
+    data = [(x[:6], y[:6]), (x[6:], y[6:])]  # nan in batch 0 only
+    expected = (
+        r"^the loss is nan on batch 0; curvature of a non-finite loss is undefined\. "
+        r"Check the data and the model's parameters \(diverged training\?\)\.$"
+    )
+    with pytest.raises(dcc.NonFiniteError, match=expected):
+        dcc.estimate(model, loss_fn, data, "trace", backend=backend, seed=0)

@@ -175,3 +175,24 @@ def test_hutchpp_data_groups_on_batches_and_its_refusals() -> None:
     assert "stderr_data" not in one.details and one.value == pytest.approx(r.value, rel=1e-9)
     with pytest.raises(dcc.InvalidOptionError, match="eval_mode=false"):
         dcc.resolve("eigenvalues", "hutchpp", {"data_groups": 4, "eval_mode": False})
+
+
+def test_non_finite_products_are_refused_whole_and_per_group() -> None:
+    # A finite loss, sqrt of the mean square, at a zero residual: its gradient is 0/0.
+    model = nn.Linear(3, 3, bias=False).double()
+    nn.init.zeros_(model.weight)
+
+    def root_mean_square(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((out - target) ** 2).mean().sqrt()
+
+    x = torch.ones(4, 3, dtype=torch.float64)
+    y = torch.zeros(4, 3, dtype=torch.float64)
+    problem = build_problem(model, root_mean_square, [(x[:2], y[:2]), (x[2:], y[2:])])
+    v = torch.ones(problem.dim, 2, dtype=torch.float64)
+    message = r"^a Hessian-vector product was not finite although the loss is; "
+    with preserve_state(model):
+        op = HessianOperator(problem)
+        with pytest.raises(dcc.NonFiniteError, match=message):
+            op.matmat(v)
+        with pytest.raises(dcc.NonFiniteError, match=message):
+            op.matmat_groups(v)

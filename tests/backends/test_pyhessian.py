@@ -456,3 +456,19 @@ def test_dense_hessian_helper_weights_batches_by_size() -> None:
     case = get_case("mlp")
     model, loss_fn, batch = case.make()
     torch.testing.assert_close(dense_hessian(model, loss_fn, _split(batch, [7, 5])), case.exact)
+
+
+def test_both_pyhessian_hvp_backends_share_the_install_rule_and_the_ci_level_rule() -> None:
+    from deconcnn_curvature.backends.hutchpp import HutchppBackend
+    from deconcnn_curvature.backends.pyhessian import PyHessianBackend
+
+    for cls in (PyHessianBackend, HutchppBackend):
+        assert cls.requires == ("pyhessian",)
+        assert cls.install_hint == "pip install pyhessian==0.1"
+    model, loss_fn, batch = get_case("mlp").make()
+    for backend in ("pyhessian", "hutchpp"):
+        kwargs = {"backend": backend, "seed": 1, "num_hvps": 9}
+        r = dcc.estimate(model, loss_fn, batch, "trace", ci_level=0.9, **kwargs)
+        assert r.ci_level == 0.9
+        with pytest.raises(dcc.InvalidOptionError, match=rf"'ci_level' of backend '{backend}'"):
+            dcc.estimate(model, loss_fn, batch, "trace", ci_level=0.4, **kwargs)

@@ -528,3 +528,17 @@ def test_k_larger_than_the_sketch_is_rejected():
     )
     with pytest.raises(ValueError, match="rank of the sketch"):
         sketch_top_eigenvalues(sketch, 3)
+
+
+def test_sketch_eigenvalues_converge_relative_to_each_value() -> None:
+    # The Hutch++ routines call the shared rule (ritz_converged) with a floor of 1e-12·|θ_1|: a
+    # small second value must meet rtol against its own size, not against θ_1.
+    a = torch.diag(torch.tensor([5.0, 0.01, 1.0], dtype=torch.float64))
+    q2 = torch.tensor([0.0, 1.0, 0.01], dtype=torch.float64)
+    basis = torch.stack([torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), q2 / q2.norm()], 1)
+    sketch = LowRankSketch(basis=basis, products=a @ basis, n_matvecs=2, method="test")
+    one = sketch_top_eigenvalues(sketch, 1, rtol=0.01)
+    two = sketch_top_eigenvalues(sketch, 2, rtol=0.01)
+    assert one.converged is True and one.values[0] == pytest.approx(5.0, rel=1e-15)
+    assert two.converged is False
+    assert 0.01 * 5.0 > two.residuals[1] > 0.01 * abs(two.values[1])

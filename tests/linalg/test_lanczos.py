@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deconcnn_curvature.linalg.lanczos import lanczos, lanczos_top_eigenvalues, ritz
+from deconcnn_curvature.linalg.lanczos import (
+    lanczos,
+    lanczos_top_eigenvalues,
+    ritz,
+    ritz_converged,
+)
 from deconcnn_curvature.linalg.operator import DenseOperator, make_generator
 
 N = 60
@@ -133,3 +138,22 @@ def test_invalid_k() -> None:
         lanczos_top_eigenvalues(op, 0, generator=make_generator(0, "cpu"))
     with pytest.raises(ValueError, match="exceeds the operator dimension 4"):
         lanczos_top_eigenvalues(op, 5, generator=make_generator(0, "cpu"))
+
+
+def test_ritz_converged_is_residual_against_rtol_times_size_or_floor() -> None:
+    assert ritz_converged([2.0, -1.0], [0.02, 0.01], 0.01, floor=0.0)  # at the bound passes
+    assert not ritz_converged([2.0, -1.0], [0.02, 0.0101], 0.01, floor=0.0)
+    assert not ritz_converged([2.0, 1e-6], [0.0, 1e-3], 0.01, floor=0.0)  # a tiny value
+    assert ritz_converged([2.0, 1e-6], [0.0, 1e-3], 0.01, floor=0.1)  # the floor covers it
+
+
+def test_lanczos_converges_relative_to_the_spectral_scale() -> None:
+    # λ_max = 0.01 beside eigenvalues down to -10: the stop rule (ritz_converged with the spectral
+    # scale as floor) accepts a residual of half |λ_max|, as it did before the rule was shared.
+    lam = torch.cat([-torch.linspace(1, 10, 27, dtype=torch.float64), _f64(0.01)])
+    est = lanczos_top_eigenvalues(
+        DenseOperator(with_spectrum(lam)), 1, generator=make_generator(0, "cpu"), tol=1e-3
+    )
+    assert est.converged and est.n_matvecs == 14
+    assert est.values[0] == pytest.approx(0.00999006090375736, rel=1e-12)
+    assert 1e-3 * 10 >= est.residuals[0] > 0.5 * abs(est.values[0])

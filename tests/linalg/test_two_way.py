@@ -11,8 +11,15 @@ from scipy import stats
 
 from deconcnn_curvature.linalg.hutchinson import hutchinson
 from deconcnn_curvature.linalg.hutchpp import hutchpp_with_sketch
-from deconcnn_curvature.linalg.operator import DenseOperator, make_generator, rademacher
+from deconcnn_curvature.linalg.operator import (
+    DenseOperator,
+    LinearOperator,
+    OperatorShape,
+    make_generator,
+    rademacher,
+)
 from deconcnn_curvature.linalg.two_way import (
+    GroupedOperator,
     GroupRecorder,
     grouped_hutchinson,
     hutchpp_forms,
@@ -230,3 +237,23 @@ def test_hutchpp_forms_are_the_groups_exact_and_deflated_parts(fraction: float |
     tw = two_way_trace(forms, [5, 9, 6])
     assert tw.value == pytest.approx(run.trace.value, rel=1e-9)
     assert tw.stderr_probe == pytest.approx(run.trace.stderr, rel=1e-8)
+
+
+def test_both_operator_contracts_share_one_statement_of_the_operator_shape() -> None:
+    grouped = _grouped()
+    dense = DenseOperator(grouped.union)
+    assert isinstance(grouped, GroupedOperator) and not isinstance(grouped, LinearOperator)
+    assert isinstance(dense, LinearOperator) and not isinstance(dense, GroupedOperator)
+    assert isinstance(grouped, OperatorShape) and isinstance(dense, OperatorShape)
+
+    class ShapeOnlyMissing:  # multiplies both ways but does not state dim/dtype/device/n_matvecs
+        group_sizes = property(lambda self: [1])
+
+        def matmat(self, v: torch.Tensor) -> torch.Tensor:
+            return v
+
+        def matmat_groups(self, v: torch.Tensor) -> torch.Tensor:
+            return v[None]
+
+    assert not isinstance(ShapeOnlyMissing(), GroupedOperator)
+    assert not isinstance(ShapeOnlyMissing(), LinearOperator)

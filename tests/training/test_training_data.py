@@ -68,7 +68,7 @@ def test_synthetic_is_learnable_by_nearest_prototype() -> None:
         ({"num_samples": 0}, "num_samples must be an integer >= 1"),
         ({"num_samples": 4, "num_classes": 1}, "num_classes must be an integer >= 2"),
         ({"num_samples": 4, "split": "dev"}, "split must be one of"),
-        ({"num_samples": 4, "seed": -1}, "seed must be an integer >= 0"),
+        ({"num_samples": 4, "seed": -1}, "seed must be a non-negative integer"),
     ],
     ids=["empty", "one-class", "bad-split", "negative-seed"],
 )
