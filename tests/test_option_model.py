@@ -137,7 +137,7 @@ def test_a_declared_budget_option_takes_num_hvps_everywhere(monkeypatch) -> None
 
     import deconcnn_curvature as dcc
     from deconcnn_curvature import registry as registry_module
-    from deconcnn_curvature.cli.estimate import _backend_options
+    from deconcnn_curvature.cli._common import _backend_options
     from deconcnn_curvature.registry import Registry
 
     cls = _probes_backend()
@@ -185,7 +185,7 @@ def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) ->
     import deconcnn_curvature as dcc
     from deconcnn_curvature import registry as registry_module
     from deconcnn_curvature.backend import Option
-    from deconcnn_curvature.cli.estimate import _backend_options
+    from deconcnn_curvature.cli._common import _backend_options
     from deconcnn_curvature.registry import Registry
 
     base = _probes_backend()
