@@ -8,6 +8,7 @@ Split from :mod:`deconcnn_curvature.lightning` (issue 14) so that module holds t
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib
 import random
@@ -178,3 +179,56 @@ def _short_repr(value: Any) -> str:
     """``repr`` of a loss on one line, shortened (a module's repr can span lines)."""
     text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------------------ config settings
+
+#: OmegaConf's "no value" marker: a setting ``curvature/base.yaml`` lists but a config leaves
+#: unset, so the monitor's own default applies (``null`` is a value: ``jsonl: null`` = no file).
+UNSET = "???"
+
+
+def _plain_settings(value: Any) -> dict[str, Any]:
+    """A config's ``curvature`` group as a plain dict, unset settings kept as ``"???"``."""
+    if value is None:
+        return {}
+    if type(value).__module__.startswith("omegaconf"):  # a DictConfig given directly
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            "CurvatureMonitor.from_config: settings must be a mapping of monitor settings (a "
+            f"config's `curvature` group); got {type(value).__name__}."
+        )
+    return {str(k): v for k, v in value.items()}
+
+
+def _built(value: Any) -> Any:
+    """A ``{_target_: ...}`` setting (``loss_fn: {_target_: torch.nn.CrossEntropyLoss}``) built by
+    Hydra, as Hydra's own recursive instantiation would; anything else as given."""
+    if isinstance(value, Mapping) and "_target_" in value:
+        from hydra.utils import instantiate
+
+        return instantiate(dict(value), _convert_="all")
+    return value
+
+
+def settings_kwargs(
+    accepted: Sequence[str], settings: Any, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The keyword arguments ``CurvatureMonitor.from_config`` passes on: the settings of a config's
+    ``curvature`` group with ``overrides`` on top, unset (``???``) ones dropped so the signature's
+    default applies, ``{_target_: ...}`` values built. An unknown key is a
+    :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid ones."""
+    merged = {**_plain_settings(settings), **{str(k): v for k, v in overrides.items()}}
+    unknown = sorted(set(merged) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigurationError(
+            f"CurvatureMonitor: unknown setting {', '.join(map(repr, unknown))} (e.g. "
+            f"curvature.{unknown[0]}); {hint}the settings are {', '.join(accepted)} "
+            "(configs/curvature/base.yaml)."
+        )
+    return {k: _built(v) for k, v in merged.items() if not (isinstance(v, str) and v == UNSET)}

@@ -34,6 +34,7 @@ Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021), Lanczos for the top eigenva
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import time
@@ -60,6 +61,7 @@ from deconcnn_curvature._monitor_settings import (
     _mix_seed,
     _private_view,
     _short_repr,
+    settings_kwargs,
 )
 from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
 from deconcnn_curvature.api import estimate, get_backend, resolve
@@ -349,6 +351,26 @@ class CurvatureMonitor(pl.Callback):
         self._warned: set[str] = set()
         # Cache of the fixed batch (rebuilt from the indices after a resume).
         self._batch: tuple[Any, torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, settings: Any = None, **overrides: Any) -> CurvatureMonitor:
+        """Build the monitor from a config's ``curvature`` group (what
+        ``configs/callbacks/curvature_monitor.yaml`` passes as ``settings``), keyword arguments on
+        top (``instantiate(cfg.callbacks, jsonl=...)``).
+
+        A setting left unset (OmegaConf's ``???``, as ``configs/curvature/base.yaml`` lists every
+        one) takes the default of :meth:`__init__`, where each default is written once; ``null``
+        stays ``None`` (``jsonl: null``: no records file). An unknown key raises
+        :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid keys;
+        ``num_samples`` is the deprecated alias of ``num_hvps`` (a ``DeprecationWarning``); in a
+        config it replaces ``num_hvps`` (which a group file such as ``curvature/pyhessian.yaml``
+        sets), so ``curvature.num_samples=50`` keeps working as it did in deconCNN's configs.
+        """
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        kwargs = settings_kwargs(accepted, settings, overrides)
+        if kwargs.get("num_samples") is not None:
+            kwargs.pop("num_hvps", None)
+        return cls(**kwargs)
 
     # ------------------------------------------------------------------------------ identity
 

@@ -23,12 +23,30 @@ from deconcnn_curvature.lightning import DEFAULT_METRIC_KEYS, CurvatureMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-CURVATURE_FILES = sorted(p.stem for p in (CONFIGS / "curvature").glob("*.yaml"))
+# base.yaml lists every setting unset (???): the reference the backend files start from.
+CURVATURE_FILES = sorted(p.stem for p in (CONFIGS / "curvature").glob("*.yaml") if p.stem != "base")
 
 
 def _compose(overrides: list[str], config_dir: Path = CONFIGS, name: str = "train"):
     with initialize_config_dir(str(config_dir), version_base="1.3"):
         return compose(name, overrides=overrides)
+
+
+#: CurvatureMonitor's arguments, each kept as an attribute of the same name (num_samples, the
+#: deprecated alias, becomes num_hvps).
+SETTINGS = [p for p in inspect.signature(CurvatureMonitor).parameters if p != "num_samples"]
+
+
+def _attributes(monitor: CurvatureMonitor) -> dict[str, object]:
+    return {name: getattr(monitor, name) for name in SETTINGS}
+
+
+def _listed(name: str) -> dict[str, object]:
+    """The settings curvature/<name>.yaml itself writes (its defaults list aside)."""
+    group = OmegaConf.to_container(OmegaConf.load(CONFIGS / "curvature" / f"{name}.yaml"))
+    assert isinstance(group, dict)
+    group.pop("defaults", None)
+    return group
 
 
 def test_every_builtin_backend_has_a_curvature_file_that_selects_it() -> None:
@@ -44,12 +62,12 @@ def test_train_config_composes_with_curvature_on_by_default() -> None:
     assert cfg.model.name == "resnet18_cifar" and cfg.data.source == "synthetic"
     monitor = instantiate(cfg.callbacks)
     assert isinstance(monitor, CurvatureMonitor)
-    assert monitor.enabled and monitor.backend == "pyhessian"
-    assert monitor.quantities == ("trace", "eigenvalues")
-    assert monitor.compute_every_n_steps == 500 and monitor.num_hvps == 50
-    assert monitor.hessian_batch_size == 128 and monitor.batch_mode == "fixed"
-    assert monitor.on_error == "warn" and monitor.metric_keys == dict(DEFAULT_METRIC_KEYS)
-    assert monitor.check_config()["trace"]["num_hvps"] == 50
+    # The monitor's defaults, but for what curvature/pyhessian.yaml writes and train.yaml's
+    # enabled: true.
+    listed = {**_listed("pyhessian"), "enabled": True}
+    assert _attributes(monitor) == _attributes(CurvatureMonitor(**listed))
+    assert monitor.metric_keys == dict(DEFAULT_METRIC_KEYS)
+    assert monitor.check_config()["trace"]["num_hvps"] == listed["num_hvps"]
 
 
 def test_one_flag_enables_and_one_override_swaps_the_backend() -> None:
@@ -137,24 +155,19 @@ def test_demo_preset_is_small() -> None:
 
 
 def test_every_setting_a_config_file_writes_reaches_the_monitor() -> None:
-    """Every key of the callback file is a CurvatureMonitor argument; every key a curvature file
-    writes is forwarded by the callback file (a key it dropped would be silently ignored), and a
-    value the curvature file sets is the value the instantiated monitor has."""
-    accepted = set(inspect.signature(CurvatureMonitor).parameters)
+    """The callback file hands the whole curvature group to CurvatureMonitor.from_config: each
+    curvature/<backend>.yaml gives a monitor with the signature's defaults except the settings the
+    file writes, which arrive as written (a setting dropped on the way would be silently ignored).
+    """
     callback = OmegaConf.load(CONFIGS / "callbacks" / "curvature_monitor.yaml")
-    forwarded = set(callback) - {"_target_", "_convert_"}
-    assert callback._target_ == "deconcnn_curvature.lightning.CurvatureMonitor"
-    assert forwarded <= accepted
+    assert callback._target_ == "deconcnn_curvature.lightning.CurvatureMonitor.from_config"
     for name in CURVATURE_FILES:
-        group = OmegaConf.to_container(OmegaConf.load(CONFIGS / "curvature" / f"{name}.yaml"))
-        assert isinstance(group, dict) and set(group) <= forwarded, name
-        monitor = instantiate(_compose([f"curvature={name}"]).callbacks)
-        for key, value in group.items():
-            if value is None or key == "enabled":  # train.yaml turns measuring on
-                continue
+        listed = _listed(name)
+        monitor = instantiate(_compose([f"curvature={name}", "curvature.enabled=false"]).callbacks)
+        assert _attributes(monitor) == _attributes(CurvatureMonitor(**listed)), name
+        for key, value in listed.items():
             expected = tuple(value) if isinstance(value, list) else value
-            got = getattr(monitor, key)
-            assert (str(got) if isinstance(got, Path) else got) == expected, (name, key)
+            assert getattr(monitor, key) == expected, (name, key)
 
 
 def _deconcnn_style(tmp_path: Path, with_group: bool) -> Path:
@@ -177,13 +190,18 @@ def test_callback_file_works_standalone_in_a_foreign_callbacks_folder(tmp_path: 
     cfg = _compose([], configs, name="config")
     monitor = instantiate(cfg.callbacks)
     assert isinstance(monitor, CurvatureMonitor) and monitor.enabled
-    assert monitor.backend == "pyhessian" and monitor.compute_every_n_steps == 500
-    assert monitor.num_hvps == 50 and monitor.quantities == ("trace", "eigenvalues")
-    assert monitor.rtol is None and monitor.backend_options == {}
-    assert monitor.jsonl == Path("curvature.jsonl")
+    # Without a curvature group every setting is CurvatureMonitor's default (written there once;
+    # num_hvps None: the backend's own budget).
+    assert _attributes(monitor) == _attributes(CurvatureMonitor())
+    assert monitor.check_config() == CurvatureMonitor().check_config()
+    assert monitor.backend_name == "pyhessian"
 
-    tuned = instantiate(_compose(["callbacks.num_hvps=10"], configs, name="config").callbacks)
+    # Settings given as the callback's own arguments (`+`: the file names no keys of its own), or
+    # as a curvature group made on the command line.
+    tuned = instantiate(_compose(["+callbacks.num_hvps=10"], configs, name="config").callbacks)
     assert tuned.num_hvps == 10
+    tuned = instantiate(_compose(["+curvature.num_hvps=12"], configs, name="config").callbacks)
+    assert tuned.num_hvps == 12
 
 
 def test_callback_file_reads_a_dropped_in_curvature_group(tmp_path: Path) -> None:
@@ -268,7 +286,7 @@ def test_a_module_with_an_inline_loss_is_enabled_by_config_alone(tmp_path: Path,
     configs = _deconcnn_style(tmp_path / "foreign", with_group=False)
     foreign = instantiate(
         _compose(
-            ["callbacks.loss_fn=mse", "callbacks.model_attr=net"], configs, name="config"
+            ["+callbacks.loss_fn=mse", "+callbacks.model_attr=net"], configs, name="config"
         ).callbacks
     )
     assert isinstance(foreign.loss_fn, nn.MSELoss) and foreign.model_attr == "net"

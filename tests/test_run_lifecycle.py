@@ -292,18 +292,21 @@ def test_resume_takes_the_runs_own_config_and_keeps_it(tmp_path: Path) -> None:
     steps = [r["step"] for r in read_curvature_jsonl(run / "curvature.jsonl")][::2]
     assert steps == [0, 2, 4, 6, 8]
 
-    # A curvature.* value reaches the callback's (resolved) copy; a group choice is Hydra's.
+    # A curvature.* value reaches the callback's (resolved) copy of the group; a group choice is
+    # Hydra's. (The copy is the callback's `settings` since each default is written once.)
     shown = _train(
         f"resume={run / 'last.ckpt'}",
         "curvature.compute_every_n_steps=4",
         "curvature=hutchpp",
+        "curvature.k=2",
         "--cfg",
     )
     cfg = yaml.safe_load(shown.stdout)
-    assert (
-        cfg["callbacks"]["compute_every_n_steps"] == cfg["curvature"]["compute_every_n_steps"] == 4
-    )
-    assert cfg["callbacks"]["backend"] == cfg["curvature"]["backend"] == "hutchpp"
+    settings = cfg["callbacks"]["settings"]
+    assert settings["compute_every_n_steps"] == cfg["curvature"]["compute_every_n_steps"] == 4
+    assert settings["backend"] == cfg["curvature"]["backend"] == "hutchpp"
+    assert settings["k"] == cfg["curvature"]["k"] == 2
+    assert settings["num_hvps"] == cfg["curvature"]["num_hvps"] == 20  # curvature/hutchpp.yaml
     assert cfg["model"]["name"] == "small_cnn" and cfg["model"]["width"] == 4
     assert cfg["run_dir"] == str(run)
 

@@ -130,21 +130,52 @@ def compose_run_config(
     * a resume (``resume=<run>/last.ckpt``) takes the run's own ``config.yaml`` (saved next to
       the checkpoint) with this command's overrides on top, and continues in the checkpoint's
       folder unless ``run_dir=``/``name=`` is given;
-    * otherwise ``$DECONCNN_CURVATURE_BACKEND`` names the backend when no override does.
+    * otherwise ``$DECONCNN_CURVATURE_BACKEND`` names the backend when no override does;
+    * the ``curvature`` settings left unset (``???``, see ``configs/curvature/base.yaml``) are
+      filled with the monitor's defaults, so ``--cfg`` and the saved ``config.yaml`` show the
+      values the run uses.
     """
     overrides = [_expand_home(o) for o in overrides]
     resume = next((o.partition("=")[2] for o in overrides if o.startswith("resume=")), None)
     if resume:
         saved = Path(resume.strip("'\"")).expanduser().parent / "config.yaml"
         if saved.is_file():
-            return _resume_config(saved, overrides, config_dir)
+            cfg, notes = _resume_config(saved, overrides, config_dir)
+            return _fill_monitor_defaults(cfg), notes
     cfg = compose_config(overrides, config_dir)
     if cfg.get("resume"):
-        return cfg, [
+        return _fill_monitor_defaults(cfg), [
             f"no config.yaml next to {cfg.resume}; resuming with the configuration this command "
             "composes (the checkpoint must fit it)."
         ]
-    return cfg, _env_backend(cfg, overrides)
+    notes = _env_backend(cfg, overrides)
+    return _fill_monitor_defaults(cfg), notes
+
+
+def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
+    """Set each unset (``???``) ``curvature`` setting to the default of ``CurvatureMonitor``'s
+    signature (where the defaults are written, once); an unset deprecated ``num_samples`` is
+    dropped. A config without a ``curvature`` group is returned as it is."""
+    import inspect
+
+    from omegaconf import OmegaConf, open_dict
+
+    from deconcnn_curvature.lightning import CurvatureMonitor
+
+    node = OmegaConf.select(cfg, "curvature", default=None)
+    if not OmegaConf.is_dict(node):
+        return cfg
+    defaults = inspect.signature(CurvatureMonitor.__init__).parameters
+    with open_dict(node):
+        for key in list(node.keys()):
+            if not OmegaConf.is_missing(node, key) or key not in defaults:
+                continue
+            if key == "num_samples":
+                del node[key]
+                continue
+            value = defaults[key].default
+            node[key] = list(value) if isinstance(value, tuple) else value
+    return cfg
 
 
 def _expand_home(override: str) -> str:
@@ -193,13 +224,16 @@ def _resume_config(
 
     def put(key: str, value: Any) -> None:
         OmegaConf.update(saved, key, value, merge=False, force_add=True)
-        # The saved callbacks node holds resolved copies of the curvature.* values.
-        mirror = "callbacks." + key.removeprefix("curvature.")
-        if (
-            key.startswith("curvature.")
-            and OmegaConf.select(saved, mirror, default=absent) is not absent
-        ):
-            OmegaConf.update(saved, mirror, value, merge=False)
+        # The saved callbacks node holds resolved copies of the curvature.* values: in its
+        # `settings` (this release), or as its own keys (a run saved by an earlier release).
+        name = key.removeprefix("curvature.")
+        if not key.startswith("curvature."):
+            return
+        if OmegaConf.is_dict(OmegaConf.select(saved, "callbacks.settings", default=None)):
+            mirror = "callbacks.settings." + name
+            OmegaConf.update(saved, mirror, value, merge=False, force_add=True)
+        elif OmegaConf.select(saved, "callbacks." + name, default=absent) is not absent:
+            OmegaConf.update(saved, "callbacks." + name, value, merge=False)
 
     plain, rest = [], []
     for override in overrides:
@@ -638,8 +672,11 @@ def run_training(cfg: DictConfig) -> RunResult:
     from deconcnn_curvature.checkpoints import check_resume_checkpoint
 
     _require(cfg, "model", "optim", "lrsched", "data", "trainer")
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    try:  # an unset (???) curvature setting takes the monitor's default (curvature/base.yaml)
+        kept = [key for key in cfg if key not in ("curvature", "callbacks")]
+        OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, kept), resolve=True, throw_on_missing=True
+        )
     except MissingMandatoryValue as exc:
         key = getattr(exc, "full_key", None) or str(exc)
         hint = " (e.g. data.root=/path/to/cifar)" if str(key).startswith("data.") else ""
@@ -787,7 +824,7 @@ def _train_in(
         plot_path = plot_curvature(
             plotted,
             run_dir / "curvature.png",
-            title=_title(cfg),
+            title=_title(cfg, monitor),
             loss=read_training_loss(metrics_path),
         )
     metrics = {}
@@ -812,14 +849,14 @@ def _train_in(
     )
 
 
-def _title(cfg: DictConfig) -> str:
+def _title(cfg: DictConfig, monitor: Any) -> str:
     from omegaconf import OmegaConf
 
     model = OmegaConf.select(cfg, "model.name", default="model")
     width = OmegaConf.select(cfg, "model.width_mult", default=None)
-    backend = OmegaConf.select(cfg, "callbacks.backend", default="?")
-    every = OmegaConf.select(cfg, "callbacks.compute_every_n_steps", default="?")
-    batch = OmegaConf.select(cfg, "callbacks.hessian_batch_size", default="?")
+    backend = getattr(monitor, "backend_name", None) or getattr(monitor, "backend", None) or "?"
+    every = getattr(monitor, "compute_every_n_steps", "?")
+    batch = getattr(monitor, "hessian_batch_size", "?")
     shape = f"{model}" + (f" (width {width:g})" if isinstance(width, int | float) else "")
     return f"{shape}: curvature by {backend} every {every} steps on {batch} samples"
 
