@@ -418,11 +418,8 @@ class CurvatureMonitor(pl.Callback):
     # ------------------------------------------------------------------------------ setup
 
     def _budget_options(self, cls: type[Backend], quantity: str) -> dict[str, Any]:
-        declared = cls.option_map()
-
-        def applies(name: str) -> bool:
-            opt = declared.get(name)
-            return opt is not None and (not opt.quantities or quantity in opt.quantities)
+        def applies(name: str) -> bool:  # the resolver's rule, also_computes included
+            return cls.applies(name, quantity)
 
         opts: dict[str, Any] = {}
         if quantity == "trace":
@@ -468,7 +465,7 @@ class CurvatureMonitor(pl.Callback):
             )
         for name in self.backend_options:
             opt = declared[name]
-            if opt.quantities and not (opt.quantities & set(self.quantities)):
+            if not any(cls.applies(name, q) for q in self.quantities):
                 raise ConfigurationError(
                     f"CurvatureMonitor: backend option {name!r} of {cls.name!r} applies to "
                     f"{', '.join(sorted(opt.quantities))} only, none of the monitored quantities "

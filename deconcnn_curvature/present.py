@@ -2,8 +2,11 @@
 
 Tables (:func:`_table`, :func:`_value_rows`, number formatting) and the spectral-density figure
 (:func:`_density_figure`, :func:`_plot`) that ``deconcnn-curv estimate | compare | density``
-print and save; the curvature-against-step figure (:func:`plot_curvature`) and the run summary
-(:func:`summary_table`, of a ``training.run.RunResult``) that ``deconcnn-curv train`` shows.
+print and save, and what each of those commands shows (:func:`_show_estimate`,
+:func:`_show_compare`, :func:`_show_density`, :func:`_density_json`, the checkpoint header, the
+smoothed density :func:`_smooth`); the curvature-against-step figure (:func:`plot_curvature`)
+and the run summary (:func:`summary_table`, of a ``training.run.RunResult``) that
+``deconcnn-curv train`` shows.
 Nothing here computes curvature; it formats results the library returned.
 """
 
@@ -13,13 +16,18 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.results import CurvatureResult, Density, usable_record
+
+if TYPE_CHECKING:
+    from deconcnn_curvature.checkpoints import LoadedCheckpoint
 
 
 def _fmt(value: Any) -> str:
@@ -292,6 +300,202 @@ def _compare_table(
             escape(note),
         )
     return table, failures
+
+
+# --------------------------------------------------------------------------------------------
+# the checkpoint commands (deconcnn-curv estimate | compare | density)
+
+
+def _header(out: Console, path: Path, loaded: LoadedCheckpoint, device: torch.device) -> None:
+    meta = loaded.metadata
+    when = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "global_step") if k in meta)
+    out.print(f"[bold]checkpoint[/bold] {escape(str(path))}" + (f" ({when})" if when else ""))
+    out.print(f"[bold]model[/bold]      {escape(loaded.model_description)}")
+    out.print(f"[bold]data[/bold]       {escape(loaded.data_description)}")
+    out.print(f"[bold]device[/bold]     {device}")
+
+
+def _warn_unconverged(out: Any, result: CurvatureResult | None) -> None:
+    """Eigenvalues whose Lanczos/Ritz residuals missed the tolerance are not shown as plain
+    numbers without saying so (part of the result: printed even with --quiet)."""
+    if result is None or result.quantity != "eigenvalues":
+        return
+    details = result.details or {}
+    if details.get("converged") is False:
+        residuals = [float(r) for r in details.get("residuals") or []]
+        worst = f" (largest residual {max(residuals):.3g})" if residuals else ""
+        out.print(
+            f"eigenvalues NOT converged{worst} after {result.n_hvp} HVPs: they are estimates "
+            "only; raise -o max_hvps.",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _smooth(
+    density: Density, eigenvalues: list[float], width: float, points: int
+) -> tuple[str | None, Any, Any]:
+    """The smoothed curve on its grid, or why ``width`` cannot give one (then ``None``s)."""
+    import numpy as np
+
+    nodes = [*density.nodes, *eigenvalues]
+    span = max(nodes) - min(nodes)
+    fix = (
+        f"use a σ near the default (1/100 of the eigenvalue span {span:.3g}), or leave --sigma out"
+    )
+    with np.errstate(all="ignore"):
+        try:
+            grid = _grid(density, eigenvalues, width, points)
+            curve = density.smoothed(grid, width)
+        except (OverflowError, FloatingPointError, ValueError):
+            return f"--sigma {width:g} is out of range for this spectrum; {fix}.", None, None
+        if not (np.isfinite(grid).all() and np.isfinite(curve).all()):
+            return f"--sigma {width:g} is out of range for this spectrum; {fix}.", None, None
+    spacing = float(grid[1] - grid[0])
+    if width < 2 * spacing:
+        return (
+            f"--sigma {width:g} is below twice the grid spacing {spacing:.3g}: the smoothed "
+            f"curve would miss most of the density's mass; raise --sigma or --grid-points "
+            f"(or {fix}).",
+            None,
+            None,
+        )
+    return None, grid, curve
+
+
+def _density_json(
+    checkpoint: Path,
+    loaded: LoadedCheckpoint,
+    dev: Any,
+    density_full: dict[str, Any],
+    dens: CurvatureResult,
+    eig: CurvatureResult | None,
+    width: float,
+    grid: Any,
+    curve: Any,
+    plot_path: Path | None,
+) -> dict[str, Any]:
+    """``deconcnn-curv density --json``: the results, the smoothed curve and the plot's path."""
+    return {
+        "checkpoint": str(checkpoint),
+        "loaded": loaded.describe(),
+        "device": str(dev),
+        "options": density_full,
+        "density": dens.to_dict(),
+        "eigenvalues": None if eig is None else eig.to_dict(),
+        "smoothed": None
+        if curve is None
+        else {
+            "sigma": width,
+            "grid": [float(x) for x in grid],
+            "density": [float(y) for y in curve],
+        },
+        "plot": None if plot_path is None else str(plot_path),
+    }
+
+
+def _show_density(
+    out: Console,
+    checkpoint: Path,
+    dens: CurvatureResult,
+    eig: CurvatureResult | None,
+    backend_name: str,
+    seed: int,
+    width: float,
+    plot_path: Path | None,
+) -> None:
+    """``deconcnn-curv density``'s table of the density and the eigenvalues, and its notes."""
+    table = _table(
+        f"spectral density — backend {backend_name}, seed {seed}",
+        [
+            ("quantity", "left"),
+            ("value / detail", "right"),
+            ("± stderr", "right"),
+            ("note", "left"),
+            ("HVPs", "right"),
+            ("seconds", "right"),
+        ],
+    )
+    for res in (dens, eig):
+        if res is None:
+            continue
+        for i, (label, value, stderr, detail) in enumerate(_value_rows(res)):
+            table.add_row(
+                label,
+                value,
+                stderr,
+                detail,
+                str(res.n_hvp) if i == 0 else "",
+                f"{res.seconds:.2f}" if i == 0 else "",
+            )
+    out.print(table)
+    _warn_unconverged(out, eig)
+    out.print(
+        "no trace from SLQ (one probe per run, its spread unknowable at a few runs); for the "
+        f"trace: deconcnn-curv estimate {escape(checkpoint.name)} -q trace"
+    )
+    if plot_path is not None:
+        out.print(f"plot written to {escape(str(plot_path))} (σ = {width:.3g})")
+
+
+def _show_estimate(
+    out: Console, result: CurvatureResult, quantity: str, backend_name: str, quiet: bool
+) -> None:
+    """``deconcnn-curv estimate``'s table of one result, and what the result says about itself
+    (unconverged eigenvalues, whether rtol was met: shown even with --quiet)."""
+    seed = "" if result.seed is None else f", seed {result.seed}"
+    table = _table(
+        f"{quantity} — backend {backend_name} ({result.method}{seed})",
+        [
+            ("quantity", "left"),
+            ("value", "right"),
+            ("± stderr", "right"),
+            ("interval / detail", "left"),
+            ("HVPs", "right"),
+            ("seconds", "right"),
+            ("device", "left"),
+        ],
+    )
+    for i, (label, value, stderr, interval) in enumerate(_value_rows(result)):
+        first = i == 0
+        table.add_row(
+            label,
+            value,
+            stderr,
+            interval,
+            str(result.n_hvp) if first else "",
+            f"{result.seconds:.2f}" if first else "",
+            result.device if first else "",
+        )
+    out.print(table)
+    _warn_unconverged(out, result)
+    if result.rtol is not None:  # part of the result, so shown even with --quiet
+        met = "met" if result.target_met else "NOT met (probe budget exhausted)"
+        out.print(f"rtol {result.rtol:g}: {met} after {result.n_hvp} HVPs")
+    if result.peak_memory_bytes is not None and not quiet:
+        out.print(f"peak CUDA memory {_fmt_bytes(result.peak_memory_bytes)}")
+
+
+def _show_compare(
+    out: Console,
+    rows: Sequence[Mapping[str, Any]],
+    title: str,
+    memory_column: str,
+    memory_note: str | None,
+) -> None:
+    """``deconcnn-curv compare``'s table, each failure's reason below it, and (unless None) what
+    the peak-memory column measures."""
+    table, failures = _compare_table(rows, title, memory_column)
+    out.print(table)
+    # Reasons are whole sentences with a fix; they read better below the table than folded
+    # into a narrow column.
+    for i, r in enumerate(failures, 1):
+        out.print(
+            f"[{i}] {r['backend']} {r['status']}: {r['reason']}", markup=False, highlight=False
+        )
+    if memory_note is not None:
+        out.print(f"peak memory: {memory_note}")
 
 
 # --------------------------------------------------------------------------------------------

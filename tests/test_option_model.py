@@ -137,7 +137,7 @@ def test_a_declared_budget_option_takes_num_hvps_everywhere(monkeypatch) -> None
 
     import deconcnn_curvature as dcc
     from deconcnn_curvature import registry as registry_module
-    from deconcnn_curvature.cli.estimate import _backend_options
+    from deconcnn_curvature.cli._common import _backend_options
     from deconcnn_curvature.registry import Registry
 
     cls = _probes_backend()
@@ -175,3 +175,39 @@ def test_also_may_hold_only_declared_quantities(monkeypatch) -> None:
     batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
     with pytest.raises(dcc.PluginError, match="declares none there"):
         dcc.estimate(nn.Linear(3, 2), nn.CrossEntropyLoss(), batch, "eigenvalues", "probes")
+
+
+def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) -> None:
+    """[issue 14] One applicability rule: an option declared for the trace only applies to an
+    eigenvalues call whose result also carries the trace (``also_computes``), for the resolver,
+    the CLI and the monitor alike (the monitor used to drop it, and refuse it when only the
+    eigenvalues were monitored)."""
+    import deconcnn_curvature as dcc
+    from deconcnn_curvature import registry as registry_module
+    from deconcnn_curvature.backend import Option
+    from deconcnn_curvature.cli._common import _backend_options
+    from deconcnn_curvature.registry import Registry
+
+    base = _probes_backend()
+
+    class ShiftBackend(base):  # type: ignore[misc, valid-type]
+        name = "shift"
+        options = (
+            *base.options,
+            Option("shift", float, 0.0, "trace-only", quantities=frozenset({"trace"})),
+        )
+
+    monkeypatch.setattr(
+        registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(ShiftBackend),))
+    )
+    given = {"shift": 2.5}
+    _, expected = dcc.resolve("eigenvalues", "shift", given)
+    assert expected["shift"] == 2.5
+    assert _backend_options(ShiftBackend, "eigenvalues", {}, {"shift": 2.5})[0] == given
+    for quantities in (["eigenvalues"], ["trace", "eigenvalues"]):
+        monitor = CurvatureMonitor(backend="shift", quantities=quantities, backend_options=given)
+        resolved = monitor.check_config()
+        assert resolved["eigenvalues"] == expected, quantities
+        plan = dict(monitor._plan)
+        assert plan["eigenvalues"]["shift"] == 2.5, quantities
+        assert dcc.resolve("eigenvalues", "shift", plan["eigenvalues"])[1] == expected

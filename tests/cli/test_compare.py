@@ -25,7 +25,7 @@ from torch import nn
 from deconcnn_curvature import Backend, CurvatureResult, UnsupportedModelError, hookimpl
 from deconcnn_curvature import registry as registry_module
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.cli.estimate import _PeakMemory
+from deconcnn_curvature.cli._memory import _PeakMemory
 from deconcnn_curvature.data_sources import DataSpec, build_batches
 from deconcnn_curvature.registry import Registry
 

@@ -1,0 +1,218 @@
+"""``deconcnn-curv compare``: several backends on the same checkpoint, batch and seed.
+
+The checkpoint is loaded once (:func:`deconcnn_curvature.cli._common._load`);
+:func:`deconcnn_curvature.compare` runs the backends; this module checks the options up front,
+samples peak memory per backend and presents the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+import deconcnn_curvature as dcc
+from deconcnn_curvature.backend import HOST_ARGUMENTS, Backend
+from deconcnn_curvature.cli import cli, console, print_json, user_errors
+from deconcnn_curvature.cli._common import (
+    _backend_options,
+    _check_quantity_known,
+    _estimator_options,
+    _estimator_values,
+    _host_argument,
+    _load,
+    _load_options,
+    _settings,
+    _targets,
+    resolve_device,
+)
+from deconcnn_curvature.cli._memory import _PeakMemory, _Progress
+from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
+from deconcnn_curvature.present import _header, _show_compare
+from deconcnn_curvature.registry import get_registry
+
+__all__ = ["compare_cmd"]
+
+
+def _check_compare_options(
+    names: list[str], quantity: str, flags: Mapping[str, Any], extra: Mapping[str, Any]
+) -> None:
+    """Before any work: an option no compared backend takes for ``quantity`` is a typo, and a
+    value every compared backend refuses is a mistake, not rows to discover after loading. A
+    value only some refuse (``--num-hvps 3``: Hutch++ needs at least 5) gives those a row with
+    the reason, as the help promises."""
+    registry = get_registry()
+    classes = [registry.get(name) for name in names]
+    takes = {  # the backends' options and the host's (eval_mode)
+        name for cls in classes for name in cls.option_map() if cls.applies(name, quantity)
+    }
+    if any(cls.budget_option(quantity) for cls in classes):
+        takes.add("num_hvps")  # --num-hvps: each backend's declared budget option
+    taken = {
+        label
+        for cls in classes
+        for name, label, _ in _targets(cls, quantity, flags, extra)
+        if cls.applies(name, quantity)
+    }
+    unknown = [label for _, label, _ in _targets(classes[0], quantity, flags, extra)]
+    unknown = [label for label in unknown if label not in taken]
+    host = [name for name in extra if name in HOST_ARGUMENTS and f"-o {name}" in unknown]
+    if host:
+        raise InvalidOptionError(_host_argument(f"-o {host[0]}", host[0]))
+    if unknown:
+        raise InvalidOptionError(
+            f"{', '.join(unknown)}: no compared backend ({', '.join(names)}) takes this option "
+            f"for {quantity!r}; their options are: {', '.join(sorted(takes)) or '(none)'}."
+        )
+    refused: list[str] = []
+    for cls in classes:
+        opts, _ = _backend_options(cls, quantity, flags, extra, strict=False)
+        try:
+            cls.resolve_options(quantity, opts)
+        except InvalidOptionError as exc:
+            refused.append(f"{cls.name}: {exc}")
+    if refused and len(refused) == len(classes):
+        raise InvalidOptionError("no compared backend accepts these options: " + " ".join(refused))
+
+
+def _backend_names(backends: str | None, quantity: str) -> list[str]:
+    """The backends to compare: those named by ``--backends`` (each must exist: a typo fails
+    before any work), else every registered backend that computes ``quantity``."""
+    registry = get_registry()
+    _check_quantity_known(quantity)
+    if backends is None:
+        return registry.supporting(quantity)
+    names = list(dict.fromkeys(n.strip() for n in backends.split(",") if n.strip()))
+    if not names:
+        raise ConfigurationError("--backends is empty; name at least one backend.")
+    for name in names:
+        registry.get(name)  # unknown names are a typo: fail before any work
+    return names
+
+
+def _rows(
+    found: list[dict[str, Any]],
+    dropped: Mapping[str, list[str]],
+    meters: Mapping[str, _PeakMemory],
+    dev: torch.device,
+) -> list[dict[str, Any]]:
+    """One row per backend of :func:`deconcnn_curvature.compare`'s answer, with the flags it
+    ignored and its peak memory (CUDA's own count on a GPU, the sampled RSS otherwise);
+    ``_result`` keeps the result for the table and is left out of ``--json``."""
+    rows: list[dict[str, Any]] = []
+    for found_row in found:
+        name = found_row["backend"]
+        row: dict[str, Any] = {k: found_row[k] for k in ("backend", "status", "reason")}
+        if dropped.get(name):
+            row["ignored_options"] = dropped[name]
+        result = found_row["result"]
+        if result is not None:
+            row["result"] = result.to_dict()
+            row["peak_memory_bytes"] = (
+                result.peak_memory_bytes if dev.type == "cuda" else meters[name].peak_bytes
+            )
+            row["_result"] = result
+        rows.append(row)
+    return rows
+
+
+@cli.command("compare")
+@_load_options
+@click.option(
+    "--backends",
+    metavar="NAME[,NAME...]",
+    help="Comma-separated backends (default: every registered backend that computes the quantity).",
+)
+@click.option("-q", "--quantity", default="trace", show_default=True)
+@_estimator_options
+@user_errors
+def compare_cmd(
+    checkpoint: Path,
+    backends: str | None,
+    quantity: str,
+    as_json: bool,
+    quiet: bool,
+    device: str,
+    **load: Any,
+) -> None:
+    """Run several backends on the same CHECKPOINT, batch and seed, side by side.
+
+    A backend that cannot run here (not installed, cannot handle this model or quantity, refuses
+    an option value, or fails) gets a row with the reason; the command fails only if no backend
+    produced a value. Without --backends every registered backend that computes the quantity
+    runs ($DECONCNN_CURVATURE_BACKEND sets the backend of estimate and density, not this list).
+    Peak memory is CUDA memory on a GPU, the process's resident memory otherwise.
+    """
+    dev = resolve_device(device)
+    trust = load.pop("trust_checkpoint")
+    flags, extra = _estimator_values(load)
+    settings = _settings(device=dev, **load)
+    names = _backend_names(backends, quantity)
+    _check_compare_options(names, quantity, flags, extra)
+
+    memory_kind = _PeakMemory(dev).kind
+    meters: dict[str, _PeakMemory] = {}
+    dropped: dict[str, list[str]] = {}
+
+    def options_for(cls: type[Backend]) -> dict[str, Any]:
+        opts, dropped[cls.name] = _backend_options(cls, quantity, flags, extra, strict=False)
+        return opts
+
+    def started(progress: _Progress, name: str) -> None:
+        if name != names[0]:
+            progress.advance()  # the previous backend is done
+        progress.step(f"{name}: {quantity}")
+
+    def measure(name: str) -> _PeakMemory:
+        meters[name] = _PeakMemory(dev)
+        return meters[name]
+
+    with _Progress(quiet, total=len(names)) as progress:
+        progress.step(f"loading {checkpoint.name}")
+        loaded = _load(checkpoint, settings, dev, trust)
+        found = dcc.compare(
+            loaded.model,
+            loaded.loss_fn,
+            loaded.data,
+            quantity,
+            names,
+            seed=settings["seed"],
+            options=options_for,
+            before=lambda name: started(progress, name),
+            measure=measure,
+        )
+        if found:
+            progress.advance()
+    rows = _rows(found, dropped, meters, dev)
+    ok = [r for r in rows if r["status"] == "ok"]
+    explain = _PeakMemory(dev).explain()
+    if as_json:
+        print_json(
+            {
+                "checkpoint": str(checkpoint),
+                "loaded": loaded.describe(),
+                "device": str(dev),
+                "quantity": quantity,
+                "seed": settings["seed"],
+                "memory": {"kind": memory_kind, "meaning": explain},
+                "rows": [{k: v for k, v in r.items() if k != "_result"} for r in rows],
+            }
+        )
+    else:
+        out = console()
+        if not quiet:
+            _header(out, checkpoint, loaded, dev)
+        _show_compare(
+            out,
+            rows,
+            f"{quantity}: same model, data and seed ({settings['seed']})",
+            "peak CUDA" if dev.type == "cuda" else "peak RSS",
+            None if quiet else explain,
+        )
+    if not ok:
+        raise click.ClickException(
+            f"no backend could compute {quantity!r} for this checkpoint (reasons above)."
+        )
