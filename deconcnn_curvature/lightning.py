@@ -422,7 +422,10 @@ class CurvatureMonitor(pl.Callback):
             return cls.applies(name, quantity)
 
         opts: dict[str, Any] = {}
-        if quantity == "trace":
+        # A call that also returns the trace (also_computes, e.g. hutchpp's eigenvalues) spends
+        # the trace's budget: the trace settings go to it as they would to a trace call.
+        serves_trace = quantity == "trace" or "trace" in cls.also_computes.get(quantity, ())
+        if serves_trace:
             if self.num_hvps is not None:
                 budget = cls.budget_option("trace")
                 if budget is not None:
@@ -448,7 +451,7 @@ class CurvatureMonitor(pl.Callback):
                 f"CurvatureMonitor: backend {cls.name!r} has no 'k' option for eigenvalues; "
                 "set k to 1 or choose another backend."
             )
-        if quantity == "trace" and applies("data_groups"):
+        if serves_trace and applies("data_groups"):
             opts["data_groups"] = self.data_groups
         for name, value in self.backend_options.items():
             if applies(name):
@@ -645,6 +648,15 @@ class CurvatureMonitor(pl.Callback):
                     f"CurvatureMonitor: backend {self._backend_name!r} is exact; num_hvps="
                     f"{self.num_hvps} does not apply to it."
                 )
+        serves_trace = any(
+            q == "trace" or "trace" in cls.also_computes.get(q, ()) for q in self.quantities
+        )
+        if self.num_hvps is not None and not serves_trace:
+            pl.utilities.rank_zero_info(
+                f"CurvatureMonitor: num_hvps={self.num_hvps} is the trace's probe budget and no "
+                f"monitored call measures a trace (quantities: {', '.join(self.quantities)}); "
+                "it is unused."
+            )
         self._log_data_groups(resolved, trainer.world_size)
         self.check_model(pl_module)
         if self.hessian_batch_size < trainer.world_size:

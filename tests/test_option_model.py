@@ -211,3 +211,22 @@ def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) ->
         plan = dict(monitor._plan)
         assert plan["eigenvalues"]["shift"] == 2.5, quantities
         assert dcc.resolve("eigenvalues", "shift", plan["eigenvalues"])[1] == expected
+
+
+def test_monitor_gives_the_trace_settings_to_a_call_that_also_returns_the_trace() -> None:
+    """hutchpp's eigenvalues call also returns the trace of the same products, so with only the
+    eigenvalues monitored it still spends the trace's budget: ``num_hvps`` and ``data_groups``
+    reach it (they used to be dropped silently, leaving the backend's default of products)."""
+    import deconcnn_curvature as dcc
+
+    monitor = CurvatureMonitor(
+        backend="hutchpp", quantities=["eigenvalues"], num_hvps=12, data_groups=2
+    )
+    resolved = monitor.check_config()
+    assert resolved["eigenvalues"]["num_hvps"] == 12
+    assert resolved["eigenvalues"]["data_groups"] == 2
+    expected = dcc.resolve("eigenvalues", "hutchpp", {"num_hvps": 12, "data_groups": 2})[1]
+    assert {k: resolved["eigenvalues"][k] for k in expected} == expected
+    # pyhessian's eigenvalues call returns no trace: the budget is not its option
+    plain = CurvatureMonitor(backend="pyhessian", quantities=["eigenvalues"], num_hvps=12)
+    assert "num_hvps" not in plain.check_config()["eigenvalues"]
