@@ -64,6 +64,7 @@ from deconcnn_curvature._monitor_settings import (
     settings_kwargs,
 )
 from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
+from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.distributed import rank_agreement
@@ -309,7 +310,7 @@ class CurvatureMonitor(pl.Callback):
         self.hessian_batch_size = _check_int("hessian_batch_size", hessian_batch_size, 1)
         self.data_groups = _check_data_groups(data_groups, self.hessian_batch_size)
         self.batch_mode = _check_choice("batch_mode", batch_mode, BATCH_MODES)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_seed(seed, name="CurvatureMonitor: seed")
         self.on_error = _check_choice("on_error", on_error, ON_ERROR)
         keys = _as_mapping("metric_keys", metric_keys)
         unknown = sorted(set(keys) - set(DEFAULT_METRIC_KEYS))

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import deconcnn_curvature as dcc
+from deconcnn_curvature._seeds import SEED_LIMIT
 from deconcnn_curvature.api import density_options
 from deconcnn_curvature.backend import HOST_ARGUMENTS, Backend, Option
 from deconcnn_curvature.checkpoints import (
@@ -241,7 +242,7 @@ def _load_options(func: F) -> F:
         ),
         click.option(
             "--seed",
-            type=click.IntRange(min=0),
+            type=click.IntRange(min=0, max=SEED_LIMIT - 1),
             default=0,
             show_default=True,
             help="Seeds the probe vectors (and --data synthetic).",
