@@ -69,7 +69,12 @@ from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.problem import _to_device, global_rng_preserved, preserve_state
+from deconcnn_curvature.problem import (
+    _to_device,
+    check_mean_reduced,
+    global_rng_preserved,
+    preserve_state,
+)
 from deconcnn_curvature.results import CurvatureResult
 
 __all__ = [
@@ -505,12 +510,7 @@ class CurvatureMonitor(pl.Callback):
                 "nn.CrossEntropyLoss()), or pass loss_fn=... to the monitor (a loss object or "
                 f"one of {', '.join(LOSS_NAMES)}; in a config: curvature.loss_fn=cross_entropy)."
             )
-        reduction = getattr(loss_fn, "reduction", "mean")
-        if reduction != "mean":
-            raise ConfigurationError(
-                f"CurvatureMonitor: the loss has reduction={reduction!r}; curvature is measured "
-                "for the mean loss over the batch, so use a mean-reduced loss."
-            )
+        check_mean_reduced(loss_fn, name="CurvatureMonitor: the loss", error=ConfigurationError)
         return loss_fn
 
     def _what_is_measured(self, pl_module: pl.LightningModule) -> str:
