@@ -41,18 +41,23 @@ _GOLDEN = 0x9E3779B97F4A7C15
 
 
 def check_seed(
-    seed: Any, *, error: type[Exception] = ConfigurationError, or_none: bool = False
+    seed: Any,
+    *,
+    error: type[Exception] = ConfigurationError,
+    or_none: bool = False,
+    name: str = "seed",
 ) -> int:
     """``seed`` as an ``int`` if it is an integer in ``[0, 2**63)``, else ``error`` saying so.
 
     ``or_none`` only adds "or None" to the message, for callers that accept ``None`` (and decide
-    themselves what it means) before calling this.
+    themselves what it means) before calling this. ``name`` is what the message calls the seed,
+    e.g. ``"CurvatureMonitor: seed"`` for a setting users write under that name.
     """
     integral = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
     if not integral or not 0 <= seed < SEED_LIMIT:
         alternative = " or None" if or_none else ""
         raise error(
-            f"seed must be a non-negative integer{alternative} (below 2**63), got {seed!r}."
+            f"{name} must be a non-negative integer{alternative} (below 2**63), got {seed!r}."
         )
     return int(seed)
 

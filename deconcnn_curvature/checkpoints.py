@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature.data_sources import DATA_SOURCES, DataSpec, build_batches
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
 from deconcnn_curvature.hookspecs import hookimpl
@@ -151,8 +152,7 @@ def checkpoint_settings(**given: Any) -> dict[str, Any]:
     for name in ("batch_size", "num_batches"):
         if isinstance(s[name], bool) or not isinstance(s[name], int) or s[name] < 1:
             raise ConfigurationError(f"{name} must be an integer >= 1, got {s[name]!r}.")
-    if isinstance(s["seed"], bool) or not isinstance(s["seed"], int) or s["seed"] < 0:
-        raise ConfigurationError(f"seed must be an integer >= 0, got {s['seed']!r}.")
+    s["seed"] = check_seed(s["seed"])
     if s["data"] is not None and s["data"] not in DATA_SOURCES:
         raise ConfigurationError(
             f"unknown data source {s['data']!r}; use one of {', '.join(DATA_SOURCES)}."

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from deconcnn_curvature import datasets
+from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
 
 __all__ = ["DATA_SOURCES", "DataSpec", "build_batches"]
@@ -82,8 +83,7 @@ class DataSpec:
                 "input_shape must be one or more positive integers (e.g. 3,32,32), got "
                 f"{self.input_shape!r}."
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigurationError(f"seed must be an integer >= 0, got {self.seed!r}.")
+        check_seed(self.seed)
         if not math.isfinite(self.noise_std) or self.noise_std < 0:
             raise ConfigurationError(f"noise_std must be a number >= 0, got {self.noise_std!r}.")
 

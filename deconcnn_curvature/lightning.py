@@ -64,11 +64,17 @@ from deconcnn_curvature._monitor_settings import (
     settings_kwargs,
 )
 from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
+from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.problem import _to_device, global_rng_preserved, preserve_state
+from deconcnn_curvature.problem import (
+    _to_device,
+    check_mean_reduced,
+    global_rng_preserved,
+    preserve_state,
+)
 from deconcnn_curvature.results import CurvatureResult
 
 __all__ = [
@@ -309,7 +315,7 @@ class CurvatureMonitor(pl.Callback):
         self.hessian_batch_size = _check_int("hessian_batch_size", hessian_batch_size, 1)
         self.data_groups = _check_data_groups(data_groups, self.hessian_batch_size)
         self.batch_mode = _check_choice("batch_mode", batch_mode, BATCH_MODES)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_seed(seed, name="CurvatureMonitor: seed")
         self.on_error = _check_choice("on_error", on_error, ON_ERROR)
         keys = _as_mapping("metric_keys", metric_keys)
         unknown = sorted(set(keys) - set(DEFAULT_METRIC_KEYS))
@@ -504,12 +510,7 @@ class CurvatureMonitor(pl.Callback):
                 "nn.CrossEntropyLoss()), or pass loss_fn=... to the monitor (a loss object or "
                 f"one of {', '.join(LOSS_NAMES)}; in a config: curvature.loss_fn=cross_entropy)."
             )
-        reduction = getattr(loss_fn, "reduction", "mean")
-        if reduction != "mean":
-            raise ConfigurationError(
-                f"CurvatureMonitor: the loss has reduction={reduction!r}; curvature is measured "
-                "for the mean loss over the batch, so use a mean-reduced loss."
-            )
+        check_mean_reduced(loss_fn, name="CurvatureMonitor: the loss", error=ConfigurationError)
         return loss_fn
 
     def _what_is_measured(self, pl_module: pl.LightningModule) -> str:

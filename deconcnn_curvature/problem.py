@@ -90,6 +90,21 @@ def check_finite_loss(loss: torch.Tensor, where: str) -> None:
         )
 
 
+def check_mean_reduced(
+    loss_fn: Any, *, name: str = "loss_fn", error: type[Exception] = InvalidProblemError
+) -> None:
+    """Refuse a loss whose ``reduction`` is not ``"mean"`` (a loss without the attribute is taken
+    as mean-reduced): the curvature measured is that of the mean loss over samples. ``name`` is
+    what the message calls the loss (``estimate()``'s argument, or the monitor's setting) and
+    ``error`` what is raised; ``build_problem`` and the Lightning monitor both check with it."""
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction != "mean":
+        raise error(
+            f"{name} has reduction={reduction!r}; curvature is defined for the mean loss over "
+            "samples, so pass a mean-reduced loss (e.g. nn.CrossEntropyLoss(reduction='mean'))."
+        )
+
+
 def _check_per_sample_mean(loss_fn: Any, batches: list[Batch]) -> None:
     """Several batches are combined by sample count, which is the loss over all samples only when
     each batch's loss is a mean over its samples. A class-weighted loss divides by the sum of
@@ -169,12 +184,7 @@ def build_problem(
         raise InvalidProblemError(
             f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}."
         )
-    reduction = getattr(loss_fn, "reduction", "mean")
-    if reduction != "mean":
-        raise InvalidProblemError(
-            f"loss_fn has reduction={reduction!r}; curvature is defined for the mean loss over "
-            "samples, so pass a mean-reduced loss (e.g. nn.CrossEntropyLoss(reduction='mean'))."
-        )
+    check_mean_reduced(loss_fn)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise InvalidProblemError(

@@ -179,6 +179,15 @@ def test_no_circle_among_core_modules() -> None:
     assert _cycles(_core(_graph())) == []
 
 
+def test_no_circle_anywhere_in_the_package() -> None:
+    """Every module, ``training/`` included: a circle inside one layer (which the layer order
+    cannot see) is still a circle, e.g. ``training.data`` naming ``CIFARDataModule`` on demand
+    while ``training.datamodule`` imported its data sets from ``training.data``."""
+    graph = _graph()
+    assert any(m.startswith("training.") for m in graph)  # the whole package was read
+    assert _cycles(graph) == []
+
+
 def test_training_is_a_leaf_nothing_in_the_core_imports() -> None:
     importers = {
         m: sorted(t for t in targets if _layer_of(t) == _layer_of("training"))
@@ -211,6 +220,22 @@ def test_the_checker_sees_upward_imports_and_circles() -> None:
         "registry (extension) imports training (training)",
     ]
     assert _cycles(graph) == [["checkpoints", "hookspecs"]]
+    # a circle inside one layer, through an import in a module-level `__getattr__` (the shape
+    # of the training.data <-> training.datamodule circle), is seen too
+    known += ["training.data", "training.datamodule"]
+    lazy = (
+        "def __getattr__(name):\n"
+        "    from deconcnn_curvature.training.datamodule import CIFARDataModule\n"
+        "    return CIFARDataModule\n"
+    )
+    same_layer = {
+        "training.data": _imports("training.data", lazy, known),
+        "training.datamodule": _imports(
+            "training.datamodule", "from deconcnn_curvature.training.data import X\n", known
+        ),
+    }
+    assert _upward(same_layer) == []
+    assert _cycles(same_layer) == [["training.data", "training.datamodule"]]
     with pytest.raises(AssertionError, match="has no layer"):
         _layer_of("brand_new_module")
 

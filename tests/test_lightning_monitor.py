@@ -694,6 +694,23 @@ def test_missing_loss_fails_fast(tmp_path: Path) -> None:
         trainer.fit(module, tiny_data())
 
 
+def test_a_sum_reduced_loss_is_refused_by_the_same_rule_as_estimate(tmp_path: Path) -> None:
+    """One mean-reduction rule (problem.check_mean_reduced): the monitor refuses before the first
+    step with estimate()'s sentence, naming the monitor where estimate() names its argument."""
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    module = Tiny()
+    x, y = next(iter(tiny_data()))
+    with pytest.raises(dcc.InvalidProblemError) as direct:
+        dcc.estimate(module.net, loss_fn, (x, y), "trace")
+    assert str(direct.value).startswith("loss_fn has reduction='sum'; ")
+    trainer = make_trainer(tmp_path, [CurvatureMonitor(loss_fn=loss_fn)], max_steps=1)
+    with pytest.raises(ConfigurationError) as hooked:
+        trainer.fit(module, tiny_data())
+    expected = "CurvatureMonitor: the loss" + str(direct.value).removeprefix("loss_fn")
+    assert str(hooked.value) == expected
+    assert module.steps_run == 0
+
+
 def test_loggers_get_each_measurement_once_at_its_step(tmp_path: Path) -> None:
     """A real CSVLogger whose cadence does not match the monitor's: every measurement reaches it
     once, on the step it was measured at (step 0 included), never a stale repeat."""

@@ -14,6 +14,8 @@ import torch
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature._seeds import check_seed, integer_seed, tagged_seed
+from deconcnn_curvature.checkpoints import checkpoint_settings
+from deconcnn_curvature.data_sources import DataSpec
 from deconcnn_curvature.datasets import EpochShuffleSampler, RandomResizedCropFlip, SyntheticCIFAR
 from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
 from deconcnn_curvature.lightning import CurvatureMonitor
@@ -79,3 +81,31 @@ def test_estimate_uses_the_one_seed_rule() -> None:
     data = (torch.randn(3, 2), torch.randn(3, 1))
     with pytest.raises(InvalidOptionError, match=r"non-negative integer or None \(below 2\*\*63\)"):
         dcc.estimate(model, torch.nn.MSELoss(), data, "trace", seed=2**63)
+
+
+@pytest.mark.parametrize(
+    ("make", "prefix"),
+    [
+        (lambda seed: CurvatureMonitor(seed=seed), "CurvatureMonitor: seed"),
+        (lambda seed: DataSpec("synthetic", seed=seed), "seed"),
+        (lambda seed: checkpoint_settings(seed=seed), "seed"),
+    ],
+    ids=["monitor", "data_spec", "checkpoint_settings"],
+)
+@pytest.mark.parametrize("seed", [-1, True, 1.5, 2**63, 2**64])
+def test_the_monitor_and_the_command_lines_settings_use_the_one_seed_rule(
+    make, prefix: str, seed
+) -> None:
+    # Before: each took any int >= 0. The monitor hashed 2**64 like any seed; DataSpec handed
+    # 2**63..2**64-1 to torch.Generator.manual_seed (taken as an unsigned 64-bit seed) and 2**64 on
+    # to a late "Overflow when unpacking long long" from inside the checkpoint loader.
+    message = rf"^{prefix} must be a non-negative integer \(below 2\*\*63\), got {seed!r}\.$"
+    with pytest.raises(ConfigurationError, match=message):
+        make(seed)
+
+
+def test_the_monitor_and_the_command_lines_settings_accept_every_seed_below_2_63() -> None:
+    assert CurvatureMonitor(seed=2**63 - 1).seed == 2**63 - 1
+    assert CurvatureMonitor(seed=np.int64(4)).seed == 4
+    assert DataSpec("synthetic", seed=2**63 - 1).seed == 2**63 - 1
+    assert checkpoint_settings(seed=np.int64(4))["seed"] == 4

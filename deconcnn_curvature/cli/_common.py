@@ -18,6 +18,7 @@ from typing import Any
 import click
 import torch
 
+from deconcnn_curvature._seeds import SEED_LIMIT
 from deconcnn_curvature.backend import HOST_ARGUMENTS, Backend, Option
 from deconcnn_curvature.checkpoints import (
     LOSSES,
@@ -210,7 +211,7 @@ def _load_options(func: F) -> F:
         ),
         click.option(
             "--seed",
-            type=click.IntRange(min=0),
+            type=click.IntRange(min=0, max=SEED_LIMIT - 1),
             default=0,
             show_default=True,
             help="Seeds the probe vectors (and --data synthetic).",

@@ -11,10 +11,8 @@ from typing import Any
 
 from deconcnn_curvature.datasets import *  # noqa: F403  (this module re-exports them)
 from deconcnn_curvature.datasets import __all__ as _datasets_all
-from deconcnn_curvature.datasets import _check_count, _check_seed, _mix_seed
 
 __all__ = list(_datasets_all)  # and CIFARDataModule, on demand
-_SHARED_HELPERS = (_check_count, _check_seed, _mix_seed)  # used by training.datamodule
 
 
 def __getattr__(name: str) -> Any:

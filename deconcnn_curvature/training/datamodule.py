@@ -1,7 +1,9 @@
 """The Lightning data module of the reference run: CIFAR-10 or its synthetic stand-in.
 
-It needs the ``lightning`` extra; the data sets it wraps (:mod:`deconcnn_curvature.training.data`)
-need only torch. ``deconcnn_curvature.training.data.CIFARDataModule`` names this class too.
+It needs the ``lightning`` extra; the data sets it wraps (:mod:`deconcnn_curvature.datasets`,
+re-exported by :mod:`deconcnn_curvature.training.data`) need only torch. It imports them from the
+core, not from ``training.data``, which names this class on demand
+(``deconcnn_curvature.training.data.CIFARDataModule``, the configs' target): one direction only.
 """
 
 from __future__ import annotations
@@ -14,19 +16,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from deconcnn_curvature._lightning import pl
-from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.training.data import (
+from deconcnn_curvature._seeds import check_seed as _check_seed
+from deconcnn_curvature._seeds import integer_seed as _mix_seed
+from deconcnn_curvature.datasets import (
     DATA_SOURCES,
     EpochShuffleSampler,
     ImageTensorDataset,
     RandomResizedCropFlip,
     SyntheticCIFAR,
     _check_count,
-    _check_seed,
-    _mix_seed,
     find_cifar10_folder,
     load_cifar10,
 )
+from deconcnn_curvature.errors import ConfigurationError
 
 __all__ = ["CIFARDataModule"]
 

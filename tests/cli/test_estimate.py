@@ -363,6 +363,8 @@ def test_unavailable_backend(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> 
         (["--rtol", "-0.1"], "--rtol"),
         (["-k", "0"], "-k"),
         (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**63)], "--seed"),  # was exit 1, an error naming no flag
+        (["--seed", str(2**64)], "--seed"),  # was exit 1, "Overflow when unpacking long long"
         (["--num-classes", "1"], "--num-classes"),
         (["--input-shape", "3,x,2"], "--input-shape"),
         (["--loss", "hinge"], "--loss"),
