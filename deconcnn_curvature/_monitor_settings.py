@@ -1,7 +1,8 @@
-"""The Lightning monitor's settings and helpers: argument validators, the loss and function
-settings a config may give as names, the module introspection that finds the model to measure,
-the monitor's seed mixer (defined in :mod:`deconcnn_curvature._seeds`) and the private views of
-a dataset the curvature batch is drawn from.
+"""The Lightning monitor's settings and helpers: :class:`MonitorSettings` (its constructor's
+arguments, checked), argument validators, the loss and function settings a config may give as
+names, the module introspection that finds the model to measure, the monitor's seed mixer (defined
+in :mod:`deconcnn_curvature._seeds`) and the private views of a dataset the curvature batch is
+drawn from.
 
 Split from :mod:`deconcnn_curvature.lightning` (issue 14) so that module holds the callback only.
 """
@@ -9,16 +10,21 @@ Split from :mod:`deconcnn_curvature.lightning` (issue 14) so that module holds t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import importlib
+import math
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature._seeds import tagged_seed as _mix_seed  # noqa: F401  (the monitor's mixer)
 from deconcnn_curvature.errors import ConfigurationError
 
@@ -32,6 +38,19 @@ LOSS_NAMES: Mapping[str, Callable[[], nn.Module]] = {
 }
 #: Attributes of the LightningModule read as the loss when ``loss_fn`` is not given, in order.
 _LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
+#: Allowed values of ``batch_mode``.
+BATCH_MODES: tuple[str, ...] = ("fixed", "refresh")
+#: Allowed values of ``on_error``.
+ON_ERROR: tuple[str, ...] = ("warn", "raise")
+#: Metric names logged through ``pl_module.log`` (deconCNN's names for the trace and λ_max).
+DEFAULT_METRIC_KEYS: Mapping[str, str] = {
+    "trace": "curvature/hutch_trace",
+    "trace_stderr": "curvature/hutch_trace_stderr",
+    "eigenvalues": "curvature/lambda_max",
+    "eigenvalues_converged": "curvature/lambda_max_converged",
+    "n_hvp": "curvature/n_hvp",
+    "seconds": "curvature/seconds",
+}
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -173,6 +192,162 @@ def _short_repr(value: Any) -> str:
     """``repr`` of a loss on one line, shortened (a module's repr can span lines)."""
     text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------------------ the settings
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorSettings:
+    """``CurvatureMonitor``'s arguments, checked field by field when built: the monitor keeps each
+    field as its attribute of the same name. Built from the constructor's raw arguments (the
+    defaults are written once, in ``CurvatureMonitor.__init__``); a bad one raises
+    :class:`~deconcnn_curvature.errors.ConfigurationError` with a one-line message naming it.
+    Fields are checked in the order below and normalised (``quantities`` a tuple, ``rtol`` a
+    float, ``metric_keys`` the full mapping with the defaults filled in, ``jsonl`` a ``Path``,
+    ``loss_fn`` and ``batch_fn`` built from their names).
+
+    ``num_samples`` is the deprecated alias of ``num_hvps``: it warns (``DeprecationWarning``,
+    attributed to the code that built the monitor) and becomes ``num_hvps``.
+    """
+
+    backend: str | None
+    quantities: tuple[str, ...]
+    compute_every_n_steps: int
+    compute_at_step_zero: bool
+    num_hvps: int | None
+    rtol: float | None
+    k: int
+    hessian_batch_size: int
+    data_groups: int
+    batch_mode: str
+    seed: int
+    on_error: str
+    metric_keys: dict[str, str | None]
+    jsonl: Path | None
+    backend_options: dict[str, Any]
+    loss_fn: Any
+    model_attr: str | None
+    batch_fn: Any
+    enabled: bool
+    log_metrics: bool
+    num_samples: dataclasses.InitVar[int | None] = None
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # the checked value, in a frozen instance
+
+    def __post_init__(self, num_samples: int | None) -> None:
+        if num_samples is not None:
+            if self.num_hvps is not None:
+                raise ConfigurationError(
+                    "CurvatureMonitor: num_samples is the deprecated name of num_hvps; give "
+                    f"num_hvps alone (got num_hvps={self.num_hvps!r} and "
+                    f"num_samples={num_samples!r})."
+                )
+            warnings.warn(
+                "CurvatureMonitor: num_samples is deprecated and will be removed in the next "
+                f"release; use num_hvps={num_samples!r} (in a config: curvature.num_hvps).",
+                DeprecationWarning,
+                stacklevel=4,  # past the dataclass's __init__ and the monitor's: its caller
+            )
+            self._set("num_hvps", num_samples)
+        backend = self.backend
+        if backend is not None and not isinstance(backend, str):
+            raise ConfigurationError(
+                f"CurvatureMonitor: backend must be a backend name or null; got {backend!r}."
+            )
+        self._set("quantities", _check_quantities(self.quantities))
+        self._set(
+            "compute_every_n_steps",
+            _check_int("compute_every_n_steps", self.compute_every_n_steps, 1),
+        )
+        self._set(
+            "compute_at_step_zero", _check_bool("compute_at_step_zero", self.compute_at_step_zero)
+        )
+        self._set("num_hvps", _check_int("num_hvps", self.num_hvps, 1, allow_none=True))
+        self._set("rtol", _check_rtol(self.rtol))
+        self._set("k", _check_int("k", self.k, 1))
+        self._set(
+            "hessian_batch_size", _check_int("hessian_batch_size", self.hessian_batch_size, 1)
+        )
+        self._set("data_groups", _check_data_groups(self.data_groups, self.hessian_batch_size))
+        self._set("batch_mode", _check_choice("batch_mode", self.batch_mode, BATCH_MODES))
+        self._set("seed", check_seed(self.seed, name="CurvatureMonitor: seed"))
+        self._set("on_error", _check_choice("on_error", self.on_error, ON_ERROR))
+        self._set("metric_keys", _check_metric_keys(self.metric_keys))
+        self._set("jsonl", None if self.jsonl is None else Path(self.jsonl))
+        self._set("backend_options", _as_mapping("backend_options", self.backend_options))
+        self._set("loss_fn", _loss_from_setting(self.loss_fn))
+        model_attr = self.model_attr
+        if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
+            raise ConfigurationError(
+                f"CurvatureMonitor: model_attr must be an attribute name such as 'model' or "
+                f"null; got {model_attr!r}."
+            )
+        self._set("batch_fn", _callable_from_setting("batch_fn", self.batch_fn))
+        self._set("enabled", _check_bool("enabled", self.enabled))
+        self._set("log_metrics", _check_bool("log_metrics", self.log_metrics))
+
+
+def _check_quantities(quantities: Any) -> tuple[str, ...]:
+    """``quantities``: a non-empty list without repeats and without ``"diagonal"`` (a string is a
+    list of one)."""
+    if isinstance(quantities, str):
+        quantities = (quantities,)
+    if not isinstance(quantities, Sequence) and not hasattr(quantities, "__iter__"):
+        raise ConfigurationError(
+            f"CurvatureMonitor: quantities must be a list such as ['trace', 'eigenvalues']; "
+            f"got {quantities!r}."
+        )
+    quantities = tuple(str(q) for q in quantities)
+    if not quantities:
+        raise ConfigurationError(
+            "CurvatureMonitor: quantities is empty; list at least one, e.g. ['trace']."
+        )
+    if len(set(quantities)) != len(quantities):
+        raise ConfigurationError(
+            f"CurvatureMonitor: quantities lists one quantity twice: {list(quantities)}."
+        )
+    if "diagonal" in quantities:
+        raise ConfigurationError(
+            "CurvatureMonitor: 'diagonal' has one number per parameter, too big for a per-step "
+            "record; measure it after training with `deconcnn-curv estimate`, or monitor "
+            "'layer_trace' instead."
+        )
+    return quantities
+
+
+def _check_rtol(rtol: Any) -> float | None:
+    if rtol is not None and (
+        isinstance(rtol, bool)
+        or not isinstance(rtol, int | float)
+        or not math.isfinite(rtol)
+        or rtol <= 0
+    ):
+        raise ConfigurationError(
+            f"CurvatureMonitor: rtol must be a number > 0 or null; got {rtol!r}."
+        )
+    return None if rtol is None else float(rtol)
+
+
+def _check_metric_keys(metric_keys: Any) -> dict[str, str | None]:
+    """``metric_keys`` over :data:`DEFAULT_METRIC_KEYS`: known keys only, each name a non-empty
+    string or ``None`` (not logged)."""
+    keys = _as_mapping("metric_keys", metric_keys)
+    unknown = sorted(set(keys) - set(DEFAULT_METRIC_KEYS))
+    if unknown:
+        raise ConfigurationError(
+            f"CurvatureMonitor: unknown metric_keys {unknown}; the keys are "
+            f"{', '.join(DEFAULT_METRIC_KEYS)}."
+        )
+    merged: dict[str, str | None] = {**DEFAULT_METRIC_KEYS, **keys}
+    for name, key in merged.items():
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ConfigurationError(
+                f"CurvatureMonitor: metric_keys[{name!r}] must be a non-empty string or "
+                f"null; got {key!r}."
+            )
+    return merged
 
 
 # ------------------------------------------------------------------------------ config settings

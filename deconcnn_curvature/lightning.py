@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,21 +48,17 @@ from torch.utils.data import DataLoader
 from deconcnn_curvature._lightning import pl
 from deconcnn_curvature._monitor_settings import (
     _LOSS_ATTRS,
+    BATCH_MODES,
+    DEFAULT_METRIC_KEYS,
     LOSS_NAMES,
-    _as_mapping,
-    _callable_from_setting,
-    _check_bool,
-    _check_choice,
-    _check_data_groups,
-    _check_int,
-    _loss_from_setting,
+    ON_ERROR,
+    MonitorSettings,
     _mix_seed,
     _private_view,
     _short_repr,
     settings_kwargs,
 )
 from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
-from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.distributed import rank_agreement
@@ -87,19 +81,6 @@ __all__ = [
     "read_curvature_jsonl",
 ]
 
-#: Allowed values of ``batch_mode``.
-BATCH_MODES: tuple[str, ...] = ("fixed", "refresh")
-#: Allowed values of ``on_error``.
-ON_ERROR: tuple[str, ...] = ("warn", "raise")
-#: Metric names logged through ``pl_module.log`` (deconCNN's names for the trace and λ_max).
-DEFAULT_METRIC_KEYS: Mapping[str, str] = {
-    "trace": "curvature/hutch_trace",
-    "trace_stderr": "curvature/hutch_trace_stderr",
-    "eigenvalues": "curvature/lambda_max",
-    "eigenvalues_converged": "curvature/lambda_max_converged",
-    "n_hvp": "curvature/n_hvp",
-    "seconds": "curvature/seconds",
-}
 # ------------------------------------------------------------------------------------- records
 
 
@@ -257,92 +238,32 @@ class CurvatureMonitor(pl.Callback):
         num_samples: int | None = None,
     ) -> None:
         super().__init__()
-        if num_samples is not None:
-            if num_hvps is not None:
-                raise ConfigurationError(
-                    "CurvatureMonitor: num_samples is the deprecated name of num_hvps; give "
-                    f"num_hvps alone (got num_hvps={num_hvps!r} and num_samples={num_samples!r})."
-                )
-            warnings.warn(
-                "CurvatureMonitor: num_samples is deprecated and will be removed in the next "
-                f"release; use num_hvps={num_samples!r} (in a config: curvature.num_hvps).",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            num_hvps = num_samples
-        if backend is not None and not isinstance(backend, str):
-            raise ConfigurationError(
-                f"CurvatureMonitor: backend must be a backend name or null; got {backend!r}."
-            )
-        if isinstance(quantities, str):
-            quantities = (quantities,)
-        if not isinstance(quantities, Sequence) and not hasattr(quantities, "__iter__"):
-            raise ConfigurationError(
-                f"CurvatureMonitor: quantities must be a list such as ['trace', 'eigenvalues']; "
-                f"got {quantities!r}."
-            )
-        quantities = tuple(str(q) for q in quantities)
-        if not quantities:
-            raise ConfigurationError(
-                "CurvatureMonitor: quantities is empty; list at least one, e.g. ['trace']."
-            )
-        if len(set(quantities)) != len(quantities):
-            raise ConfigurationError(
-                f"CurvatureMonitor: quantities lists one quantity twice: {list(quantities)}."
-            )
-        if "diagonal" in quantities:
-            raise ConfigurationError(
-                "CurvatureMonitor: 'diagonal' has one number per parameter, too big for a per-step "
-                "record; measure it after training with `deconcnn-curv estimate`, or monitor "
-                "'layer_trace' instead."
-            )
-        self.backend = backend
-        self.quantities = quantities
-        self.compute_every_n_steps = _check_int("compute_every_n_steps", compute_every_n_steps, 1)
-        self.compute_at_step_zero = _check_bool("compute_at_step_zero", compute_at_step_zero)
-        self.num_hvps = _check_int("num_hvps", num_hvps, 1, allow_none=True)
-        if rtol is not None and (
-            isinstance(rtol, bool)
-            or not isinstance(rtol, int | float)
-            or not math.isfinite(rtol)
-            or rtol <= 0
-        ):
-            raise ConfigurationError(
-                f"CurvatureMonitor: rtol must be a number > 0 or null; got {rtol!r}."
-            )
-        self.rtol = None if rtol is None else float(rtol)
-        self.k = _check_int("k", k, 1)
-        self.hessian_batch_size = _check_int("hessian_batch_size", hessian_batch_size, 1)
-        self.data_groups = _check_data_groups(data_groups, self.hessian_batch_size)
-        self.batch_mode = _check_choice("batch_mode", batch_mode, BATCH_MODES)
-        self.seed = check_seed(seed, name="CurvatureMonitor: seed")
-        self.on_error = _check_choice("on_error", on_error, ON_ERROR)
-        keys = _as_mapping("metric_keys", metric_keys)
-        unknown = sorted(set(keys) - set(DEFAULT_METRIC_KEYS))
-        if unknown:
-            raise ConfigurationError(
-                f"CurvatureMonitor: unknown metric_keys {unknown}; the keys are "
-                f"{', '.join(DEFAULT_METRIC_KEYS)}."
-            )
-        self.metric_keys: dict[str, str | None] = {**DEFAULT_METRIC_KEYS, **keys}
-        for name, key in self.metric_keys.items():
-            if key is not None and (not isinstance(key, str) or not key):
-                raise ConfigurationError(
-                    f"CurvatureMonitor: metric_keys[{name!r}] must be a non-empty string or "
-                    f"null; got {key!r}."
-                )
-        self.jsonl = None if jsonl is None else Path(jsonl)
-        self.backend_options = _as_mapping("backend_options", backend_options)
-        self.loss_fn = _loss_from_setting(loss_fn)
-        if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
-            raise ConfigurationError(
-                f"CurvatureMonitor: model_attr must be an attribute name such as 'model' or "
-                f"null; got {model_attr!r}."
-            )
-        self.model_attr = model_attr
-        self.batch_fn = _callable_from_setting("batch_fn", batch_fn)
-        self.enabled = _check_bool("enabled", enabled)
-        self.log_metrics = _check_bool("log_metrics", log_metrics)
+        settings = MonitorSettings(
+            backend=backend,
+            quantities=quantities,
+            compute_every_n_steps=compute_every_n_steps,
+            compute_at_step_zero=compute_at_step_zero,
+            num_hvps=num_hvps,
+            rtol=rtol,
+            k=k,
+            hessian_batch_size=hessian_batch_size,
+            data_groups=data_groups,
+            batch_mode=batch_mode,
+            seed=seed,
+            on_error=on_error,
+            metric_keys=metric_keys,
+            jsonl=jsonl,
+            backend_options=backend_options,
+            loss_fn=loss_fn,
+            model_attr=model_attr,
+            batch_fn=batch_fn,
+            enabled=enabled,
+            log_metrics=log_metrics,
+            num_samples=num_samples,
+        )
+        # Each checked setting is the attribute of the same name (monitor.num_hvps, ...).
+        for field in dataclasses.fields(settings):
+            setattr(self, field.name, getattr(settings, field.name))
 
         # Resolved in setup().
         self._backend_name: str | None = None

@@ -9,6 +9,8 @@ parameters, and λ_max matches the dense Hessian.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import warnings
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature import registry as registry_module
+from deconcnn_curvature._monitor_settings import MonitorSettings
 from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.errors import (
     BackendFailedError,
@@ -655,6 +658,46 @@ def test_on_error_raise_stops_the_run(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         CurvatureMonitor(**kwargs)
+
+
+def test_the_monitors_arguments_are_checked_in_one_place() -> None:
+    """MonitorSettings checks every argument of the signature (num_samples, the alias, becomes
+    num_hvps); the monitor keeps each checked field as its attribute of the same name."""
+    params = [p for p in inspect.signature(CurvatureMonitor.__init__).parameters if p != "self"]
+    fields = [f.name for f in dataclasses.fields(MonitorSettings)]
+    assert params == [*fields, "num_samples"]
+    kwargs: dict[str, Any] = {
+        "quantities": "trace",
+        "rtol": 1,
+        "metric_keys": {"seconds": None},
+        "jsonl": "c.jsonl",
+        "loss_fn": "mse",
+        "batch_fn": "json:loads",
+    }
+    monitor = CurvatureMonitor(**kwargs)
+    signature = inspect.signature(CurvatureMonitor.__init__)
+    settings = MonitorSettings(
+        **{n: p.default for n, p in signature.parameters.items() if n != "self"} | kwargs
+    )
+    for name in fields:
+        value = getattr(monitor, name)
+        if name != "loss_fn":  # built anew from its name each time
+            assert value == getattr(settings, name), name
+    assert monitor.quantities == ("trace",) and monitor.rtol == 1.0 and type(monitor.rtol) is float
+    assert monitor.metric_keys["seconds"] is None and monitor.jsonl == Path("c.jsonl")
+    assert isinstance(monitor.loss_fn, nn.MSELoss) and monitor.batch_fn is json.loads
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.k = 2  # type: ignore[misc]
+
+
+def test_the_num_samples_warning_points_at_the_line_that_built_the_monitor() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1  # type: ignore[union-attr]
+        CurvatureMonitor(num_samples=3)
+    (warning,) = caught
+    assert warning.category is DeprecationWarning
+    assert (warning.filename, warning.lineno) == (__file__, line)
 
 
 @pytest.mark.parametrize(
