@@ -1,27 +1,23 @@
 """The Lightning monitor's settings and helpers: :class:`MonitorSettings` (its constructor's
 arguments, checked), argument validators, the loss and function settings a config may give as
-names, the module introspection that finds the model to measure, the monitor's seed mixer (defined
-in :mod:`deconcnn_curvature._seeds`) and the private views of a dataset the curvature batch is
-drawn from.
+names, the settings of a config's ``curvature`` group, and the monitor's seed mixer (defined in
+:mod:`deconcnn_curvature._seeds`). What the settings select (the model, the loss, the curvature
+batch) is found by :mod:`deconcnn_curvature._monitor_inputs`.
 
 Split from :mod:`deconcnn_curvature.lightning` (issue 14) so that module holds the callback only.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import importlib
 import math
-import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from deconcnn_curvature._seeds import check_seed
@@ -54,45 +50,6 @@ DEFAULT_METRIC_KEYS: Mapping[str, str] = {
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _private_rng(value: Any) -> Any:
-    """A copy of a random generator with the same state (``value`` itself if it is none)."""
-    if isinstance(value, torch.Generator):
-        clone = torch.Generator(device=value.device)
-        clone.set_state(value.get_state())
-        return clone
-    if isinstance(value, random.Random | np.random.Generator | np.random.RandomState):
-        return copy.deepcopy(value)
-    return value
-
-
-def _private_view(dataset: Any, depth: int = 0) -> Any:
-    """A shallow copy of ``dataset`` that shares its data but not its random generators.
-
-    Reading items through it draws augmentation from copies of the data set's generators (the
-    copy goes through ``__getstate__`` when the class defines one, which is how a data set drops
-    per-process generators), so the training data set's own streams never advance. Wrapped data
-    sets (``Subset``, ``ConcatDataset``) are copied the same way, a few levels deep.
-    """
-    try:
-        clone = copy.copy(dataset)
-    except Exception:  # an uncopyable data set: read it in place, under the global RNG guard
-        return dataset
-    attrs = getattr(clone, "__dict__", None)
-    if isinstance(attrs, dict) and depth < 4:
-        for name, value in list(attrs.items()):
-            if isinstance(value, torch.utils.data.Dataset):
-                attrs[name] = _private_view(value, depth + 1)
-            elif (
-                isinstance(value, list | tuple)
-                and value
-                and all(isinstance(v, torch.utils.data.Dataset) for v in value)
-            ):
-                attrs[name] = type(value)(_private_view(v, depth + 1) for v in value)
-            else:
-                attrs[name] = _private_rng(value)
-    return clone
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:

@@ -43,19 +43,23 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from deconcnn_curvature._lightning import pl
+from deconcnn_curvature._monitor_inputs import (
+    build_batch,
+    check_trial_loss,
+    measured_loss,
+    measured_model,
+    train_loader,
+    what_is_measured,
+)
 from deconcnn_curvature._monitor_settings import (
-    _LOSS_ATTRS,
     BATCH_MODES,
     DEFAULT_METRIC_KEYS,
     LOSS_NAMES,
     ON_ERROR,
     MonitorSettings,
     _mix_seed,
-    _private_view,
-    _short_repr,
     settings_kwargs,
 )
 from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
@@ -63,12 +67,6 @@ from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.problem import (
-    _to_device,
-    check_mean_reduced,
-    global_rng_preserved,
-    preserve_state,
-)
 from deconcnn_curvature.results import CurvatureResult
 
 __all__ = [
@@ -93,50 +91,6 @@ def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a ``curvature.jsonl`` file, in order (blank lines skipped; a line torn by a
     crash is skipped with a warning naming the file and line)."""
     return read_jsonl(path)
-
-
-# ------------------------------------------------------------------------------------- model
-
-
-def _has_own_forward(module: nn.Module) -> bool:
-    """``module`` defines ``forward`` (``LightningModule`` and ``nn.Module`` do not)."""
-    forward = getattr(type(module), "forward", None)
-    return forward not in (pl.LightningModule.forward, nn.Module.forward, None)
-
-
-def _trainable_children(module: nn.Module) -> list[str]:
-    """Names of the direct submodules that hold trainable parameters."""
-    return [
-        name
-        for name, child in module.named_children()
-        if any(p.requires_grad for p in child.parameters())
-    ]
-
-
-def _auto_model_attr(pl_module: nn.Module) -> str | None:
-    """The submodule to measure when ``model_attr`` is not given: ``None`` (the module itself)
-    when it has a ``forward``; else its only child, provided that child holds every trainable
-    parameter. Anything else is ambiguous and raises, naming ``model_attr``."""
-    if _has_own_forward(pl_module):
-        return None
-    owner = type(pl_module).__name__
-    children = _trainable_children(pl_module)
-    direct = [n for n, p in pl_module.named_parameters(recurse=False) if p.requires_grad]
-    if len(children) == 1 and not direct:
-        return children[0]
-    if not children:
-        found = "no submodule holds trainable parameters"
-    elif direct:
-        found = f"it also holds trainable parameters of its own ({', '.join(direct)})"
-    else:
-        found = f"{len(children)} submodules hold trainable parameters ({', '.join(children)})"
-    example = children[0] if children else "model"
-    raise ConfigurationError(
-        f"CurvatureMonitor: {owner} has no forward() of its own and the model to measure is "
-        f"ambiguous: {found}. Set model_attr to the submodule that maps a batch's inputs to "
-        f"the loss's inputs, e.g. model_attr={example!r} (in a config: "
-        f"curvature.model_attr={example}), or give {owner} a forward()."
-    )
 
 
 # ------------------------------------------------------------------------------------- monitor
@@ -403,107 +357,17 @@ class CurvatureMonitor(pl.Callback):
                 )
 
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
-        model: Any = pl_module
-        if self.model_attr is None:
-            found = _auto_model_attr(pl_module)  # a module without forward: its one model child
-            return pl_module if found is None else getattr(pl_module, found)
-        if self.model_attr is not None:
-            for part in self.model_attr.split("."):
-                model = getattr(model, part, None)
-            if not isinstance(model, nn.Module):
-                raise ConfigurationError(
-                    f"CurvatureMonitor: model_attr={self.model_attr!r} does not name a "
-                    f"torch.nn.Module on {type(pl_module).__name__}; got "
-                    f"{type(model).__name__}."
-                )
-        return model
+        return measured_model(pl_module, self.model_attr)
 
     def _loss(self, pl_module: pl.LightningModule) -> Callable[..., torch.Tensor]:
-        loss_fn = self.loss_fn
-        for attr in _LOSS_ATTRS if loss_fn is None else ():
-            loss_fn = getattr(pl_module, attr, None)
-            if callable(loss_fn):
-                break
-        if not callable(loss_fn):
-            raise ConfigurationError(
-                f"CurvatureMonitor needs the training loss: give {type(pl_module).__name__} a "
-                "mean-reduced `loss_fn` or `criterion` attribute (e.g. self.loss_fn = "
-                "nn.CrossEntropyLoss()), or pass loss_fn=... to the monitor (a loss object or "
-                f"one of {', '.join(LOSS_NAMES)}; in a config: curvature.loss_fn=cross_entropy)."
-            )
-        check_mean_reduced(loss_fn, name="CurvatureMonitor: the loss", error=ConfigurationError)
-        return loss_fn
-
-    def _what_is_measured(self, pl_module: pl.LightningModule) -> str:
-        """The start-up line saying which module and loss are measured and where they came from
-        (raises, naming ``model_attr``, when the module to measure is ambiguous)."""
-        owner = type(pl_module).__name__
-        if self.model_attr is not None:
-            self._model(pl_module)
-            model = f"{owner}.{self.model_attr} (model_attr)"
-        else:
-            found = _auto_model_attr(pl_module)
-            model = (
-                f"{owner} (its forward)"
-                if found is None
-                else f"{owner}.{found} (model_attr={found!r}, chosen automatically: {owner} has "
-                f"no forward() and {found} holds all its trainable parameters; set model_attr "
-                "to measure another submodule)"
-            )
-        loss = self._loss(pl_module)
-        source = (
-            "loss_fn"
-            if self.loss_fn is not None
-            else next(
-                (f"{owner}.{a}" for a in _LOSS_ATTRS if getattr(pl_module, a, None) is loss), "?"
-            )
-        )
-        return f"CurvatureMonitor: measuring loss {_short_repr(loss)} ({source}) of model {model}"
+        return measured_loss(pl_module, self.loss_fn)
 
     def check_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
         """Compute the loss once on the curvature ``batch`` as a measurement does, under the state
         guard (training is untouched). A module without ``forward``, a loss that does not take
         the model's outputs, a batch the model cannot read fail here, before the first step,
         with what to set, instead of as a run of ``null`` records. ``on_train_start`` calls it."""
-        model = self._model(pl_module)
-        loss_fn = self._loss(pl_module)
-        inputs, targets = batch
-        params = [p for p in model.parameters() if p.requires_grad]
-        device = params[0].device if params else pl_module.device
-        try:
-            with preserve_state(model):
-                loss = loss_fn(model(_to_device(inputs, device)), _to_device(targets, device))
-                if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-                    what = type(loss).__name__
-                    if isinstance(loss, torch.Tensor):
-                        what = f"a tensor of shape {tuple(loss.shape)}"
-                    problem = f"the loss is {what}, not a scalar (a mean-reduced loss is)"
-                elif not loss.requires_grad:
-                    problem = "the loss does not depend on the measured model's parameters"
-                else:
-                    problem = None
-                del loss
-        except Exception as exc:
-            problem = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-            if len(problem) > 400:
-                problem = problem[:400] + " ..."
-        if problem is None:
-            return
-        owner = type(pl_module).__name__
-        name = owner if self.model_attr is None else f"{owner}.{self.model_attr}"
-        if self.model_attr is None and model is not pl_module:
-            name = f"{owner}.{_auto_model_attr(pl_module)}"
-        children = _trainable_children(pl_module)
-        example = children[0] if children else "net"
-        raise ConfigurationError(
-            f"CurvatureMonitor: a trial measurement before training failed: loss_fn(model(inputs), "
-            f"targets) with model={name}, loss_fn={_short_repr(loss_fn)} on the curvature batch: "
-            f"{problem}. Set model_attr={example!r} (the submodule mapping inputs to outputs"
-            f"{'; candidates: ' + ', '.join(children) if children else ''}), loss_fn=... (a loss "
-            f"object or {', '.join(LOSS_NAMES)}) or batch_fn=... (a training batch -> (inputs, "
-            "targets)), whichever is wrong (in a config: curvature.model_attr=..., "
-            "curvature.loss_fn=..., curvature.batch_fn=...)."
-        )
+        check_trial_loss(pl_module, batch, self.model_attr, self.loss_fn)
 
     def check_config(self) -> dict[str, dict[str, Any]]:
         """Resolve backend, quantities and options with :func:`deconcnn_curvature.resolve`.
@@ -549,7 +413,7 @@ class CurvatureMonitor(pl.Callback):
         if not self.enabled or stage != "fit":
             return
         resolved = self.check_config()
-        pl.utilities.rank_zero_info(self._what_is_measured(pl_module))
+        pl.utilities.rank_zero_info(what_is_measured(pl_module, self.model_attr, self.loss_fn))
         cls = get_backend(self._backend_name)
         exact = cls.exact
         for quantity, full in resolved.items():
@@ -620,26 +484,11 @@ class CurvatureMonitor(pl.Callback):
                 "interval cover the probe noise only (this batch's Hessian, not the data set's)."
             )
 
-    def _train_loader(self, trainer: pl.Trainer) -> DataLoader:
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise ConfigurationError(
-                "CurvatureMonitor draws its batch from the training DataLoader's data set, but "
-                f"the training data is a {type(loader).__name__}; use a single torch DataLoader."
-            )
-        dataset = loader.dataset
-        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-            raise ConfigurationError(
-                "CurvatureMonitor needs a map-style training data set (with __len__ and "
-                f"__getitem__) to draw a reproducible batch from; got {type(dataset).__name__}."
-            )
-        return loader
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the training data before the first step (fail fast)."""
         if not self.enabled:
             return
-        dataset = self._train_loader(trainer).dataset
+        dataset = train_loader(trainer).dataset
         size = len(dataset)
         if size < self.hessian_batch_size:
             raise ConfigurationError(
@@ -659,11 +508,11 @@ class CurvatureMonitor(pl.Callback):
                 )
         # Build one curvature batch now (not cached; augmentation from private generators), so
         # a batch the monitor cannot use fails before the first step, not at every measurement.
-        loader = self._train_loader(trainer)
+        loader = train_loader(trainer)
         with rank_agreement(pl_module.device, enabled=trainer.world_size > 1):
             indices = self.batch_indices(trainer.global_step, size)
             try:
-                batch = self._build_batch(trainer, loader, indices)
+                batch = build_batch(trainer, loader, indices, self.batch_fn)
             except ConfigurationError:
                 raise
             except Exception as exc:  # batch_fn or the data set: a user's code, said in one line
@@ -708,38 +557,17 @@ class CurvatureMonitor(pl.Callback):
     def _curvature_batch(self, trainer: pl.Trainer, step: int) -> tuple[Any, torch.Tensor]:
         if self.batch_mode == "fixed" and self._batch is not None:
             return self._batch
-        loader = self._train_loader(trainer)
+        loader = train_loader(trainer)
         dataset = loader.dataset
         if self._dataset_len is None:
             self._dataset_len = len(dataset)
         indices = self.batch_indices(step, self._dataset_len)
         if self.batch_mode == "fixed":
             self._indices = indices
-        batch = self._build_batch(trainer, loader, indices)
+        batch = build_batch(trainer, loader, indices, self.batch_fn)
         if self.batch_mode == "fixed":
             self._batch = batch
         return batch
-
-    def _build_batch(self, trainer: pl.Trainer, loader: DataLoader, indices: list[int]) -> Any:
-        """This rank's share of ``indices``, collated as the training loader does, mapped by
-        ``batch_fn`` and converted as Lightning converts training inputs (``*-true``
-        precisions cast them to the model's dtype)."""
-        local = indices[trainer.global_rank :: trainer.world_size]
-        view = _private_view(loader.dataset)
-        with global_rng_preserved():
-            batch = loader.collate_fn([view[i] for i in local])
-        if self.batch_fn is not None:
-            batch = self.batch_fn(batch)
-        if not (isinstance(batch, tuple | list) and len(batch) == 2):
-            what = type(batch).__name__
-            if isinstance(batch, Mapping):
-                what += f" with keys {sorted(map(str, batch))}"
-            raise ConfigurationError(
-                f"CurvatureMonitor: the training loader's batches are {what}, not an (inputs, "
-                "targets) pair; pass batch_fn=... mapping a batch to one, e.g. "
-                "batch_fn=lambda b: (b['x'], b['y'])."
-            )
-        return trainer.precision_plugin.convert_input(tuple(batch))
 
     def _record(self, trainer: pl.Trainer, step: int, quantity: str, **fields: Any) -> None:
         record = {

@@ -40,6 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "__main__",
             "_lightning",
             "_monitor_settings",
+            "_monitor_inputs",
             "present",
             "lightning",
             "cli",
