@@ -358,9 +358,9 @@ class CurvatureMonitor(pl.Callback):
         ``configs/callbacks/curvature_monitor.yaml`` passes as ``settings``), keyword arguments on
         top (``instantiate(cfg.callbacks, jsonl=...)``).
 
-        A setting left unset (OmegaConf's ``???``, as ``configs/curvature/base.yaml`` lists every
-        one) takes the default of :meth:`__init__`, where each default is written once; ``null``
-        stays ``None`` (``jsonl: null``: no records file). An unknown key raises
+        A setting left unset (``null``, as ``configs/curvature/base.yaml`` lists every one; or
+        OmegaConf's ``???``) takes the default of :meth:`__init__`, where each default is written
+        once; ``jsonl: null`` stays ``None`` (no records file). An unknown key raises
         :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid keys;
         ``num_samples`` is the deprecated alias of ``num_hvps`` (a ``DeprecationWarning``); in a
         config it replaces ``num_hvps`` (which a group file such as ``curvature/pyhessian.yaml``

@@ -131,7 +131,7 @@ def compose_run_config(
       the checkpoint) with this command's overrides on top, and continues in the checkpoint's
       folder unless ``run_dir=``/``name=`` is given;
     * otherwise ``$DECONCNN_CURVATURE_BACKEND`` names the backend when no override does;
-    * the ``curvature`` settings left unset (``???``, see ``configs/curvature/base.yaml``) are
+    * the ``curvature`` settings left unset (``null``, see ``configs/curvature/base.yaml``) are
       filled with the monitor's defaults, so ``--cfg`` and the saved ``config.yaml`` show the
       values the run uses.
     """
@@ -153,13 +153,15 @@ def compose_run_config(
 
 
 def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
-    """Set each unset (``???``) ``curvature`` setting to the default of ``CurvatureMonitor``'s
-    signature (where the defaults are written, once); an unset deprecated ``num_samples`` is
-    dropped. A config without a ``curvature`` group is returned as it is."""
+    """Set each unset (``null``, or ``???`` in an older config) ``curvature`` setting to the
+    default of ``CurvatureMonitor``'s signature (where the defaults are written, once); an unset
+    deprecated ``num_samples`` is dropped. A config without a ``curvature`` group is returned as
+    it is."""
     import inspect
 
     from omegaconf import OmegaConf, open_dict
 
+    from deconcnn_curvature._monitor_settings import is_unset
     from deconcnn_curvature.lightning import CurvatureMonitor
 
     node = OmegaConf.select(cfg, "curvature", default=None)
@@ -168,7 +170,9 @@ def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
     defaults = inspect.signature(CurvatureMonitor.__init__).parameters
     with open_dict(node):
         for key in list(node.keys()):
-            if not OmegaConf.is_missing(node, key) or key not in defaults:
+            if key not in defaults:
+                continue
+            if not OmegaConf.is_missing(node, key) and not is_unset(key, node[key]):
                 continue
             if key == "num_samples":
                 del node[key]
