@@ -624,6 +624,11 @@ class CurvatureMonitor(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check backend, quantities, options, model and loss before any training step."""
+        if not self.enabled and stage == "fit":  # the shipped curvature/*.yaml start disabled
+            pl.utilities.rank_zero_info(
+                "CurvatureMonitor: disabled (enabled=false), nothing is measured; set enabled=true "
+                "(in a config: curvature.enabled=true) to measure."
+            )
         if not self.enabled or stage != "fit":
             return
         resolved = self.check_config()

@@ -362,6 +362,21 @@ def test_disabled_monitor_does_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "curvature.jsonl").exists() and not trainer.callback_metrics
 
 
+def test_a_disabled_monitor_says_so_once_at_setup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each shipped curvature/<backend>.yaml has enabled: false; a project that drops the files
+    in and forgets curvature.enabled=true used to train with no curvature and no word about it."""
+    monitor = CurvatureMonitor(enabled=False, compute_every_n_steps=1)
+    with caplog.at_level("INFO"):
+        fit_tiny(tmp_path, monitor, max_steps=2)
+    said = [r.getMessage() for r in caplog.records if "CurvatureMonitor" in r.getMessage()]
+    assert said == [
+        "CurvatureMonitor: disabled (enabled=false), nothing is measured; set enabled=true "
+        "(in a config: curvature.enabled=true) to measure."
+    ]
+
+
 def test_record_writer_is_strict_json_and_readable_before_close(tmp_path: Path) -> None:
     writer = CurvatureRecordWriter(tmp_path / "sub" / "c.jsonl")
     writer.write({"value": float("nan"), "ci": (1.0, float("inf")), "t": torch.tensor(2.5)})
