@@ -33,6 +33,7 @@ Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021), Lanczos for the top eigenva
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import math
@@ -378,12 +379,48 @@ class CurvatureMonitor(pl.Callback):
     def state_key(self) -> str:
         """Tells apart monitors that share one Trainer (by backend, quantities and records
         file) but not a monitor from itself with another seed or cadence, so that a resumed run
-        finds its state (and keeps the checkpoint's seed, with a warning) after such a change."""
+        finds its state (and keeps the checkpoint's seed, with a warning) after such a change.
+        An absolute records path counts by its file name, so that a run folder moved elsewhere
+        (``deconcnn-curv train`` gives the monitor ``<run folder>/curvature.jsonl``) still finds
+        its state."""
         return self._generate_state_key(
-            backend=self.backend,
-            quantities=self.quantities,
-            jsonl=None if self.jsonl is None else str(self.jsonl),
+            backend=self.backend, quantities=self.quantities, jsonl=self._jsonl_key(self.jsonl)
         )
+
+    @staticmethod
+    def _jsonl_key(jsonl: Any) -> str | None:
+        if jsonl is None:
+            return None
+        path = Path(jsonl)
+        return path.name if path.is_absolute() else str(path)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Find this monitor's state in a checkpoint that keyed it by the full records path
+        (earlier releases; the run folder since moved): the one monitor state of the same
+        backend and quantities whose records file has the same name."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        prefix = type(self).__qualname__ + "{"
+        found = []
+        for key, state in states.items():
+            if not (isinstance(key, str) and key.startswith(prefix)):
+                continue
+            try:
+                saved = ast.literal_eval(key[len(type(self).__qualname__) :])
+            except (ValueError, SyntaxError):
+                continue
+            if (
+                isinstance(saved, dict)
+                and saved.get("backend") == self.backend
+                and tuple(saved.get("quantities") or ()) == self.quantities
+                and self._jsonl_key(saved.get("jsonl")) == self._jsonl_key(self.jsonl)
+            ):
+                found.append(state)
+        if len(found) == 1:
+            self.load_state_dict(found[0])
 
     @property
     def backend_name(self) -> str | None:

@@ -802,6 +802,51 @@ def test_resuming_with_another_seed_keeps_the_checkpoints_batch_and_says_so(
     assert steps == [2, 4, 6]
 
 
+@pytest.mark.parametrize("saved_by", ["this release", "an earlier release"])
+def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(
+    tmp_path: Path, saved_by: str
+) -> None:
+    """deconcnn-curv train gives the monitor an absolute records path; the state key held it, so
+    a run folder moved (scratch to project space, renamed) resumed without the monitor's state
+    (count, seed, batch) and Lightning told the user to add the callback they had added. A
+    checkpoint keyed by the full path (earlier releases) is found by its file name too."""
+
+    def monitor(folder: Path, seed: int) -> CurvatureMonitor:
+        return CurvatureMonitor(
+            quantities=["trace"], compute_every_n_steps=2, num_hvps=2, hessian_batch_size=8,
+            seed=seed, jsonl=str(folder / "curvature.jsonl"),
+        )  # fmt: skip
+
+    first = monitor(tmp_path / "scratch", 0)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path / "scratch", [first], max_steps=4)
+    trainer.fit(Tiny(), tiny_data())
+    trainer.save_checkpoint(tmp_path / "scratch" / "last.ckpt")
+    if saved_by == "an earlier release":
+        ckpt = torch.load(tmp_path / "scratch" / "last.ckpt", weights_only=False)
+        state = ckpt["callbacks"].pop(first.state_key)
+        old_key = "CurvatureMonitor" + repr(
+            {"backend": None, "quantities": ("trace",), "jsonl": str(first.jsonl)}
+        )
+        ckpt["callbacks"][old_key] = state
+        torch.save(ckpt, tmp_path / "scratch" / "last.ckpt")
+    (tmp_path / "scratch").rename(tmp_path / "project")
+
+    resumed = monitor(tmp_path / "project", 1)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path / "project", [resumed], max_steps=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Tiny(), tiny_data(), ckpt_path=tmp_path / "project" / "last.ckpt")
+    said = [str(w.message) for w in caught]
+    assert any("measured with seed=0, this monitor has seed=1" in m for m in said), said
+    if saved_by == "this release":
+        assert not any("callbacks used to create the checkpoint" in m for m in said), said
+    assert resumed.seed == 0 and resumed.curvature_indices == first.curvature_indices
+    assert resumed.measurements == 3
+    assert [r["step"] for r in records(tmp_path / "project" / "curvature.jsonl")] == [2, 4, 6]
+
+
 def test_resuming_from_an_older_checkpoint_keeps_each_step_once(tmp_path: Path) -> None:
     """A run measured steps 2, 4, 6 but its checkpoint is from step 4 (it crashed, say): the
     resumed run re-measures step 6; the stale step-6 records move to a side file, the main file
