@@ -120,6 +120,27 @@ def test_the_train_command_reports_an_unknown_setting_in_one_line(tmp_path: Path
     assert not (tmp_path / "r" / "config.yaml").exists()
 
 
+def test_a_misspelt_setting_without_plus_names_the_valid_ones_not_hydras_append(
+    tmp_path: Path,
+) -> None:
+    """`deconcnn-curv train curvature.num_hvp=3` (no `+`): Hydra's own advice was "To append to
+    your config use +curvature.num_hvp=3", which only leads to the unknown-setting error; the
+    command now says what is wrong and what the settings are."""
+    from click.testing import CliRunner
+
+    from deconcnn_curvature.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["train", "model=small_cnn", f"run_dir={tmp_path / 'r'}", "curvature.num_hvp=3"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "unknown setting 'num_hvp'" in result.output
+    assert "did you mean num_hvps?" in result.output
+    assert "+curvature.num_hvp" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_explicit_null_stays_null_and_unset_takes_the_default() -> None:
     unset = instantiate(compose_config([]).callbacks)
     assert unset.jsonl == Path("curvature.jsonl") and unset.rtol is None

@@ -110,12 +110,30 @@ def compose_config(
         with initialize_config_dir(str(folder), version_base="1.3", job_name="deconcnn-curv"):
             return compose("train", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
+        _check_curvature_keys(overrides)  # not Hydra's "use +curvature.num_hvp=3": no such setting
         # Hydra's later lines carry the fix ("To append to your config use +key=value").
         message = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigurationError(
             f"bad configuration override: {message} (config folder: {folder}; see "
             "`deconcnn-curv train --cfg` for the keys)."
         ) from exc
+
+
+def _check_curvature_keys(overrides: Sequence[str]) -> None:
+    """Raise the monitor's own unknown-setting error (the valid names, a close match) for an
+    override ``curvature.<name>=...`` whose name is no monitor setting."""
+    import inspect
+
+    from deconcnn_curvature._monitor_settings import settings_kwargs
+    from deconcnn_curvature.lightning import CurvatureMonitor
+
+    accepted = [p for p in inspect.signature(CurvatureMonitor.__init__).parameters if p != "self"]
+    for override in overrides:
+        key = override.partition("=")[0]
+        head, _, rest = key.partition(".")
+        name = rest.partition(".")[0]
+        if head == "curvature" and name and name not in accepted:
+            settings_kwargs(accepted, {name: None}, {})
 
 
 def compose_run_config(
