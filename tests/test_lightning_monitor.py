@@ -571,9 +571,11 @@ def test_a_loader_of_dicts_needs_batch_fn_and_says_so_before_training(tmp_path: 
     monitor = CurvatureMonitor(compute_every_n_steps=2, num_hvps=5, hessian_batch_size=4)
     pl.seed_everything(0, verbose=False)
     module = DictBatches()
-    with pytest.raises(ConfigurationError, match=r"dict with keys \['x', 'y'\].*batch_fn"):
+    with pytest.raises(ConfigurationError, match=r"dict with keys \['x', 'y'\].*batch_fn") as info:
         make_trainer(tmp_path, [monitor], max_steps=4).fit(module, dict_data())
     assert module.steps_run == 0
+    # A config cannot hold a lambda: the message names the config form too.
+    assert "curvature.batch_fn=package.module:function" in str(info.value)
 
     mapped = CurvatureMonitor(
         compute_every_n_steps=2,
