@@ -254,12 +254,14 @@ def build_batch(trainer: pl.Trainer, loader: DataLoader, indices: list[int], bat
     if batch_fn is not None:
         batch = batch_fn(batch)
     if not (isinstance(batch, tuple | list) and len(batch) == 2):
-        what = type(batch).__name__
+        what, pair = type(batch).__name__, ("x", "y")
         if isinstance(batch, Mapping):
             what += f" with keys {sorted(map(str, batch))}"
+            pair = tuple(map(str, batch))[:2] if len(batch) == 2 else pair
         raise ConfigurationError(
             f"CurvatureMonitor: the training loader's batches are {what}, not an (inputs, "
             "targets) pair; pass batch_fn=... mapping a batch to one, e.g. "
-            "batch_fn=lambda b: (b['x'], b['y'])."
+            f"batch_fn=lambda b: (b[{pair[0]!r}], b[{pair[1]!r}]), or in a config the import "
+            "path of such a function: curvature.batch_fn=package.module:function."
         )
     return trainer.precision_plugin.convert_input(tuple(batch))

@@ -309,9 +309,20 @@ def _check_metric_keys(metric_keys: Any) -> dict[str, str | None]:
 
 # ------------------------------------------------------------------------------ config settings
 
-#: OmegaConf's "no value" marker: a setting ``curvature/base.yaml`` lists but a config leaves
-#: unset, so the monitor's own default applies (``null`` is a value: ``jsonl: null`` = no file).
+#: OmegaConf's "no value" marker, read as unset (the monitor's own default applies) for configs
+#: written before ``curvature/base.yaml`` switched to ``null``: ``???`` means "must be given" to
+#: Hydra, so a project's own ``to_container(cfg, throw_on_missing=True)`` failed on it.
 UNSET = "???"
+#: Settings whose ``null`` in a config is a value, not "unset" (``jsonl: null``: no records file).
+#: For every other setting ``null`` means the monitor's default, as ``curvature/base.yaml`` lists.
+NULL_IS_A_VALUE: frozenset[str] = frozenset({"jsonl"})
+
+
+def is_unset(key: str, value: Any) -> bool:
+    """Whether a config's ``curvature.<key>`` leaves the monitor's default in place."""
+    if isinstance(value, str):
+        return value == UNSET
+    return value is None and key not in NULL_IS_A_VALUE
 
 
 def _plain_settings(value: Any) -> dict[str, Any]:
@@ -344,8 +355,9 @@ def settings_kwargs(
     accepted: Sequence[str], settings: Any, overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The keyword arguments ``CurvatureMonitor.from_config`` passes on: the settings of a config's
-    ``curvature`` group with ``overrides`` on top, unset (``???``) ones dropped so the signature's
-    default applies, ``{_target_: ...}`` values built. An unknown key is a
+    ``curvature`` group with ``overrides`` on top, unset ones (``null``, but for ``jsonl``; or
+    ``???``: :func:`is_unset`) dropped so the signature's default applies, ``{_target_: ...}``
+    values built. An unknown key is a
     :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid ones."""
     merged = {**_plain_settings(settings), **{str(k): v for k, v in overrides.items()}}
     unknown = sorted(set(merged) - set(accepted))
@@ -357,4 +369,4 @@ def settings_kwargs(
             f"curvature.{unknown[0]}); {hint}the settings are {', '.join(accepted)} "
             "(configs/curvature/base.yaml)."
         )
-    return {k: _built(v) for k, v in merged.items() if not (isinstance(v, str) and v == UNSET)}
+    return {k: _built(v) for k, v in merged.items() if not is_unset(k, v)}

@@ -12,8 +12,8 @@ Plugins are asked first. Two loaders are built in, both registered through that 
 2. **Anything else with a model factory** (``model="package.module:factory"`` plus
    ``model_args``), this module's own implementation, registered ``trylast``: a plain state dict,
    or a checkpoint holding one under ``state_dict`` (Lightning) or ``model_state_dict``. Prefixes
-   such as ``model.`` (a LightningModule attribute) or ``module.`` (DistributedDataParallel) are
-   stripped when the keys then fit the model exactly.
+   such as ``model.`` or ``net.`` (the LightningModule attribute holding the network) or
+   ``module.`` (DistributedDataParallel) are stripped when the keys then fit the model exactly.
 
 Both finish with :func:`loaded_checkpoint`: the loss is cross-entropy unless ``loss`` is set, and
 the data come from the saved data configuration (``datamodule_hyper_parameters``, which Lightning
@@ -490,6 +490,14 @@ def _find_state_dict(checkpoint: Mapping[str, Any], path: Path) -> tuple[Mapping
 _PREFIXES = ("", "model.", "module.", "model.module.", "_orig_mod.", "model._orig_mod.")
 
 
+def _submodule_prefixes(state: Mapping[str, Any]) -> tuple[str, ...]:
+    """``"net."`` and the like: the first name of the keys, tried after :data:`_PREFIXES`, for a
+    LightningModule that holds the network ``--model`` builds as ``self.net`` (the weights load
+    only if the stripped keys are exactly the model's)."""
+    firsts = {str(k).partition(".")[0] + "." for k in state if "." in str(k)}
+    return tuple(sorted(firsts - set(_PREFIXES)))
+
+
 def _few(names: Any, n: int = 4) -> str:
     names = sorted(names)
     more = f" (+{len(names) - n} more)" if len(names) > n else ""
@@ -701,7 +709,7 @@ def load_checkpoint(
         model,
         state,
         f"{path} ({kind})",
-        _PREFIXES,
+        (*_PREFIXES, *_submodule_prefixes(state)),
         f"check --model {model_spec} and --model-arg",
     )
     return loaded_checkpoint(

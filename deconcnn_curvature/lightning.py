@@ -33,6 +33,7 @@ Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021), Lanczos for the top eigenva
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import os
@@ -239,9 +240,9 @@ class CurvatureMonitor(pl.Callback):
         ``configs/callbacks/curvature_monitor.yaml`` passes as ``settings``), keyword arguments on
         top (``instantiate(cfg.callbacks, jsonl=...)``).
 
-        A setting left unset (OmegaConf's ``???``, as ``configs/curvature/base.yaml`` lists every
-        one) takes the default of :meth:`__init__`, where each default is written once; ``null``
-        stays ``None`` (``jsonl: null``: no records file). An unknown key raises
+        A setting left unset (``null``, as ``configs/curvature/base.yaml`` lists every one; or
+        OmegaConf's ``???``) takes the default of :meth:`__init__`, where each default is written
+        once; ``jsonl: null`` stays ``None`` (no records file). An unknown key raises
         :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid keys;
         ``num_samples`` is the deprecated alias of ``num_hvps`` (a ``DeprecationWarning``); in a
         config it replaces ``num_hvps`` (which a group file such as ``curvature/pyhessian.yaml``
@@ -259,12 +260,48 @@ class CurvatureMonitor(pl.Callback):
     def state_key(self) -> str:
         """Tells apart monitors that share one Trainer (by backend, quantities and records
         file) but not a monitor from itself with another seed or cadence, so that a resumed run
-        finds its state (and keeps the checkpoint's seed, with a warning) after such a change."""
+        finds its state (and keeps the checkpoint's seed, with a warning) after such a change.
+        An absolute records path counts by its file name, so that a run folder moved elsewhere
+        (``deconcnn-curv train`` gives the monitor ``<run folder>/curvature.jsonl``) still finds
+        its state."""
         return self._generate_state_key(
-            backend=self.backend,
-            quantities=self.quantities,
-            jsonl=None if self.jsonl is None else str(self.jsonl),
+            backend=self.backend, quantities=self.quantities, jsonl=self._jsonl_key(self.jsonl)
         )
+
+    @staticmethod
+    def _jsonl_key(jsonl: Any) -> str | None:
+        if jsonl is None:
+            return None
+        path = Path(jsonl)
+        return path.name if path.is_absolute() else str(path)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Find this monitor's state in a checkpoint that keyed it by the full records path
+        (earlier releases; the run folder since moved): the one monitor state of the same
+        backend and quantities whose records file has the same name."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        prefix = type(self).__qualname__ + "{"
+        found = []
+        for key, state in states.items():
+            if not (isinstance(key, str) and key.startswith(prefix)):
+                continue
+            try:
+                saved = ast.literal_eval(key[len(type(self).__qualname__) :])
+            except (ValueError, SyntaxError):
+                continue
+            if (
+                isinstance(saved, dict)
+                and saved.get("backend") == self.backend
+                and tuple(saved.get("quantities") or ()) == self.quantities
+                and self._jsonl_key(saved.get("jsonl")) == self._jsonl_key(self.jsonl)
+            ):
+                found.append(state)
+        if len(found) == 1:
+            self.load_state_dict(found[0])
 
     @property
     def backend_name(self) -> str | None:
@@ -410,6 +447,11 @@ class CurvatureMonitor(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check backend, quantities, options, model and loss before any training step."""
+        if not self.enabled and stage == "fit":  # the shipped curvature/*.yaml start disabled
+            pl.utilities.rank_zero_info(
+                "CurvatureMonitor: disabled (enabled=false), nothing is measured; set enabled=true "
+                "(in a config: curvature.enabled=true) to measure."
+            )
         if not self.enabled or stage != "fit":
             return
         resolved = self.check_config()

@@ -66,8 +66,16 @@ def _same_weights(a: nn.Module, b: nn.Module) -> None:
 
 @pytest.mark.parametrize(
     ("prefix", "wrap"),
-    [("", None), ("model.", "state_dict"), ("module.", None), ("", "model_state_dict")],
-    ids=["plain", "lightning-prefixed", "ddp-prefixed", "model_state_dict"],
+    [
+        ("", None),
+        ("model.", "state_dict"),
+        ("module.", None),
+        ("", "model_state_dict"),
+        # A LightningModule holding its network as self.net (or backbone, encoder, ...): the
+        # factory builds that network; its keys are the checkpoint's under one submodule name.
+        ("net.", "state_dict"),
+    ],
+    ids=["plain", "lightning-prefixed", "ddp-prefixed", "model_state_dict", "lightning-submodule"],
 )
 def test_state_dict_with_factory_loads_the_weights(
     workdir: Path, prefix: str, wrap: str | None

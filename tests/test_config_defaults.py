@@ -1,6 +1,6 @@
 """Each monitor default is written once, in ``CurvatureMonitor.__init__`` (issue 14, item 3).
 
-``configs/curvature/base.yaml`` lists every setting unset (``???``), each backend file lists only
+``configs/curvature/base.yaml`` lists every setting unset (``null``), each backend file lists only
 what differs, and ``configs/callbacks/curvature_monitor.yaml`` hands the whole group to
 ``CurvatureMonitor.from_config``. Checked with real Hydra composition of the shipped configs (the
 train app's compose), real instantiation and tiny real Trainer runs.
@@ -45,13 +45,18 @@ def _listed(name: str) -> dict[str, object]:
 
 def test_base_yaml_lists_every_monitor_argument_unset_and_documented() -> None:
     """The reference file and the signature name the same settings (no exception: loss_fn and
-    batch_fn take names in a config too); each is unset (???) and carries a comment."""
+    batch_fn take names in a config too); each is unset (null, not ???: see
+    test_the_dropped_in_group_survives_strict_config_logging) and carries a comment, except jsonl,
+    whose null is a value (no records file): it holds the signature's default."""
     base = OmegaConf.load(CONFIGS / "curvature" / "base.yaml")
     assert set(base) == set(PARAMETERS)
-    assert all(OmegaConf.is_missing(base, key) for key in base)
+    assert not OmegaConf.missing_keys(base)
+    assert base.jsonl == PARAMETERS["jsonl"].default
+    assert all(base[key] is None for key in base if key != "jsonl")
     text = (CONFIGS / "curvature" / "base.yaml").read_text()
     for key in base:
-        assert re.search(rf"^{key}: \?\?\? +# \S", text, re.M), key
+        value = "curvature.jsonl" if key == "jsonl" else "null"
+        assert re.search(rf"^{key}: {re.escape(value)} +# \S", text, re.M), key
 
 
 @pytest.mark.parametrize("name", BACKEND_FILES)
@@ -113,6 +118,27 @@ def test_the_train_command_reports_an_unknown_setting_in_one_line(tmp_path: Path
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "unknown setting 'num_hvp'" in result.output
     assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_a_misspelt_setting_without_plus_names_the_valid_ones_not_hydras_append(
+    tmp_path: Path,
+) -> None:
+    """`deconcnn-curv train curvature.num_hvp=3` (no `+`): Hydra's own advice was "To append to
+    your config use +curvature.num_hvp=3", which only leads to the unknown-setting error; the
+    command now says what is wrong and what the settings are."""
+    from click.testing import CliRunner
+
+    from deconcnn_curvature.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["train", "model=small_cnn", f"run_dir={tmp_path / 'r'}", "curvature.num_hvp=3"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "unknown setting 'num_hvp'" in result.output
+    assert "did you mean num_hvps?" in result.output
+    assert "+curvature.num_hvp" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_explicit_null_stays_null_and_unset_takes_the_default() -> None:
@@ -280,3 +306,38 @@ def test_resume_reaches_a_setting_the_saved_run_left_at_its_default(tmp_path: Pa
     with pytest.warns(DeprecationWarning, match="num_samples is deprecated"):
         monitor = instantiate(resumed.callbacks)
     assert monitor.k == 2 and monitor.num_hvps == 9 and monitor.backend == "hutchpp"
+
+
+def test_the_dropped_in_group_survives_strict_config_logging(tmp_path: Path) -> None:
+    """A user's own code reads its whole config: wandb's Hydra recipe
+    (``OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)``), ``OmegaConf.to_object``,
+    ``cfg.curvature.k``, and a callbacks list whose entry hands ``${curvature}`` to
+    ``from_config`` under Hydra's default recursive instantiation. None of them may fail on a
+    setting the user left at the monitor's default (``???`` made every one raise
+    ``MissingMandatoryValue``)."""
+    configs = tmp_path / "configs"
+    (configs / "callbacks").mkdir(parents=True)
+    (configs / "curvature").mkdir()
+    shutil.copy(CONFIGS / "callbacks" / "curvature_monitor.yaml", configs / "callbacks")
+    for name in ("base", "hutchpp"):
+        shutil.copy(CONFIGS / "curvature" / f"{name}.yaml", configs / "curvature")
+    (configs / "config.yaml").write_text(
+        "defaults:\n  - curvature: hutchpp\n  - callbacks: curvature_monitor\n  - _self_\n"
+        "data:\n  batch_size: 32\n"
+        "extra:\n  - _target_: deconcnn_curvature.lightning.CurvatureMonitor.from_config\n"
+        "    settings: ${curvature}\n"
+    )
+    overrides = ["curvature.enabled=true", "curvature.hessian_batch_size=${data.batch_size}"]
+    with initialize_config_dir(str(configs), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    logged = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(logged, dict) and logged["curvature"]["hessian_batch_size"] == 32
+    assert OmegaConf.missing_keys(cfg) == set()
+    OmegaConf.to_object(cfg)
+    assert cfg.curvature.k is None  # the monitor's default applies
+    for monitor in (instantiate(cfg.callbacks), instantiate(cfg.extra)[0]):
+        assert monitor.enabled and monitor.backend == "hutchpp" and monitor.k == 1
+        assert monitor.hessian_batch_size == 32
+        assert monitor.num_hvps == _listed("hutchpp")["num_hvps"]
+        assert monitor.jsonl == Path("curvature.jsonl")
+        assert monitor.quantities == PARAMETERS["quantities"].default

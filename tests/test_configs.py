@@ -23,7 +23,7 @@ from deconcnn_curvature.lightning import DEFAULT_METRIC_KEYS, CurvatureMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-# base.yaml lists every setting unset (???): the reference the backend files start from.
+# base.yaml lists every setting unset (null): the reference the backend files start from.
 CURVATURE_FILES = sorted(p.stem for p in (CONFIGS / "curvature").glob("*.yaml") if p.stem != "base")
 
 

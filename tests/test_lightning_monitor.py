@@ -365,6 +365,21 @@ def test_disabled_monitor_does_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "curvature.jsonl").exists() and not trainer.callback_metrics
 
 
+def test_a_disabled_monitor_says_so_once_at_setup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each shipped curvature/<backend>.yaml has enabled: false; a project that drops the files
+    in and forgets curvature.enabled=true used to train with no curvature and no word about it."""
+    monitor = CurvatureMonitor(enabled=False, compute_every_n_steps=1)
+    with caplog.at_level("INFO"):
+        fit_tiny(tmp_path, monitor, max_steps=2)
+    said = [r.getMessage() for r in caplog.records if "CurvatureMonitor" in r.getMessage()]
+    assert said == [
+        "CurvatureMonitor: disabled (enabled=false), nothing is measured; set enabled=true "
+        "(in a config: curvature.enabled=true) to measure."
+    ]
+
+
 def test_record_writer_is_strict_json_and_readable_before_close(tmp_path: Path) -> None:
     writer = CurvatureRecordWriter(tmp_path / "sub" / "c.jsonl")
     writer.write({"value": float("nan"), "ci": (1.0, float("inf")), "t": torch.tensor(2.5)})
@@ -559,9 +574,11 @@ def test_a_loader_of_dicts_needs_batch_fn_and_says_so_before_training(tmp_path: 
     monitor = CurvatureMonitor(compute_every_n_steps=2, num_hvps=5, hessian_batch_size=4)
     pl.seed_everything(0, verbose=False)
     module = DictBatches()
-    with pytest.raises(ConfigurationError, match=r"dict with keys \['x', 'y'\].*batch_fn"):
+    with pytest.raises(ConfigurationError, match=r"dict with keys \['x', 'y'\].*batch_fn") as info:
         make_trainer(tmp_path, [monitor], max_steps=4).fit(module, dict_data())
     assert module.steps_run == 0
+    # A config cannot hold a lambda: the message names the config form too.
+    assert "curvature.batch_fn=package.module:function" in str(info.value)
 
     mapped = CurvatureMonitor(
         compute_every_n_steps=2,
@@ -845,6 +862,51 @@ def test_resuming_with_another_seed_keeps_the_checkpoints_batch_and_says_so(
     assert resumed.measurements == 3
     steps = [r["step"] for r in records(tmp_path / "c.jsonl")]
     assert steps == [2, 4, 6]
+
+
+@pytest.mark.parametrize("saved_by", ["this release", "an earlier release"])
+def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(
+    tmp_path: Path, saved_by: str
+) -> None:
+    """deconcnn-curv train gives the monitor an absolute records path; the state key held it, so
+    a run folder moved (scratch to project space, renamed) resumed without the monitor's state
+    (count, seed, batch) and Lightning told the user to add the callback they had added. A
+    checkpoint keyed by the full path (earlier releases) is found by its file name too."""
+
+    def monitor(folder: Path, seed: int) -> CurvatureMonitor:
+        return CurvatureMonitor(
+            quantities=["trace"], compute_every_n_steps=2, num_hvps=2, hessian_batch_size=8,
+            seed=seed, jsonl=str(folder / "curvature.jsonl"),
+        )  # fmt: skip
+
+    first = monitor(tmp_path / "scratch", 0)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path / "scratch", [first], max_steps=4)
+    trainer.fit(Tiny(), tiny_data())
+    trainer.save_checkpoint(tmp_path / "scratch" / "last.ckpt")
+    if saved_by == "an earlier release":
+        ckpt = torch.load(tmp_path / "scratch" / "last.ckpt", weights_only=False)
+        state = ckpt["callbacks"].pop(first.state_key)
+        old_key = "CurvatureMonitor" + repr(
+            {"backend": None, "quantities": ("trace",), "jsonl": str(first.jsonl)}
+        )
+        ckpt["callbacks"][old_key] = state
+        torch.save(ckpt, tmp_path / "scratch" / "last.ckpt")
+    (tmp_path / "scratch").rename(tmp_path / "project")
+
+    resumed = monitor(tmp_path / "project", 1)
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path / "project", [resumed], max_steps=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Tiny(), tiny_data(), ckpt_path=tmp_path / "project" / "last.ckpt")
+    said = [str(w.message) for w in caught]
+    assert any("measured with seed=0, this monitor has seed=1" in m for m in said), said
+    if saved_by == "this release":
+        assert not any("callbacks used to create the checkpoint" in m for m in said), said
+    assert resumed.seed == 0 and resumed.curvature_indices == first.curvature_indices
+    assert resumed.measurements == 3
+    assert [r["step"] for r in records(tmp_path / "project" / "curvature.jsonl")] == [2, 4, 6]
 
 
 def test_resuming_from_an_older_checkpoint_keeps_each_step_once(tmp_path: Path) -> None:

@@ -161,6 +161,16 @@ def test_cfg_prints_the_composed_config() -> None:
     assert "width_mult: 0.125" in result.output and "backend: hutchpp" in result.output
 
 
+def test_cfg_takes_hydras_own_job_word() -> None:
+    """A Hydra user types `--cfg job` (Hydra's form); `job` was read as an override and failed
+    with "Error parsing override 'job' missing EQUAL"."""
+    result = _train("--cfg", "job", "curvature=hutchpp")
+    assert result.exit_code == 0, result.output
+    assert "backend: hutchpp" in result.output and "Error" not in result.output
+    assert _train("--cfg", "all").exit_code == 0
+    assert "backend: hutchpp" in _train("curvature=hutchpp", "--cfg", "job").output
+
+
 def test_config_dir_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_config_dir() == ROOT / "configs"  # a source checkout uses configs/
     # (an installed wheel's own copy is tested by tests/test_packaging.py)

@@ -52,6 +52,22 @@ def _signals_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _interruptible(command: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while the block runs ends ``deconcnn-curv COMMAND`` with one line and
+    exit code 130 / 143 (Click's own answer, "Aborted!" and 1, reads as an ordinary failure)."""
+    try:
+        with _signals_interrupt():
+            yield
+    except KeyboardInterrupt as exc:
+        name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        click.echo(
+            f"deconcnn-curv {command}: interrupted by {name} before it finished; nothing to show.",
+            err=True,
+        )
+        raise click.exceptions.Exit(_exit_code(exc)) from None
+
+
 class _RunningTrace:
     """Receives the estimator's :class:`TraceProgress` reports: shows products done / budget and
     an ETA on the progress display, and keeps the last report for a partial result."""

@@ -30,6 +30,7 @@ from deconcnn_curvature.cli._common import (
     resolve_device,
 )
 from deconcnn_curvature.cli._memory import _PeakMemory, _Progress
+from deconcnn_curvature.cli._progress import _interruptible
 from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
 from deconcnn_curvature.present import _header, _show_compare
 from deconcnn_curvature.registry import get_registry
@@ -170,7 +171,7 @@ def compare_cmd(
         meters[name] = _PeakMemory(dev)
         return meters[name]
 
-    with _Progress(quiet, total=len(names)) as progress:
+    with _interruptible("compare"), _Progress(quiet, total=len(names)) as progress:
         progress.step(f"loading {checkpoint.name}")
         loaded = _load(checkpoint, settings, dev, trust)
         found = dcc.compare(

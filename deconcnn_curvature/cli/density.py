@@ -26,6 +26,7 @@ from deconcnn_curvature.cli._common import (
     resolve_device,
 )
 from deconcnn_curvature.cli._memory import _Progress
+from deconcnn_curvature.cli._progress import _interruptible
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.present import (
     _check_plot_path,
@@ -146,7 +147,7 @@ def density_cmd(
     if plot_path is not None:
         _check_plot_path(plot_path.expanduser())
 
-    with _Progress(quiet) as progress:
+    with _interruptible("density"), _Progress(quiet) as progress:
         progress.step(f"loading {checkpoint.name}")
         loaded = _load(checkpoint, settings, dev, trust)
         steps = {

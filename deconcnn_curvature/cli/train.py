@@ -53,7 +53,12 @@ def _check_training_extra() -> None:
     help="Folder holding train.yaml and its groups (default: the shipped configs; "
     "$DECONCNN_CURVATURE_CONFIG_DIR also sets it).",
 )
-@click.option("--cfg", "show_cfg", is_flag=True, help="Print the composed config and exit.")
+@click.option(
+    "--cfg",
+    "show_cfg",
+    is_flag=True,
+    help="Print the composed config and exit (`--cfg job`, Hydra's form, works too).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @user_errors
 def train_cmd(
@@ -84,6 +89,8 @@ def train_cmd(
         summary_table,
     )
 
+    if show_cfg:  # Hydra's `--cfg job`: a bare word is never an override (key=value)
+        overrides = tuple(o for o in overrides if o not in ("job", "all"))
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         raise click.UsageError(

@@ -110,12 +110,30 @@ def compose_config(
         with initialize_config_dir(str(folder), version_base="1.3", job_name="deconcnn-curv"):
             return compose("train", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
+        _check_curvature_keys(overrides)  # not Hydra's "use +curvature.num_hvp=3": no such setting
         # Hydra's later lines carry the fix ("To append to your config use +key=value").
         message = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigurationError(
             f"bad configuration override: {message} (config folder: {folder}; see "
             "`deconcnn-curv train --cfg` for the keys)."
         ) from exc
+
+
+def _check_curvature_keys(overrides: Sequence[str]) -> None:
+    """Raise the monitor's own unknown-setting error (the valid names, a close match) for an
+    override ``curvature.<name>=...`` whose name is no monitor setting."""
+    import inspect
+
+    from deconcnn_curvature._monitor_settings import settings_kwargs
+    from deconcnn_curvature.lightning import CurvatureMonitor
+
+    accepted = [p for p in inspect.signature(CurvatureMonitor.__init__).parameters if p != "self"]
+    for override in overrides:
+        key = override.partition("=")[0]
+        head, _, rest = key.partition(".")
+        name = rest.partition(".")[0]
+        if head == "curvature" and name and name not in accepted:
+            settings_kwargs(accepted, {name: None}, {})
 
 
 def compose_run_config(
@@ -131,7 +149,7 @@ def compose_run_config(
       the checkpoint) with this command's overrides on top, and continues in the checkpoint's
       folder unless ``run_dir=``/``name=`` is given;
     * otherwise ``$DECONCNN_CURVATURE_BACKEND`` names the backend when no override does;
-    * the ``curvature`` settings left unset (``???``, see ``configs/curvature/base.yaml``) are
+    * the ``curvature`` settings left unset (``null``, see ``configs/curvature/base.yaml``) are
       filled with the monitor's defaults, so ``--cfg`` and the saved ``config.yaml`` show the
       values the run uses.
     """
@@ -153,13 +171,15 @@ def compose_run_config(
 
 
 def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
-    """Set each unset (``???``) ``curvature`` setting to the default of ``CurvatureMonitor``'s
-    signature (where the defaults are written, once); an unset deprecated ``num_samples`` is
-    dropped. A config without a ``curvature`` group is returned as it is."""
+    """Set each unset (``null``, or ``???`` in an older config) ``curvature`` setting to the
+    default of ``CurvatureMonitor``'s signature (where the defaults are written, once); an unset
+    deprecated ``num_samples`` is dropped. A config without a ``curvature`` group is returned as
+    it is."""
     import inspect
 
     from omegaconf import OmegaConf, open_dict
 
+    from deconcnn_curvature._monitor_settings import is_unset
     from deconcnn_curvature.lightning import CurvatureMonitor
 
     node = OmegaConf.select(cfg, "curvature", default=None)
@@ -168,7 +188,9 @@ def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
     defaults = inspect.signature(CurvatureMonitor.__init__).parameters
     with open_dict(node):
         for key in list(node.keys()):
-            if not OmegaConf.is_missing(node, key) or key not in defaults:
+            if key not in defaults:
+                continue
+            if not OmegaConf.is_missing(node, key) and not is_unset(key, node[key]):
                 continue
             if key == "num_samples":
                 del node[key]
