@@ -36,10 +36,10 @@ noise of the draws). A setting meets deconCNN's accuracy when all three are met,
 checkpoints and draws; the cheapest one that does is reported and, in any case, the frontier
 (settings no other is both cheaper and at least as accurate at both ends of every range).
 
-Defaults (about 35 min of one core): 512 samples, checkpoints at steps 0, 100, 300, 10 draws per
-checkpoint and setting, the settings ``DEFAULT_SETTINGS`` (the shipped ``curvature=hutchpp``,
-its cheaper and larger-batch neighbours, deconCNN's own); the reference spends 120 Hutch++
-products + up to 40 Lanczos products per checkpoint on one 512-sample batch.
+Defaults (about 40 min of one core, 58 on 2 shared): 512 samples, checkpoints at steps 0, 100,
+300, 10 draws per checkpoint and setting, the settings ``DEFAULT_SETTINGS`` (the shipped
+``curvature=hutchpp``, its cheaper and larger-batch neighbours, deconCNN's own); the reference
+spends 120 Hutch++ products + up to 40 Lanczos products per checkpoint on one 512-sample batch.
 
     python benchmarks/cost_accuracy.py           # the default sizes
     python benchmarks/cost_accuracy.py --quick   # smoke run (about half a minute)
