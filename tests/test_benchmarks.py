@@ -4,6 +4,7 @@ timings are never asserted in tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -80,7 +81,15 @@ def _check(name: str, data: dict[str, Any]) -> None:
         assert set(data["reference"]) == {"0", "2"}  # checkpoints of the training run
         for r in rows.values():
             assert set(r["per_checkpoint"]) == {"0", "2"}
-            assert 0 <= r["accuracy"]["coverage"] <= 1 and isinstance(r["accuracy"]["met"], bool)
+            acc = r["accuracy"]
+            assert acc["draws"] == 2 and isinstance(acc["met"], bool)
+            for crit in ("trace_within_5pct", "coverage", "lambda_within_1pct"):
+                lo, hi = acc[crit]["share"]  # a range over the reference's uncertainty
+                w_lo, w_hi = acc[crit]["wilson95"]
+                assert 0 <= w_lo <= lo <= hi <= w_hi <= 1, acc[crit]
+        for f in data["reference"].values():  # the reference's uncertainty is reported
+            assert _positive(f["trace_stderr"]) and f["lambda_halfwidth"] >= 0
+            assert isinstance(f["trace_decidable"], bool)
         assert data["frontier"] and set(data["frontier"]) <= {r["name"] for r in rows.values()}
     elif name == "trace_accuracy":
         assert set(data["accuracy"]) >= {"cnn_init", "cnn_trained"}
@@ -102,3 +111,45 @@ def test_benchmark_runs_and_writes_its_ratios(name: str, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     _check(name, data)
+
+
+def _cost_accuracy() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "cost_accuracy", ROOT / "benchmarks" / "cost_accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cost_accuracy_wilson_interval_matches_its_closed_form() -> None:
+    wilson = _cost_accuracy().wilson
+    z2 = 1.96**2
+    # k = 0 and k = n: the bounds are z^2/(n+z^2) and n/(n+z^2)
+    assert wilson(0, 10) == pytest.approx((0.0, z2 / (10 + z2)), abs=1e-12)
+    assert wilson(10, 10) == pytest.approx((10 / (10 + z2), 1.0), abs=1e-12)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # symmetric about 1/2
+    assert wilson(18, 20) == pytest.approx((0.6990, 0.9721), abs=1e-4)
+
+
+def test_cost_accuracy_judges_with_the_references_uncertainty() -> None:
+    ca = _cost_accuracy()
+    z2 = 1.96**2
+    # 4 % from an exact reference is within 5 %; with a reference of ±2 % it only may be
+    assert ca._within(1.04, 1.0, 0.0, 0.05) == (True, True)
+    assert ca._within(1.04, 1.0, 0.02, 0.05) == (False, True)
+    assert ca._within(1.50, 1.0, 0.02, 0.05) == (False, False)
+    assert ca._covers([0.9, 1.1], 1.0, 0.05) == (True, True)
+    assert ca._covers([0.9, 1.0], 1.0, 0.05) == (False, True)
+    assert ca._covers([1.2, 1.3], 1.0, 0.05) == (False, False)
+    assert ca._covers(None, 1.0, 0.0) == (False, False)
+    # verdicts on ">= 90 %": 20/20 meets it but is not shown beyond draw noise, 40/40 is
+    full = ca._share([(True, True)] * 20)
+    assert (full["verdict"], full["shown"]) == ("met", False)
+    assert full["wilson95"][0] == pytest.approx(20 / (20 + z2))
+    assert ca._share([(True, True)] * 40)["shown"] is True
+    half = ca._share([(True, True)] * 10 + [(False, False)] * 10)
+    assert (half["verdict"], half["shown"]) == ("not met", True)
+    # 17 surely and 19 possibly of 20: the reference cannot tell
+    mixed = ca._share([(True, True)] * 17 + [(False, True)] * 2 + [(False, False)])
+    assert mixed["share"] == [0.85, 0.95] and mixed["verdict"] == "undecided"
