@@ -78,7 +78,7 @@ def test_one_flag_enables_and_one_override_swaps_the_backend() -> None:
 
     hutchpp = instantiate(_compose(["curvature=hutchpp"]).callbacks)
     assert hutchpp.backend == "hutchpp" and hutchpp.enabled is True  # train.yaml turns it on
-    assert hutchpp.quantities == ("trace", "eigenvalues") and hutchpp.num_hvps == 20
+    assert hutchpp.quantities == ("trace", "eigenvalues") and hutchpp.num_hvps == 10
     assert (
         hutchpp.hessian_batch_size == 64
     )  # the cost/accuracy frontier (benchmarks/cost_accuracy.py)

@@ -306,7 +306,7 @@ def test_resume_takes_the_runs_own_config_and_keeps_it(tmp_path: Path) -> None:
     assert settings["compute_every_n_steps"] == cfg["curvature"]["compute_every_n_steps"] == 4
     assert settings["backend"] == cfg["curvature"]["backend"] == "hutchpp"
     assert settings["k"] == cfg["curvature"]["k"] == 2
-    assert settings["num_hvps"] == cfg["curvature"]["num_hvps"] == 20  # curvature/hutchpp.yaml
+    assert settings["num_hvps"] == cfg["curvature"]["num_hvps"] == 10  # curvature/hutchpp.yaml
     assert cfg["model"]["name"] == "small_cnn" and cfg["model"]["width"] == 4
     assert cfg["run_dir"] == str(run)
 
