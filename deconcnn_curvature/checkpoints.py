@@ -27,6 +27,7 @@ shape, batch size and count, seed, model factory and arguments, loss.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import importlib
@@ -203,6 +204,7 @@ def _allowed_globals() -> list[Any]:
         pathlib.WindowsPath,
         pathlib.PureWindowsPath,
     ]
+    allowed += _omegaconf_globals()
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is a dependency
@@ -213,6 +215,63 @@ def _allowed_globals() -> list[Any]:
     # numpy >= 1.25 restores a dtype through its own class (numpy.dtypes.Float64DType...).
     allowed += list(dict.fromkeys(type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGUS"))
     return allowed
+
+
+def _omegaconf_globals() -> list[Any]:
+    """What ``save_hyperparameters(cfg)`` of an OmegaConf ``DictConfig`` (Hydra's config) pickles
+    into a Lightning checkpoint, when omegaconf is installed; nothing otherwise.
+
+    The config objects and their metadata are rebuilt by ``object.__new__`` and omegaconf's own
+    ``__setstate__`` (a ``__dict__`` update plus type bookkeeping); the metadata names the types
+    ``dict``, ``list``, ``int`` and ``typing.Any``. Its resolver cache, a
+    ``collections.defaultdict(dict)`` (Hydra fills the root's with ``${now:...}``), is read as a
+    plain dict (torch fills no other mapping) and made a ``defaultdict`` again by
+    :func:`_restore_resolver_caches`. None of these calls anything the file chooses: a config that
+    holds any other object (a user's class, a function) is still refused. Interpolations such as
+    ``${a}`` stay text until read.
+    """
+    try:
+        from omegaconf import DictConfig, ListConfig
+        from omegaconf.base import ContainerMetadata, Metadata
+        from omegaconf.nodes import AnyNode
+    except ImportError:
+        return []
+    import typing
+
+    allowed: list[Any] = [
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        dict,
+        list,
+        int,
+        typing.Any,
+    ]
+    if torch.__version__ >= "2.6":  # older torch takes no (object, name) pairs: cache refused
+        allowed.append((_plain_dict, "collections.defaultdict"))
+    return allowed
+
+
+def _plain_dict(*_factory: Any) -> dict[Any, Any]:
+    """Stands in for ``collections.defaultdict`` while unpickling: an empty plain dict."""
+    return {}
+
+
+def _restore_resolver_caches(contents: Any) -> None:
+    """Give the OmegaConf configs of ``contents`` (the file's top level or one of its entries,
+    such as ``hyper_parameters``) their resolver cache back as a ``defaultdict(dict)`` (see
+    :func:`_omegaconf_globals`); only a config's root cache is ever used."""
+    omegaconf = sys.modules.get("omegaconf")
+    if omegaconf is None:
+        return
+    candidates = [contents, *contents.values()] if isinstance(contents, dict) else [contents]
+    for config in candidates:
+        if isinstance(config, omegaconf.Container):
+            cache = omegaconf.OmegaConf.get_cache(config)
+            if not isinstance(cache, collections.defaultdict):
+                omegaconf.OmegaConf.set_cache(config, collections.defaultdict(dict, cache))
 
 
 @contextlib.contextmanager
@@ -286,7 +345,9 @@ def _read(path: Path, trust: bool) -> tuple[Any | None, _ReadFailure | None]:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False), None
         with allowed_checkpoint_globals():
-            return torch.load(path, map_location="cpu", weights_only=True), None
+            contents = torch.load(path, map_location="cpu", weights_only=True)
+        _restore_resolver_caches(contents)
+        return contents, None
     except Exception as exc:  # any failure to unpickle means "not a readable torch file"
         if not trust and _is_refusal(exc):
             return None, _ReadFailure(_refusal(path, exc), refused=True)

@@ -65,7 +65,7 @@ from deconcnn_curvature._monitor_settings import (
 )
 from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
 from deconcnn_curvature.api import estimate, get_backend, resolve
-from deconcnn_curvature.backend import Backend
+from deconcnn_curvature.backend import HOST_OPTION_NAMES, Backend
 from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.results import CurvatureResult
@@ -95,6 +95,17 @@ def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------- monitor
+
+
+def _options_said(cls: type[Backend], quantity: str, full: Mapping[str, Any]) -> str:
+    """The options part of a start-up line: ``budget NAME=VALUE`` only where the backend
+    declares a budget option for ``quantity``, then the backend's options, then the host's
+    arguments (:data:`~deconcnn_curvature.backend.HOST_OPTIONS`, e.g. ``eval_mode``) apart."""
+    budget = cls.budget_option(quantity)
+    options = {n: v for n, v in full.items() if n not in HOST_OPTION_NAMES}
+    host = {n: v for n, v in full.items() if n in HOST_OPTION_NAMES}
+    said = [f"budget {budget}={full[budget]}"] if budget in full else []
+    return "; ".join([*said, f"options {options}", f"host arguments {host}"])
 
 
 class CurvatureMonitor(pl.Callback):
@@ -459,12 +470,10 @@ class CurvatureMonitor(pl.Callback):
         cls = get_backend(self._backend_name)
         exact = cls.exact
         for quantity, full in resolved.items():
-            names = (cls.budget_option(quantity), "rtol", "k")
-            budget = {n: full[n] for n in names if n in full}
             pl.utilities.rank_zero_info(
                 f"CurvatureMonitor: {quantity} by backend {self._backend_name!r} every "
                 f"{self.compute_every_n_steps} steps on {self.hessian_batch_size} samples "
-                f"({self.batch_mode} batch); budget {budget}; all options {full}"
+                f"({self.batch_mode} batch); {_options_said(cls, quantity, full)}"
             )
             if (
                 quantity == "trace"

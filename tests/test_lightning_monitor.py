@@ -380,6 +380,26 @@ def test_a_disabled_monitor_says_so_once_at_setup(
     ]
 
 
+def test_the_start_up_lines_name_the_budget_and_host_arguments_apart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line for eigenvalues said ``budget {'k': 1}`` (k is no budget) and listed the host's
+    eval_mode among the backend's "all options"."""
+    monitor = CurvatureMonitor(
+        backend="pyhessian", compute_every_n_steps=100, num_hvps=5, hessian_batch_size=8
+    )
+    with caplog.at_level("INFO"):
+        fit_tiny(tmp_path, monitor, max_steps=1)
+    said = [r.getMessage() for r in caplog.records if " by backend 'pyhessian'" in r.getMessage()]
+    assert len(said) == 2, said
+    trace, eigenvalues = sorted(said, key=lambda line: "eigenvalues" in line)
+    assert "; budget num_hvps=5; options {'num_hvps': 5, " in trace
+    assert "budget" not in eigenvalues and "; options {'k': 1, " in eigenvalues
+    for line in said:
+        assert line.endswith("; host arguments {'eval_mode': True}")
+        assert "all options" not in line and line.count("eval_mode") == 1
+
+
 def test_record_writer_is_strict_json_and_readable_before_close(tmp_path: Path) -> None:
     writer = CurvatureRecordWriter(tmp_path / "sub" / "c.jsonl")
     writer.write({"value": float("nan"), "ci": (1.0, float("inf")), "t": torch.tensor(2.5)})

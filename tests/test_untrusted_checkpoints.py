@@ -8,9 +8,11 @@ file: if the marker exists, code from the checkpoint ran (and the number of line
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +254,75 @@ def test_a_file_that_is_no_pickle_gets_a_one_line_reason(workdir: Path) -> None:
     assert contents is None and reason == "UnpicklingError: Unsupported operand 123"
     with pytest.raises(CheckpointError, match=r"truncated \(UnpicklingError: Unsupported operand"):
         open_checkpoint(path, GENERIC)
+
+
+# --------------------------------------------------------------------------- Hydra configs
+
+
+def _hydra_style_checkpoint(path: Path) -> Path:
+    """A real Lightning checkpoint of a module that called ``save_hyperparameters(cfg)`` with an
+    OmegaConf config (nested dicts, lists, an interpolation, a path, None, and the root resolver
+    cache Hydra fills for ``${now:...}``); its ``net`` is the helper model of ``w.pt``."""
+    import lightning.pytorch as pl
+    from checkpoint_helpers import helper_model
+    from omegaconf import OmegaConf
+
+    class HydraModule(pl.LightningModule):
+        def __init__(self, cfg: Any) -> None:
+            super().__init__()
+            self.save_hyperparameters(cfg)
+            self.net = helper_model(0)
+
+    cfg = OmegaConf.create(
+        {
+            "seed": 3,
+            "copy_of_seed": "${seed}",
+            "model": {"hidden": 5, "layers": [12, {"width": 0.5}], "root": pathlib.Path("/d")},
+            "tags": ["a", "b"],
+            "nothing": None,
+        }
+    )
+    OmegaConf.set_cache(cfg, defaultdict(dict, {"now": {("%Y",): "2026"}}))
+    trainer = pl.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    trainer.strategy.connect(HydraModule(cfg))
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_a_hydra_config_in_hyper_parameters_opens_without_trust(workdir: Path) -> None:
+    pytest.importorskip("lightning")
+    omegaconf = pytest.importorskip("omegaconf")
+    path = _hydra_style_checkpoint(workdir / "app_hp.ckpt")
+    contents, reason = read_checkpoint(path)
+    assert reason is None, reason
+    hparams = contents["hyper_parameters"]
+    assert isinstance(hparams, omegaconf.DictConfig)
+    assert hparams.copy_of_seed == 3 and hparams.model.layers[1].width == 0.5
+    assert hparams.model.root == pathlib.Path("/d") and list(hparams.tags) == ["a", "b"]
+    cache = omegaconf.OmegaConf.get_cache(hparams)
+    assert isinstance(cache, defaultdict) and cache == {"now": {("%Y",): "2026"}}
+    # the same weights, no hyper-parameters: the same measurement
+    plain = save_state_dict(workdir / "w.pt")
+    outputs = []
+    for ckpt in (path, plain):
+        result = run("estimate", ckpt, *GENERIC_ARGS, "--num-hvps", 4, "--json")
+        assert result.exit_code == 0, result.output
+        measured = json.loads(result.stdout)["result"]
+        outputs.append(
+            {k: v for k, v in measured.items() if k not in ("seconds", "peak_memory_bytes")}
+        )
+    assert outputs[0] == outputs[1] and outputs[0]["value"] > 0
+
+
+def test_a_hydra_config_holding_code_is_still_refused(workdir: Path) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    marker = workdir / "marker"
+    cfg = omegaconf.OmegaConf.create({"data": {"source": "synthetic"}, "x": 1})
+    cfg._get_node("x").__dict__["_val"] = _Payload(_append(marker))  # what no API would store
+    state = torch.load(save_state_dict(workdir / "w.pt"), weights_only=True)
+    torch.save({"state_dict": state, "hyper_parameters": cfg}, workdir / "evil.ckpt")
+    with pytest.raises(UntrustedCheckpointError, match=r"\(exec\)"):
+        open_checkpoint(workdir / "evil.ckpt", GENERIC)
+    with pytest.raises(UntrustedCheckpointError, match=r"builtins\.exec"):
+        check_resume_checkpoint(workdir / "evil.ckpt")
+    assert runs(marker) == 0
