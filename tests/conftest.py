@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+from checkpoint_helpers import HELPER_MODULE, install_helper_module
 
 from deconcnn_curvature.registry import reset_registry
 
@@ -31,3 +35,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A temporary working folder holding the checkpoint helper module (importable, the current
+    directory); a test file adds what it needs by overriding ``workdir`` and requesting it."""
+    install_helper_module(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop(HELPER_MODULE, None)

@@ -15,7 +15,6 @@ import torch
 from checkpoint_helpers import (
     HELPER_MODULE,
     helper_model,
-    install_helper_module,
     reference_checkpoint,
     save_state_dict,
     write_fake_cifar,
@@ -37,15 +36,6 @@ from deconcnn_curvature.errors import ConfigurationError, CurvatureError, Plugin
 from deconcnn_curvature.registry import Registry
 
 GENERIC = {"model": f"{HELPER_MODULE}:factory", "data": "synthetic", "input_shape": (12,)}
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    install_helper_module(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    sys.modules.pop(HELPER_MODULE, None)
 
 
 @pytest.fixture(scope="module")

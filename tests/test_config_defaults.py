@@ -15,6 +15,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from config_helpers import BACKEND_FILES, CONFIGS
+from config_helpers import attributes as _attributes
+from config_helpers import listed as _listed
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import instantiate
@@ -24,23 +27,7 @@ from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.lightning import CurvatureMonitor, read_curvature_jsonl
 from deconcnn_curvature.training.run import compose_config, compose_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-BACKEND_FILES = sorted(p.stem for p in (CONFIGS / "curvature").glob("*.yaml") if p.stem != "base")
 PARAMETERS = inspect.signature(CurvatureMonitor).parameters
-#: Kept as attributes of the same name (num_samples, the deprecated alias, becomes num_hvps).
-SETTINGS = [p for p in PARAMETERS if p != "num_samples"]
-
-
-def _attributes(monitor: CurvatureMonitor) -> dict[str, object]:
-    return {name: getattr(monitor, name) for name in SETTINGS}
-
-
-def _listed(name: str) -> dict[str, object]:
-    group = OmegaConf.to_container(OmegaConf.load(CONFIGS / "curvature" / f"{name}.yaml"))
-    assert isinstance(group, dict)
-    group.pop("defaults", None)
-    return group
 
 
 def test_base_yaml_lists_every_monitor_argument_unset_and_documented() -> None:

@@ -8,11 +8,13 @@ files: ``tests/test_packaging.py``.)
 
 from __future__ import annotations
 
-import inspect
 import shutil
 from pathlib import Path
 
 import pytest
+from config_helpers import BACKEND_FILES, CONFIGS
+from config_helpers import attributes as _attributes
+from config_helpers import listed as _listed
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -21,32 +23,12 @@ import deconcnn_curvature as dcc
 from deconcnn_curvature import lightning as dcc_lightning
 from deconcnn_curvature.lightning import DEFAULT_METRIC_KEYS, CurvatureMonitor
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-# base.yaml lists every setting unset (null): the reference the backend files start from.
-CURVATURE_FILES = sorted(p.stem for p in (CONFIGS / "curvature").glob("*.yaml") if p.stem != "base")
+CURVATURE_FILES = BACKEND_FILES
 
 
 def _compose(overrides: list[str], config_dir: Path = CONFIGS, name: str = "train"):
     with initialize_config_dir(str(config_dir), version_base="1.3"):
         return compose(name, overrides=overrides)
-
-
-#: CurvatureMonitor's arguments, each kept as an attribute of the same name (num_samples, the
-#: deprecated alias, becomes num_hvps).
-SETTINGS = [p for p in inspect.signature(CurvatureMonitor).parameters if p != "num_samples"]
-
-
-def _attributes(monitor: CurvatureMonitor) -> dict[str, object]:
-    return {name: getattr(monitor, name) for name in SETTINGS}
-
-
-def _listed(name: str) -> dict[str, object]:
-    """The settings curvature/<name>.yaml itself writes (its defaults list aside)."""
-    group = OmegaConf.to_container(OmegaConf.load(CONFIGS / "curvature" / f"{name}.yaml"))
-    assert isinstance(group, dict)
-    group.pop("defaults", None)
-    return group
 
 
 def test_every_builtin_backend_has_a_curvature_file_that_selects_it() -> None:

@@ -22,7 +22,6 @@ import torch
 from checkpoint_helpers import (
     GENERIC_ARGS,
     HELPER_MODULE,
-    install_helper_module,
     reference_checkpoint,
     save_state_dict,
 )
@@ -75,15 +74,6 @@ def hostile(path: Path, marker: Path, *, then_fail: bool = False) -> Path:
 
 def runs(marker: Path) -> int:
     return len(marker.read_text().splitlines()) if marker.exists() else 0
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    install_helper_module(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    sys.modules.pop(HELPER_MODULE, None)
 
 
 # --------------------------------------------------------------------------- library

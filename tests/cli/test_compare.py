@@ -4,7 +4,6 @@ that cannot run gets a row with the reason instead of ending the command."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,7 @@ import torch
 from cases import dense_hessian
 from checkpoint_helpers import (
     GENERIC_ARGS,
-    HELPER_MODULE,
     helper_model,
-    install_helper_module,
     save_state_dict,
 )
 from click.testing import CliRunner, Result
@@ -94,13 +91,10 @@ class Plugin:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    install_helper_module(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The shared working folder (tests/conftest.py) with this file's test plugin registered."""
     monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
-    yield tmp_path
-    sys.modules.pop(HELPER_MODULE, None)
+    return workdir
 
 
 def run(*args: Any) -> Result:

@@ -18,7 +18,6 @@ from checkpoint_helpers import (
     GENERIC_ARGS,
     HELPER_MODULE,
     helper_model,
-    install_helper_module,
     reference_checkpoint,
     save_state_dict,
 )
@@ -31,15 +30,6 @@ from deconcnn_curvature import registry as registry_module
 from deconcnn_curvature.cli import cli
 from deconcnn_curvature.data_sources import DataSpec, build_batches
 from deconcnn_curvature.registry import Registry
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    install_helper_module(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    sys.modules.pop(HELPER_MODULE, None)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import GENERIC_ARGS, HELPER_MODULE, install_helper_module, save_state_dict
+from checkpoint_helpers import GENERIC_ARGS, save_state_dict
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature.linalg import DenseOperator, hutchinson, hutchpp, trace_progress
@@ -33,13 +33,10 @@ BUDGET = 50_000_000  # far more than the test will wait for
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    install_helper_module(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    save_state_dict(tmp_path / "w.pt", seed=1)
-    yield tmp_path
-    sys.modules.pop(HELPER_MODULE, None)
+def workdir(workdir: Path) -> Path:
+    """The shared working folder (tests/conftest.py) with weights saved in ``w.pt``."""
+    save_state_dict(workdir / "w.pt", seed=1)
+    return workdir
 
 
 def _interrupt(workdir: Path, sig: int, *extra: str) -> tuple[int, str, str]:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
-from checkpoint_helpers import GENERIC_ARGS, HELPER_MODULE, install_helper_module, save_state_dict
+from checkpoint_helpers import GENERIC_ARGS, save_state_dict
 from click.testing import CliRunner, Result
 
 from deconcnn_curvature import Backend, CurvatureResult, Option, hookimpl
@@ -71,15 +70,6 @@ def test_density_k_help_comes_from_the_declaration() -> None:
     text = _words(run("density", "--help").output)
     (k,) = {o.help for o in _declared()["-k"]}
     assert _words("Top eigenvalues to mark, 0: none") in text and _words(k) in text
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    install_helper_module(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    sys.modules.pop(HELPER_MODULE, None)
 
 
 def test_a_bound_only_one_backend_declares_is_its_own_one_line_error(workdir: Path) -> None:

@@ -4,12 +4,11 @@ code 1 read as an ordinary failure to a script or a scheduler."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from checkpoint_helpers import GENERIC_ARGS, HELPER_MODULE, install_helper_module, save_state_dict
+from checkpoint_helpers import GENERIC_ARGS, save_state_dict
 from click.testing import CliRunner
 
 import deconcnn_curvature
@@ -18,13 +17,10 @@ from deconcnn_curvature.cli._progress import _Terminated
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    install_helper_module(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    save_state_dict(tmp_path / "w.pt", seed=1)
-    yield tmp_path
-    sys.modules.pop(HELPER_MODULE, None)
+def workdir(workdir: Path) -> Path:
+    """The shared working folder (tests/conftest.py) with weights saved in ``w.pt``."""
+    save_state_dict(workdir / "w.pt", seed=1)
+    return workdir
 
 
 @pytest.mark.parametrize("command", ["compare", "density"])
