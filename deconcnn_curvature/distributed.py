@@ -66,7 +66,7 @@ def local_only() -> Iterator[None]:
         _LOCAL.reset(token)
 
 
-def _check_backend_device(device: torch.device) -> None:
+def check_backend_device(device: torch.device) -> None:
     backend = str(dist.get_backend()).lower()
     if device.type == "cpu" and backend == "nccl":
         raise InvalidProblemError(
@@ -145,7 +145,7 @@ class RankAgreement:
         return out
 
 
-def _current_agreement(device: torch.device | None) -> RankAgreement | None:
+def current_agreement(device: torch.device | None) -> RankAgreement | None:
     """The active agreement (see :func:`rank_agreement`), a new one, or ``None`` (one process)."""
     if _world_size() <= 1:
         return None
@@ -172,7 +172,7 @@ def agree(
     failed. Without a process group of more than one rank it returns ``value`` (or raises
     ``failure``).
     """
-    agreement = _current_agreement(device)
+    agreement = current_agreement(device)
     if agreement is None:
         if failure is not None:
             raise failure

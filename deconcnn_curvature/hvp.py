@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from deconcnn_curvature.distributed import _check_backend_device, _current_agreement
+from deconcnn_curvature.distributed import check_backend_device, current_agreement
 from deconcnn_curvature.errors import (
     BackendFailedError,
     InvalidOptionError,
@@ -114,10 +114,10 @@ class HessianOperator:
         self._shapes = [p.shape for p in problem.params]
         self._dim = problem.dim
         # -- distributed (issue 7): the agreement of the enclosing estimate() call, or our own.
-        self._agreement = _current_agreement(problem.device) if distributed else None
+        self._agreement = current_agreement(problem.device) if distributed else None
         self._distributed = self._agreement is not None
         if self._distributed:
-            _check_backend_device(problem.device)
+            check_backend_device(problem.device)
         sizes = [_batch_size(x, y) for x, y in problem.batches]
         self._sizes = sizes
         local = float(sum(sizes))

@@ -31,7 +31,7 @@ from deconcnn_curvature.checkpoints import (
     parse_key_values,
     parse_value,
 )
-from deconcnn_curvature.data_sources import DataSpec, build_batches
+from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
 from deconcnn_curvature.registry import Registry
 

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.lightning import CurvatureMonitor, read_curvature_jsonl
+from deconcnn_curvature.monitor import CurvatureMonitor, read_curvature_jsonl
 from deconcnn_curvature.training.run import compose_config, compose_run_config
 
 PARAMETERS = inspect.signature(CurvatureMonitor).parameters
@@ -268,7 +268,7 @@ def test_resuming_a_run_saved_by_an_earlier_release_keeps_working(tmp_path: Path
     old = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(old, dict)
     old["callbacks"] = {
-        "_target_": "deconcnn_curvature.lightning.CurvatureMonitor",
+        "_target_": "deconcnn_curvature.monitor.CurvatureMonitor",
         "_convert_": "all",
         **old["curvature"],
     }
@@ -311,7 +311,7 @@ def test_the_dropped_in_group_survives_strict_config_logging(tmp_path: Path) -> 
     (configs / "config.yaml").write_text(
         "defaults:\n  - curvature: hutchpp\n  - callbacks: curvature_monitor\n  - _self_\n"
         "data:\n  batch_size: 32\n"
-        "extra:\n  - _target_: deconcnn_curvature.lightning.CurvatureMonitor.from_config\n"
+        "extra:\n  - _target_: deconcnn_curvature.monitor.CurvatureMonitor.from_config\n"
         "    settings: ${curvature}\n"
     )
     overrides = ["curvature.enabled=true", "curvature.hessian_batch_size=${data.batch_size}"]

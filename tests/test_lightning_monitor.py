@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature import registry as registry_module
-from deconcnn_curvature._monitor_settings import MonitorSettings
 from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.errors import (
     BackendFailedError,
@@ -36,11 +35,12 @@ from deconcnn_curvature.errors import (
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.hookspecs import hookimpl
-from deconcnn_curvature.lightning import (
+from deconcnn_curvature.monitor import (
     CurvatureMonitor,
     CurvatureRecordWriter,
     read_curvature_jsonl,
 )
+from deconcnn_curvature.monitor.settings import MonitorSettings
 from deconcnn_curvature.registry import Registry
 from deconcnn_curvature.results import CurvatureResult
 

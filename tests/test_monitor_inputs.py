@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from deconcnn_curvature._monitor_inputs import (
+from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.inputs import (
     auto_model_attr,
     build_batch,
     check_trial_loss,
@@ -20,7 +21,6 @@ from deconcnn_curvature._monitor_inputs import (
     measured_model,
     what_is_measured,
 )
-from deconcnn_curvature.errors import ConfigurationError
 
 
 class Wrapper(pl.LightningModule):

@@ -219,7 +219,7 @@ def test_a_training_run_records_the_error_and_never_logs_the_nan(bad_plugins: Pa
     plot used to crash with a TypeError on the NaN eigenvalue)."""
     pytest.importorskip("lightning")
     pytest.importorskip("hydra")
-    from deconcnn_curvature.lightning import read_curvature_jsonl
+    from deconcnn_curvature.monitor import read_curvature_jsonl
     from deconcnn_curvature.training.metrics import read_metrics_jsonl
 
     run = bad_plugins / "run"

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.lightning import read_curvature_jsonl
+from deconcnn_curvature.monitor import read_curvature_jsonl
 from deconcnn_curvature.training.metrics import read_metrics_jsonl
 from deconcnn_curvature.training.run import ENV_CONFIG_DIR, compose_config, default_config_dir
 

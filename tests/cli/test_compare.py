@@ -21,9 +21,9 @@ from torch import nn
 
 from deconcnn_curvature import Backend, CurvatureResult, UnsupportedModelError, hookimpl
 from deconcnn_curvature import registry as registry_module
+from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.cli._memory import _PeakMemory
-from deconcnn_curvature.data_sources import DataSpec, build_batches
+from deconcnn_curvature.cli._memory import PeakMemory
 from deconcnn_curvature.registry import Registry
 
 
@@ -209,7 +209,7 @@ def test_missing_checkpoint(workdir: Path) -> None:
 
 
 def test_rss_meter_sees_a_transient_allocation() -> None:
-    meter = _PeakMemory(torch.device("cpu"))
+    meter = PeakMemory(torch.device("cpu"))
     if meter.kind != "rss_sampled":
         pytest.skip("needs /proc/self/statm")
     with meter:
@@ -217,7 +217,7 @@ def test_rss_meter_sees_a_transient_allocation() -> None:
         time.sleep(0.05)
         del block
     assert meter.peak_bytes is not None and meter.peak_bytes >= 48 * 2**20
-    with _PeakMemory(torch.device("cpu")) as idle:
+    with PeakMemory(torch.device("cpu")) as idle:
         time.sleep(0.01)
     assert idle.peak_bytes is not None and idle.peak_bytes < 16 * 2**20
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from deconcnn_curvature import Backend, CurvatureResult, Density, hookimpl
 from deconcnn_curvature import registry as registry_module
+from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.data_sources import DataSpec, build_batches
 from deconcnn_curvature.registry import Registry
 
 

@@ -2,9 +2,9 @@
 arguments, checked), argument validators, the loss and function settings a config may give as
 names, the settings of a config's ``curvature`` group, and the monitor's seed mixer (defined in
 :mod:`deconcnn_curvature._seeds`). What the settings select (the model, the loss, the curvature
-batch) is found by :mod:`deconcnn_curvature._monitor_inputs`.
+batch) is found by :mod:`deconcnn_curvature.monitor.inputs`.
 
-Split from :mod:`deconcnn_curvature.lightning` (issue 14) so that module holds the callback only.
+Split from :mod:`deconcnn_curvature.monitor` (issue 14) so that module holds the callback only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from deconcnn_curvature._seeds import check_seed
-from deconcnn_curvature._seeds import tagged_seed as _mix_seed  # noqa: F401  (the monitor's mixer)
+from deconcnn_curvature._seeds import tagged_seed as mix_seed  # noqa: F401  (the monitor's mixer)
 from deconcnn_curvature.errors import ConfigurationError
 
 #: Short loss names ``loss_fn`` accepts (e.g. from a config: ``curvature.loss_fn=cross_entropy``);
@@ -33,7 +33,7 @@ LOSS_NAMES: Mapping[str, Callable[[], nn.Module]] = {
     "bce_with_logits": nn.BCEWithLogitsLoss,
 }
 #: Attributes of the LightningModule read as the loss when ``loss_fn`` is not given, in order.
-_LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
+LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
 #: Allowed values of ``batch_mode``.
 BATCH_MODES: tuple[str, ...] = ("fixed", "refresh")
 #: Allowed values of ``on_error``.
@@ -145,7 +145,7 @@ def _callable_from_setting(name: str, value: Any) -> Any:
     return value
 
 
-def _short_repr(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """``repr`` of a loss on one line, shortened (a module's repr can span lines)."""
     text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."

@@ -45,8 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from deconcnn_curvature._lightning import pl
-from deconcnn_curvature._monitor_inputs import (
+from deconcnn_curvature.api import estimate, get_backend, resolve
+from deconcnn_curvature.backend import HOST_OPTION_NAMES, Backend
+from deconcnn_curvature.distributed import rank_agreement
+from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.inputs import (
     build_batch,
     check_trial_loss,
     measured_loss,
@@ -54,20 +57,17 @@ from deconcnn_curvature._monitor_inputs import (
     train_loader,
     what_is_measured,
 )
-from deconcnn_curvature._monitor_settings import (
+from deconcnn_curvature.monitor.lightning_import import pl
+from deconcnn_curvature.monitor.records import RecordWriter, read_jsonl, supersede_after
+from deconcnn_curvature.monitor.settings import (
     BATCH_MODES,
     DEFAULT_METRIC_KEYS,
     LOSS_NAMES,
     ON_ERROR,
     MonitorSettings,
-    _mix_seed,
+    mix_seed,
     settings_kwargs,
 )
-from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
-from deconcnn_curvature.api import estimate, get_backend, resolve
-from deconcnn_curvature.backend import HOST_OPTION_NAMES, Backend
-from deconcnn_curvature.distributed import rank_agreement
-from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.results import CurvatureResult
 
 __all__ = [
@@ -83,8 +83,8 @@ __all__ = [
 # ------------------------------------------------------------------------------------- records
 
 
-#: The records file's writer: :class:`deconcnn_curvature._records.RecordWriter` (one writer for
-#: ``curvature.jsonl`` and ``metrics.jsonl``), under its historical name.
+#: The records file's writer: :class:`deconcnn_curvature.monitor.records.RecordWriter` (one writer
+#: for ``curvature.jsonl`` and ``metrics.jsonl``), under its historical name.
 CurvatureRecordWriter = RecordWriter
 
 
@@ -331,16 +331,16 @@ class CurvatureMonitor(pl.Callback):
 
     def probe_seed(self, step: int, quantity: str) -> int:
         """The seed :func:`~deconcnn_curvature.estimate` gets for ``quantity`` at ``step``."""
-        return _mix_seed("probes", self.seed, int(step), quantity)
+        return mix_seed("probes", self.seed, int(step), quantity)
 
     def batch_indices(self, step: int, dataset_len: int) -> list[int]:
         """The training-set indices of the curvature batch measured at ``step`` (all ranks)."""
         if self.batch_mode == "fixed":
             if self._indices is not None:
                 return list(self._indices)
-            seed = _mix_seed("batch", self.seed)
+            seed = mix_seed("batch", self.seed)
         else:
-            seed = _mix_seed("batch", self.seed, int(step))
+            seed = mix_seed("batch", self.seed, int(step))
         gen = torch.Generator().manual_seed(seed)
         return torch.randperm(dataset_len, generator=gen)[: self.hessian_batch_size].tolist()
 
