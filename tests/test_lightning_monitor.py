@@ -37,9 +37,9 @@ from deconcnn_curvature.errors import (
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.monitor import (
     CurvatureMonitor,
-    CurvatureRecordWriter,
     read_curvature_jsonl,
 )
+from deconcnn_curvature.monitor.records import RecordWriter
 from deconcnn_curvature.monitor.settings import MonitorSettings
 from deconcnn_curvature.registry import Registry
 from deconcnn_curvature.results import CurvatureResult
@@ -401,7 +401,7 @@ def test_the_start_up_lines_name_the_budget_and_host_arguments_apart(
 
 
 def test_record_writer_is_strict_json_and_readable_before_close(tmp_path: Path) -> None:
-    writer = CurvatureRecordWriter(tmp_path / "sub" / "c.jsonl")
+    writer = RecordWriter(tmp_path / "sub" / "c.jsonl")
     writer.write({"value": float("nan"), "ci": (1.0, float("inf")), "t": torch.tensor(2.5)})
     line = (tmp_path / "sub" / "c.jsonl").read_text()  # flushed before close
     assert json.loads(line) == {"value": None, "ci": [1.0, None], "t": 2.5}
@@ -884,14 +884,10 @@ def test_resuming_with_another_seed_keeps_the_checkpoints_batch_and_says_so(
     assert steps == [2, 4, 6]
 
 
-@pytest.mark.parametrize("saved_by", ["this release", "an earlier release"])
-def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(
-    tmp_path: Path, saved_by: str
-) -> None:
+def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(tmp_path: Path) -> None:
     """deconcnn-curv train gives the monitor an absolute records path; the state key held it, so
     a run folder moved (scratch to project space, renamed) resumed without the monitor's state
-    (count, seed, batch) and Lightning told the user to add the callback they had added. A
-    checkpoint keyed by the full path (earlier releases) is found by its file name too."""
+    (count, seed, batch) and Lightning told the user to add the callback they had added."""
 
     def monitor(folder: Path, seed: int) -> CurvatureMonitor:
         return CurvatureMonitor(
@@ -904,14 +900,6 @@ def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(
     trainer = make_trainer(tmp_path / "scratch", [first], max_steps=4)
     trainer.fit(Tiny(), tiny_data())
     trainer.save_checkpoint(tmp_path / "scratch" / "last.ckpt")
-    if saved_by == "an earlier release":
-        ckpt = torch.load(tmp_path / "scratch" / "last.ckpt", weights_only=False)
-        state = ckpt["callbacks"].pop(first.state_key)
-        old_key = "CurvatureMonitor" + repr(
-            {"backend": None, "quantities": ("trace",), "jsonl": str(first.jsonl)}
-        )
-        ckpt["callbacks"][old_key] = state
-        torch.save(ckpt, tmp_path / "scratch" / "last.ckpt")
     (tmp_path / "scratch").rename(tmp_path / "project")
 
     resumed = monitor(tmp_path / "project", 1)
@@ -922,8 +910,7 @@ def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(
         trainer.fit(Tiny(), tiny_data(), ckpt_path=tmp_path / "project" / "last.ckpt")
     said = [str(w.message) for w in caught]
     assert any("measured with seed=0, this monitor has seed=1" in m for m in said), said
-    if saved_by == "this release":
-        assert not any("callbacks used to create the checkpoint" in m for m in said), said
+    assert not any("callbacks used to create the checkpoint" in m for m in said), said
     assert resumed.seed == 0 and resumed.curvature_indices == first.curvature_indices
     assert resumed.measurements == 3
     assert [r["step"] for r in records(tmp_path / "project" / "curvature.jsonl")] == [2, 4, 6]

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
         LOSS_NAMES,
         ON_ERROR,
         CurvatureMonitor,
-        CurvatureRecordWriter,
         read_curvature_jsonl,
     )
 
@@ -32,7 +31,6 @@ __all__ = [
     "LOSS_NAMES",
     "ON_ERROR",
     "CurvatureMonitor",
-    "CurvatureRecordWriter",
     "read_curvature_jsonl",
 ]
 

@@ -6,7 +6,8 @@ can build it from YAML, see ``configs/callbacks/curvature_monitor.yaml``). Every
 the training loss on a curvature batch drawn from the training data, through
 :func:`deconcnn_curvature.estimate` (which restores modes, ``.grad``, ``requires_grad``, buffers
 and RNG states), logs them with deconCNN's metric names and appends one JSON line per quantity to
-``curvature.jsonl`` (:class:`CurvatureRecordWriter`), flushed and fsync'd at each write.
+``curvature.jsonl`` (:class:`~deconcnn_curvature.monitor.records.RecordWriter`), flushed and
+fsync'd at each write.
 
 Guarantees (each has a test with a real ``Trainer``):
 
@@ -33,7 +34,6 @@ Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021), Lanczos for the top eigenva
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 import os
@@ -76,16 +76,10 @@ __all__ = [
     "LOSS_NAMES",
     "ON_ERROR",
     "CurvatureMonitor",
-    "CurvatureRecordWriter",
     "read_curvature_jsonl",
 ]
 
 # ------------------------------------------------------------------------------------- records
-
-
-#: The records file's writer: :class:`deconcnn_curvature.monitor.records.RecordWriter` (one writer
-#: for ``curvature.jsonl`` and ``metrics.jsonl``), under its historical name.
-CurvatureRecordWriter = RecordWriter
 
 
 def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -169,7 +163,8 @@ class CurvatureMonitor(pl.Callback):
             else raises, asking for ``model_attr``).
         enabled: ``False`` makes the callback do nothing (one flag in a config turns it off).
         log_metrics: Log through ``pl_module.log`` (the JSONL is written either way).
-        num_samples: Deprecated alias of ``num_hvps`` (kept for one release; warns).
+        num_samples: deconCNN's own name for ``num_hvps`` (its configs' ``curvature.num_samples``),
+            accepted with a ``DeprecationWarning``.
 
     Every measurement writes one line per quantity to the JSONL file: ``timestamp``, ``step``,
     ``epoch``, ``backend``, ``quantity``, ``value`` (a float for the trace, a list for
@@ -235,7 +230,7 @@ class CurvatureMonitor(pl.Callback):
         self._backend_name: str | None = None
         self._plan: list[tuple[str, dict[str, Any]]] = []
         self._joint = False
-        self._writer: CurvatureRecordWriter | None = None
+        self._writer: RecordWriter | None = None
         # Checkpointed state.
         self._last_step = -1
         self._count = 0
@@ -251,8 +246,8 @@ class CurvatureMonitor(pl.Callback):
         ``configs/callbacks/curvature_monitor.yaml`` passes as ``settings``), keyword arguments on
         top (``instantiate(cfg.callbacks, jsonl=...)``).
 
-        A setting left unset (``null``, as ``configs/curvature/base.yaml`` lists every one; or
-        OmegaConf's ``???``) takes the default of :meth:`__init__`, where each default is written
+        A setting left unset (``null``, as ``configs/curvature/base.yaml`` lists every one) takes
+        the default of :meth:`__init__`, where each default is written
         once; ``jsonl: null`` stays ``None`` (no records file). An unknown key raises
         :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid keys;
         ``num_samples`` is the deprecated alias of ``num_hvps`` (a ``DeprecationWarning``); in a
@@ -285,34 +280,6 @@ class CurvatureMonitor(pl.Callback):
             return None
         path = Path(jsonl)
         return path.name if path.is_absolute() else str(path)
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Find this monitor's state in a checkpoint that keyed it by the full records path
-        (earlier releases; the run folder since moved): the one monitor state of the same
-        backend and quantities whose records file has the same name."""
-        states = checkpoint.get("callbacks")
-        if not isinstance(states, dict) or self.state_key in states:
-            return
-        prefix = type(self).__qualname__ + "{"
-        found = []
-        for key, state in states.items():
-            if not (isinstance(key, str) and key.startswith(prefix)):
-                continue
-            try:
-                saved = ast.literal_eval(key[len(type(self).__qualname__) :])
-            except (ValueError, SyntaxError):
-                continue
-            if (
-                isinstance(saved, dict)
-                and saved.get("backend") == self.backend
-                and tuple(saved.get("quantities") or ()) == self.quantities
-                and self._jsonl_key(saved.get("jsonl")) == self._jsonl_key(self.jsonl)
-            ):
-                found.append(state)
-        if len(found) == 1:
-            self.load_state_dict(found[0])
 
     @property
     def backend_name(self) -> str | None:
@@ -521,7 +488,7 @@ class CurvatureMonitor(pl.Callback):
             log_dir = None if self.jsonl.is_absolute() else trainer.log_dir
             if trainer.is_global_zero:
                 path = self.jsonl if log_dir is None else Path(log_dir or ".") / self.jsonl
-                self._writer = CurvatureRecordWriter(path)
+                self._writer = RecordWriter(path)
 
     def _log_data_groups(self, resolved: Mapping[str, Mapping[str, Any]], world_size: int) -> None:
         """Say what the trace's interval covers (issue 13), once at setup."""

@@ -164,8 +164,9 @@ class MonitorSettings:
     float, ``metric_keys`` the full mapping with the defaults filled in, ``jsonl`` a ``Path``,
     ``loss_fn`` and ``batch_fn`` built from their names).
 
-    ``num_samples`` is the deprecated alias of ``num_hvps``: it warns (``DeprecationWarning``,
-    attributed to the code that built the monitor) and becomes ``num_hvps``.
+    ``num_samples`` is deconCNN's own name for ``num_hvps`` (its configs' ``curvature.num_samples``,
+    which its users already write): it warns (``DeprecationWarning``, attributed to the code that
+    built the monitor) and becomes ``num_hvps``.
     """
 
     backend: str | None
@@ -309,10 +310,6 @@ def _check_metric_keys(metric_keys: Any) -> dict[str, str | None]:
 
 # ------------------------------------------------------------------------------ config settings
 
-#: OmegaConf's "no value" marker, read as unset (the monitor's own default applies) for configs
-#: written before ``curvature/base.yaml`` switched to ``null``: ``???`` means "must be given" to
-#: Hydra, so a project's own ``to_container(cfg, throw_on_missing=True)`` failed on it.
-UNSET = "???"
 #: Settings whose ``null`` in a config is a value, not "unset" (``jsonl: null``: no records file).
 #: For every other setting ``null`` means the monitor's default, as ``curvature/base.yaml`` lists.
 NULL_IS_A_VALUE: frozenset[str] = frozenset({"jsonl"})
@@ -320,13 +317,11 @@ NULL_IS_A_VALUE: frozenset[str] = frozenset({"jsonl"})
 
 def is_unset(key: str, value: Any) -> bool:
     """Whether a config's ``curvature.<key>`` leaves the monitor's default in place."""
-    if isinstance(value, str):
-        return value == UNSET
     return value is None and key not in NULL_IS_A_VALUE
 
 
 def _plain_settings(value: Any) -> dict[str, Any]:
-    """A config's ``curvature`` group as a plain dict, unset settings kept as ``"???"``."""
+    """A config's ``curvature`` group as a plain dict."""
     if value is None:
         return {}
     if type(value).__module__.startswith("omegaconf"):  # a DictConfig given directly
@@ -355,8 +350,8 @@ def settings_kwargs(
     accepted: Sequence[str], settings: Any, overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The keyword arguments ``CurvatureMonitor.from_config`` passes on: the settings of a config's
-    ``curvature`` group with ``overrides`` on top, unset ones (``null``, but for ``jsonl``; or
-    ``???``: :func:`is_unset`) dropped so the signature's default applies, ``{_target_: ...}``
+    ``curvature`` group with ``overrides`` on top, unset ones (``null``, but for ``jsonl``:
+    :func:`is_unset`) dropped so the signature's default applies, ``{_target_: ...}``
     values built. An unknown key is a
     :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid ones."""
     merged = {**_plain_settings(settings), **{str(k): v for k, v in overrides.items()}}

@@ -169,7 +169,7 @@ def compose_run_config(
 
 
 def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
-    """Set each unset (``null``, or ``???`` in an older config) ``curvature`` setting to the
+    """Set each unset (``null``) ``curvature`` setting to the
     default of ``CurvatureMonitor``'s signature (where the defaults are written, once); an unset
     deprecated ``num_samples`` is dropped. A config without a ``curvature`` group is returned as
     it is."""
@@ -188,7 +188,7 @@ def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
         for key in list(node.keys()):
             if key not in defaults:
                 continue
-            if not OmegaConf.is_missing(node, key) and not is_unset(key, node[key]):
+            if OmegaConf.is_missing(node, key) or not is_unset(key, node[key]):
                 continue
             if key == "num_samples":
                 del node[key]
@@ -244,16 +244,14 @@ def _resume_config(
 
     def put(key: str, value: Any) -> None:
         OmegaConf.update(saved, key, value, merge=False, force_add=True)
-        # The saved callbacks node holds resolved copies of the curvature.* values: in its
-        # `settings` (this release), or as its own keys (a run saved by an earlier release).
+        # The saved callbacks node holds resolved copies of the curvature.* values in its
+        # `settings`.
         name = key.removeprefix("curvature.")
         if not key.startswith("curvature."):
             return
         if OmegaConf.is_dict(OmegaConf.select(saved, "callbacks.settings", default=None)):
             mirror = "callbacks.settings." + name
             OmegaConf.update(saved, mirror, value, merge=False, force_add=True)
-        elif OmegaConf.select(saved, "callbacks." + name, default=absent) is not absent:
-            OmegaConf.update(saved, "callbacks." + name, value, merge=False)
 
     plain, rest = [], []
     for override in overrides:
@@ -692,8 +690,8 @@ def run_training(cfg: DictConfig) -> RunResult:
     from deconcnn_curvature.checkpoints import check_resume_checkpoint
 
     _require(cfg, "model", "optim", "lrsched", "data", "trainer")
-    try:  # an unset (???) curvature setting takes the monitor's default (curvature/base.yaml)
-        kept = [key for key in cfg if key not in ("curvature", "callbacks")]
+    try:  # `???` (Hydra's "must be given") anywhere but in the callbacks' resolved copies
+        kept = [key for key in cfg if key != "callbacks"]
         OmegaConf.to_container(
             OmegaConf.masked_copy(cfg, kept), resolve=True, throw_on_missing=True
         )
