@@ -223,7 +223,7 @@ def _reference(model: Any, loss_fn: Any, x: Any, y: Any, args: argparse.Namespac
     cpu = time.process_time() - cpu
     d = res.details
     residuals = d.get("residuals") or [d.get("lambda_max_residual")]
-    trace = res.also["trace"]  # the trace of the same products (issue 14: CurvatureResult.also)
+    trace = res.also["trace"]  # the trace of the same products (CurvatureResult.also)
     return {
         "trace": float(trace.value),
         "trace_stderr": float(trace.stderr),

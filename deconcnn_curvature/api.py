@@ -162,7 +162,7 @@ def estimate(
             "(the 'distributed' column of `deconcnn-curv list-backends`), or pass "
             "distributed=False to measure each rank's own data alone."
         )
-    # [issue 7] Under a process group every rank fails or none does (no rank left waiting in a
+    # Under a process group every rank fails or none does (no rank left waiting in a
     # collective): see deconcnn_curvature.distributed.rank_agreement.
     with rank_agreement(_first_param_device(model), enabled=world > 1) as agreement:
         seed = _check_seed(seed)  # a bad seed on one rank fails every rank, no hang
@@ -200,7 +200,7 @@ def estimate(
 
 
 def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, problem: Any) -> Any:
-    """[issue 14] Fill the fields the host knows and a backend left at their defaults:
+    """Fill the fields the host knows and a backend left at their defaults:
     ``backend``, ``quantity``, ``seed`` (a stochastic backend's), ``device``, ``dim``; likewise in
     each result of ``also`` (whose ``seconds`` stay 0.0: the call's time is the main result's)."""
     if not isinstance(result, CurvatureResult):
@@ -225,7 +225,7 @@ def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, prob
 
 
 def _validated(result: Any, cls: type[Backend], quantity: str, opts: dict[str, Any]) -> Any:
-    """[issue 10] Every result is checked (type, quantity, shape, finiteness) before anyone
+    """Every result is checked (type, quantity, shape, finiteness) before anyone
     uses it: see :func:`deconcnn_curvature.results.validate_result`."""
     entry = get_registry().entries.get(cls.name)
     return validate_result(

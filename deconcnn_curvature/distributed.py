@@ -1,4 +1,4 @@
-"""Agreement among the ranks of a ``torch.distributed`` process group (issue 7).
+"""Agreement among the ranks of a ``torch.distributed`` process group.
 
 A curvature computation spans :func:`world_size` processes (1 without a process group or inside
 :func:`local_only`). Every collective a measurement makes goes through :func:`rank_agreement`, so a
@@ -19,7 +19,7 @@ from deconcnn_curvature.errors import BackendFailedError, InvalidProblemError
 __all__ = ["RankAgreement", "agree", "local_only", "rank_agreement", "world_size"]
 
 
-# == Distributed agreement (issue 7) ===========================================================
+# == Distributed agreement ===========================================================
 # Every collective of a distributed measurement is either a *status* — one all-reduce of the
 # fixed-shape ``[failed, value]`` — or a *payload* (the products), and a payload is only sent
 # after a status in which no rank failed. A rank that fails anywhere (preparing its data, in its

@@ -18,7 +18,7 @@ on every rank, so estimators built on them take the same branches and return bit
 everywhere. A failure on one rank never leaves the others waiting: see
 :func:`deconcnn_curvature.distributed.rank_agreement`.
 
-**How one product is computed** (issue 13) is the operator's ``hvp_path``:
+**How one product is computed** is the operator's ``hvp_path``:
 
 - ``"double_backward"`` (the default on every device): the second differentiation of the gradient
   graph described above, built once per batch and reused by every product;
@@ -113,7 +113,7 @@ class HessianOperator:
         self._slices = list(problem.slices().values())
         self._shapes = [p.shape for p in problem.params]
         self._dim = problem.dim
-        # -- distributed (issue 7): the agreement of the enclosing estimate() call, or our own.
+        # -- distributed: the agreement of the enclosing estimate() call, or our own.
         self._agreement = current_agreement(problem.device) if distributed else None
         self._distributed = self._agreement is not None
         if self._distributed:
@@ -192,7 +192,7 @@ class HessianOperator:
         """Free the retained gradient graphs."""
         self._graphs = None
 
-    # -- per-batch products (data-noise error bars, issue 13) ----------------------------------
+    # -- per-batch products (data-noise error bars) -------------------------------------------
     @property
     def group_sizes(self) -> list[int]:
         """Samples in each of this process's batches: the groups of :meth:`matmat_groups`."""

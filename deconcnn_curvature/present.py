@@ -755,7 +755,7 @@ def summary_table(result: Any) -> Table:
             table.add_row(key, _fmt_run(result.metrics[key]))
     recs = list(result.records)
     if recs:
-        ok = [r for r in recs if usable_record(r)]  # [issue 10] failed or unusable: skipped
+        ok = [r for r in recs if usable_record(r)]  # failed or unusable: skipped
         failed = [r for r in recs if not usable_record(r)]
         steps = sorted({int(r["step"]) for r in recs})
         table.add_row(

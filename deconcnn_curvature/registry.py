@@ -190,7 +190,7 @@ class Registry:
 
 
 def _check_declared_options(cls: type[Backend], name: str, plugin: str) -> None:
-    """[issue 14] A backend's ``options`` are :class:`Option` values with distinct names, none
+    """A backend's ``options`` are :class:`Option` values with distinct names, none
     named like an argument of the host (``eval_mode``, ``seed``, ``distributed``): the host
     applies those itself and never hands them to ``compute`` as options, so a backend declaring
     one would be told it has an option that never arrives (or, for ``seed``, one no caller can

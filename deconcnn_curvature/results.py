@@ -114,7 +114,7 @@ class CurvatureResult:
 
 
 # --------------------------------------------------------------------------------------------
-# [issue 10] the host checks every result a backend hands back before anyone uses it
+# the host checks every result a backend hands back before anyone uses it
 
 
 def _real(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Each monitor default is written once, in ``CurvatureMonitor.__init__`` (issue 14, item 3).
+"""Each monitor default is written once, in ``CurvatureMonitor.__init__``.
 
 ``configs/curvature/base.yaml`` lists every setting unset (``null``), each backend file lists only
 what differs, and ``configs/callbacks/curvature_monitor.yaml`` hands the whole group to

@@ -247,7 +247,7 @@ def _fit_with_config(monitor: CurvatureMonitor, root: Path):  # type: ignore[no-
     ["curvature.loss_fn=cross_entropy", "curvature.loss_fn={_target_:torch.nn.CrossEntropyLoss}"],
 )
 def test_a_module_with_an_inline_loss_is_enabled_by_config_alone(tmp_path: Path, loss: str) -> None:
-    """[issue 12] The loss and the model come from the shipped callback YAML: no code change."""
+    """The loss and the model come from the shipped callback YAML: no code change."""
     from torch import nn
 
     overrides = [

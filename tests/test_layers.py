@@ -1,4 +1,4 @@
-"""The package's import layers (issue 14, item 2), read from the source with ``ast``.
+"""The package's import layers, read from the source with ``ast``.
 
 Layers, lowest first; a module may import its own layer and the layers below it, never above:
 

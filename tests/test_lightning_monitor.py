@@ -329,7 +329,7 @@ def test_record_content_and_logged_metrics(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("max_hvps", "expected"), [(1, 0.0), (60, 1.0)])
 def test_lambda_max_converged_is_logged(tmp_path: Path, max_hvps: int, expected: float) -> None:
-    # Issue 11: convergence was only in the JSONL details; a capped λ_max looked like any other.
+    # Guard: convergence was only in the JSONL details; a capped λ_max looked like any other.
     monitor = CurvatureMonitor(
         quantities="eigenvalues",
         compute_every_n_steps=2,
@@ -439,7 +439,7 @@ def test_values_match_estimate_and_the_dense_hessian(tmp_path: Path) -> None:
         "trace",
         seed=monitor.probe_seed(6, "trace"),
         num_hvps=40,
-        data_groups=4,  # the monitor's default (issue 13): an interval for the data set's trace
+        data_groups=4,  # the monitor's default: an interval for the data set's trace
     )
     assert again.value == trace["value"] and again.stderr == trace["stderr"]
     top = dcc.estimate(
@@ -512,7 +512,7 @@ def test_hutchpp_measures_trace_and_eigenvalues_in_one_call(tmp_path: Path) -> N
         seed=eig["seed"],
         num_hvps=30,
         k=2,
-        data_groups=4,  # the monitor's default (issue 13)
+        data_groups=4,  # the monitor's default
     )
     assert again.value == eig["value"]
     assert again.also["trace"].value == trace["value"]
@@ -621,7 +621,7 @@ def test_a_loader_of_dicts_needs_batch_fn_and_says_so_before_training(tmp_path: 
         "trace",
         seed=mapped.probe_seed(4, "trace"),
         num_hvps=5,
-        data_groups=4,  # the monitor's default (issue 13)
+        data_groups=4,  # the monitor's default
     )
     assert again.value == recs[2]["value"]
 
@@ -1045,7 +1045,7 @@ class TwoNets(NoForward):
 def test_a_module_without_forward_is_measured_through_its_only_model_child(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """[issue 12] Today every record of such a run is null ('missing the required forward
+    """Today every record of such a run is null ('missing the required forward
     function'); the monitor now measures pl_module.net, found by itself, and says so."""
     monitor = CurvatureMonitor(
         compute_every_n_steps=2,
@@ -1068,7 +1068,7 @@ def test_a_module_without_forward_is_measured_through_its_only_model_child(
     x, y = tiny_data().dataset[monitor.curvature_indices]
     again = dcc.estimate(
         module.net, nn.CrossEntropyLoss(), (x, y), "trace", seed=monitor.probe_seed(4, "trace"),
-        num_hvps=5, data_groups=4,  # the monitor's default (issue 13)
+        num_hvps=5, data_groups=4,  # the monitor's default
     )  # fmt: skip
     assert again.value == recs[2]["value"]
 

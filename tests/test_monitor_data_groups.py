@@ -1,4 +1,4 @@
-"""The monitor's data groups (issue 13): the logged trace stderr is the total (probe and data
+"""The monitor's data groups: the logged trace stderr is the total (probe and data
 noise), its parts are in the JSONL record, and bad settings fail before training."""
 
 from __future__ import annotations

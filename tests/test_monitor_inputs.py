@@ -1,4 +1,4 @@
-"""What the monitor measures, found without a training run (issue 14, item 3: the callback's hooks
+"""What the monitor measures, found without a training run (the callback's hooks
 call these library functions; the real Trainer runs are in test_lightning_monitor.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 14 item 1: one option model owned by the backend contract."""
+"""One option model, owned by the backend contract."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_also_may_hold_only_declared_quantities(monkeypatch) -> None:
 
 
 def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) -> None:
-    """[issue 14] One applicability rule: an option declared for the trace only applies to an
+    """One applicability rule: an option declared for the trace only applies to an
     eigenvalues call whose result also carries the trace (``also_computes``), for the resolver,
     the CLI and the monitor alike (the monitor used to drop it, and refuse it when only the
     eigenvalues were monitored)."""

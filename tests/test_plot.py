@@ -1,7 +1,7 @@
 """curvature.png: each panel scaled to its points, wild intervals clipped and marked, the last value
 in the panel, invisible bars said, failed records skipped, the training loss underneath.
 
-[issue 12] The step-8 interval of the demo (-4,829 to 6,775) used to set the trace panel's y-range,
+The step-8 interval of the demo (-4,829 to 6,775) used to set the trace panel's y-range,
 so the later values (287 ± 44) sat flattened at zero, and the λ_max panel promised error bars too
 small to see.
 """

@@ -1,6 +1,6 @@
 """Every shell command of README.md, run as written (at reduced sizes) in a fresh folder.
 
-[issue 12] The README is the product's front door: a command copied from it must work, or fail
+The README is the product's front door: a command copied from it must work, or fail
 with the one-line message the README announces. This test collects every line of its ```bash
 blocks (continuation lines joined) and every ``$ command`` line of its output transcripts, and
 runs each with ``bash -c`` in a temporary folder, with this virtual environment's ``bin`` first on

@@ -1,4 +1,4 @@
-"""[issue 10, item 4] The host checks every result a backend returns (type, quantity, shape,
+"""The host checks every result a backend returns (type, quantity, shape,
 finiteness) before anyone uses it.
 
 The misbehaving backends are third-party plugins installed the way a wheel is (a module plus

@@ -185,7 +185,7 @@ def test_config_dir_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_summary_marks_an_unconverged_lambda_max(tmp_path: Path) -> None:
-    # Issue 11: the summary printed a capped λ_max like a converged one.
+    # A capped λ_max must not print like a converged one in the summary.
     from rich.console import Console
 
     from deconcnn_curvature.training.run import RunResult, summary_table

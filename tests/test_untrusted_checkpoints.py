@@ -1,4 +1,4 @@
-"""[issue 10, item 1] Opening a checkpoint never runs code from it unless the user says they trust
+"""Opening a checkpoint never runs code from it unless the user says they trust
 the file: ``weights_only=True`` everywhere (API, estimate/compare/density, ``train resume=``), an
 explicit ``--trust-checkpoint`` / ``trust=True`` opt-in with a warning, and one read of the file.
 

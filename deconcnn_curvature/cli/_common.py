@@ -42,7 +42,7 @@ __all__ = ["resolve_device"]
 
 F = Callable[..., Any]
 
-#: [issue 14] The estimator flags (``--num-hvps``, ``--rtol``, ``-k``), made from the built-in
+#: The estimator flags (``--num-hvps``, ``--rtol``, ``-k``), made from the built-in
 #: backends' option declarations (:func:`deconcnn_curvature.registry.builtin_flags`): type, bounds
 #: and help come from the :class:`Option`; each flag sets the selected backend's option
 #: (:meth:`Flag.target`; ``--num-hvps`` its budget option). Any other option: ``-o name=value``.

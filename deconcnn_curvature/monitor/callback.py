@@ -469,7 +469,7 @@ class CurvatureMonitor(pl.Callback):
                 f"the number of processes ({trainer.world_size}); every rank needs at least one "
                 "sample."
             )
-        # [issue 7] DDP: a backend without distributed support would fail every measurement.
+        # DDP: a backend without distributed support would fail every measurement.
         if trainer.world_size > 1 and not get_backend(self._backend_name).supports_distributed:
             raise ConfigurationError(
                 f"CurvatureMonitor: backend {self._backend_name!r} does not support "
@@ -483,7 +483,7 @@ class CurvatureMonitor(pl.Callback):
         self._warned = set()
         self._batch = None
         if self.jsonl is not None:
-            # [issue 7] trainer.log_dir is a collective under DDP (a broadcast): every rank asks,
+            # trainer.log_dir is a collective under DDP (a broadcast): every rank asks,
             # rank 0 alone writes.
             log_dir = None if self.jsonl.is_absolute() else trainer.log_dir
             if trainer.is_global_zero:
@@ -491,7 +491,7 @@ class CurvatureMonitor(pl.Callback):
                 self._writer = RecordWriter(path)
 
     def _log_data_groups(self, resolved: Mapping[str, Mapping[str, Any]], world_size: int) -> None:
-        """Say what the trace's interval covers (issue 13), once at setup."""
+        """Say what the trace's interval covers, once at setup."""
         trace = resolved.get("trace")
         if trace is None or self.data_groups < 2:
             return
@@ -651,7 +651,7 @@ class CurvatureMonitor(pl.Callback):
         self._last_step = step
         self._count += 1
         try:
-            # [issue 7] Under DDP every rank fails its preparation or none does, so no rank is left
+            # Under DDP every rank fails its preparation or none does, so no rank is left
             # waiting in the collectives of estimate() (which agrees on its own failures).
             with rank_agreement(pl_module.device, enabled=trainer.world_size > 1):
                 batch = self._curvature_batch(trainer, step)

@@ -4,8 +4,8 @@ the module's ``loss_fn``/``criterion``), the start-up line that says so, the tri
 curvature batch, and the curvature batch itself, read through a private view of the training data
 set and collated as training does.
 
-Split from :mod:`deconcnn_curvature.monitor` (issue 14) so that the callback's hooks only call
-these; every message is the one the callback raised before.
+Apart from :mod:`deconcnn_curvature.monitor.callback` so that the callback's hooks only call
+these functions, which need no running ``Trainer`` to test.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ names, the settings of a config's ``curvature`` group, and the monitor's seed mi
 :mod:`deconcnn_curvature._seeds`). What the settings select (the model, the loss, the curvature
 batch) is found by :mod:`deconcnn_curvature.monitor.inputs`.
 
-Split from :mod:`deconcnn_curvature.monitor` (issue 14) so that module holds the callback only.
+Apart from :mod:`deconcnn_curvature.monitor.callback` so that module holds the callback only.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def _check_data_groups(value: Any, batch_size: int) -> int:
-    """``data_groups`` (issue 13): at least 1, at most the curvature batch's samples."""
+    """``data_groups``: at least 1, at most the curvature batch's samples."""
     groups = _check_int("data_groups", value, 1)
     if groups > batch_size:
         raise ConfigurationError(

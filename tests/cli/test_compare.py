@@ -240,7 +240,7 @@ def test_a_mistyped_or_bad_option_fails_before_any_work(
 
 
 def test_a_value_only_some_backends_refuse_gives_them_a_row(workdir: Path) -> None:
-    """[issue 12] `compare --num-hvps 3` failed as a whole (Hutch++ needs at least 5) although
+    """`compare --num-hvps 3` failed as a whole (Hutch++ needs at least 5) although
     the help promises a row with the reason for a backend that cannot run."""
     path = save_state_dict(workdir / "w.pt")
     args = ("compare", path, *GENERIC_ARGS, "--backends", "pyhessian,hutchpp", "--batch-size", 8)

@@ -434,7 +434,7 @@ def test_a_single_output_model_is_not_a_classifier_and_the_message_says_what_to_
 
 
 def test_missing_cifar_points_to_the_data_flag_not_a_train_override(workdir: Path) -> None:
-    """[issue 12] The message suggested `data=synthetic`, a `train` override, on a command line
+    """The message suggested `data=synthetic`, a `train` override, on a command line
     whose option is `--data`."""
     from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
     from deconcnn_curvature.errors import CurvatureError

@@ -1,4 +1,4 @@
-"""[issue 14] The estimator flags (``--num-hvps``, ``--rtol``, ``-k``) are made from the built-in
+"""The estimator flags (``--num-hvps``, ``--rtol``, ``-k``) are made from the built-in
 backends' ``Option`` declarations: help, type and bounds come from them, each flag sets the selected
 backend's option (``--num-hvps`` its budget option), and ``list-backends --json`` names the flag of
 every option."""
