@@ -46,7 +46,7 @@ def with_missing(monkeypatch: pytest.MonkeyPatch) -> Registry:
     plugin = types.ModuleType("missing_plugin")
     plugin.register_backends = register_backends
     reg = Registry.build(extra_plugins=(plugin,))
-    monkeypatch.setattr(registry, "_registry", reg)
+    registry.set_registry(reg)
     return reg
 
 
@@ -227,7 +227,7 @@ def test_a_backend_option_named_like_a_host_argument_is_refused_at_registration(
     plugin = types.ModuleType("host_named_plugin")
     plugin.register_backends = register_backends
     reg = Registry.build(extra_plugins=(plugin,))
-    monkeypatch.setattr(registry, "_registry", reg)
+    registry.set_registry(reg)
     (broken,) = [b for b in reg.broken if b.name == "host_named_plugin"]
     assert broken.where == "register_backends"
     assert (
@@ -259,7 +259,7 @@ def test_the_host_applies_eval_mode_and_the_backend_reads_it_from_the_problem(
         def register_backends(self, register):
             register(Reads)
 
-    monkeypatch.setattr(registry, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.1))
     batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
     for eval_mode in (True, False):

@@ -227,6 +227,18 @@ def test_the_checker_sees_upward_imports_and_circles() -> None:
     }
     assert _upward(same_layer) == []
     assert _cycles(same_layer) == [["training.data", "training.datamodule"]]
+    # inside a sub-package: a relative import names the sibling module, and the records helpers
+    # (contract) importing the callback (front) are an upward import
+    known += ["monitor", "monitor.callback", "monitor.records"]
+    sub_package = {
+        "monitor.callback": _imports("monitor.callback", "from .records import R\n", known),
+        "monitor.records": _imports(
+            "monitor.records", "from deconcnn_curvature.monitor.callback import C\n", known
+        ),
+    }
+    assert sub_package["monitor.callback"] == {"monitor.records"}
+    assert _upward(sub_package) == ["monitor.records (contract) imports monitor.callback (front)"]
+    assert _cycles(sub_package) == [["monitor.callback", "monitor.records"]]
     with pytest.raises(AssertionError, match="has no layer"):
         _layer_of("brand_new_module")
 

@@ -117,7 +117,7 @@ def comparable(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def use_plugin(monkeypatch: pytest.MonkeyPatch, plugin: object) -> None:
     """Make the process registry the built-ins plus ``plugin``."""
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(plugin,)))
+    registry_module.set_registry(Registry.build(extra_plugins=(plugin,)))
 
 
 _TRACE = frozenset({"trace"})

@@ -141,7 +141,7 @@ def test_a_declared_budget_option_takes_num_hvps_everywhere(monkeypatch) -> None
     from deconcnn_curvature.registry import Registry
 
     cls = _probes_backend()
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(cls),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(_Plugin(cls),)))
     assert cls.budget_option("trace") == "num_probes"
     # the CLI's --num-hvps and the monitor's num_hvps both set num_probes
     assert backend_options(cls, "trace", {"--num-hvps": 7}, {})[0] == {"num_probes": 7}
@@ -171,7 +171,7 @@ def test_also_may_hold_only_declared_quantities(monkeypatch) -> None:
 
     cls = _probes_backend()
     cls.also_computes = {}  # the eigenvalues result carries a trace it did not declare
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(cls),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(_Plugin(cls),)))
     batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
     with pytest.raises(dcc.PluginError, match="declares none there"):
         dcc.estimate(nn.Linear(3, 2), nn.CrossEntropyLoss(), batch, "eigenvalues", "probes")
@@ -197,9 +197,7 @@ def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) ->
             Option("shift", float, 0.0, "trace-only", quantities=frozenset({"trace"})),
         )
 
-    monkeypatch.setattr(
-        registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(ShiftBackend),))
-    )
+    registry_module.set_registry(Registry.build(extra_plugins=(_Plugin(ShiftBackend),)))
     given = {"shift": 2.5}
     _, expected = dcc.resolve("eigenvalues", "shift", given)
     assert expected["shift"] == 2.5

@@ -93,7 +93,7 @@ class Plugin:
 @pytest.fixture
 def workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The shared working folder (tests/conftest.py) with this file's test plugin registered."""
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     return workdir
 
 

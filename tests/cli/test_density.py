@@ -52,7 +52,7 @@ class Plugin:
 @pytest.fixture
 def workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The shared working folder (tests/conftest.py) with this file's test plugin registered."""
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     return workdir
 
 
@@ -215,7 +215,7 @@ def test_backend_without_density(workdir: Path, monkeypatch: pytest.MonkeyPatch)
         def register_backends(self, register):
             register(TraceOnly)
 
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Other(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Other(),)))
     path = save_state_dict(workdir / "w.pt")
     result = run("density", path, *GENERIC_ARGS, "-b", "trace-only")
     assert result.exit_code == 1

@@ -333,7 +333,7 @@ def test_unavailable_backend(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> 
         def register_backends(self, register):
             register(Missing)
 
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     path = save_state_dict(workdir / "w.pt")
     assert_error(
         run("estimate", path, *GENERIC_ARGS, "-b", "needs-gpu-lib"),

@@ -130,7 +130,7 @@ class ProbesPlugin:
 @pytest.fixture
 def probes(monkeypatch: pytest.MonkeyPatch) -> None:
     reg = Registry.build(extra_plugins=(ProbesPlugin(),))
-    monkeypatch.setattr(registry_module, "_registry", reg)
+    registry_module.set_registry(reg)
 
 
 def test_a_plugin_backend_gets_the_flags_mapped_onto_its_declarations(

@@ -202,7 +202,7 @@ def test_a_backend_without_distributed_support_is_refused_at_setup(
         def register_backends(self, register: Any) -> None:
             register(LocalOnly)
 
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     monitor = CurvatureMonitor(backend="local_only", quantities=("trace",))
     trainer = SimpleNamespace(world_size=2, is_global_zero=True, log_dir=None)
     with pytest.raises(ConfigurationError, match=r"'local_only' does not support .* 2 processes"):
