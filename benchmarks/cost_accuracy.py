@@ -123,7 +123,7 @@ def _population(args: argparse.Namespace) -> tuple[Any, Any]:
     return torch.stack(xs), torch.as_tensor(ys)
 
 
-def _plan(backend: str, num_hvps: int, batch: int) -> tuple[list[tuple[str, dict]], Any]:
+def _plan(backend: str, num_hvps: int, batch: int) -> tuple[Any, Any]:
     """The monitor's own calls for this setting (trace + λ_max)."""
     from deconcnn_curvature.monitor import CurvatureMonitor
 
@@ -136,7 +136,7 @@ def _plan(backend: str, num_hvps: int, batch: int) -> tuple[list[tuple[str, dict
         log_metrics=False,
     )
     mon.check_config()
-    return mon._plan, mon
+    return mon.plan, mon
 
 
 def _measure(
@@ -152,7 +152,8 @@ def _measure(
     plan, mon = setting
     out: dict[str, Any] = {}
     wall, cpu = 0.0, 0.0
-    for quantity, opts in plan:
+    for call in plan.calls:
+        quantity, opts = call.quantity, dict(call.options)
         key = (backend, quantity, repr(sorted(opts.items())), seed, len(batch[0]))
         if key not in cache:
             w, c = time.perf_counter(), time.process_time()
@@ -163,8 +164,8 @@ def _measure(
         if quantity == "eigenvalues":
             out["lambda_max"] = float(result.value[0])
             out["n_hvp_eig"] = int(result.n_hvp)
-            if mon._joint:
-                result = mon._joint_trace(result)
+            if "trace" in call.records:
+                result = mon.joint_result(result, "trace")
         if result.quantity == "trace":
             out["trace"] = float(result.value)
             out["ci"] = list(result.ci) if result.ci is not None else None

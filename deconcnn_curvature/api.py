@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deconcnn_curvature._seeds import check_seed
-from deconcnn_curvature.backend import QUANTITIES, Backend
+from deconcnn_curvature.backend import QUANTITIES, Backend, Plan, plan_calls
 from deconcnn_curvature.distributed import local_only, rank_agreement, world_size
 from deconcnn_curvature.errors import (
     BackendFailedError,
@@ -42,8 +42,8 @@ __all__ = ["compare", "density", "estimate", "get_backend", "list_backends", "re
 def list_backends() -> list[dict[str, Any]]:
     """One dictionary per registered backend: ``name``, ``plugin``, ``available``, ``reason``,
     ``install``, ``quantities``, ``exact``, ``distributed``, ``description``, ``options`` (the
-    declarations, each with its ``budget`` mark and the command-line ``flag`` that sets it, or
-    None) and ``host_options`` (the host's, e.g. ``eval_mode``)."""
+    declarations, each with its ``budget`` mark) and ``host_arguments`` (the host's:
+    ``eval_mode``, ``seed``, ``distributed``, passed as arguments of :func:`estimate`)."""
     return get_registry().describe_all()
 
 
@@ -52,14 +52,9 @@ def get_backend(name: str | None = None) -> type[Backend]:
     return get_registry().get(name or default_backend_name())
 
 
-def resolve(
-    quantity: str, backend: str | None = None, options: dict[str, Any] | None = None
-) -> tuple[type[Backend], dict[str, Any]]:
-    """Check that ``backend`` exists, is available and computes ``quantity``; validate options.
-
-    Front ends call this at setup time to fail before any work. Returns the class and the
-    complete option dictionary.
-    """
+def _lookup(quantity: str, backend: str | None) -> type[Backend]:
+    """The backend class for ``backend`` (default: the configured one), checked to exist, to
+    compute ``quantity`` and to be available here."""
     registry = get_registry()
     name = backend or default_backend_name()
     try:
@@ -83,7 +78,34 @@ def resolve(
         raise BackendUnavailableError(
             f"backend {cls.name!r} is not available here ({avail.reason}).{hint}"
         )
-    return cls, cls.resolve_options(quantity, options or {})
+    return cls
+
+
+def _check_eval_mode(eval_mode: Any) -> bool:
+    if not isinstance(eval_mode, bool):
+        raise InvalidOptionError(f"eval_mode must be true or false, got {eval_mode!r}.")
+    return eval_mode
+
+
+def resolve(
+    quantity: str,
+    backend: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    eval_mode: bool = True,
+) -> tuple[type[Backend], dict[str, Any]]:
+    """Check that ``backend`` exists, is available and computes ``quantity``; route and validate
+    ``options`` (:func:`~deconcnn_curvature.backend.plan_calls`) and check them with the host's
+    ``eval_mode`` (:meth:`~deconcnn_curvature.backend.Backend.check_call`).
+
+    Front ends call this at setup time to fail before any work. Returns the class and the
+    complete option dictionary (the backend's options; the host's arguments are apart).
+    """
+    cls = _lookup(quantity, backend)
+    plan = plan_calls(cls, [quantity], options=options or {})
+    resolved = plan.resolve()[quantity]
+    cls.check_call(quantity, resolved, eval_mode=_check_eval_mode(eval_mode))
+    return cls, resolved
 
 
 def _check_seed(seed: Any) -> int:
@@ -151,9 +173,7 @@ def estimate(
             return estimate(
                 model, loss_fn, data, quantity, backend, seed=seed, eval_mode=eval_mode, **options
             )
-    cls, opts = resolve(quantity, backend, {**options, "eval_mode": eval_mode})
-    # The host's arguments are applied here; the backend gets its own options only.
-    eval_mode = opts.pop("eval_mode", eval_mode)
+    cls, opts = resolve(quantity, backend, options, eval_mode=eval_mode)
     world = world_size()
     if world > 1 and not cls.supports_distributed:
         raise CurvatureError(
@@ -170,33 +190,48 @@ def estimate(
             seed = _rank0_seed(agreement, seed)
         cls.validate_model(model)
         problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
-        cuda = problem.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(problem.device)
-            base = torch.cuda.memory_allocated(problem.device)
-        start = time.perf_counter()
-        with preserve_state(model, eval_mode=eval_mode):
-            try:
-                result = cls().compute(problem, quantity, seed=seed, options=opts)
-            except CurvatureError:
-                raise
-            except Exception as exc:
-                raise BackendFailedError(
-                    f"backend {cls.name!r} failed computing {quantity!r}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            if cuda:
-                torch.cuda.synchronize(problem.device)
-    seconds = time.perf_counter() - start
+        result, seconds, peak = _compute(cls, problem, model, quantity, seed, eval_mode, opts)
     result = _validated(_host_filled(result, cls, quantity, seed, problem), cls, quantity, opts)
     # Every backend ran inside preserve_state, so attention used the math kernel: say so.
     extra: dict[str, Any] = {
         "seconds": seconds,
         "details": {**result.details, "sdpa_kernel": SDPA_KERNEL},
     }
-    if cuda:
-        extra["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(problem.device) - base)
+    if peak is not None:
+        extra["peak_memory_bytes"] = peak
     return dataclasses.replace(result, **extra)
+
+
+def _compute(
+    cls: type[Backend],
+    problem: Any,
+    model: nn.Module,
+    quantity: str,
+    seed: int,
+    eval_mode: bool,
+    opts: Mapping[str, Any],
+) -> tuple[Any, float, int | None]:
+    """The backend's call under the state guard: its result, its seconds and, on CUDA, the
+    peak memory it added. A non-package exception is the backend's failure, said so."""
+    cuda = problem.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(problem.device)
+        base = torch.cuda.memory_allocated(problem.device)
+    start = time.perf_counter()
+    with preserve_state(model, eval_mode=eval_mode):
+        try:
+            result = cls().compute(problem, quantity, seed=seed, options=opts)
+        except CurvatureError:
+            raise
+        except Exception as exc:
+            raise BackendFailedError(
+                f"backend {cls.name!r} failed computing {quantity!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if cuda:
+            torch.cuda.synchronize(problem.device)
+    seconds = time.perf_counter() - start
+    peak = int(torch.cuda.max_memory_allocated(problem.device) - base) if cuda else None
+    return result, seconds, peak
 
 
 def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, problem: Any) -> Any:
@@ -299,12 +334,9 @@ def compare(
             if callable(options):
                 opts = dict(options(cls))
             else:
-                opts = {}
-                for key, value in (options or {}).items():
-                    if not cls.applies(key, quantity):
-                        row["ignored_options"].append(key)
-                    else:
-                        opts[key] = value
+                plan = plan_calls(cls, [quantity], options=options or {}, strict=False)
+                row["ignored_options"] = [u.setting for u in plan.unused]
+                opts = dict(plan.calls[0].options)
             resolve(quantity, name, opts)
             with measure(name) if measure is not None else contextlib.nullcontext():
                 row["result"] = estimate(model, loss_fn, data, quantity, name, seed=seed, **opts)
@@ -317,47 +349,6 @@ def compare(
     return rows
 
 
-def density_options(
-    backend: str | None,
-    k: int,
-    options: Mapping[str, Any] | None = None,
-    *,
-    label: Callable[[str], str] = lambda name: f"option {name!r}",
-) -> tuple[type[Backend], dict[str, Any], dict[str, Any]]:
-    """Check a :func:`density` call before any work: the backend computes the density (and the
-    eigenvalues when ``k > 0``); each option goes to the quantities it applies to. Returns the
-    backend class and the density's and the eigenvalues' options. ``label`` names an option in
-    the messages (the CLI says ``-o name``)."""
-    cls, _ = resolve("density", backend, {})
-    name = cls.name
-    if k > 0 and "eigenvalues" not in cls.quantities:
-        raise UnsupportedQuantityError(
-            f"backend {name!r} computes no eigenvalues to mark; pass -k 0 or a backend "
-            "that computes both density and eigenvalues."
-        )
-    density_opts: dict[str, Any] = {}
-    eig_opts: dict[str, Any] = {"k": k} if k > 0 else {}
-    for key, value in (options or {}).items():
-        routed = False
-        for q, target in (("density", density_opts), ("eigenvalues", eig_opts)):
-            if q == "eigenvalues" and k == 0:
-                continue
-            if cls.applies(key, q):
-                target[key] = value
-                routed = True
-        if not routed:
-            raise InvalidOptionError(
-                f"{label(key)} is not an option of backend {name!r} for density or "
-                "eigenvalues; see `deconcnn-curv list-backends --json`."
-            )
-    if "k" in (options or {}):
-        raise InvalidOptionError("use -k, not -o k=..., to choose how many eigenvalues to mark.")
-    resolve("density", name, density_opts)
-    if k > 0:
-        resolve("eigenvalues", name, eig_opts)
-    return cls, density_opts, eig_opts
-
-
 def density(
     model: nn.Module,
     loss_fn: LossFn,
@@ -366,20 +357,46 @@ def density(
     *,
     k: int = 1,
     seed: int | None = 0,
+    eval_mode: bool = True,
     options: Mapping[str, Any] | None = None,
     before: Callable[[str], None] | None = None,
 ) -> tuple[CurvatureResult, CurvatureResult | None]:
     """The spectral density (stochastic Lanczos quadrature) and the top ``k`` eigenvalues (none
     when ``k == 0``) from one backend, same data and seed. ``options`` are routed to the
-    quantities they apply to (:func:`density_options`, checked before any work); ``before(q)``
-    is called as each quantity starts."""
-    cls, density_opts, eig_opts = density_options(backend, k, options)
-    if before is not None:
-        before("density")
-    dens = estimate(model, loss_fn, data, "density", cls.name, seed=seed, **density_opts)
-    eig = None
-    if k > 0:
+    quantities they apply to (:func:`density_plan`, checked before any work); ``before(q)`` is
+    called as each quantity starts."""
+    plan = density_plan(backend, k, options, eval_mode=eval_mode)
+    results: dict[str, CurvatureResult] = {}
+    for call in plan.calls:
         if before is not None:
-            before("eigenvalues")
-        eig = estimate(model, loss_fn, data, "eigenvalues", cls.name, seed=seed, **eig_opts)
-    return dens, eig
+            before(call.quantity)
+        results[call.quantity] = estimate(
+            model, loss_fn, data, call.quantity, plan.backend.name, seed=seed,
+            eval_mode=eval_mode, **call.options,
+        )  # fmt: skip
+    return results["density"], results.get("eigenvalues")
+
+
+def density_plan(
+    backend: str | None,
+    k: int,
+    options: Mapping[str, Any] | None = None,
+    *,
+    eval_mode: bool = True,
+    **labels: Any,
+) -> Plan:
+    """The calls of :func:`density`, checked before any work: the backend computes the density
+    (and the eigenvalues when ``k > 0``); each option goes to the quantities it applies to
+    (:func:`~deconcnn_curvature.backend.plan_calls`; ``labels`` are its ``labels`` and
+    ``option_label``, how a front end spells them in messages)."""
+    cls = _lookup("density", backend)
+    if k > 0 and "eigenvalues" not in cls.quantities:
+        raise UnsupportedQuantityError(
+            f"backend {cls.name!r} computes no eigenvalues to mark; ask for k=0 or a backend "
+            "that computes both density and eigenvalues."
+        )
+    quantities = ["density", "eigenvalues"] if k > 0 else ["density"]
+    plan = plan_calls(cls, quantities, k=k if k > 0 else None, options=options or {}, **labels)
+    for quantity, resolved in plan.resolve().items():
+        cls.check_call(quantity, resolved, eval_mode=_check_eval_mode(eval_mode))
+    return plan

@@ -9,7 +9,6 @@ import inspect
 import os
 import re
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +31,8 @@ __all__ = [
     "DEFAULT_BACKEND",
     "ENV_BACKEND",
     "BackendEntry",
-    "Flag",
     "Registry",
     "builtin_backends",
-    "builtin_flags",
     "default_backend_name",
     "get_registry",
     "reset_registry",
@@ -177,9 +174,6 @@ class Registry:
             cls = self.entries[name].cls
             info = describe(cls)
             info["plugin"] = self.entries[name].plugin
-            # The command-line flag that sets each option (a plugin's option too), if any.
-            for row, option in zip(info["options"], cls.options, strict=True):
-                row["flag"] = flag_of(cls, option)
             if name in self.conflicts:
                 info["available"] = False
                 info["reason"] = "name registered by several plugins: " + ", ".join(
@@ -206,7 +200,7 @@ def _check_declared_options(cls: type[Backend], name: str, plugin: str) -> None:
                 f"{where} declaring option {option.name!r}, which is an argument of the host "
                 f"(estimate(..., {option.name}=...)), not of a backend: the host applies it and "
                 f"never passes it to compute() as an option. Remove it from `options`; "
-                f"{HOST_ARGUMENTS[option.name]}."
+                f"{HOST_ARGUMENTS[option.name].instead}."
             )
         if option.name in seen:
             raise PluginError(f"{where} declaring option {option.name!r} twice.")
@@ -214,7 +208,7 @@ def _check_declared_options(cls: type[Backend], name: str, plugin: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# command-line flags, from the built-in backends' declarations
+# the built-in backends, read without loading entry points
 
 
 @functools.cache
@@ -227,102 +221,6 @@ def builtin_backends() -> tuple[type[Backend], ...]:
         if modname.startswith("deconcnn_curvature.backends."):
             importlib.import_module(modname).register_backends(register=found.append)
     return tuple(found)
-
-
-@dataclass(frozen=True)
-class Flag:
-    """One command-line flag made from the built-in declarations of an option.
-
-    ``option`` carries the flag's type, bounds, choices and help: where built-in backends declare
-    the option differently, the loosest bounds (each backend's own :meth:`Option.check` then
-    refuses what it does not take, with its reason) and each backend's help. ``budget``: the
-    flag sets each backend's budget option (:meth:`Backend.budget_option`), whatever its name.
-    """
-
-    flag: str
-    option: Option
-    budget: bool
-    sources: tuple[tuple[str, Option], ...]
-
-    @property
-    def dest(self) -> str:
-        """The Python name of the flag's value (the built-in option's name)."""
-        return self.option.name
-
-    def target(self, cls: type[Backend], quantity: str) -> str:
-        """The option of ``cls`` this flag sets for ``quantity`` (applicable or not: the caller
-        says when it does not apply): one declaring this flag, else the backend's budget option
-        (the budget flag), else the option of the built-in name."""
-        declared = [o for o in cls.options if o.flag == self.flag]
-        applying = [o for o in declared if not o.quantities or quantity in o.quantities]
-        if applying or declared:
-            return (applying or declared)[0].name
-        if self.budget:  # a call that also returns the trace takes the trace's budget
-            served = (quantity, *sorted(cls.also_computes.get(quantity, ())))
-            return next(filter(None, map(cls.budget_option, served)), self.dest)
-        return self.dest
-
-
-def _merge(flag: str, sources: list[tuple[str, Option]]) -> Flag:
-    options = [o for _, o in sources]
-    first = options[0]
-    names = {o.name for o in options}
-    types = {o.type for o in options}
-    budget = {o.budget for o in options}
-    if len(types) > 1 or len(budget) > 1 or (len(names) > 1 and budget != {True}):
-        raise AssertionError(  # a bug in the built-in declarations, caught by the test suite
-            f"built-in backends declare flag {flag} for different options: {sources}"
-        )
-    mins = [(o.min, o.min_exclusive) for o in options]
-    lowest = None if any(m is None for m, _ in mins) else min(mins, key=lambda m: (m[0], m[1]))
-    maxes = [o.max for o in options]
-    helps = list(dict.fromkeys(o.help for o in options))
-    text = (
-        helps[0]
-        if len(helps) == 1
-        else "; ".join(f"{b}: {o.help}" for b, o in sources if o.help in helps)
-    )
-    choices = None
-    if all(o.choices is not None for o in options):
-        choices = tuple(dict.fromkeys(c for o in options for c in o.choices or ()))
-    merged = Option(
-        first.name if len(names) == 1 else "num_hvps",
-        first.type,
-        None,
-        text,
-        min=None if lowest is None else lowest[0],
-        max=None if any(m is None for m in maxes) else max(m for m in maxes if m is not None),
-        choices=choices,
-        allow_none=True,
-        min_exclusive=False if lowest is None else lowest[1],
-        budget=first.budget,
-        flag=flag,
-    )
-    return Flag(flag, merged, first.budget, tuple(sources))
-
-
-@functools.cache
-def builtin_flags() -> Mapping[str, Flag]:
-    """The flags (``"-k"``, ``"--num-hvps"``, ...) the built-in backends declare, by flag."""
-    by_flag: dict[str, list[tuple[str, Option]]] = {}
-    for cls in builtin_backends():
-        for option in cls.options:
-            if option.flag is not None:
-                by_flag.setdefault(option.flag, []).append((cls.name, option))
-    return {flag: _merge(flag, sources) for flag, sources in by_flag.items()}
-
-
-def flag_of(cls: type[Backend], option: Option) -> str | None:
-    """The command-line flag that sets ``option`` of ``cls``, or None (then ``-o name=value``)."""
-    flags = builtin_flags()
-    if option.flag in flags:
-        return option.flag
-    for flag in flags.values():
-        if any(o.flag == flag.flag for o in cls.options):
-            continue  # the flag sets the backend's own option declaring it
-        if (flag.budget and option.budget) or option.name == flag.dest:
-            return flag.flag
-    return None
 
 
 def _returned(values: list[Any]) -> str:

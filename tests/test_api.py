@@ -311,7 +311,6 @@ def test_resolve_returns_the_class_and_complete_options() -> None:
         "ci_level": 0.95,
         "data_groups": None,
         "population_size": None,
-        "eval_mode": True,
         "probe_batch": None,
         "retain_graphs": False,
     }
@@ -342,7 +341,9 @@ def test_list_backends_reports_pyhessian() -> None:
     assert r["quantities"] == ["density", "eigenvalues", "trace"]
     assert r["exact"] is False and r["distributed"] is True
     assert {o["name"] for o in r["options"]} >= {"num_hvps", "k", "rtol"}
-    assert [o["name"] for o in r["host_options"]] == ["eval_mode"]  # the host's, not a backend's
+    # the host's arguments, not a backend's options
+    assert [o["name"] for o in r["host_arguments"]] == ["eval_mode", "seed", "distributed"]
+    assert not {o["name"] for o in r["options"]} & {"eval_mode", "seed", "distributed"}
     for row in rows.values():
         assert set(row) >= {"name", "plugin", "available", "reason", "quantities", "exact"}
 

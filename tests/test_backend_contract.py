@@ -14,7 +14,7 @@ import torch
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature import registry
-from deconcnn_curvature.backend import QUANTITIES, Availability, Option, describe
+from deconcnn_curvature.backend import HOST_ARGUMENTS, QUANTITIES, Availability, Option, describe
 from deconcnn_curvature.backends.pyhessian import PyHessianBackend
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.registry import Registry
@@ -59,9 +59,9 @@ def test_declared_attributes_are_readable_on_the_class() -> None:
     assert cls.supports_distributed is True
     assert cls.availability() == Availability(True)
     defaults = {o.name: o.default for o in cls.option_map().values()}
-    assert defaults["num_hvps"] == 100 and defaults["k"] == 1 and defaults["eval_mode"] is True
-    # eval_mode is the host's argument, declared once by the contract, not per backend.
-    assert "eval_mode" not in {o.name for o in cls.options}
+    assert defaults["num_hvps"] == 100 and defaults["k"] == 1
+    # eval_mode is the host's argument, in the contract's one table, not a backend option.
+    assert "eval_mode" not in defaults and HOST_ARGUMENTS["eval_mode"].default is True
     assert cls.option_map()["k"].quantities == frozenset({"eigenvalues"})
 
 
@@ -84,7 +84,7 @@ def test_describe_is_json_serialisable() -> None:
         "install",
         "distributed",
         "options",
-        "host_options",  # eval_mode: the host's, declared once by the contract
+        "host_arguments",  # eval_mode, seed, distributed: the host's, one table
     }
 
 
@@ -274,6 +274,6 @@ def test_resolving_a_host_argument_as_an_option_names_the_argument(name: str) ->
     with pytest.raises(dcc.InvalidOptionError) as info:
         dcc.resolve("trace", "pyhessian", {name: 1})
     assert str(info.value) == (
-        f"{name!r} is not an option of backend 'pyhessian' but an argument of the host: pass it "
-        f"as estimate(..., {name}=...)."
+        f"{name!r} is not a backend option but an argument of the host: pass it as "
+        f"estimate(..., {name}=...)."
     )

@@ -742,7 +742,7 @@ def test_the_num_samples_warning_points_at_the_line_that_built_the_monitor() -> 
     [
         ({"backend": "pyhesian"}, UnknownBackendError, "Did you mean 'pyhessian'"),
         ({"backend": "traceonly"}, UnsupportedQuantityError, "cannot compute quantity"),
-        ({"backend_options": {"nope": 1}}, ConfigurationError, "unknown backend_options"),
+        ({"backend_options": {"nope": 1}}, ConfigurationError, "options.nope: unknown option"),
         ({"backend_options": {"num_runs": 2}}, ConfigurationError, "applies to density only"),
         ({"backend_options": {"tol": -1.0}}, dcc.InvalidOptionError, "'tol'"),
         ({"hessian_batch_size": 33}, ConfigurationError, "only 32 samples"),

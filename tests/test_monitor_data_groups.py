@@ -62,7 +62,7 @@ def test_bad_data_groups_fail_at_construction(kwargs: dict[str, int], match: str
 
 
 def test_train_mode_measurement_with_groups_fails_before_the_first_step(tmp_path: Path) -> None:
-    monitor = CurvatureMonitor(compute_every_n_steps=1, backend_options={"eval_mode": False})
+    monitor = CurvatureMonitor(compute_every_n_steps=1, eval_mode=False)
     module = Tiny()
     trainer = make_trainer(tmp_path, [monitor], max_steps=2)
     with pytest.raises(dcc.InvalidOptionError, match="pass data_groups=1 with eval_mode=false"):

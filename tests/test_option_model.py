@@ -58,10 +58,16 @@ def test_eval_mode_is_a_host_argument_the_backend_never_sees(monkeypatch) -> Non
     batch = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
     dcc.estimate(model, nn.CrossEntropyLoss(), batch, "trace", num_hvps=4, eval_mode=False)
     assert seen and "eval_mode" not in seen[0]
-    _, opts = dcc.resolve("trace", "pyhessian", {"eval_mode": False})
-    assert opts["eval_mode"] is False  # the one resolver checks it with the backend's options
+    _, opts = dcc.resolve("trace", "pyhessian", eval_mode=False)
+    assert "eval_mode" not in opts  # an argument of the host, checked apart from the options
     with pytest.raises(dcc.InvalidOptionError, match="true or false"):
-        dcc.resolve("trace", "pyhessian", {"eval_mode": "no"})
+        dcc.resolve("trace", "pyhessian", eval_mode="no")  # type: ignore[arg-type]
+    with pytest.raises(dcc.InvalidOptionError) as info:  # never folded into the options
+        dcc.resolve("trace", "pyhessian", {"eval_mode": False})
+    assert str(info.value) == (
+        "'eval_mode' is not a backend option but an argument of the host: pass it as "
+        "estimate(..., eval_mode=...)."
+    )
 
 
 def test_eigenvalues_call_also_returns_the_trace_as_a_result() -> None:
@@ -137,18 +143,21 @@ def test_a_declared_budget_option_takes_num_hvps_everywhere(monkeypatch) -> None
 
     import deconcnn_curvature as dcc
     from deconcnn_curvature import registry as registry_module
-    from deconcnn_curvature.cli._common import backend_options
+    from deconcnn_curvature.cli._common import plan_options
     from deconcnn_curvature.registry import Registry
 
     cls = _probes_backend()
     registry_module.set_registry(Registry.build(extra_plugins=(_Plugin(cls),)))
     assert cls.budget_option("trace") == "num_probes"
     # the CLI's --num-hvps and the monitor's num_hvps both set num_probes
-    assert backend_options(cls, "trace", {"--num-hvps": 7}, {})[0] == {"num_probes": 7}
+    given = {"num_hvps": 7, "rtol": None, "k": None, "options": {}}
+    assert plan_options(cls, "trace", given).calls[0].options == {"num_probes": 7}
     monitor = CurvatureMonitor(backend="probes", quantities=["trace", "eigenvalues"], num_hvps=7)
     resolved = monitor.check_config()
     assert resolved["trace"]["num_probes"] == 7
-    assert [q for q, _ in monitor._plan] == ["eigenvalues"]  # one call gives both
+    (call,) = monitor.plan.calls  # one call gives both
+    assert (call.quantity, call.records) == ("eigenvalues", ("eigenvalues", "trace"))
+    assert call.options == {"num_probes": 7}
     # the host fills backend, quantity, seed, device, dim the backend left out
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
@@ -184,8 +193,7 @@ def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) ->
     eigenvalues were monitored)."""
     import deconcnn_curvature as dcc
     from deconcnn_curvature import registry as registry_module
-    from deconcnn_curvature.backend import Option
-    from deconcnn_curvature.cli._common import backend_options
+    from deconcnn_curvature.backend import Option, plan_calls
     from deconcnn_curvature.registry import Registry
 
     base = _probes_backend()
@@ -201,12 +209,12 @@ def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) ->
     given = {"shift": 2.5}
     _, expected = dcc.resolve("eigenvalues", "shift", given)
     assert expected["shift"] == 2.5
-    assert backend_options(ShiftBackend, "eigenvalues", {}, {"shift": 2.5})[0] == given
+    assert plan_calls(ShiftBackend, ["eigenvalues"], options=given).calls[0].options == given
     for quantities in (["eigenvalues"], ["trace", "eigenvalues"]):
         monitor = CurvatureMonitor(backend="shift", quantities=quantities, backend_options=given)
         resolved = monitor.check_config()
         assert resolved["eigenvalues"] == expected, quantities
-        plan = dict(monitor._plan)
+        plan = {c.quantity: c.options for c in monitor.plan.calls}
         assert plan["eigenvalues"]["shift"] == 2.5, quantities
         assert dcc.resolve("eigenvalues", "shift", plan["eigenvalues"])[1] == expected
 

@@ -35,7 +35,6 @@ TOP_K_OPTION = Option(
     "reported once (single-vector Krylov)",
     min=1,
     quantities=frozenset({"eigenvalues"}),
-    flag="-k",
 )
 
 #: What the backends that compute with PyHessian's HVPs require, and how to install it.

@@ -61,10 +61,10 @@ def data_group_options(quantities: frozenset[str]) -> tuple[Option, ...]:
 DATA_GROUP_OPTIONS: tuple[Option, ...] = data_group_options(_T)
 
 
-def check_data_groups(backend: str, options: Mapping[str, Any]) -> None:
+def check_data_groups(backend: str, options: Mapping[str, Any], *, eval_mode: bool) -> None:
     """Refuse, before any work, a split that would change the matrix measured."""
     groups = options.get("data_groups")
-    if groups is not None and groups >= 2 and options.get("eval_mode") is False:
+    if groups is not None and groups >= 2 and eval_mode is False:
         raise InvalidOptionError(
             f"option 'data_groups' ({groups}) of backend {backend!r} splits the data into "
             "groups, which changes a train-mode model's batch statistics (BatchNorm) and so the "
@@ -73,17 +73,16 @@ def check_data_groups(backend: str, options: Mapping[str, Any]) -> None:
 
 
 class DataGroupsMixin:
-    """For a backend declaring the data-group options: its option resolver also refuses, before
-    any work, a split that would change the matrix measured (:func:`check_data_groups`). Put it
-    before :class:`~deconcnn_curvature.backend.Backend` in the bases."""
+    """For a backend declaring the data-group options: the host's check before any work
+    (:meth:`~deconcnn_curvature.backend.Backend.check_call`) also refuses a split that would
+    change the matrix measured (:func:`check_data_groups`). Put it before
+    :class:`~deconcnn_curvature.backend.Backend` in the bases."""
 
     name: str
 
     @classmethod
-    def resolve_options(cls, quantity: str, given: Mapping[str, Any]) -> dict[str, Any]:
-        resolved: dict[str, Any] = super().resolve_options(quantity, given)  # type: ignore[misc]
-        check_data_groups(cls.name, resolved)
-        return resolved
+    def check_call(cls, quantity: str, options: Mapping[str, Any], *, eval_mode: bool) -> None:
+        check_data_groups(cls.name, options, eval_mode=eval_mode)
 
 
 def _split(value: Any, parts: int) -> list[Any]:

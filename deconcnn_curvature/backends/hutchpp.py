@@ -113,7 +113,6 @@ class HutchppBackend(DataGroupsMixin, Backend):
             f"{MIN_NUM_HVPS}: 2 for the low-rank part, {MIN_DEFLATED_PROBES} deflated probes",
             min=MIN_NUM_HVPS,
             budget=True,
-            flag="--num-hvps",
         ),
         Option(
             "rtol",
@@ -124,7 +123,6 @@ class HutchppBackend(DataGroupsMixin, Backend):
             min=0,
             min_exclusive=True,
             allow_none=True,
-            flag="--rtol",
         ),
         Option(
             "min_hvps",

@@ -93,7 +93,6 @@ class PyHessianBackend(DataGroupsMixin, Backend):
             min=2,
             quantities=_T,
             budget=True,
-            flag="--num-hvps",
         ),
         Option(
             "rtol",
@@ -104,7 +103,6 @@ class PyHessianBackend(DataGroupsMixin, Backend):
             min_exclusive=True,
             allow_none=True,
             quantities=_T,
-            flag="--rtol",
         ),
         Option(
             "min_hvps", int, 10, "probes before the rtol rule is consulted", min=2, quantities=_T

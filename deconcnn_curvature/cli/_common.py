@@ -19,7 +19,7 @@ import click
 import torch
 
 from deconcnn_curvature._seeds import SEED_LIMIT
-from deconcnn_curvature.backend import HOST_ARGUMENTS, Backend, Option
+from deconcnn_curvature.backend import Backend, Plan, plan_calls
 from deconcnn_curvature.checkpoints import (
     LOSSES,
     TRUST_FLAG,
@@ -32,22 +32,14 @@ from deconcnn_curvature.checkpoints import (
 from deconcnn_curvature.checkpoints.data import DATA_SOURCES
 from deconcnn_curvature.errors import (
     ConfigurationError,
-    InvalidOptionError,
     UnknownBackendError,
     UnsupportedQuantityError,
 )
-from deconcnn_curvature.registry import ENV_BACKEND, Flag, builtin_flags, get_registry
+from deconcnn_curvature.registry import ENV_BACKEND, builtin_backends, get_registry
 
 __all__ = ["resolve_device"]
 
 F = Callable[..., Any]
-
-#: The estimator flags (``--num-hvps``, ``--rtol``, ``-k``), made from the built-in
-#: backends' option declarations (:func:`deconcnn_curvature.registry.builtin_flags`): type, bounds
-#: and help come from the :class:`Option`; each flag sets the selected backend's option
-#: (:meth:`Flag.target`; ``--num-hvps`` its budget option). Any other option: ``-o name=value``.
-FLAGS: Mapping[str, Flag] = builtin_flags()
-
 
 # --------------------------------------------------------------------------------------------
 # parsing
@@ -92,67 +84,43 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) 
     return shape
 
 
-def _param(flag: Flag) -> str:
-    """The Python name under which Click passes a generated flag's value."""
-    return f"flag_{flag.dest}"
+#: How the command line spells the router's settings in its messages.
+LABELS: Mapping[str, str] = {"num_hvps": "--num-hvps", "rtol": "--rtol", "k": "-k"}
 
 
-def estimator_values(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def cli_host_hint(name: str) -> str:
+    """How a command-line user sets a host argument given as ``-o NAME=...``."""
+    if name == "seed":
+        return "use --seed"
+    if name == "eval_mode":
+        return "the command line measures in eval mode"
+    return "the command line measures in one process"
+
+
+def estimator_settings(params: dict[str, Any]) -> dict[str, Any]:
     """Take the estimator options (:func:`estimator_options`) out of a command's ``params``:
-    ``{flag: value}`` for the flags the user gave, and the ``-o name=value`` options."""
-    values = {flag: params.pop(_param(spec)) for flag, spec in FLAGS.items()}
-    extra = parse_key_values(params.pop("extra_options"), "-o/--option")
-    return {flag: value for flag, value in values.items() if value is not None}, extra
+    ``num_hvps``, ``rtol``, ``k`` (``None``: not given) and the ``-o name=value`` options."""
+    settings = {name: params.pop(name) for name in ("num_hvps", "rtol", "k")}
+    settings["options"] = parse_key_values(params.pop("extra_options"), "-o/--option")
+    return settings
 
 
-def option_targets(
-    cls: type[Backend], quantity: str, flags: Mapping[str, Any], extra: Mapping[str, Any]
-) -> list[tuple[str, str, Any]]:
-    """``(option name, how the user gave it, value)`` for ``cls`` and ``quantity``: each flag
-    set on the option it maps to for this backend (``--num-hvps``: its budget option), each
-    ``-o name=value`` on ``name``."""
-    given = [(FLAGS[flag].target(cls, quantity), flag, value) for flag, value in flags.items()]
-    return given + [(name, f"-o {name}", value) for name, value in extra.items()]
-
-
-def host_argument(flag: str, name: str) -> str:
-    """What ``-o seed=...`` (a host argument given as a backend option) is told."""
-    fix = "use --seed" if name == "seed" else "the command line measures in one process"
-    return f"{flag}: {name!r} is not a backend option but an argument of the host; {fix}."
-
-
-def backend_options(
-    cls: type[Backend],
-    quantity: str,
-    flags: Mapping[str, Any],
-    extra: Mapping[str, Any],
-    *,
-    strict: bool = True,
-) -> tuple[dict[str, Any], list[str]]:
-    """Options for ``cls`` and ``quantity`` from the flags the user gave.
-
-    A flag the backend does not declare for ``quantity`` is an error (``strict``) or, for
-    ``compare``, dropped and named in the returned list.
-    """
-    applicable = sorted(n for n in cls.option_map() if cls.applies(n, quantity))
-    opts: dict[str, Any] = {}
-    dropped: list[str] = []
-    for name, flag, value in option_targets(cls, quantity, flags, extra):
-        if not cls.applies(name, quantity):
-            if not strict:
-                dropped.append(flag)
-                continue
-            if name in HOST_ARGUMENTS:
-                raise InvalidOptionError(host_argument(flag, name))
-            raise InvalidOptionError(
-                f"{flag} does not apply to quantity {quantity!r} with backend {cls.name!r}; its "
-                f"options for {quantity} are: {', '.join(applicable) or '(none)'} (set them with "
-                "-o name=value). Drop the flag or choose another backend."
-            )
-        if name in opts:
-            raise InvalidOptionError(f"option {name!r} is given twice ({flag} and its shortcut).")
-        opts[name] = value
-    return opts, dropped
+def plan_options(
+    cls: type[Backend], quantity: str, settings: Mapping[str, Any], *, strict: bool = True
+) -> Plan:
+    """The one call for ``cls`` and ``quantity`` from the command line's settings, routed by
+    :func:`~deconcnn_curvature.backend.plan_calls` (``--num-hvps`` to the backend's budget
+    option, ``-k`` to ``k``, ...). A setting the backend does not take for ``quantity`` is an
+    error (``strict``) or, for ``compare``, named in :attr:`Plan.unused`."""
+    return plan_calls(
+        cls,
+        [quantity],
+        **settings,
+        labels=LABELS,
+        option_label="-o {}",
+        host_hint=cli_host_hint,
+        strict=strict,
+    )
 
 
 def load_options(func: F) -> F:
@@ -239,36 +207,41 @@ def load_options(func: F) -> F:
     return func
 
 
-def _click_type(option: Option) -> Any:
-    """The Click type of a declared option: its choices, or its type with its bounds."""
-    if option.choices is not None and option.type is str:
-        return click.Choice([str(c) for c in option.choices])
-    bounded = option.min is not None or option.max is not None
-    if option.type is int and bounded:
-        return click.IntRange(option.min, option.max, min_open=option.min_exclusive)
-    if option.type is float and bounded:
-        return click.FloatRange(option.min, option.max, min_open=option.min_exclusive)
-    known = {int: click.INT, float: click.FLOAT, bool: click.BOOL}
-    return known.get(option.type, click.STRING)
-
-
-def _flag_help(flag: Flag) -> str:
-    option = flag.option
-    if flag.budget:
-        return f"HVP budget: sets the backend's budget option ({option.help})."
-    return f"{option.help} (backend option {option.name})."
-
-
-def _flag_option(flag: Flag) -> Callable[[F], F]:
-    """The Click option of a generated flag: type, bounds and help from the declarations."""
-    return click.option(
-        flag.flag, _param(flag), type=_click_type(flag.option), help=_flag_help(flag)
-    )
+def _budget_default() -> str:
+    """What ``--num-hvps`` defaults to, read from the built-in backends' declarations."""
+    said = []
+    for cls in builtin_backends():
+        budget = cls.budget_option("trace")
+        if budget is not None:
+            said.append(f"{cls.name} {cls.option_map()[budget].default}")
+    return "the backend's own: " + ", ".join(said)
 
 
 def estimator_options(func: F) -> F:
+    """``--num-hvps``, ``--rtol``, ``-k`` and ``-o NAME=VALUE``; each backend checks its own
+    bounds (hutchpp needs at least 5 products) in one line."""
     options = [
-        *(_flag_option(flag) for flag in FLAGS.values()),
+        click.option(
+            "--num-hvps",
+            type=click.IntRange(min=1),
+            show_default=_budget_default(),
+            help="HVP budget of the trace, under the backend's own budget option (see "
+            "`list-backends --json`); the most spent when --rtol is set.",
+        ),
+        click.option(
+            "--rtol",
+            type=click.FloatRange(min=0, min_open=True),
+            show_default="off: spend the whole budget",
+            help="Target relative error of the trace: stop once the confidence interval's "
+            "half-width is at most rtol·|trace|.",
+        ),
+        click.option(
+            "-k",
+            "k",
+            type=click.IntRange(min=1),
+            show_default="1, the backend's own",
+            help="Number of top eigenvalues (-q eigenvalues).",
+        ),
         click.option(
             "-o",
             "--option",

@@ -1,6 +1,6 @@
 """``deconcnn-curv compare``: several backends on the same checkpoint, batch and seed.
 
-The checkpoint is loaded once (:func:`deconcnn_curvature.cli._common._load`);
+The checkpoint is loaded once (:func:`deconcnn_curvature.cli._common.load_problem`);
 :func:`deconcnn_curvature.compare` runs the backends; this module checks the options up front,
 samples peak memory per backend and presents the rows.
 """
@@ -15,18 +15,16 @@ import click
 import torch
 
 import deconcnn_curvature as dcc
-from deconcnn_curvature.backend import HOST_ARGUMENTS, Backend
+from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
 from deconcnn_curvature.cli._common import (
-    backend_options,
     check_quantity_known,
     command_settings,
     estimator_options,
-    estimator_values,
-    host_argument,
+    estimator_settings,
     load_options,
     load_problem,
-    option_targets,
+    plan_options,
     resolve_device,
 )
 from deconcnn_curvature.cli._memory import PeakMemory, ProgressDisplay
@@ -38,45 +36,34 @@ from deconcnn_curvature.registry import get_registry
 __all__ = ["compare_cmd"]
 
 
-def _check_compare_options(
-    names: list[str], quantity: str, flags: Mapping[str, Any], extra: Mapping[str, Any]
-) -> None:
+def _check_compare_options(names: list[str], quantity: str, given: Mapping[str, Any]) -> None:
     """Before any work: an option no compared backend takes for ``quantity`` is a typo, and a
     value every compared backend refuses is a mistake, not rows to discover after loading. A
     value only some refuse (``--num-hvps 3``: Hutch++ needs at least 5) gives those a row with
     the reason, as the help promises."""
     registry = get_registry()
-    classes = [registry.get(name) for name in names]
-    takes = {  # the backends' options and the host's (eval_mode)
-        name for cls in classes for name in cls.option_map() if cls.applies(name, quantity)
-    }
-    if any(cls.budget_option(quantity) for cls in classes):
-        takes.add("num_hvps")  # --num-hvps: each backend's declared budget option
-    taken = {
-        label
-        for cls in classes
-        for name, label, _ in option_targets(cls, quantity, flags, extra)
-        if cls.applies(name, quantity)
-    }
-    unknown = [label for _, label, _ in option_targets(classes[0], quantity, flags, extra)]
-    unknown = [label for label in unknown if label not in taken]
-    host = [name for name in extra if name in HOST_ARGUMENTS and f"-o {name}" in unknown]
-    if host:
-        raise InvalidOptionError(host_argument(f"-o {host[0]}", host[0]))
-    if unknown:
-        raise InvalidOptionError(
-            f"{', '.join(unknown)}: no compared backend ({', '.join(names)}) takes this option "
-            f"for {quantity!r}; their options are: {', '.join(sorted(takes)) or '(none)'}."
-        )
-    refused: list[str] = []
-    for cls in classes:
-        opts, _ = backend_options(cls, quantity, flags, extra, strict=False)
+    refused: dict[str, str] = {}
+    unused: list[set[str]] = []
+    for name in names:
+        cls = registry.get(name)
         try:
-            cls.resolve_options(quantity, opts)
+            plan = plan_options(cls, quantity, given, strict=False)
+            unused.append({u.setting for u in plan.unused})
+            cls.resolve_options(quantity, plan.calls[0].options)
         except InvalidOptionError as exc:
-            refused.append(f"{cls.name}: {exc}")
-    if refused and len(refused) == len(classes):
-        raise InvalidOptionError("no compared backend accepts these options: " + " ".join(refused))
+            refused[name] = str(exc)
+    taken_by_none = set.intersection(*unused) if len(unused) == len(names) else set()
+    if taken_by_none:
+        raise InvalidOptionError(
+            f"{', '.join(sorted(taken_by_none))}: no compared backend ({', '.join(names)}) "
+            f"takes this option for {quantity!r}."
+        )
+    if refused and len(refused) == len(names):
+        reasons = set(refused.values())
+        if len(reasons) == 1:
+            raise InvalidOptionError(reasons.pop())
+        said = " ".join(f"{name}: {reason}" for name, reason in refused.items())
+        raise InvalidOptionError(f"no compared backend accepts these options: {said}")
 
 
 def _backend_names(backends: str | None, quantity: str) -> list[str]:
@@ -127,7 +114,13 @@ def _rows(
     metavar="NAME[,NAME...]",
     help="Comma-separated backends (default: every registered backend that computes the quantity).",
 )
-@click.option("-q", "--quantity", default="trace", show_default=True)
+@click.option(
+    "-q",
+    "--quantity",
+    default="trace",
+    show_default=True,
+    help="The quantity every backend measures: trace, eigenvalues, layer_trace, diagonal.",
+)
 @estimator_options
 @user_errors
 def compare_cmd(
@@ -149,18 +142,19 @@ def compare_cmd(
     """
     dev = resolve_device(device)
     trust = load.pop("trust_checkpoint")
-    flags, extra = estimator_values(load)
+    given = estimator_settings(load)
     settings = command_settings(device=dev, **load)
     names = _backend_names(backends, quantity)
-    _check_compare_options(names, quantity, flags, extra)
+    _check_compare_options(names, quantity, given)
 
     memory_kind = PeakMemory(dev).kind
     meters: dict[str, PeakMemory] = {}
     dropped: dict[str, list[str]] = {}
 
     def options_for(cls: type[Backend]) -> dict[str, Any]:
-        opts, dropped[cls.name] = backend_options(cls, quantity, flags, extra, strict=False)
-        return opts
+        plan = plan_options(cls, quantity, given, strict=False)
+        dropped[cls.name] = [u.setting for u in plan.unused]
+        return dict(plan.calls[0].options)
 
     def started(progress: ProgressDisplay, name: str) -> None:
         if name != names[0]:

@@ -14,12 +14,13 @@ import click
 import torch
 
 import deconcnn_curvature as dcc
-from deconcnn_curvature.api import density_options
+from deconcnn_curvature.api import density_plan
 from deconcnn_curvature.checkpoints import LoadedCheckpoint, parse_key_values
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
 from deconcnn_curvature.cli._common import (
-    FLAGS,
+    LABELS,
     backend_option,
+    cli_host_hint,
     command_settings,
     load_options,
     load_problem,
@@ -103,10 +104,10 @@ def _write_plot(
 @click.option(
     "-k",
     "k",
-    type=click.IntRange(min=0, max=FLAGS["-k"].option.max),
+    type=click.IntRange(min=0),
     default=5,
     show_default=True,
-    help=f"Top eigenvalues to mark, 0: none ({FLAGS['-k'].option.help}; backend option k).",
+    help="Top eigenvalues to mark, 0: none (the backend's option k).",
 )
 @click.option(
     "-o",
@@ -142,8 +143,10 @@ def density_cmd(
     settings = command_settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     extra = parse_key_values(extra_options, "-o/--option")
-    _, density_opts, _ = density_options(backend_name, k, extra, label=lambda name: f"-o {name}")
-    _, density_full = dcc.resolve("density", backend_name, density_opts)
+    plan = density_plan(
+        backend_name, k, extra, labels=LABELS, option_label="-o {}", host_hint=cli_host_hint
+    )
+    density_full = plan.resolve()["density"]
     if plot_path is not None:
         check_plot_path(plot_path.expanduser())
 

@@ -20,12 +20,12 @@ import deconcnn_curvature as dcc
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
 from deconcnn_curvature.cli._common import (
     backend_option,
-    backend_options,
     command_settings,
     estimator_options,
-    estimator_values,
+    estimator_settings,
     load_options,
     load_problem,
+    plan_options,
     resolve_device,
 )
 from deconcnn_curvature.cli._memory import ProgressDisplay
@@ -72,12 +72,12 @@ def estimate_cmd(
     """
     dev = resolve_device(device)
     trust = load.pop("trust_checkpoint")
-    flags, extra = estimator_values(load)
+    given = estimator_settings(load)
     settings = command_settings(device=dev, **load)
     backend_name = backend or default_backend_name()
-    cls, _ = dcc.resolve(quantity, backend_name, {})  # unknown / unsupported / unavailable
-    opts, _ = backend_options(cls, quantity, flags, extra)
-    _, full = dcc.resolve(quantity, backend_name, opts)  # option values
+    cls, _ = dcc.resolve(quantity, backend_name)  # unknown / unsupported / unavailable
+    opts = plan_options(cls, quantity, given).calls[0].options
+    _, full = dcc.resolve(quantity, backend_name, opts)  # the values, checked
 
     running = RunningTrace(f"{quantity} with {backend_name} on {dev}")
     try:

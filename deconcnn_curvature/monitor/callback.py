@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from deconcnn_curvature.api import estimate, get_backend, resolve
-from deconcnn_curvature.backend import HOST_OPTION_NAMES, Backend
+from deconcnn_curvature.backend import Backend, Plan, plan_calls
 from deconcnn_curvature.distributed import rank_agreement
-from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
 from deconcnn_curvature.monitor.inputs import (
     build_batch,
     check_trial_loss,
@@ -91,15 +91,26 @@ def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------- monitor
 
 
-def _options_said(cls: type[Backend], quantity: str, full: Mapping[str, Any]) -> str:
+def options_said(
+    cls: type[Backend], quantity: str, full: Mapping[str, Any], eval_mode: bool
+) -> str:
     """The options part of a start-up line: ``budget NAME=VALUE`` only where the backend
     declares a budget option for ``quantity``, then the backend's options, then the host's
-    arguments (:data:`~deconcnn_curvature.backend.HOST_OPTIONS`, e.g. ``eval_mode``) apart."""
+    arguments (``eval_mode``) apart."""
     budget = cls.budget_option(quantity)
-    options = {n: v for n, v in full.items() if n not in HOST_OPTION_NAMES}
-    host = {n: v for n, v in full.items() if n in HOST_OPTION_NAMES}
     said = [f"budget {budget}={full[budget]}"] if budget in full else []
-    return "; ".join([*said, f"options {options}", f"host arguments {host}"])
+    return "; ".join(
+        [*said, f"options {dict(full)}", f"host arguments {{'eval_mode': {eval_mode}}}"]
+    )
+
+
+def _host_hint(name: str) -> str:
+    """How a monitor user sets a host argument given among ``backend_options``."""
+    if name == "eval_mode":
+        return "set the monitor's eval_mode (in a config: curvature.eval_mode)"
+    if name == "seed":
+        return "set the monitor's seed (in a config: curvature.seed)"
+    return "the monitor decides it from the Trainer (DDP: every rank measures together)"
 
 
 class CurvatureMonitor(pl.Callback):
@@ -163,6 +174,9 @@ class CurvatureMonitor(pl.Callback):
             else raises, asking for ``model_attr``).
         enabled: ``False`` makes the callback do nothing (one flag in a config turns it off).
         log_metrics: Log through ``pl_module.log`` (the JSONL is written either way).
+        eval_mode: Measure the model in eval mode (``True``: BatchNorm with running statistics,
+            Dropout off) or in the mode training left it in (``False``); an argument of the host
+            (:func:`deconcnn_curvature.estimate`'s ``eval_mode``), not a backend option.
         num_samples: deconCNN's own name for ``num_hvps`` (its configs' ``curvature.num_samples``),
             accepted with a ``DeprecationWarning``.
 
@@ -196,6 +210,7 @@ class CurvatureMonitor(pl.Callback):
         batch_fn: Callable[[Any], Any] | None = None,
         enabled: bool = True,
         log_metrics: bool = True,
+        eval_mode: bool = True,
         num_samples: int | None = None,
     ) -> None:
         super().__init__()
@@ -220,6 +235,7 @@ class CurvatureMonitor(pl.Callback):
             batch_fn=batch_fn,
             enabled=enabled,
             log_metrics=log_metrics,
+            eval_mode=eval_mode,
             num_samples=num_samples,
         )
         # Each checked setting is the attribute of the same name (monitor.num_hvps, ...).
@@ -228,8 +244,8 @@ class CurvatureMonitor(pl.Callback):
 
         # Resolved in setup().
         self._backend_name: str | None = None
-        self._plan: list[tuple[str, dict[str, Any]]] = []
-        self._joint = False
+        #: The calls of one measurement (:func:`~deconcnn_curvature.backend.plan_calls`).
+        self.plan: Plan | None = None
         self._writer: RecordWriter | None = None
         # Checkpointed state.
         self._last_step = -1
@@ -313,64 +329,6 @@ class CurvatureMonitor(pl.Callback):
 
     # ------------------------------------------------------------------------------ setup
 
-    def _budget_options(self, cls: type[Backend], quantity: str) -> dict[str, Any]:
-        def applies(name: str) -> bool:  # the resolver's rule, also_computes included
-            return cls.applies(name, quantity)
-
-        opts: dict[str, Any] = {}
-        # A call that also returns the trace (also_computes, e.g. hutchpp's eigenvalues) spends
-        # the trace's budget: the trace settings go to it as they would to a trace call.
-        serves_trace = quantity == "trace" or "trace" in cls.also_computes.get(quantity, ())
-        if serves_trace:
-            if self.num_hvps is not None:
-                budget = cls.budget_option("trace")
-                if budget is not None:
-                    opts[budget] = self.num_hvps
-                elif not cls.exact:
-                    raise ConfigurationError(
-                        f"CurvatureMonitor: backend {cls.name!r} declares no probe-budget option "
-                        f"for the trace, so num_hvps={self.num_hvps} cannot be honoured; "
-                        "set num_hvps to null or choose another backend."
-                    )
-            if self.rtol is not None:
-                if applies("rtol"):
-                    opts["rtol"] = self.rtol
-                elif not cls.exact:
-                    raise ConfigurationError(
-                        f"CurvatureMonitor: backend {cls.name!r} has no 'rtol' option for the "
-                        "trace; set rtol to null or choose another backend."
-                    )
-        if quantity == "eigenvalues" and applies("k"):
-            opts["k"] = self.k
-        elif quantity == "eigenvalues" and self.k != 1:
-            raise ConfigurationError(
-                f"CurvatureMonitor: backend {cls.name!r} has no 'k' option for eigenvalues; "
-                "set k to 1 or choose another backend."
-            )
-        if serves_trace and applies("data_groups"):
-            opts["data_groups"] = self.data_groups
-        for name, value in self.backend_options.items():
-            if applies(name):
-                opts[name] = value
-        return opts
-
-    def _check_backend_options(self, cls: type[Backend]) -> None:
-        declared = cls.option_map()
-        unknown = sorted(set(self.backend_options) - set(declared))
-        if unknown:
-            raise ConfigurationError(
-                f"CurvatureMonitor: unknown backend_options {unknown} for backend {cls.name!r}; "
-                f"its options are: {', '.join(sorted(declared)) or '(none)'}."
-            )
-        for name in self.backend_options:
-            opt = declared[name]
-            if not any(cls.applies(name, q) for q in self.quantities):
-                raise ConfigurationError(
-                    f"CurvatureMonitor: backend option {name!r} of {cls.name!r} applies to "
-                    f"{', '.join(sorted(opt.quantities))} only, none of the monitored quantities "
-                    f"({', '.join(self.quantities)}); drop it."
-                )
-
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
         return measured_model(pl_module, self.model_attr)
 
@@ -384,8 +342,29 @@ class CurvatureMonitor(pl.Callback):
         with what to set, instead of as a run of ``null`` records. ``on_train_start`` calls it."""
         check_trial_loss(pl_module, batch, self.model_attr, self.loss_fn)
 
+    def plan_for(self, cls: type[Backend], num_hvps: int | None = None) -> Plan:
+        """The calls one measurement makes with backend ``cls``
+        (:func:`~deconcnn_curvature.backend.plan_calls`, the router every front end uses):
+        ``num_hvps`` (default: this monitor's budget) under the backend's budget option, the
+        trace's settings also to a call that returns the trace (hutchpp's eigenvalues: one call
+        measures both). A backend option no monitored quantity takes is refused; ``k`` or
+        ``data_groups`` a backend cannot take, or a budget where no call takes one, is reported
+        in :attr:`Plan.unused` (``check_config`` refuses one the backend cannot honour)."""
+        return plan_calls(
+            cls,
+            self.quantities,
+            num_hvps=self.num_hvps if num_hvps is None else num_hvps,
+            rtol=self.rtol,
+            k=self.k,
+            data_groups=self.data_groups,
+            options=self.backend_options,
+            option_label="backend_options.{}",
+            host_hint=_host_hint,
+            strict_settings=False,
+        )
+
     def check_config(self) -> dict[str, dict[str, Any]]:
-        """Resolve backend, quantities and options with :func:`deconcnn_curvature.resolve`.
+        """Resolve backend, quantities and options before any work.
 
         Returns, per quantity, the complete options the backend will run with (its defaults
         filled in). Raises a :class:`~deconcnn_curvature.errors.CurvatureError` for an unknown
@@ -393,25 +372,20 @@ class CurvatureMonitor(pl.Callback):
         calls this; call it yourself to check a config without training.
         """
         cls = get_backend(self.backend)
-        self._check_backend_options(cls)
-        # A backend whose eigenvalues come with the trace of the same products measures both in
-        # one call (one sketch of num_hvps products, not two runs).
-        joint = "trace" in cls.also_computes.get("eigenvalues", ()) and {
-            "trace",
-            "eigenvalues",
-        } <= set(self.quantities)
-        plan, resolved = [], {}
         for quantity in self.quantities:
-            opts = self._budget_options(cls, quantity)
-            if joint and quantity == "eigenvalues":
-                opts = {**self._budget_options(cls, "trace"), **opts}
-            _, resolved[quantity] = resolve(quantity, cls.name, opts)
-            if joint and quantity == "trace":
-                continue  # recorded from the eigenvalues call
-            plan.append((quantity, opts))
+            resolve(quantity, cls.name, {}, eval_mode=self.eval_mode)  # exists, available
+        try:  # routing: a setting that cannot reach the backend is a configuration mistake
+            plan = self.plan_for(cls)
+            cannot = [u.reason for u in plan.unused if u.kind == "cannot"]
+            if cannot:  # a setting the backend cannot honour is refused, not skipped
+                raise InvalidOptionError(cannot[0])
+        except InvalidOptionError as exc:
+            raise ConfigurationError(f"CurvatureMonitor: {exc}") from None
+        resolved = plan.resolve()  # the values, each checked by the backend's declaration
+        for quantity, full in resolved.items():
+            cls.check_call(quantity, full, eval_mode=self.eval_mode)
         self._backend_name = cls.name
-        self._plan = plan
-        self._joint = joint
+        self.plan = plan
         return resolved
 
     def check_model(self, pl_module: pl.LightningModule) -> None:
@@ -435,32 +409,15 @@ class CurvatureMonitor(pl.Callback):
         resolved = self.check_config()
         pl.utilities.rank_zero_info(what_is_measured(pl_module, self.model_attr, self.loss_fn))
         cls = get_backend(self._backend_name)
-        exact = cls.exact
         for quantity, full in resolved.items():
             pl.utilities.rank_zero_info(
                 f"CurvatureMonitor: {quantity} by backend {self._backend_name!r} every "
                 f"{self.compute_every_n_steps} steps on {self.hessian_batch_size} samples "
-                f"({self.batch_mode} batch); {_options_said(cls, quantity, full)}"
+                f"({self.batch_mode} batch); {options_said(cls, quantity, full, self.eval_mode)}"
             )
-            if (
-                quantity == "trace"
-                and self.num_hvps is not None
-                and exact
-                and cls.budget_option("trace") is None
-            ):
-                pl.utilities.rank_zero_info(
-                    f"CurvatureMonitor: backend {self._backend_name!r} is exact; num_hvps="
-                    f"{self.num_hvps} does not apply to it."
-                )
-        serves_trace = any(
-            q == "trace" or "trace" in cls.also_computes.get(q, ()) for q in self.quantities
-        )
-        if self.num_hvps is not None and not serves_trace:
-            pl.utilities.rank_zero_info(
-                f"CurvatureMonitor: num_hvps={self.num_hvps} is the trace's probe budget and no "
-                f"monitored call measures a trace (quantities: {', '.join(self.quantities)}); "
-                "it is unused."
-            )
+        for unused in self.plan.unused if self.plan is not None else ():
+            if unused.setting in ("num_hvps", "rtol"):  # data_groups: said below; k: default
+                pl.utilities.rank_zero_info(f"CurvatureMonitor: {unused.reason}")
         self._log_data_groups(resolved, trainer.world_size)
         self.check_model(pl_module)
         if self.hessian_batch_size < trainer.world_size:
@@ -660,37 +617,40 @@ class CurvatureMonitor(pl.Callback):
         except Exception as exc:
             self._fail(trainer, step, exc, time.perf_counter() - start)
             return
+        assert self.plan is not None  # setup() made it
         logged: dict[str, float] = {}
         n_hvp = 0
         succeeded = False
-        for quantity, opts in self._plan:
+        for call in self.plan.calls:
             began = time.perf_counter()
             try:
                 result = estimate(
                     model,
                     loss_fn,
                     batch,
-                    quantity,
+                    call.quantity,
                     self._backend_name,
-                    seed=self.probe_seed(step, quantity),
-                    **opts,
+                    seed=self.probe_seed(step, call.quantity),
+                    eval_mode=self.eval_mode,
+                    **call.options,
                 )
             except Exception as exc:
+                # One line per quantity the call was to record (a joint call's too).
                 reason = f"{type(exc).__name__}: {exc}"
-                self._record(
-                    trainer, step, quantity, seconds=time.perf_counter() - began, error=reason
-                )
+                seconds = time.perf_counter() - began
+                for quantity in (*call.records[1:], call.quantity):  # as a success writes them
+                    self._record(trainer, step, quantity, seconds=seconds, error=reason)
                 self._after_failure(reason, step)
                 if self.on_error == "raise":
                     raise
                 continue
             succeeded = True
             n_hvp += int(result.n_hvp)
-            if self._joint and quantity == "eigenvalues":
-                trace = self._joint_trace(result)
-                self._record(trainer, step, "trace", **self._result_fields(trace))
-                logged.update(self._scalars(trace))
-            self._record(trainer, step, quantity, **self._result_fields(result))
+            for quantity in call.records[1:]:  # returned by the same call, in its `also`
+                other = self.joint_result(result, quantity)
+                self._record(trainer, step, quantity, **self._result_fields(other))
+                logged.update(self._scalars(other))
+            self._record(trainer, step, call.quantity, **self._result_fields(result))
             logged.update(self._scalars(result))
             self._warn_target_missed(result, step)
         if succeeded:
@@ -699,28 +659,34 @@ class CurvatureMonitor(pl.Callback):
             if self.metric_keys["seconds"]:
                 logged[self.metric_keys["seconds"]] = time.perf_counter() - start
         if self.log_metrics and logged:
-            # callback_metrics (checkpoint monitors, metrics.jsonl) get the values through
-            # pl_module.log; the loggers get them directly, at the measured step. Through
-            # pl_module.log they would land on Lightning's batch counter (one step early) at
-            # its log_every_n_steps cadence, and be repeated while no new value comes.
-            for key, value in logged.items():
-                pl_module.log(
-                    key, value, on_step=True, on_epoch=False, rank_zero_only=True, logger=False
-                )
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(dict(logged), step=step)
+            self._log(trainer, pl_module, step, logged)
 
     @staticmethod
-    def _joint_trace(result: CurvatureResult) -> CurvatureResult:
-        """The trace an ``eigenvalues`` call also returned (``result.also["trace"]``, see
-        ``Backend.also_computes``): its ``n_hvp`` are the products of the shared call that the
-        trace used (not extra ones), its ``seconds`` 0.0 (the eigenvalues record holds the time
-        of the one call, so summed record times stay true), ``details["measured_with"]`` says
-        so."""
-        trace = result.also["trace"]
-        details = {**trace.details, "measured_with": "eigenvalues"}
-        return dataclasses.replace(trace, seconds=0.0, details=details)
+    def _log(
+        trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, logged: dict[str, float]
+    ) -> None:
+        """callback_metrics (checkpoint monitors, metrics.jsonl) get the values through
+        pl_module.log; the loggers get them directly, at the measured step. Through
+        pl_module.log they would land on Lightning's batch counter (one step early) at its
+        log_every_n_steps cadence, and be repeated while no new value comes."""
+        for key, value in logged.items():
+            pl_module.log(
+                key, value, on_step=True, on_epoch=False, rank_zero_only=True, logger=False
+            )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(logged), step=step)
+
+    @staticmethod
+    def joint_result(result: CurvatureResult, quantity: str) -> CurvatureResult:
+        """The ``quantity`` a call also returned (``result.also``, see
+        ``Backend.also_computes``; hutchpp's eigenvalues call returns the trace): its ``n_hvp``
+        are the products of the shared call that it used (not extra ones), its ``seconds`` 0.0
+        (the call's own record holds the time of the one call, so summed record times stay
+        true), ``details["measured_with"]`` names the call."""
+        other = result.also[quantity]
+        details = {**other.details, "measured_with": result.quantity}
+        return dataclasses.replace(other, seconds=0.0, details=details)
 
     @staticmethod
     def _result_fields(result: CurvatureResult) -> dict[str, Any]:

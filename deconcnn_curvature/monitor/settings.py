@@ -189,6 +189,7 @@ class MonitorSettings:
     batch_fn: Any
     enabled: bool
     log_metrics: bool
+    eval_mode: bool
     num_samples: dataclasses.InitVar[int | None] = None
 
     def _set(self, name: str, value: Any) -> None:
@@ -245,6 +246,7 @@ class MonitorSettings:
         self._set("batch_fn", _callable_from_setting("batch_fn", self.batch_fn))
         self._set("enabled", _check_bool("enabled", self.enabled))
         self._set("log_metrics", _check_bool("log_metrics", self.log_metrics))
+        self._set("eval_mode", _check_bool("eval_mode", self.eval_mode))
 
 
 def _check_quantities(quantities: Any) -> tuple[str, ...]:

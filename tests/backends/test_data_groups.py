@@ -128,8 +128,8 @@ def test_data_groups_that_cannot_be_honoured_are_refused_with_the_fix(
 
 def test_eval_mode_conflict_is_caught_by_resolve_before_any_work() -> None:
     with pytest.raises(dcc.InvalidOptionError, match="data_groups=1 with eval_mode=false"):
-        dcc.resolve("trace", "pyhessian", {"data_groups": 4, "eval_mode": False})
-    dcc.resolve("trace", "pyhessian", {"data_groups": 1, "eval_mode": False})
+        dcc.resolve("trace", "pyhessian", {"data_groups": 4}, eval_mode=False)
+    dcc.resolve("trace", "pyhessian", {"data_groups": 1}, eval_mode=False)
 
 
 def test_class_weighted_loss_cannot_be_split() -> None:
@@ -174,7 +174,7 @@ def test_hutchpp_data_groups_on_batches_and_its_refusals() -> None:
     )
     assert "stderr_data" not in one.details and one.value == pytest.approx(r.value, rel=1e-9)
     with pytest.raises(dcc.InvalidOptionError, match="eval_mode=false"):
-        dcc.resolve("eigenvalues", "hutchpp", {"data_groups": 4, "eval_mode": False})
+        dcc.resolve("eigenvalues", "hutchpp", {"data_groups": 4}, eval_mode=False)
 
 
 def test_non_finite_products_are_refused_whole_and_per_group() -> None:

@@ -165,7 +165,7 @@ def test_plugin_backend_without_eigenvalues(workdir: Path) -> None:
     result = run("density", path, *GENERIC_ARGS, "-b", "density-only", "--batch-size", 4)
     assert result.exit_code == 1
     assert result.stderr.strip() == (
-        "Error: backend 'density-only' computes no eigenvalues to mark; pass -k 0 or a backend "
+        "Error: backend 'density-only' computes no eigenvalues to mark; ask for k=0 or a backend "
         "that computes both density and eigenvalues."
     )
     result = run(
@@ -190,8 +190,8 @@ def test_plugin_backend_without_eigenvalues(workdir: Path) -> None:
         (["--plot", "w.pt/d.png"], "w.pt is not a folder"),
         (["--plot", "d.xyz"], "unknown image format '.xyz'; use one of "),
         (["--plot", "d.pgf"], "unknown image format '.pgf'"),  # needs LaTeX at save time
-        (["-o", "bogus=1"], "-o bogus is not an option of backend 'pyhessian'"),
-        (["-o", "k=3"], "use -k, not -o k=..."),
+        (["-o", "bogus=1"], "-o bogus: unknown option(s) 'bogus' for backend 'pyhessian'"),
+        (["-o", "k=3"], "option 'k' of backend 'pyhessian' is given twice (-o k and -k)"),
         (["-o", "num_runs=0"], "option 'num_runs' of backend 'pyhessian' must be >= 1, got 0."),
         (["-b", "nonexistent"], "unknown backend 'nonexistent'"),
     ],

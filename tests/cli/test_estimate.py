@@ -302,11 +302,23 @@ def test_device_errors(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (["-q", "diagonal"], "backend 'pyhessian' cannot compute quantity 'diagonal'"),
         (
             ["-q", "eigenvalues", "--num-hvps", "5"],
-            "--num-hvps does not apply to quantity 'eigenvalues' with backend 'pyhessian'; its "
-            "options for eigenvalues are: eval_mode, k, max_hvps, probe_batch, retain_graphs, tol",
+            "--num-hvps: option 'num_hvps' of backend 'pyhessian' applies to trace only, not to "
+            "'eigenvalues'; drop it or choose another backend.",
         ),
-        (["-k", "2"], "-k does not apply to quantity 'trace'"),
-        (["-o", "bogus=1"], "-o bogus does not apply to quantity 'trace'"),
+        (
+            ["-k", "2"],
+            "-k: option 'k' of backend 'pyhessian' applies to eigenvalues only, not to "
+            "'trace'; drop it or choose another backend.",
+        ),
+        (
+            ["-o", "bogus=1"],
+            "-o bogus: unknown option(s) 'bogus' for backend 'pyhessian'; its "
+            "options are: ci_level, data_groups, k, lanczos_steps,",
+        ),
+        (
+            ["-o", "num_hvps=5", "--num-hvps", "6"],
+            "option 'num_hvps' of backend 'pyhessian' is given twice (-o num_hvps and --num-hvps)",
+        ),
         (["-o", "min_hvps=1"], "option 'min_hvps' of backend 'pyhessian' must be >= 2, got 1."),
         (["-o", "min_hvps"], "-o/--option must look like key=value"),
         (["--data", "cifar10"], "--data cifar10 needs --data-root DIR"),
@@ -348,7 +360,6 @@ def test_unavailable_backend(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> 
         (["--batch-size", "0"], "--batch-size"),
         (["--num-batches", "0"], "--num-batches"),
         (["--num-hvps", "0"], "--num-hvps"),
-        (["--num-hvps", "1"], "--num-hvps"),
         (["--rtol", "0"], "--rtol"),
         (["--rtol", "-0.1"], "--rtol"),
         (["-k", "0"], "-k"),
