@@ -1192,3 +1192,41 @@ def test_batch_fn_may_be_an_import_path() -> None:
     assert CurvatureMonitor(batch_fn="os.path.basename").batch_fn is __import__("os").path.basename
     with pytest.raises(ConfigurationError, match="does not name an importable function"):
         CurvatureMonitor(batch_fn="no_such_package.fn")
+
+
+def test_a_failed_joint_call_records_every_quantity_it_was_to_measure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hutchpp measures trace and eigenvalues in one call; when that call fails, the records
+    still hold one line per monitored quantity (the trace's too), as a success does, in the
+    same order, so a reader never finds a step with no trace line at all."""
+    from deconcnn_curvature.backends.hutchpp import HutchppBackend
+
+    compute = HutchppBackend.compute
+    calls: list[str] = []
+
+    def first_fails(self, problem, quantity, *, seed, options):  # type: ignore[no-untyped-def]
+        calls.append(quantity)
+        if len(calls) == 1:
+            raise RuntimeError("kaboom: the first measurement broke")
+        return compute(self, problem, quantity, seed=seed, options=options)
+
+    monkeypatch.setattr(HutchppBackend, "compute", first_fails)
+    monitor = CurvatureMonitor(
+        backend="hutchpp", compute_every_n_steps=2, num_hvps=8, hessian_batch_size=8
+    )
+    with pytest.warns(UserWarning, match="kaboom"):
+        fit_tiny(tmp_path, monitor, max_steps=4)
+    assert calls == ["eigenvalues", "eigenvalues"]  # one call per measurement
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [(r["step"], r["quantity"]) for r in recs] == [
+        (2, "trace"), (2, "eigenvalues"), (4, "trace"), (4, "eigenvalues"),
+    ]  # fmt: skip
+    for failed in recs[:2]:
+        assert failed["value"] is None and failed["n_hvp"] is None
+        assert failed["error"] == (
+            "BackendFailedError: backend 'hutchpp' failed computing 'eigenvalues': "
+            "RuntimeError: kaboom: the first measurement broke"
+        )
+    assert all(r["error"] is None and r["value"] is not None for r in recs[2:])
+    assert recs[2]["details"]["measured_with"] == "eigenvalues"
