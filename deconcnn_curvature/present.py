@@ -436,7 +436,7 @@ def show_density(
     _warn_unconverged(out, eig)
     out.print(
         "no trace from SLQ (one probe per run, its spread unknowable at a few runs); for the "
-        f"trace: deconcnn-curv estimate {escape(checkpoint.name)} -q trace"
+        f"trace: deconcnn-curv estimate {escape(str(checkpoint))} -q trace"
     )
     if plot_path is not None:
         out.print(f"plot written to {escape(str(plot_path))} (σ = {width:.3g})")

@@ -157,9 +157,11 @@ def test_estimate_json_reports_a_bad_result_in_one_line(
     path = save_state_dict(bad_plugins / "w.pt")
     result = _cli("estimate", path, *GENERIC_ARGS, "-b", f"{kind}-curv", "--json")
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and result.stdout == ""
+    assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    # stdout: the same error as JSON, for a program reading it
+    assert lines[0] == "Error: " + json.loads(result.stdout)["error"]["message"]
     assert f"{DIST}:{kind}" in lines[0]
     if fragment != "NonFinite":
         assert fragment in lines[0]

@@ -48,8 +48,10 @@ from deconcnn_curvature.checkpoints.reading import (
     describe_error,
     read_torch_file,
 )
+from deconcnn_curvature.defaults import OFFLINE, default
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
 from deconcnn_curvature.hookspecs import hookimpl
+from deconcnn_curvature.losses import DEFAULT_LOSS, LOSSES, ONE_HOT_LOSSES
 from deconcnn_curvature.plugins import reraise_interrupt
 from deconcnn_curvature.problem import LoadedCheckpoint, preserve_state
 
@@ -69,25 +71,20 @@ __all__ = [
     "reference_checkpoint",
 ]
 
-#: Loss names accepted by ``--loss`` → mean-reduced loss classes.
-LOSSES: Mapping[str, Callable[[], nn.Module]] = MappingProxyType(
-    {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
-)
-
 #: Every setting the loaders receive, with its default. ``None`` means "not given": the loader
 #: decides (from the checkpoint where it can, otherwise the documented fallback).
 DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
     {
-        "batch_size": 128,
-        "num_batches": 1,
+        "batch_size": default("batch_size", OFFLINE),
+        "num_batches": default("num_batches", OFFLINE),
         "data": None,  # one of checkpoints.data.DATA_SOURCES
         "data_root": None,  # CIFAR-10 folder
-        "seed": 0,
+        "seed": default("seed", OFFLINE),
         "model": None,  # "package.module:factory"
         "model_args": {},
-        "loss": None,  # a key of LOSSES
+        "loss": None,  # a key of deconcnn_curvature.losses.LOSSES; default DEFAULT_LOSS
         "device": "cpu",
-        "input_shape": None,  # tuple of ints; default (3, 32, 32)
+        "input_shape": None,  # tuple of ints; default: the defaults table's input_shape
         "num_classes": None,  # default: the model's number of outputs
     }
 )
@@ -430,7 +427,7 @@ def _data_spec(
                 root = Path(saved["root"])
     if source is None:
         raise CheckpointError(f"nothing says which data to measure on; pass {_DATA_HINT}.")
-    shape = settings["input_shape"] or (3, 32, 32)
+    shape = settings["input_shape"] or default("input_shape", OFFLINE)
     return DataSpec(
         source=source,
         batch_size=settings["batch_size"],
@@ -440,7 +437,7 @@ def _data_spec(
         seed=seed,
         root=root,
         noise_std=noise_std,
-        one_hot=loss == "mse",
+        one_hot=loss in ONE_HOT_LOSSES,
     )
 
 
@@ -562,9 +559,9 @@ def loaded_checkpoint(
         for k in ("epoch", "global_step", "pytorch-lightning_version")
         if isinstance(checkpoint.get(k), int | str)
     }
-    loss_name = settings["loss"] or "cross_entropy"
+    loss_name = settings["loss"] or DEFAULT_LOSS
     what = f"the model {description}"
-    shape = tuple(settings["input_shape"] or (3, 32, 32))
+    shape = tuple(settings["input_shape"] or default("input_shape", OFFLINE))
     width = _output_width(model, shape, what)
     if width < 2:
         raise CheckpointError(

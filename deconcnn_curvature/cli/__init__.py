@@ -22,7 +22,7 @@ from rich.table import Table
 import deconcnn_curvature as dcc
 from deconcnn_curvature.errors import CurvatureError
 
-__all__ = ["cli", "main", "print_json", "user_errors"]
+__all__ = ["JsonErrorCommand", "cli", "json_error", "main", "print_json", "user_errors"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,6 +62,38 @@ def print_json(obj: Any) -> None:
     click.echo(text)
 
 
+def json_error(exc: BaseException) -> dict[str, Any]:
+    """The JSON a ``--json`` command prints on stdout when it fails: the error's type (the
+    package's, e.g. ``InvalidOptionError``; ``UsageError`` for Click's own checks) and its
+    one-line message."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, CurvatureError) else exc
+    message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+    return {"error": {"type": type(cause).__name__, "message": message}}
+
+
+class JsonErrorCommand(click.Command):
+    """A command whose ``--json`` output stays machine-readable when it fails: the error, a
+    usage error too, is printed on stdout as :func:`json_error`'s object, and on stderr and as
+    the exit code as without ``--json``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        wants_json = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if wants_json:
+                print_json(json_error(exc))
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if ctx.params.get("as_json"):
+                print_json(json_error(exc))
+            raise
+
+
 def console() -> Console:
     return Console(soft_wrap=False, width=max(100, Console().width))
 
@@ -70,6 +102,9 @@ def console() -> Console:
 @click.version_option(dcc.__version__, "--version", "-V", prog_name="deconcnn-curv")
 def cli() -> None:
     """Curvature of a network's loss: Hessian trace, top eigenvalues, spectral density."""
+
+
+cli.command_class = JsonErrorCommand  # every command: with --json, errors are JSON too
 
 
 @cli.command("list-backends")

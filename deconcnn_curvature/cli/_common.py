@@ -21,7 +21,7 @@ import torch
 from deconcnn_curvature._seeds import SEED_LIMIT
 from deconcnn_curvature.backend import Backend, Plan, plan_calls
 from deconcnn_curvature.checkpoints import (
-    LOSSES,
+    DEFAULT_SETTINGS,
     TRUST_FLAG,
     LoadedCheckpoint,
     UntrustedCheckpointWarning,
@@ -30,11 +30,13 @@ from deconcnn_curvature.checkpoints import (
     parse_key_values,
 )
 from deconcnn_curvature.checkpoints.data import DATA_SOURCES
+from deconcnn_curvature.defaults import OFFLINE, default
 from deconcnn_curvature.errors import (
     ConfigurationError,
     UnknownBackendError,
     UnsupportedQuantityError,
 )
+from deconcnn_curvature.losses import DEFAULT_LOSS, LOSSES, ONE_HOT_LOSSES
 from deconcnn_curvature.registry import ENV_BACKEND, builtin_backends, get_registry
 
 __all__ = ["resolve_device"]
@@ -68,6 +70,24 @@ def resolve_device(text: str) -> torch.device:
             f"cuda:{count - 1})."
         )
     return torch.device("cuda", index)
+
+
+class SeedType(click.ParamType):
+    """A seed: an integer with 0 ≤ seed < 2**63 (said so, not as 0<=x<=9223372036854775807)."""
+
+    name = "seed"
+
+    def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
+        return "SEED"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer; use 0 ≤ seed < 2**63.", param, ctx)
+        if not 0 <= number < SEED_LIMIT:
+            self.fail(f"{value} is not in 0 ≤ seed < 2**63.", param, ctx)
+        return number
 
 
 def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
@@ -143,8 +163,9 @@ def load_options(func: F) -> F:
         ),
         click.option(
             "--loss",
-            type=click.Choice(sorted(LOSSES)),
-            help="Mean-reduced loss (default: cross_entropy; mse uses one-hot targets).",
+            type=click.Choice(list(LOSSES)),
+            help=f"Mean-reduced loss (default: {DEFAULT_LOSS}; "
+            f"{' and '.join(sorted(ONE_HOT_LOSSES))} use one-hot targets).",
         ),
         click.option(
             "--data",
@@ -162,27 +183,35 @@ def load_options(func: F) -> F:
             "--input-shape",
             callback=_parse_shape,
             metavar="C,H,W",
-            help="Shape of one input for --data synthetic  [default: 3,32,32]",
+            help="Shape of one input for --data synthetic  [default: "
+            + ",".join(map(str, default("input_shape", OFFLINE)))
+            + "]",
         ),
         click.option(
             "--num-classes",
             type=click.IntRange(min=2),
             help="Classes of the data (default: the model's number of outputs).",
         ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=DEFAULT_SETTINGS["batch_size"],
+            show_default=True,
+            help="Samples per batch.",
+        ),
         click.option(
             "--num-batches",
             type=click.IntRange(min=1),
-            default=1,
+            default=DEFAULT_SETTINGS["num_batches"],
             show_default=True,
             help="Batches averaged into the loss whose Hessian is measured.",
         ),
         click.option(
             "--seed",
-            type=click.IntRange(min=0, max=SEED_LIMIT - 1),
-            default=0,
+            type=SeedType(),
+            default=DEFAULT_SETTINGS["seed"],
             show_default=True,
-            help="Seeds the probe vectors (and --data synthetic).",
+            help="Seeds the probe vectors (and --data synthetic); 0 ≤ seed < 2**63.",
         ),
         click.option(
             "--device",

@@ -71,7 +71,7 @@ def _write_plot(
             log_scale=log_scale,
             nodes=density.nodes,
             dim=density.dim,
-            title=f"Hessian spectral density: {checkpoint.name}",
+            title=f"Hessian spectral density: {checkpoint}",
             subtitle=(
                 f"{backend_name} SLQ, {density.num_runs} runs x {density.lanczos_steps} "
                 f"steps, σ = {width:.3g}; {_num_samples(loaded)} samples of "

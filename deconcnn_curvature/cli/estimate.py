@@ -42,6 +42,16 @@ from deconcnn_curvature.registry import default_backend_name
 __all__ = ["estimate_cmd", "resolve_device"]
 
 
+def _not_density(checkpoint: Path, quantity: str) -> None:
+    """The density has its own command (smoothing, eigenvalue marks, a plot): point to it."""
+    if quantity == "density":
+        raise click.BadParameter(
+            f"the spectral density has its own command: use `deconcnn-curv density {checkpoint}` "
+            "(smoothed, with the top eigenvalues marked, --plot to draw it).",
+            param_hint="'-q' / '--quantity'",
+        )
+
+
 @cli.command("estimate")
 @load_options
 @backend_option
@@ -50,7 +60,7 @@ __all__ = ["estimate_cmd", "resolve_device"]
     "--quantity",
     default="trace",
     show_default=True,
-    help="trace, eigenvalues, density, layer_trace, diagonal (what the backend computes).",
+    help="trace, eigenvalues, layer_trace, diagonal (what the backend computes).",
 )
 @estimator_options
 @user_errors
@@ -70,6 +80,7 @@ def estimate_cmd(
     deconcnn-curv estimate weights.pt --model mypkg.nets:small_cnn --model-arg width=8 \\
         --data cifar10 --data-root ~/data --num-hvps 200 --json
     """
+    _not_density(checkpoint, quantity)
     dev = resolve_device(device)
     trust = load.pop("trust_checkpoint")
     given = estimator_settings(load)

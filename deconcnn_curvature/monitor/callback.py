@@ -47,6 +47,7 @@ from torch import nn
 
 from deconcnn_curvature.api import estimate, get_backend, resolve
 from deconcnn_curvature.backend import Backend, Plan, plan_calls
+from deconcnn_curvature.defaults import MONITOR, default
 from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
 from deconcnn_curvature.monitor.inputs import (
@@ -128,15 +129,18 @@ class CurvatureMonitor(pl.Callback):
         compute_at_step_zero: Also measure the initial model, before the first optimiser step.
         num_hvps: The trace's probe (HVP) budget, passed to the option the backend declares as
             its budget (:meth:`~deconcnn_curvature.backend.Backend.budget_option`; ``num_hvps``
-            for ``pyhessian`` and ``hutchpp``) exactly, never capped. ``None``
-            keeps the backend's default (logged at setup). With ``rtol`` it is the most the
-            backend may spend. Exact backends have no budget; it is then ignored (logged).
+            for ``pyhessian`` and ``hutchpp``) exactly, never capped. ``None``: the monitor's
+            budget for the backend (pyhessian 50, hutchpp 10, see
+            :data:`deconcnn_curvature.defaults.DEFAULTS`; another backend: its own default).
+            With ``rtol`` it is the most the backend may spend. Exact backends have no budget;
+            it is then ignored (logged).
         rtol: Target relative error of the trace (the backend's ``rtol``): stop once the
             confidence interval's half-width is at most ``rtol * |trace|``. ``None``: spend
             ``num_hvps``.
         k: Number of top eigenvalues for ``"eigenvalues"`` (the first one is λ_max).
         hessian_batch_size: Samples in the curvature batch (across all ranks; each rank takes
-            its share).
+            its share). ``None``: the monitor's batch for the backend (hutchpp 64, otherwise
+            128; :data:`deconcnn_curvature.defaults.DEFAULTS`).
         data_groups: The curvature batch is split into this many groups for the trace, so its
             ``stderr`` and ``ci`` cover the data noise too: an interval for the Hessian of the
             whole training set the batch was drawn from, not only of this batch (backends with a
@@ -192,15 +196,15 @@ class CurvatureMonitor(pl.Callback):
         self,
         backend: str | None = None,
         quantities: Sequence[str] = ("trace", "eigenvalues"),
-        compute_every_n_steps: int = 500,
+        compute_every_n_steps: int = default("compute_every_n_steps", MONITOR),
         compute_at_step_zero: bool = False,
         num_hvps: int | None = None,
-        rtol: float | None = None,
-        k: int = 1,
-        hessian_batch_size: int = 128,
-        data_groups: int = 4,
+        rtol: float | None = default("rtol", MONITOR),
+        k: int = default("k", MONITOR),
+        hessian_batch_size: int | None = None,
+        data_groups: int = default("data_groups", MONITOR),
         batch_mode: str = "fixed",
-        seed: int = 0,
+        seed: int = default("seed", MONITOR),
         on_error: str = "warn",
         metric_keys: Mapping[str, str | None] | None = None,
         jsonl: str | os.PathLike[str] | None = "curvature.jsonl",
@@ -210,7 +214,7 @@ class CurvatureMonitor(pl.Callback):
         batch_fn: Callable[[Any], Any] | None = None,
         enabled: bool = True,
         log_metrics: bool = True,
-        eval_mode: bool = True,
+        eval_mode: bool = default("eval_mode", MONITOR),
         num_samples: int | None = None,
     ) -> None:
         super().__init__()

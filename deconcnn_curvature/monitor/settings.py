@@ -22,16 +22,14 @@ from torch import nn
 
 from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature._seeds import tagged_seed as mix_seed  # noqa: F401  (the monitor's mixer)
+from deconcnn_curvature.defaults import MONITOR, default
 from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.losses import LOSSES
+from deconcnn_curvature.registry import default_backend_name
 
-#: Short loss names ``loss_fn`` accepts (e.g. from a config: ``curvature.loss_fn=cross_entropy``);
-#: each builds the mean-reduced torch loss.
-LOSS_NAMES: Mapping[str, Callable[[], nn.Module]] = {
-    "cross_entropy": nn.CrossEntropyLoss,
-    "mse": nn.MSELoss,
-    "nll": nn.NLLLoss,
-    "bce_with_logits": nn.BCEWithLogitsLoss,
-}
+#: Short loss names ``loss_fn`` accepts (e.g. from a config: ``curvature.loss_fn=cross_entropy``):
+#: the package's one loss table, :data:`deconcnn_curvature.losses.LOSSES`.
+LOSS_NAMES: Mapping[str, Callable[[], nn.Module]] = LOSSES
 #: Attributes of the LightningModule read as the loss when ``loss_fn`` is not given, in order.
 LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
 #: Allowed values of ``batch_mode``.
@@ -176,7 +174,7 @@ class MonitorSettings:
     num_hvps: int | None
     rtol: float | None
     k: int
-    hessian_batch_size: int
+    hessian_batch_size: int | None
     data_groups: int
     batch_mode: str
     seed: int
@@ -224,6 +222,12 @@ class MonitorSettings:
             "compute_at_step_zero", _check_bool("compute_at_step_zero", self.compute_at_step_zero)
         )
         self._set("num_hvps", _check_int("num_hvps", self.num_hvps, 1, allow_none=True))
+        if self.num_hvps is None:  # the monitor's budget for this backend, if the table has one
+            budget = default("num_hvps", MONITOR, self.backend or default_backend_name())
+            self._set("num_hvps", budget if isinstance(budget, int) else None)
+        if self.hessian_batch_size is None:
+            name = self.backend or default_backend_name()
+            self._set("hessian_batch_size", default("hessian_batch_size", MONITOR, name))
         self._set("rtol", _check_rtol(self.rtol))
         self._set("k", _check_int("k", self.k, 1))
         self._set(

@@ -163,12 +163,20 @@ def test_rtol_and_backend_options(workdir: Path) -> None:
     assert out["result"]["target_met"] is True and out["result"]["n_hvp"] < 400
     assert out["options"]["rtol"] == 0.5
 
-    out = json.loads(
-        run("estimate", *args, "-q", "density", "-o", "lanczos_steps=12", "--json").stdout
-    )
-    density = out["result"]["value"]
+    out = json.loads(run("density", *args, "-k", 0, "-o", "lanczos_steps=12", "--json").stdout)
+    density = out["density"]["value"]
     assert out["options"]["lanczos_steps"] == 12 and density["lanczos_steps"] == 12
     assert abs(sum(density["weights"]) - 1) < 1e-9
+
+
+def test_the_density_is_the_density_commands(workdir: Path) -> None:
+    """``estimate -q density`` is not offered: the density command smooths and plots it."""
+    path = save_state_dict(workdir / "w.pt")
+    help_text = "".join(run("estimate", "--help").output.split())
+    assert "trace,eigenvalues,layer_trace,diagonal" in help_text and "density" not in help_text
+    result = run("estimate", path, *GENERIC_ARGS, "-q", "density")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"use `deconcnn-curv density {path}`" in result.stderr
 
 
 def test_model_args_reach_the_factory(workdir: Path) -> None:
