@@ -16,6 +16,7 @@ from torch import nn
 
 from deconcnn_curvature._seeds import check_seed
 from deconcnn_curvature.backend import QUANTITIES, Backend, Plan, plan_calls
+from deconcnn_curvature.defaults import OFFLINE, default
 from deconcnn_curvature.distributed import local_only, rank_agreement, world_size
 from deconcnn_curvature.errors import (
     BackendFailedError,
@@ -92,7 +93,7 @@ def resolve(
     backend: str | None = None,
     options: Mapping[str, Any] | None = None,
     *,
-    eval_mode: bool = True,
+    eval_mode: bool = default("eval_mode", OFFLINE),
 ) -> tuple[type[Backend], dict[str, Any]]:
     """Check that ``backend`` exists, is available and computes ``quantity``; route and validate
     ``options`` (:func:`~deconcnn_curvature.backend.plan_calls`) and check them with the host's
@@ -133,8 +134,8 @@ def estimate(
     quantity: str = "trace",
     backend: str | None = None,
     *,
-    seed: int | None = 0,
-    eval_mode: bool = True,
+    seed: int | None = default("seed", OFFLINE),
+    eval_mode: bool = default("eval_mode", OFFLINE),
     distributed: bool | None = None,
     **options: Any,
 ) -> CurvatureResult:
@@ -298,7 +299,7 @@ def compare(
     quantity: str = "trace",
     backends: Sequence[str] | None = None,
     *,
-    seed: int | None = 0,
+    seed: int | None = default("seed", OFFLINE),
     options: Mapping[str, Any] | Callable[[type[Backend]], Mapping[str, Any]] | None = None,
     before: Callable[[str], None] | None = None,
     measure: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
@@ -356,8 +357,8 @@ def density(
     backend: str | None = None,
     *,
     k: int = 1,
-    seed: int | None = 0,
-    eval_mode: bool = True,
+    seed: int | None = default("seed", OFFLINE),
+    eval_mode: bool = default("eval_mode", OFFLINE),
     options: Mapping[str, Any] | None = None,
     before: Callable[[str], None] | None = None,
 ) -> tuple[CurvatureResult, CurvatureResult | None]:
@@ -382,7 +383,7 @@ def density_plan(
     k: int,
     options: Mapping[str, Any] | None = None,
     *,
-    eval_mode: bool = True,
+    eval_mode: bool = default("eval_mode", OFFLINE),
     **labels: Any,
 ) -> Plan:
     """The calls of :func:`density`, checked before any work: the backend computes the density

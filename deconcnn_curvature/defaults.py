@@ -44,11 +44,11 @@ _HUTCHPP_MONITOR = (
 
 DEFAULTS: tuple[Default, ...] = (
     Default("num_hvps", OFFLINE, BACKEND_DECLARED,
-            "a one-off measurement spends the backend's own budget (pyhessian 100, hutchpp 30)"),
+            "a one-off measurement can afford the backend's own budget"),
     Default("num_hvps", MONITOR, {"pyhessian": 50, "hutchpp": 10},
             "pyhessian 50: deconCNN's own curvature.num_samples; " + _HUTCHPP_MONITOR),
     Default("hessian_batch_size", MONITOR, {"pyhessian": 128, "hutchpp": 64, "*": 128},
-            "128: deconCNN's curvature batch; " + _HUTCHPP_MONITOR),
+            "128: deconCNN's curvature batch; hutchpp 64: with its 10 products (num_hvps)"),
     Default("batch_size", OFFLINE, 128, "the monitor's curvature batch, so the numbers compare"),
     Default("num_batches", OFFLINE, 1, "one batch, as the monitor measures"),
     Default("rtol", OFFLINE, None, "off: the budget is spent exactly, so the cost is known"),
@@ -84,6 +84,20 @@ def default(setting: str, context: str, backend: str | None = None) -> Any:
     return value
 
 
+def declared(setting: str) -> dict[str, Any]:
+    """The built-in backends' own defaults of ``setting`` (``num_hvps``: of their budget option),
+    read from their declarations."""
+    from deconcnn_curvature.registry import builtin_backends
+
+    found = {}
+    for cls in builtin_backends():
+        name = cls.budget_option("trace") if setting == "num_hvps" else setting
+        option = cls.option_map().get(name) if name else None
+        if option is not None:
+            found[cls.name] = option.default
+    return found
+
+
 def markdown() -> str:
     """The table as the Markdown of ``docs/defaults.md`` (the test checks the page against it)."""
     lines = [
@@ -91,7 +105,11 @@ def markdown() -> str:
         "|---|---|---|---|",
     ]
     for d in DEFAULTS:
-        if isinstance(d.value, Mapping):
+        if d.value == BACKEND_DECLARED:
+            shown = "the backend's own: " + ", ".join(
+                f"{name} {value}" for name, value in declared(d.setting).items()
+            )
+        elif isinstance(d.value, Mapping):
             shown = ", ".join(
                 f"{'other backends' if k == '*' else k} {v}" for k, v in d.value.items()
             )
@@ -99,3 +117,7 @@ def markdown() -> str:
             shown = "unset" if d.value is None else str(d.value)
         lines.append(f"| `{d.setting}` | {d.context} | {shown} | {d.reason} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m deconcnn_curvature.defaults: the table of docs/defaults.md
+    print(markdown(), end="")

@@ -23,6 +23,7 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from deconcnn_curvature.defaults import MONITOR, default
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.monitor import CurvatureMonitor, read_curvature_jsonl
 from deconcnn_curvature.training.run import compose_config, compose_run_config
@@ -136,7 +137,7 @@ def test_an_explicit_null_stays_null_and_unset_takes_the_default() -> None:
     assert CurvatureMonitor.from_config({"jsonl": None, "k": None}).jsonl is None
     # The group itself (a DictConfig) works as well as its plain copy.
     direct = CurvatureMonitor.from_config(compose_config(["curvature=hutchpp"]).curvature)
-    assert direct.num_hvps == _listed("hutchpp")["num_hvps"]
+    assert direct.num_hvps == default("num_hvps", MONITOR, "hutchpp")
     assert direct.k == PARAMETERS["k"].default
 
 
@@ -303,6 +304,6 @@ def test_the_dropped_in_group_survives_strict_config_logging(tmp_path: Path) -> 
     for monitor in (instantiate(cfg.callbacks), instantiate(cfg.extra)[0]):
         assert monitor.enabled and monitor.backend == "hutchpp" and monitor.k == 1
         assert monitor.hessian_batch_size == 32
-        assert monitor.num_hvps == _listed("hutchpp")["num_hvps"]
+        assert monitor.num_hvps == default("num_hvps", MONITOR, "hutchpp")
         assert monitor.jsonl == Path("curvature.jsonl")
         assert monitor.quantities == PARAMETERS["quantities"].default

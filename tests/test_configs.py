@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature import monitor as dcc_monitor
+from deconcnn_curvature.defaults import MONITOR, default
 from deconcnn_curvature.monitor import DEFAULT_METRIC_KEYS, CurvatureMonitor
 
 CURVATURE_FILES = BACKEND_FILES
@@ -49,7 +50,8 @@ def test_train_config_composes_with_curvature_on_by_default() -> None:
     listed = {**_listed("pyhessian"), "enabled": True}
     assert _attributes(monitor) == _attributes(CurvatureMonitor(**listed))
     assert monitor.metric_keys == dict(DEFAULT_METRIC_KEYS)
-    assert monitor.check_config()["trace"]["num_hvps"] == listed["num_hvps"]
+    budget = default("num_hvps", MONITOR, "pyhessian")
+    assert monitor.num_hvps == budget and monitor.check_config()["trace"]["num_hvps"] == budget
 
 
 def test_one_flag_enables_and_one_override_swaps_the_backend() -> None:

@@ -30,14 +30,14 @@ from deconcnn_curvature.checkpoints import (
     parse_key_values,
 )
 from deconcnn_curvature.checkpoints.data import DATA_SOURCES
-from deconcnn_curvature.defaults import OFFLINE, default
+from deconcnn_curvature.defaults import OFFLINE, declared, default
 from deconcnn_curvature.errors import (
     ConfigurationError,
     UnknownBackendError,
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.losses import DEFAULT_LOSS, LOSSES, ONE_HOT_LOSSES
-from deconcnn_curvature.registry import ENV_BACKEND, builtin_backends, get_registry
+from deconcnn_curvature.registry import ENV_BACKEND, get_registry
 
 __all__ = ["resolve_device"]
 
@@ -238,12 +238,8 @@ def load_options(func: F) -> F:
 
 def _budget_default() -> str:
     """What ``--num-hvps`` defaults to, read from the built-in backends' declarations."""
-    said = []
-    for cls in builtin_backends():
-        budget = cls.budget_option("trace")
-        if budget is not None:
-            said.append(f"{cls.name} {cls.option_map()[budget].default}")
-    return "the backend's own: " + ", ".join(said)
+    said = ", ".join(f"{name} {value}" for name, value in declared("num_hvps").items())
+    return f"the backend's own: {said}"
 
 
 def estimator_options(func: F) -> F:
