@@ -206,7 +206,11 @@ def build_problem(
         raise InvalidProblemError(
             "data is None; pass an (inputs, targets) batch or a list of them."
         )
-    raw: Sequence[Any] = [data] if _is_single_batch(data) else _iterate(data)
+    # Iterating a DataLoader draws from the global RNG (a shuffled loader's permutation, the
+    # workers' base seed, a random sampler's seed) even when it does not shuffle: read the
+    # batches inside the RNG guard, so that passing a loader leaves training bit-identical.
+    with global_rng_preserved():
+        raw: Sequence[Any] = [data] if _is_single_batch(data) else _iterate(data)
     batches: list[Batch] = []
     for i, batch in enumerate(raw):
         if not (isinstance(batch, tuple | list) and len(batch) == 2):
