@@ -32,6 +32,7 @@ __all__ = [
     "build_problem",
     "global_rng_preserved",
     "preserve_state",
+    "rebuild_like",
 ]
 
 #: The scaled-dot-product-attention kernel every measurement runs with (recorded in each result's
@@ -44,14 +45,34 @@ Batch = tuple[Any, torch.Tensor]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
+def rebuild_like(template: Any, items: Any) -> Any:
+    """A container of ``template``'s type holding ``items`` (a dict for a mapping, a list for a
+    tuple or list): a ``UserDict``, an ``OrderedDict``, a named tuple are rebuilt as such; a
+    mapping or sequence type whose constructor takes no such argument becomes a ``dict`` or a
+    ``list`` of the same items."""
+    if isinstance(template, Mapping):
+        if type(template) is dict:
+            return dict(items)
+        try:
+            return type(template)(items)
+        except Exception:
+            return dict(items)
+    if isinstance(template, tuple) and hasattr(template, "_fields"):  # a named tuple
+        return type(template)(*items)
+    try:
+        return type(template)(items)
+    except Exception:
+        return list(items)
+
+
 def _to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         # Asynchronous only host -> device; a device -> host copy must complete before use.
         return x.to(device, non_blocking=x.device.type == "cpu" and device.type == "cuda")
     if isinstance(x, tuple | list):
-        return type(x)(_to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
+        return rebuild_like(x, [_to_device(v, device) for v in x])
+    if isinstance(x, Mapping):
+        return rebuild_like(x, {k: _to_device(v, device) for k, v in x.items()})
     return x
 
 
