@@ -175,7 +175,7 @@ def estimate(
             torch.cuda.reset_peak_memory_stats(problem.device)
             base = torch.cuda.memory_allocated(problem.device)
         start = time.perf_counter()
-        with preserve_state(model, eval_mode=eval_mode):
+        with preserve_state(model, eval_mode=eval_mode, owner=_backend_owner(cls)):
             try:
                 result = cls().compute(problem, quantity, seed=seed, options=opts)
             except CurvatureError:
@@ -197,6 +197,12 @@ def estimate(
     if cuda:
         extra["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(problem.device) - base)
     return dataclasses.replace(result, **extra)
+
+
+def _backend_owner(cls: type[Backend]) -> str:
+    """How the state guard names the backend (and its plugin) if it changes the model."""
+    entry = get_registry().entries.get(cls.name)
+    return f"backend {cls.name!r} (plugin {entry.plugin if entry else 'unregistered'})"
 
 
 def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, problem: Any) -> Any:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,15 +24,18 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from deconcnn_curvature.errors import InvalidProblemError, NonFiniteError
+from deconcnn_curvature.errors import BackendFailedError, InvalidProblemError, NonFiniteError
 
 __all__ = [
+    "PARAMETER_BACKUP_BYTES",
     "SDPA_KERNEL",
     "Batch",
     "CurvatureProblem",
     "LoadedCheckpoint",
+    "ParameterGuard",
     "build_problem",
     "global_rng_preserved",
+    "parameters_changed_error",
     "preserve_state",
     "rebuild_like",
 ]
@@ -313,7 +318,8 @@ def _check_outputs(model: nn.Module, loss_fn: LossFn, batch: Batch, *, eval_mode
     cannot take (a tuple or dict with a loss that wants a tensor). Any other failure of the
     forward is left to the backend, which reports it as it always has."""
     inputs, targets = batch
-    with preserve_state(model, eval_mode=eval_mode), torch.no_grad():
+    owner = "the model's forward pass"
+    with preserve_state(model, eval_mode=eval_mode, owner=owner), torch.no_grad():
         try:
             out = model(inputs)
         except TypeError as exc:
@@ -375,8 +381,153 @@ def global_rng_preserved() -> Iterator[None]:
         np.random.set_state(npy)
 
 
+#: Parameters of at most this many bytes in all are copied before a measurement, so that a
+#: backend that changes them can be undone; larger models are only fingerprinted (a copy would
+#: double their memory): a change is then reported, with the fix, but not undone.
+PARAMETER_BACKUP_BYTES = 64 * 2**20
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_moments(x: torch.Tensor) -> torch.Tensor:
+    """``[sum_i b_i, sum_i i * b_i]`` (int64, wrapping) over the bit patterns ``b_i`` of the
+    elements of ``x`` in order: exact, so a change of any element shows in the first, and a
+    permutation in the second. The moment is computed on an ``(rows, cols)`` view, with index
+    vectors of length about ``sqrt(x.numel())``: two reductions, no full-size temporary."""
+    flat = x.detach().reshape(-1)
+    size = flat.element_size()
+    bits = flat.view(_INT_OF_SIZE[size]) if size in _INT_OF_SIZE else flat.view(torch.uint8)
+    n = bits.numel()
+    cols = max(1, math.isqrt(n))
+    rows = n // cols
+    main = bits[: rows * cols].view(rows, cols)
+    row_sums = main.sum(dim=1, dtype=torch.int64)
+    col_sums = main.sum(dim=0, dtype=torch.int64)
+    rest = bits[rows * cols :].to(torch.int64)
+    index = partial(torch.arange, dtype=torch.int64, device=bits.device)
+    total = row_sums.sum() + rest.sum()
+    moment = (
+        (row_sums * index(rows) * cols).sum()
+        + (col_sums * index(cols)).sum()
+        + (rest * index(rows * cols, n)).sum()
+    )
+    return torch.stack((total, moment))
+
+
+def _value_checksums(params: list[torch.Tensor]) -> torch.Tensor:
+    """Per parameter, its :func:`_bit_moments`: one read (two reductions) of the parameters,
+    one transfer to the host, compared exactly."""
+    if not params:
+        return torch.zeros(0, 2, dtype=torch.int64)
+    rows = []
+    with torch.no_grad():
+        for p in params:
+            try:
+                rows.append(_bit_moments(p))
+            except (RuntimeError, NotImplementedError):  # sparse, quantized, meta: no bits
+                rows.append(torch.zeros(2, dtype=torch.int64, device=p.device))
+        return (
+            torch.stack([r.cpu() for r in rows])
+            if len({r.device for r in rows}) > 1
+            else torch.stack(rows).cpu()
+        )
+
+
+@dataclass
+class ParameterGuard:
+    """Detects, and undoes where affordable, a change of a model's parameters by a
+    computation that must leave them alone (a backend, a plugin, a model's own forward).
+
+    Before: each parameter's tensor object, storage address, version counter (bumped by every
+    in-place operation autograd sees) and value checksums (:func:`_value_checksums`: in-place
+    changes through ``.data`` bypass the version counter; the checksums see them, and any
+    permutation of the elements); a copy of the values when they take
+    at most :data:`PARAMETER_BACKUP_BYTES`. :meth:`changed` names the parameters that differ;
+    :meth:`restore` writes the copy back (``False`` when there is none)."""
+
+    params: list[tuple[str, torch.nn.Parameter]]
+    addresses: list[tuple[int, int, torch.Size]]
+    checksums: torch.Tensor
+    backup: list[torch.Tensor] | None
+
+    @classmethod
+    def take(cls, model: nn.Module) -> ParameterGuard:
+        params = list(model.named_parameters(remove_duplicate=True))
+        tensors = [p for _, p in params]
+        size = sum(p.numel() * p.element_size() for p in tensors)
+        with torch.no_grad():
+            backup = (
+                [p.detach().clone() for p in tensors] if size <= PARAMETER_BACKUP_BYTES else None
+            )
+        return cls(
+            params=params,
+            addresses=[(p.data_ptr(), p._version, p.shape) for p in tensors],
+            checksums=_value_checksums(tensors),
+            backup=backup,
+        )
+
+    def changed(self, model: nn.Module) -> list[str]:
+        """Names of the parameters replaced, moved or changed in value since :meth:`take`."""
+        now = dict(model.named_parameters(remove_duplicate=True))
+        tensors = [p for _, p in self.params]
+        addresses = [(p.data_ptr(), p._version, p.shape) for p in tensors]
+        names = [
+            n
+            for (n, p), a, b in zip(self.params, addresses, self.addresses, strict=True)
+            if now.get(n) is not p or a != b
+        ]
+        if len(now) != len(self.params):
+            names += sorted(set(now) - {n for n, _ in self.params})
+        if any(a[2] != b[2] for a, b in zip(addresses, self.addresses, strict=True)):
+            return names  # a shape changed: no checksum to compare
+        sums = _value_checksums(tensors)
+        for (n, _), a, b in zip(self.params, sums, self.checksums, strict=True):
+            if not torch.equal(a, b) and n not in names:
+                names.append(n)
+        return names
+
+    def restore(self, model: nn.Module) -> bool:
+        """Put back every parameter object and value from the copy; ``False`` without one."""
+        if self.backup is None:
+            return False
+        with torch.no_grad():
+            for (name, p), value in zip(self.params, self.backup, strict=True):
+                owner, _, attr = name.rpartition(".")
+                module = model.get_submodule(owner) if owner else model
+                if module._parameters.get(attr) is not p:
+                    module._parameters[attr] = p
+                if p.shape != value.shape or p.dtype != value.dtype or p.device != value.device:
+                    p.data = value
+                else:
+                    p.copy_(value)
+        return True
+
+
+def parameters_changed_error(owner: str, names: list[str], restored: bool) -> BackendFailedError:
+    """The one-line failure of a measurement during which ``owner`` changed ``names``."""
+    shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+    if restored:
+        after = "they have been restored, and the measurement is discarded"
+    else:
+        after = (
+            f"they are NOT restored (no copy is kept of parameters over "
+            f"{PARAMETER_BACKUP_BYTES // 2**20} MiB): reload the model from a checkpoint"
+        )
+    fix = (
+        "measure with another backend, or fix or uninstall the plugin"
+        if owner.startswith("backend")
+        else "make the model's forward leave its parameters alone"
+    )
+    return BackendFailedError(
+        f"{owner} changed the model's parameters ({shown}) while measuring; {after}. A "
+        f"measurement must leave the model as it was: {fix}."
+    )
+
+
 @contextlib.contextmanager
-def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None]:
+def preserve_state(
+    model: nn.Module, *, eval_mode: bool = True, owner: str = "the computation"
+) -> Iterator[None]:
     """Run the body with ``model`` prepared for curvature and restore everything afterwards.
 
     Inside: every parameter's ``.grad`` is detached from it (set to ``None``) so nothing can
@@ -384,6 +535,11 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
     enabled, autocast is off and attention uses the math kernel (:data:`SDPA_KERNEL`). Afterwards,
     exactly as before: module modes, ``.grad`` objects, ``requires_grad`` flags, buffer values and
     identities, the global RNG states, and the caller's autocast and attention-kernel settings.
+
+    The parameters must come out as they went in (:class:`ParameterGuard`): if ``owner`` (e.g.
+    ``"backend 'x' (plugin y)"``) replaced or changed any of them, they are restored where a
+    copy was affordable and :class:`~deconcnn_curvature.errors.BackendFailedError` names
+    ``owner`` and the parameters (unless the body already raised: that error goes on).
     """
     if torch.is_inference_mode_enabled():
         raise InvalidProblemError(
@@ -401,8 +557,10 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
         for b in slots.values()
         if b is not None
     ]
+    guard = ParameterGuard.take(model)
     rng = contextlib.ExitStack()
     rng.enter_context(global_rng_preserved())
+    failed = True
     try:
         for p in params:
             p.grad = None
@@ -418,7 +576,10 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
             # kernel has one, on CPU and CUDA. sdpa_kernel restores the caller's flags on exit.
             no_autocast.enter_context(sdpa_kernel(SDPBackend.MATH))
             yield
+        failed = False
     finally:
+        changed = guard.changed(model)
+        restored = guard.restore(model) if changed else False
         with torch.no_grad():
             for module, slots in buffer_slots:
                 for key, buf in slots.items():
@@ -432,6 +593,8 @@ def preserve_state(model: nn.Module, *, eval_mode: bool = True) -> Iterator[None
         for m, training in modes:
             m.training = training
         rng.close()
+    if changed and not failed:
+        raise parameters_changed_error(owner, changed, restored)
 
 
 @dataclass(frozen=True)
