@@ -274,6 +274,55 @@ def _restore_resolver_caches(contents: Any) -> None:
                 omegaconf.OmegaConf.set_cache(config, collections.defaultdict(dict, cache))
 
 
+#: A ``${`` that does not open a plain reference to another node of the same config
+#: (``${seed}``, ``${model.width}``, ``${..x}``, ``${a[0]}``): the start of a resolver call
+#: (``${oc.env:SECRET}``, ``${oc.decode:...}``, any resolver registered in this process).
+_RESOLVER_CALL = re.compile(r"(?<!\\)\$\{(?![\w.\-\[\] ]*\})")
+
+
+def _escape_resolvers(value: Any) -> Any:
+    """``value`` (a plain container from ``OmegaConf.to_container(resolve=False)``) with every
+    resolver call escaped (``\\${oc.env:SECRET}``, which OmegaConf reads as the text
+    ``${oc.env:SECRET}``); references to other nodes stay live."""
+    if isinstance(value, str):
+        return _RESOLVER_CALL.sub(r"\\${", value)
+    if isinstance(value, dict):
+        return {k: _escape_resolvers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_resolvers(v) for v in value]
+    return value
+
+
+def _without_resolvers(contents: Any) -> Any:
+    """The OmegaConf configs of ``contents`` (its top level or one of its entries, such as
+    ``hyper_parameters``) rebuilt with every resolver call as plain text: reading a file's
+    hyper-parameters never reads the environment (``${oc.env:...}``, whose value would then be
+    printed in messages and ``--json``) or calls a resolver of this process. Node references
+    (``${seed}``) still resolve, and each config keeps its resolver cache."""
+    omegaconf = sys.modules.get("omegaconf")
+    if omegaconf is None:
+        return contents
+    conf = omegaconf.OmegaConf
+
+    def rebuilt(config: Any) -> Any:
+        if not isinstance(config, omegaconf.Container):
+            return config
+        plain = _escape_resolvers(conf.to_container(config, resolve=False))
+        try:
+            fresh = conf.create(plain)
+        except Exception:  # a value OmegaConf takes only in a node it rebuilt itself
+            return plain  # the plain containers: nothing in them resolves
+        conf.set_cache(fresh, conf.get_cache(config))
+        return fresh
+
+    if isinstance(contents, dict):
+        for key, value in contents.items():
+            if isinstance(value, omegaconf.Container):
+                contents[key] = rebuilt(value)
+        return contents
+    return rebuilt(contents)
+
+
 @contextlib.contextmanager
 def allowed_checkpoint_globals() -> Iterator[None]:
     """Within this block, ``torch.load(weights_only=True)`` also accepts
@@ -343,11 +392,12 @@ def _read(path: Path, trust: bool) -> tuple[Any | None, _ReadFailure | None]:
         )
     try:
         if trust:
-            return torch.load(path, map_location="cpu", weights_only=False), None
-        with allowed_checkpoint_globals():
-            contents = torch.load(path, map_location="cpu", weights_only=True)
-        _restore_resolver_caches(contents)
-        return contents, None
+            contents = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with allowed_checkpoint_globals():
+                contents = torch.load(path, map_location="cpu", weights_only=True)
+            _restore_resolver_caches(contents)
+        return _without_resolvers(contents), None
     except Exception as exc:  # any failure to unpickle means "not a readable torch file"
         if not trust and _is_refusal(exc):
             return None, _ReadFailure(_refusal(path, exc), refused=True)
