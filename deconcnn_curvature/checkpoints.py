@@ -37,6 +37,7 @@ import re
 import sys
 import traceback
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from deconcnn_curvature.problem import LoadedCheckpoint, preserve_state
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "ENV_CHECKPOINT_MAX_BYTES",
     "LOSSES",
     "TRUST_FLAG",
     "CheckpointError",
@@ -377,6 +379,100 @@ def _load_error(exc: BaseException) -> str:
 class _ReadFailure:
     reason: str
     refused: bool  # the weights-only unpickler refused a global: a torch file, untrusted
+    oversized: bool = False  # the archive would inflate beyond the limit: not even tried
+
+
+#: Environment variable: the most bytes a checkpoint archive may hold once inflated (an integer;
+#: overrides the default limit of :func:`archive_limit`).
+ENV_CHECKPOINT_MAX_BYTES = "DECONCNN_CURVATURE_CHECKPOINT_MAX_BYTES"
+#: By default a checkpoint may inflate by at most this factor of its file size, and at most by
+#: :data:`_MAX_INFLATION` bytes: torch.save stores its entries uncompressed (inflating by 0),
+#: so only a re-compressed or crafted archive comes near either.
+_INFLATION_FACTOR = 4
+_MAX_INFLATION = 2**30
+
+
+def archive_limit(file_size: int) -> tuple[int, str]:
+    """The most bytes a checkpoint archive of ``file_size`` bytes may inflate to, and where the
+    limit comes from (for the message): ``$DECONCNN_CURVATURE_CHECKPOINT_MAX_BYTES`` when set,
+    else the file size plus ``min(4 x file size, 1 GiB)``."""
+    given = os.environ.get(ENV_CHECKPOINT_MAX_BYTES, "").strip()
+    if given:
+        try:
+            limit = int(given)
+        except ValueError:
+            raise CheckpointError(
+                f"${ENV_CHECKPOINT_MAX_BYTES} must be a number of bytes, got {given!r}."
+            ) from None
+        return limit, f"${ENV_CHECKPOINT_MAX_BYTES}={limit}"
+    extra = min(_INFLATION_FACTOR * file_size, _MAX_INFLATION)
+    return file_size + extra, f"the default: file size + {_size(extra)}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _inflated_size(archive: zipfile.ZipFile, member: zipfile.ZipInfo, cap: int) -> int:
+    """Bytes ``member`` inflates to, read in chunks and never more than ``cap`` + 1 MiB; zipfile
+    stops at the declared size and checks the CRC there, so a header that understates the size
+    raises :class:`zipfile.BadZipFile` instead of inflating without bound."""
+    total = 0
+    with archive.open(member) as stream:
+        while total <= cap:
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+def _archive_problem(archive: zipfile.ZipFile, file_size: int, limit: int) -> str | None:
+    members = archive.infolist()
+    declared = sum(m.file_size for m in members)
+    if declared > limit:
+        biggest = max(members, key=lambda m: m.file_size)
+        return (
+            f"its zip entries declare {_size(declared)} of contents in a file of "
+            f"{_size(file_size)} ({biggest.filename} alone {_size(biggest.file_size)})"
+        )
+    budget = limit
+    for member in members:
+        if member.compress_type == zipfile.ZIP_STORED:
+            budget -= member.file_size
+            continue
+        try:
+            actual = _inflated_size(archive, member, budget)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
+            return f"its zip entry {member.filename} does not inflate as declared ({exc})"
+        if actual > budget:
+            return f"its zip entry {member.filename} inflates to over {_size(actual)}"
+        budget -= actual
+    return None
+
+
+def _oversized_archive(path: Path) -> str | None:
+    """Why ``path``, a zip archive (the format of torch.save), must not be handed to
+    ``torch.load``: the sizes its entries declare add up to more than :func:`archive_limit`, or
+    a compressed entry inflates to more than it declares or than the limit; ``None`` when it may
+    be read (or is no zip: the unpickler then says what it is)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        file_size = path.stat().st_size
+    except OSError:
+        return None
+    limit, origin = archive_limit(file_size)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            problem = _archive_problem(archive, file_size, limit)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return None  # the directory itself is unreadable: torch.load says what is wrong
+    return None if problem is None else f"{problem}; at most {_size(limit)} is allowed ({origin})"
 
 
 def _read(path: Path, trust: bool) -> tuple[Any | None, _ReadFailure | None]:
@@ -390,6 +486,14 @@ def _read(path: Path, trust: bool) -> tuple[Any | None, _ReadFailure | None]:
             UntrustedCheckpointWarning,
             stacklevel=3,
         )
+    oversized = _oversized_archive(path)
+    if oversized is not None:
+        reason = (
+            f"{path} is refused before inflating it: {oversized}. A checkpoint written by "
+            f"torch.save inflates by nothing; if you trust this one, set "
+            f"{ENV_CHECKPOINT_MAX_BYTES} to the bytes it may take."
+        )
+        return None, _ReadFailure(reason, refused=False, oversized=True)
     try:
         if trust:
             contents = torch.load(path, map_location="cpu", weights_only=False)
@@ -486,6 +590,8 @@ def open_checkpoint(
     checkpoint, failure = _read(path, trust)
     if failure is not None and failure.refused:
         raise UntrustedCheckpointError(failure.reason)
+    if failure is not None and failure.oversized:
+        raise CheckpointError(failure.reason)
     hook = _hook_caller(manager)
     token = _READ_FAILURE.set((path, failure.reason) if failure is not None else None)
     try:

@@ -5,6 +5,8 @@ the same files as ``estimate``, for the same, true reasons."""
 from __future__ import annotations
 
 import os
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,13 @@ import torch
 from checkpoint_helpers import save_state_dict
 from click.testing import CliRunner, Result
 
+from deconcnn_curvature.checkpoints import (
+    ENV_CHECKPOINT_MAX_BYTES,
+    CheckpointError,
+    archive_limit,
+    open_checkpoint,
+    read_checkpoint,
+)
 from deconcnn_curvature.cli import cli
 
 SECRET = "hunter2-the-secret-value"
@@ -78,3 +87,74 @@ def test_an_environment_interpolation_in_hyper_parameters_never_reaches_the_outp
     assert env in outputs[2].output  # shown as the text it is
     assert '"seed": 3' in outputs[2].output  # a reference to another node still resolves
     assert os.environ["SECRET"] == SECRET
+
+
+# --------------------------------------------------------------------------- zip sizes
+
+
+def _deflated(path: Path, source: Path) -> Path:
+    """``source`` (a torch.save archive) with its entries deflated: a valid checkpoint whose
+    zeros inflate by a factor of about a thousand."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for member in src.infolist():
+            dst.writestr(member.filename, src.read(member), zipfile.ZIP_DEFLATED)
+    return path
+
+
+def _zero_bomb(workdir: Path) -> Path:
+    plain = workdir / "zeros.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(4 * 2**20 + 37)}}, plain)  # 16 MiB
+    bomb = _deflated(workdir / "bomb.ckpt", plain)
+    plain.unlink()
+    assert bomb.stat().st_size < 100_000
+    return bomb
+
+
+def _understated(path: Path, bomb: Path) -> Path:
+    """``bomb`` with its big entry's uncompressed size rewritten as 1 KiB in both headers."""
+    with zipfile.ZipFile(bomb) as archive:
+        big = max(archive.infolist(), key=lambda m: m.file_size)
+    raw = bomb.read_bytes()
+    size = struct.pack("<I", big.file_size)
+    assert raw.count(size) == 2, "the size appears in the local and the central header"
+    path.write_bytes(raw.replace(size, struct.pack("<I", 1024)))
+    return path
+
+
+def test_an_archive_declaring_far_more_than_its_size_is_refused_before_inflating(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_CHECKPOINT_MAX_BYTES, raising=False)
+    bomb = _zero_bomb(workdir)
+    contents, reason = read_checkpoint(bomb)
+    assert contents is None
+    assert "refused before inflating it: its zip entries declare 16.0 MiB" in reason
+    assert ENV_CHECKPOINT_MAX_BYTES in reason and "\n" not in reason
+    with pytest.raises(CheckpointError, match="refused before inflating"):
+        open_checkpoint(bomb, {"model": "x:y", "data": "synthetic"})
+    result = run("estimate", bomb, "--model", "x:y", "--data", "synthetic")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [f"Error: {reason}"]
+    # the same file, allowed explicitly: it is a valid checkpoint
+    monkeypatch.setenv(ENV_CHECKPOINT_MAX_BYTES, str(32 * 2**20))
+    contents, reason = read_checkpoint(bomb)
+    assert reason is None and contents["state_dict"]["weight"].numel() == 4 * 2**20 + 37
+
+
+def test_an_archive_whose_header_understates_an_entry_is_refused(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_CHECKPOINT_MAX_BYTES, raising=False)
+    liar = _understated(workdir / "liar.ckpt", _zero_bomb(workdir))
+    contents, reason = read_checkpoint(liar)
+    assert contents is None
+    assert "does not inflate as declared" in reason, reason
+
+
+def test_a_checkpoint_written_by_torch_save_is_within_the_default_limit(workdir: Path) -> None:
+    path = workdir / "big.pt"
+    torch.save({"state_dict": {"weight": torch.randn(2**20)}}, path)
+    contents, reason = read_checkpoint(path)
+    assert reason is None and contents["state_dict"]["weight"].numel() == 2**20
+    limit, origin = archive_limit(path.stat().st_size)
+    assert limit == 5 * path.stat().st_size and origin.startswith("the default")
