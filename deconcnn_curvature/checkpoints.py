@@ -341,9 +341,14 @@ def allowed_checkpoint_globals() -> Iterator[None]:
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>")
 
 
-def _refusal(path: Path, exc: BaseException) -> str:
+def _unsafe_name(exc: BaseException) -> str:
+    """`` (builtins.exec)``: what the weights-only unpickler refused, or ``""``."""
     found = _UNSAFE_GLOBAL.search(str(exc))
-    what = f" ({found.group(1) or found.group(2)})" if found else ""
+    return f" ({found.group(1) or found.group(2)})" if found else ""
+
+
+def _refusal(path: Path, exc: BaseException) -> str:
+    what = _unsafe_name(exc)
     return (
         f"{path} holds pickled Python objects{what} beyond tensors and plain values; opening it "
         f"could run code from the file, so it is refused. Only if you trust its source, pass "
@@ -380,6 +385,7 @@ class _ReadFailure:
     reason: str
     refused: bool  # the weights-only unpickler refused a global: a torch file, untrusted
     oversized: bool = False  # the archive would inflate beyond the limit: not even tried
+    unsafe: str = ""  # " (builtins.exec)": what a refused file names, when torch says it
 
 
 #: Environment variable: the most bytes a checkpoint archive may hold once inflated (an integer;
@@ -504,7 +510,7 @@ def _read(path: Path, trust: bool) -> tuple[Any | None, _ReadFailure | None]:
         return _without_resolvers(contents), None
     except Exception as exc:  # any failure to unpickle means "not a readable torch file"
         if not trust and _is_refusal(exc):
-            return None, _ReadFailure(_refusal(path, exc), refused=True)
+            return None, _ReadFailure(_refusal(path, exc), refused=True, unsafe=_unsafe_name(exc))
         return None, _ReadFailure(_load_error(exc), refused=False)
 
 
@@ -525,31 +531,32 @@ def read_checkpoint(
 
 
 def check_resume_checkpoint(path: str | os.PathLike[str]) -> None:
-    """Refuse, before training starts, a ``resume=`` checkpoint that pickles objects beyond
-    what :func:`allowed_checkpoint_globals` accepts (its unpickling could run code).
+    """Refuse, before training starts, a ``resume=`` checkpoint that ``estimate`` would not open
+    either, for the same reason: the file is read by the same code (:func:`read_checkpoint`,
+    without trust), so both accept the same files (a legacy-format ``torch.save``, a Lightning
+    checkpoint with an OmegaConf config in its hyper-parameters) and refuse the same ones.
 
-    Reads only the file's pickle opcodes (``torch.serialization.
-    get_unsafe_globals_in_checkpoint``); nothing in it is executed. Raises
-    :class:`UntrustedCheckpointError` (one line).
+    Raises :class:`UntrustedCheckpointError` for a file that pickles objects beyond what
+    :func:`allowed_checkpoint_globals` accepts (unpickling it could run code; nothing in it ran),
+    and :class:`CheckpointError` for one that is no readable checkpoint or would inflate beyond
+    :func:`archive_limit`; one line each.
     """
     path = Path(path)
-    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if scan is None:  # torch < 2.5: Lightning's own weights-only load is the guard
+    _, failure = _read(path, trust=False)
+    if failure is None:
         return
-    try:
-        with allowed_checkpoint_globals():
-            unsafe = sorted(scan(path))
-    except Exception as exc:
-        raise CheckpointError(
-            f"resume={path}: not a checkpoint written by torch.save or Lightning "
-            f"({_describe_error(exc)})."
-        ) from exc
-    if unsafe:
+    if failure.refused:
         raise UntrustedCheckpointError(
-            f"resume={path}: the checkpoint holds pickled Python objects ({', '.join(unsafe)}) "
-            "beyond tensors and plain values; loading it could run code from the file, so "
-            "training refuses it. Resume from a checkpoint written by deconcnn-curv train."
+            f"resume={path}: the checkpoint holds pickled Python objects{failure.unsafe} beyond "
+            "tensors and plain values; loading it could run code from the file, so training "
+            "refuses it. Resume from a checkpoint written by deconcnn-curv train."
         )
+    if failure.oversized:
+        raise CheckpointError(f"resume={failure.reason}")
+    raise CheckpointError(
+        f"resume={path}: not a checkpoint written by torch.save or Lightning, or it is "
+        f"truncated ({failure.reason})."
+    )
 
 
 #: Why open_checkpoint could not read the file it hands to the hook (the built-in loader's

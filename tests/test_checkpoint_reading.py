@@ -4,6 +4,7 @@ the same files as ``estimate``, for the same, true reasons."""
 
 from __future__ import annotations
 
+import collections
 import os
 import struct
 import zipfile
@@ -17,7 +18,9 @@ from click.testing import CliRunner, Result
 from deconcnn_curvature.checkpoints import (
     ENV_CHECKPOINT_MAX_BYTES,
     CheckpointError,
+    UntrustedCheckpointError,
     archive_limit,
+    check_resume_checkpoint,
     open_checkpoint,
     read_checkpoint,
 )
@@ -158,3 +161,70 @@ def test_a_checkpoint_written_by_torch_save_is_within_the_default_limit(workdir:
     assert reason is None and contents["state_dict"]["weight"].numel() == 2**20
     limit, origin = archive_limit(path.stat().st_size)
     assert limit == 5 * path.stat().st_size and origin.startswith("the default")
+
+
+# --------------------------------------------------------------------------- train resume=
+
+
+def _files(workdir: Path) -> dict[str, Path]:
+    """Checkpoints of each kind a user may hand to both ``estimate`` and ``train resume=``."""
+    omegaconf = pytest.importorskip("omegaconf")
+    state = torch.load(save_state_dict(workdir / "w.pt"), weights_only=True)
+    legacy = workdir / "legacy.ckpt"
+    torch.save({"state_dict": state, "epoch": 1}, legacy, _use_new_zipfile_serialization=False)
+    cfg = omegaconf.OmegaConf.create({"seed": 3, "copy": "${seed}", "model": {"layers": [1, 2]}})
+    omegaconf.OmegaConf.set_cache(cfg, collections.defaultdict(dict, {"now": {("%Y",): "2026"}}))
+    clean_omegaconf = workdir / "omegaconf.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": cfg}, clean_omegaconf)
+    hostile = workdir / "hostile.ckpt"
+    torch.save({"state_dict": state, "extra": _Exec("pass")}, hostile)
+    text = workdir / "text.ckpt"
+    text.write_text("not a checkpoint")
+    return {
+        "legacy": legacy,
+        "omegaconf": clean_omegaconf,
+        "hostile": hostile,
+        "text": text,
+        "bomb": _zero_bomb(workdir),
+    }
+
+
+class _Exec:
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (exec, (self.code,))
+
+
+def test_train_resume_accepts_and_refuses_the_files_estimate_does_for_the_same_reasons(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_CHECKPOINT_MAX_BYTES, raising=False)
+    verdicts = {}
+    for kind, path in _files(workdir).items():
+        _, reason = read_checkpoint(path)
+        error: CheckpointError | None = None
+        try:
+            check_resume_checkpoint(path)
+        except CheckpointError as exc:
+            error = exc
+        resume = None if error is None else str(error)
+        if resume is not None:
+            assert resume.startswith(f"resume={path}") and "\n" not in resume
+        verdicts[kind] = (reason is None, resume is None)
+        if kind == "hostile":
+            assert isinstance(error, UntrustedCheckpointError) and "(exec)" in str(resume)
+            assert "--trust-checkpoint" not in resume  # train has no such flag
+        elif kind == "text":
+            assert "not a checkpoint written by torch.save or Lightning" in resume
+            assert reason in resume
+        elif kind == "bomb":
+            assert "refused before inflating it" in resume
+    assert verdicts == {
+        "legacy": (True, True),
+        "omegaconf": (True, True),
+        "hostile": (False, False),
+        "text": (False, False),
+        "bomb": (False, False),
+    }

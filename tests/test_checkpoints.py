@@ -159,7 +159,7 @@ def _write(path: Path, kind: str) -> Path:
     ("kind", "match"),
     [
         ("truncated", r"is not a PyTorch checkpoint, or it is truncated \(.*zip"),
-        # weights-only unpickling (issue 10) reports a text file as IndexError, not
+        # weights-only unpickling reports a text file as IndexError, not
         # UnpicklingError; what matters is the one-line reason in parentheses.
         ("text", r"is not a PyTorch checkpoint, or it is truncated \(.*(Unpickling|Index)Error"),
         ("empty", r"is not a PyTorch checkpoint, or it is truncated"),
