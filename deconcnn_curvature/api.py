@@ -31,6 +31,8 @@ from deconcnn_curvature.problem import (
     Batch,
     LossFn,
     build_problem,
+    check_vector_memory,
+    kept_vectors,
     preserve_state,
 )
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
@@ -170,6 +172,8 @@ def estimate(
             seed = _rank0_seed(agreement, seed)
         cls.validate_model(model)
         problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
+        vectors, option = kept_vectors(cls, quantity, opts, problem.dim)
+        check_vector_memory(problem, vectors, option, backend=cls.name, quantity=quantity)
         cuda = problem.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(problem.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,12 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from deconcnn_curvature.errors import BackendFailedError, InvalidProblemError, NonFiniteError
+from deconcnn_curvature.errors import (
+    BackendFailedError,
+    InvalidOptionError,
+    InvalidProblemError,
+    NonFiniteError,
+)
 
 __all__ = [
     "PARAMETER_BACKUP_BYTES",
@@ -33,8 +39,11 @@ __all__ = [
     "CurvatureProblem",
     "LoadedCheckpoint",
     "ParameterGuard",
+    "available_memory",
     "build_problem",
+    "check_vector_memory",
     "global_rng_preserved",
+    "kept_vectors",
     "parameters_changed_error",
     "preserve_state",
     "rebuild_like",
@@ -271,6 +280,103 @@ def build_problem(
         device=device,
         dtype=dtype,
         eval_mode=eval_mode,
+    )
+
+
+#: Per quantity, the option that sets how many vectors of the parameters' size a measurement
+#: keeps at once, when a backend declares it (the package's shared option names): a Lanczos
+#: basis holds one vector per step, up to ``max_hvps`` steps for the top eigenvalues and
+#: ``lanczos_steps`` per run for the density (runs one after the other).
+KEPT_VECTOR_OPTIONS: Mapping[str, str] = {"eigenvalues": "max_hvps", "density": "lanczos_steps"}
+
+
+def kept_vectors(
+    backend: Any, quantity: str, options: Mapping[str, Any], dim: int
+) -> tuple[int, str | None]:
+    """How many vectors of ``dim`` elements a call of ``backend`` for ``quantity`` with
+    ``options`` keeps at once, and the option that sets it (``None`` when none does).
+
+    A backend may say it itself with a classmethod ``kept_vectors(quantity, options, dim) ->
+    int``; otherwise the option of :data:`KEPT_VECTOR_OPTIONS` counts one vector per step (a
+    Krylov basis never exceeds ``dim``), and a quantity without one keeps none worth counting."""
+    own = getattr(backend, "kept_vectors", None)
+    if callable(own):
+        return int(own(quantity, options, dim)), None
+    option = KEPT_VECTOR_OPTIONS.get(quantity)
+    value = options.get(option) if option is not None else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return 0, None
+    return min(value, dim), option
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: for CUDA, the free memory plus what
+    PyTorch's allocator holds unused; for the CPU, the available memory (``psutil`` if installed,
+    else ``MemAvailable`` of ``/proc/meminfo``, else the free pages); ``None`` when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 2**shift:
+            return f"{n / 2**shift:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def check_vector_memory(
+    problem: CurvatureProblem,
+    vectors: int,
+    option: str | None,
+    *,
+    backend: str,
+    quantity: str,
+    available: int | None = None,
+) -> None:
+    """Refuse, before any product, a measurement whose ``vectors`` kept vectors of the parameters'
+    size (see :func:`kept_vectors`) need more memory than ``available`` (default: what
+    :func:`available_memory` says of the problem's device), in one line with the estimate
+    (parameters × vectors × bytes per element) and the fix."""
+    if vectors <= 0:
+        return
+    element = torch.empty((), dtype=problem.dtype).element_size()
+    need = problem.dim * vectors * element
+    if available is None:
+        available = available_memory(problem.device)
+    if available is None or need <= 0.9 * available:
+        return
+    fits = max(1, int(0.5 * available // (problem.dim * element)))
+    lower = (
+        f"lower option {option!r} ({vectors}; e.g. {option}={fits} fits)"
+        if option is not None
+        else "ask the backend for fewer products"
+    )
+    raise InvalidOptionError(
+        f"{quantity!r} with backend {backend!r} would keep {vectors} vectors of the "
+        f"{problem.dim:,} parameters in {str(problem.dtype).removeprefix('torch.')}: "
+        f"{_gib(need)}, but {problem.device} has {_gib(available)} available; {lower}, or "
+        "measure on a device with more memory (--device)."
     )
 
 
