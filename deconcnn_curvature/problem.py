@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parameter import is_lazy
 
 from deconcnn_curvature.errors import (
     BackendFailedError,
@@ -549,16 +550,19 @@ class ParameterGuard:
     changes through ``.data`` bypass the version counter; the checksums see them, and any
     permutation of the elements); a copy of the values when they take
     at most :data:`PARAMETER_BACKUP_BYTES`. :meth:`changed` names the parameters that differ;
-    :meth:`restore` writes the copy back (``False`` when there is none)."""
+    :meth:`restore` writes the copy back (``False`` when there is none). A lazy module's
+    parameters, not yet materialised, are left out: the first forward pass creates them."""
 
     params: list[tuple[str, torch.nn.Parameter]]
+    names: frozenset[str]
     addresses: list[tuple[int, int, torch.Size]]
     checksums: torch.Tensor
     backup: list[torch.Tensor] | None
 
     @classmethod
     def take(cls, model: nn.Module) -> ParameterGuard:
-        params = list(model.named_parameters(remove_duplicate=True))
+        named = list(model.named_parameters(remove_duplicate=True))
+        params = [(n, p) for n, p in named if not is_lazy(p)]
         tensors = [p for _, p in params]
         size = sum(p.numel() * p.element_size() for p in tensors)
         with torch.no_grad():
@@ -567,6 +571,7 @@ class ParameterGuard:
             )
         return cls(
             params=params,
+            names=frozenset(n for n, _ in named),
             addresses=[(p.data_ptr(), p._version, p.shape) for p in tensors],
             checksums=_value_checksums(tensors),
             backup=backup,
@@ -582,8 +587,7 @@ class ParameterGuard:
             for (n, p), a, b in zip(self.params, addresses, self.addresses, strict=True)
             if now.get(n) is not p or a != b
         ]
-        if len(now) != len(self.params):
-            names += sorted(set(now) - {n for n, _ in self.params})
+        names += sorted(set(now) - self.names)  # parameters that were not there before
         if any(a[2] != b[2] for a, b in zip(addresses, self.addresses, strict=True)):
             return names  # a shape changed: no checksum to compare
         sums = _value_checksums(tensors)

@@ -124,3 +124,10 @@ def test_a_forward_that_changes_its_own_parameters_is_named() -> None:
     with pytest.raises(BackendFailedError, match=r"the model's forward pass changed the model"):
         dcc.estimate(model, nn.CrossEntropyLoss(), (x, y))
     assert_unchanged(before, model)
+
+
+def test_a_lazy_module_is_materialised_by_the_first_forward_not_reported() -> None:
+    model = nn.Sequential(nn.LazyLinear(3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    result = dcc.estimate(model, nn.CrossEntropyLoss(), (x, y), "trace", "hutchpp", num_hvps=15)
+    assert model[0].weight.shape == (3, 4) and result.value > 0
