@@ -238,37 +238,7 @@ def build_problem(
     if not dtype.is_floating_point:
         raise InvalidProblemError(f"trainable parameters must be floating point, got {dtype}.")
 
-    if data is None:
-        raise InvalidProblemError(
-            "data is None; pass an (inputs, targets) batch or a list of them."
-        )
-    # Iterating a DataLoader draws from the global RNG (a shuffled loader's permutation, the
-    # workers' base seed, a random sampler's seed) even when it does not shuffle: read the
-    # batches inside the RNG guard, so that passing a loader leaves training bit-identical.
-    with global_rng_preserved():
-        raw: Sequence[Any] = [data] if _is_single_batch(data) else _iterate(data)
-    batches: list[Batch] = []
-    for i, batch in enumerate(raw):
-        if not (isinstance(batch, tuple | list) and len(batch) == 2):
-            # Only reached when data was read as a sequence of batches.
-            hint = (
-                " (data was read as a sequence of batches; for one batch whose inputs are "
-                "themselves a pair, e.g. ((x1, x2), y), pass it as a list of one batch: "
-                "[((x1, x2), y)])"
-            )
-            raise InvalidProblemError(
-                f"batch {i} is a {type(batch).__name__}; each batch must be an (inputs, targets) "
-                f"pair{hint}."
-            )
-        inputs, targets = batch
-        n = _batch_size(inputs, targets)
-        if n == 0:
-            raise InvalidProblemError(f"batch {i} is empty; drop empty batches.")
-        batches.append((_to_device(inputs, device), _to_device(targets, device)))
-    if not batches:
-        raise InvalidProblemError(
-            "data holds no batches; pass at least one (inputs, targets) pair."
-        )
+    batches = _collect_batches(data, device)
     if len(batches) > 1:
         _check_per_sample_mean(loss_fn, batches)
     _check_outputs(model, loss_fn, batches[0], eval_mode=eval_mode)
@@ -379,6 +349,43 @@ def check_vector_memory(
         f"{_gib(need)}, but {problem.device} has {_gib(available)} available; {lower}, or "
         "measure on a device with more memory (--device)."
     )
+
+
+def _collect_batches(data: Any, device: torch.device) -> list[Batch]:
+    """``data`` (one batch or an iterable of them) as a list of ``(inputs, targets)`` pairs on
+    ``device``, each checked to be a non-empty pair."""
+    if data is None:
+        raise InvalidProblemError(
+            "data is None; pass an (inputs, targets) batch or a list of them."
+        )
+    # Iterating a DataLoader draws from the global RNG (a shuffled loader's permutation, the
+    # workers' base seed, a random sampler's seed) even when it does not shuffle: read the
+    # batches inside the RNG guard, so that passing a loader leaves training bit-identical.
+    with global_rng_preserved():
+        raw: Sequence[Any] = [data] if _is_single_batch(data) else _iterate(data)
+    batches: list[Batch] = []
+    for i, batch in enumerate(raw):
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            # Only reached when data was read as a sequence of batches.
+            hint = (
+                " (data was read as a sequence of batches; for one batch whose inputs are "
+                "themselves a pair, e.g. ((x1, x2), y), pass it as a list of one batch: "
+                "[((x1, x2), y)])"
+            )
+            raise InvalidProblemError(
+                f"batch {i} is a {type(batch).__name__}; each batch must be an (inputs, targets) "
+                f"pair{hint}."
+            )
+        inputs, targets = batch
+        n = _batch_size(inputs, targets)
+        if n == 0:
+            raise InvalidProblemError(f"batch {i} is empty; drop empty batches.")
+        batches.append((_to_device(inputs, device), _to_device(targets, device)))
+    if not batches:
+        raise InvalidProblemError(
+            "data holds no batches; pass at least one (inputs, targets) pair."
+        )
+    return batches
 
 
 def _required_positional(model: nn.Module) -> list[str]:
