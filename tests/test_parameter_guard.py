@@ -131,3 +131,17 @@ def test_a_lazy_module_is_materialised_by_the_first_forward_not_reported() -> No
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     result = dcc.estimate(model, nn.CrossEntropyLoss(), (x, y), "trace", "hutchpp", num_hvps=15)
     assert model[0].weight.shape == (3, 4) and result.value > 0
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_tampering_backend_is_caught_and_the_parameters_restored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _install(monkeypatch, _tampering_backend("tamperer", _data_add))
+    model, loss_fn, (x, y) = get_case("mlp").make()
+    model = model.cuda()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(BackendFailedError, match="have been restored"):
+        dcc.estimate(model, loss_fn, (x.cuda(), y.cuda()), "trace", "tamperer")
+    for p, v in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), v)

@@ -73,3 +73,16 @@ def test_the_estimate_is_parameters_times_vectors_times_element_size() -> None:
         == 1000
     )
     assert kept_vectors(dcc.get_backend("pyhessian"), "trace", {"num_hvps": 100}, 1000) == (0, None)
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_estimate_is_compared_with_the_gpus_free_memory() -> None:
+    free = available_memory(torch.device("cuda"))
+    assert free is not None and 0 < free <= torch.cuda.get_device_properties(0).total_memory
+    model = nn.Linear(1000, 1000).cuda()
+    x, y = torch.randn(4, 1000, device="cuda"), torch.randint(0, 1000, (4,), device="cuda")
+    steps = int(free // (1_001_000 * 4)) + 10  # just more than the GPU holds
+    with pytest.raises(InvalidOptionError, match=r"but cuda:0 has .* available; lower option"):
+        dcc.estimate(
+            model, nn.CrossEntropyLoss(), (x, y), "density", "pyhessian", lanczos_steps=steps
+        )
