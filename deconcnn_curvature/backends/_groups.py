@@ -103,8 +103,11 @@ def _split(value: Any, parts: int, samples: int, where: str) -> list[Any]:
     """``value`` (a batch's inputs or targets) cut into ``parts`` groups along the samples:
     every tensor in it, however nested in mappings, tuples and lists, is split along its first
     dimension, which must count the batch's ``samples``; the containers are rebuilt with their
-    own type (:func:`~deconcnn_curvature.problem.rebuild_like`). Anything else is refused
-    (:class:`InvalidOptionError` naming ``where`` it sits), never given whole to every group."""
+    own type (:func:`~deconcnn_curvature.problem.rebuild_like`); ``None`` (no data, such as an
+    absent mask) goes to every group. Anything else is refused (:class:`InvalidOptionError`
+    naming ``where`` it sits), never given whole to every group."""
+    if value is None:
+        return [None] * parts
     if isinstance(value, torch.Tensor):
         if value.ndim == 0:
             raise _unsplittable(parts, where, "a 0-dimensional tensor")

@@ -136,7 +136,29 @@ def test_what_cannot_be_split_is_refused_in_one_line_naming_it_and_the_fix() -> 
 
     message = _refusal({"x": x, "z": z, "scale": 2.0}, y, Scaled())
     assert "inputs['scale'] is a float" in message and "data_groups=1" in message
+    message = _refusal({"x": x, "z": z, "scale": torch.tensor(2.0)}, y, Scaled())
+    assert "inputs['scale'] is a 0-dimensional tensor" in message
     message = _refusal({"x": x, "z": z[:4]}, y, model)
     assert "inputs['z'] has 4 rows" in message and "6 samples" in message
     message = _refusal({"x": x, "z": z}, y[:5], model)
     assert "inputs['x'] has 6 rows" in message and "5 samples" in message
+
+
+def test_none_in_the_inputs_goes_to_every_group() -> None:
+    model, _, (x, z), y = _problem(dict)
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, inputs: Any) -> torch.Tensor:
+            assert inputs["mask"] is None
+            return self.net({"x": inputs["x"], "z": inputs["z"]})
+
+    inputs = {"x": x, "z": z, "mask": None}
+    dense = _dense(model, x, z, y)
+    res = dcc.estimate(
+        Masked(), nn.MSELoss(), [(inputs, y)], "trace", "hutchpp", num_hvps=42, data_groups=3
+    )
+    torch.testing.assert_close(res.value, float(dense.trace()), rtol=1e-8, atol=1e-10)
