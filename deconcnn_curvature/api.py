@@ -31,6 +31,8 @@ from deconcnn_curvature.problem import (
     Batch,
     LossFn,
     build_problem,
+    check_vector_memory,
+    kept_vectors,
     preserve_state,
 )
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
@@ -170,12 +172,14 @@ def estimate(
             seed = _rank0_seed(agreement, seed)
         cls.validate_model(model)
         problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
+        vectors, option = kept_vectors(cls, quantity, opts, problem.dim)
+        check_vector_memory(problem, vectors, option, backend=cls.name, quantity=quantity)
         cuda = problem.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(problem.device)
             base = torch.cuda.memory_allocated(problem.device)
         start = time.perf_counter()
-        with preserve_state(model, eval_mode=eval_mode):
+        with preserve_state(model, eval_mode=eval_mode, owner=_backend_owner(cls)):
             try:
                 result = cls().compute(problem, quantity, seed=seed, options=opts)
             except CurvatureError:
@@ -197,6 +201,12 @@ def estimate(
     if cuda:
         extra["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(problem.device) - base)
     return dataclasses.replace(result, **extra)
+
+
+def _backend_owner(cls: type[Backend]) -> str:
+    """How the state guard names the backend (and its plugin) if it changes the model."""
+    entry = get_registry().entries.get(cls.name)
+    return f"backend {cls.name!r} (plugin {entry.plugin if entry else 'unregistered'})"
 
 
 def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, problem: Any) -> Any:
