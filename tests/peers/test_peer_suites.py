@@ -48,10 +48,37 @@ EIG_RTOL = 1e-3
 AT_COMPUTE = (BP_BCE, BP_MSE_ND)
 
 
+#: Disagreements with the dense Hessian found by these tests on the current backends, each with
+#: what was measured (docs/peers.md). Non-strict: a fix makes them pass.
+KNOWN: dict[tuple[str, str, str], str] = {
+    ("bp-ConvTranspose3d-2-3-2-2-2-0-1-True-2-as-mean", "pyhessian", "trace"): (
+        "pyhessian's t-interval under-covers when one eigenvalue carries most of the trace "
+        "(0.124 of 0.161, skewed probe values): 51 of seeds 0-59 cover at the nominal 95 %, "
+        "1 of seeds 0-3"
+    ),
+    ("kf-single-shared-reduce-mse", "pyhessian", "eigenvalues"): (
+        "top eigenvalue of multiplicity 3: pyhessian returns [λ1, λ1, λ2] marked converged, "
+        "neither distinct values (as its result states) nor values counted with multiplicity"
+    ),
+}
+
+
 def _cases(cases: list[PeerCase], quick: set[str] = QUICK) -> list[Any]:
     return [
         pytest.param(c.id, id=c.id, marks=() if c.id in quick else pytest.mark.slow) for c in cases
     ]
+
+
+def _with_backends(cases: list[PeerCase], quantity: str) -> list[Any]:
+    params = []
+    for c in cases:
+        for backend in ("pyhessian", "hutchpp"):
+            marks = [] if c.id in QUICK else [pytest.mark.slow]
+            reason = KNOWN.get((c.id, backend, quantity))
+            if reason is not None:
+                marks.append(pytest.mark.xfail(strict=False, reason=reason))
+            params.append(pytest.param(c.id, backend, id=f"{c.id}-{backend}", marks=marks))
+    return params
 
 
 @functools.cache
@@ -116,8 +143,7 @@ def test_backpack_equals_the_dense_hessian_or_refuses_with_the_reason(case_id: s
 
 
 # -- stochastic trace: intervals cover the exact trace ----------------------------------------
-@pytest.mark.parametrize("backend", ["pyhessian", "hutchpp"])
-@pytest.mark.parametrize("case_id", _cases(MEASURED))
+@pytest.mark.parametrize(("case_id", "backend"), _with_backends(MEASURED, "trace"))
 def test_trace_intervals_cover_the_exact_trace(case_id: str, backend: str) -> None:
     case = by_id(case_id)
     h = exact(case_id)
@@ -145,8 +171,7 @@ def _close(got: list[float], want: list[float], tol: float) -> bool:
     return len(got) <= len(want) and all(abs(g - w) <= tol for g, w in zip(got, want, strict=False))
 
 
-@pytest.mark.parametrize("backend", ["pyhessian", "hutchpp"])
-@pytest.mark.parametrize("case_id", _cases(MEASURED))
+@pytest.mark.parametrize(("case_id", "backend"), _with_backends(MEASURED, "eigenvalues"))
 def test_converged_top_eigenvalues_equal_the_dense_ones(case_id: str, backend: str) -> None:
     case = by_id(case_id)
     spectrum = torch.linalg.eigvalsh(exact(case_id)).flip(0)
