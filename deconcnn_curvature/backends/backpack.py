@@ -329,7 +329,7 @@ def _plan(model: nn.Module) -> _Plan:
                         "are used"
                     ) from exc
                 continue
-            if type(module) is nn.Identity:
+            if type(module) in PASS_THROUGH:
                 raise _refuse(
                     f"{_describe(path, module)}: nn.Identity is supported only in models whose "
                     "forward torch.fx can trace (it is removed from the traced copy), and this "

@@ -21,11 +21,20 @@ estimator runs in the quick tier; the rest is marked ``slow``.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from typing import Any
 
 import pytest
 import torch
-from peers.peer_cases import BP_BCE, BP_MSE_ND, MEASURED, SUM_REDUCED, PeerCase, by_id
+from peers.peer_cases import (
+    ALL_CASES,
+    BP_BCE,
+    BP_MSE_ND,
+    MEASURED,
+    SUM_REDUCED,
+    PeerCase,
+    by_id,
+)
 from peers.reference import (
     assert_unchanged,
     dense,
@@ -92,9 +101,23 @@ def measure(case: PeerCase, quantity: str, backend: str, **options: Any) -> dcc.
     model, loss_fn, batches = case.make()
     in_flight(model)
     before = snapshot(model)
-    result = dcc.estimate(model, loss_fn, batches, quantity, backend=backend, **options)
-    assert_unchanged(model, before)
-    return result
+    try:
+        return dcc.estimate(model, loss_fn, batches, quantity, backend=backend, **options)
+    finally:  # refusals included
+        assert_unchanged(model, before)
+
+
+def test_every_peer_recipe_is_in_the_table() -> None:
+    counts = Counter(c.source for c in ALL_CASES)
+    assert counts == {
+        "curvlinops cases.py": 21,
+        "curvlinops kfac_cases.py": 30,
+        "BackPACK DiagHessian": 87,
+    }
+    assert len({c.id for c in [*ALL_CASES, *MEASURED]}) == len(ALL_CASES) + len(MEASURED) - len(
+        [c for c in MEASURED if c in ALL_CASES]
+    )
+    assert (len(SUM_REDUCED), len(MEASURED)) == (80, 117)
 
 
 # -- the reference -----------------------------------------------------------------------------
