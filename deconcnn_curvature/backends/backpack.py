@@ -719,18 +719,8 @@ class BackpackBackend(Backend):
             failure = exc
         # Raises on every rank if any rank failed; otherwise the global sample count.
         total = agree(failure, float(sum(sizes)), device=problem.device)
-        distributed = world_size() > 1
-        if distributed:
-            flat = torch.cat([acc[n].reshape(-1) for n in problem.names])
-            comm = _comm_device(problem)
-            buf = flat.to(comm)
-            dist.all_reduce(buf)
-            flat = buf.to(problem.device)
-            start = 0
-            for n in problem.names:
-                k = acc[n].numel()
-                acc[n] = flat[start : start + k].view(shapes[n])
-                start += k
+        if world_size() > 1:
+            acc = _all_reduce(acc, problem)
             details["world_size"] = dist.get_world_size()
         for n in problem.names:
             acc[n] = acc[n] / total
@@ -760,6 +750,21 @@ class BackpackBackend(Backend):
         if quantity == "diagonal":
             return CurvatureResult(value=acc, details={**details, "trace": trace}, **common)
         raise AssertionError(f"unhandled quantity {quantity!r}")  # the registry checked it
+
+
+def _all_reduce(acc: dict[str, torch.Tensor], problem: CurvatureProblem) -> dict[str, torch.Tensor]:
+    """The per-parameter sums of every rank, in one all-reduce of the flattened diagonal."""
+    flat = torch.cat([acc[n].reshape(-1) for n in problem.names])
+    buf = flat.to(_comm_device(problem))
+    dist.all_reduce(buf)
+    flat = buf.to(problem.device)
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for n in problem.names:
+        k = acc[n].numel()
+        out[n] = flat[start : start + k].view(acc[n].shape)
+        start += k
+    return out
 
 
 def _comm_device(problem: CurvatureProblem) -> torch.device:

@@ -151,153 +151,153 @@ def test_deconcnn_small_cnn_in_float32(bp) -> None:
     _assert_exact(model, nn.CrossEntropyLoss(), [batch])
 
 
-def _zoo() -> dict[type[nn.Module], tuple[Callable[[], nn.Module], tuple[int, ...], torch.dtype]]:
-    """A tiny model around each supported layer type (with its input shape and dtype)."""
-    d64, f32 = torch.float64, torch.float32
+_D64, _F32 = torch.float64, torch.float32
 
-    def conv2(mid: nn.Module, feat: int) -> Callable[[], nn.Module]:
-        return lambda: nn.Sequential(
-            nn.Conv2d(2, 3, 3), nn.Tanh(), mid, nn.Flatten(), nn.Linear(feat, 3)
-        )
 
-    def mlp(act: nn.Module) -> Callable[[], nn.Module]:
-        return lambda: nn.Sequential(nn.Linear(6, 5), act, nn.Linear(5, 3))
+def _conv2(mid: nn.Module, feat: int) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.Tanh(), mid, nn.Flatten(), nn.Linear(feat, 3)
+    )
 
-    zoo: dict[type[nn.Module], tuple[Callable[[], nn.Module], tuple[int, ...], torch.dtype]]
-    zoo = {
-        nn.Linear: (mlp(nn.Tanh()), (6,), d64),
-        nn.Conv1d: (
-            lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
-            (2, 8),
-            d64,
+
+def _mlp(act: nn.Module) -> Callable[[], nn.Module]:
+    return lambda: nn.Sequential(nn.Linear(6, 5), act, nn.Linear(5, 3))
+
+
+#: A tiny model around each supported layer type (with its input shape and dtype).
+ZOO: dict[type[nn.Module], tuple[Callable[[], nn.Module], tuple[int, ...], torch.dtype]] = {
+    nn.Linear: (_mlp(nn.Tanh()), (6,), _D64),
+    nn.Conv1d: (
+        lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)),
+        (2, 8),
+        _D64,
+    ),
+    nn.Conv2d: (_conv2(nn.Identity(), 48), (2, 6, 6), _D64),
+    nn.Conv3d: (
+        lambda: nn.Sequential(nn.Conv3d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
+        (2, 4, 4, 4),
+        _D64,
+    ),
+    nn.ConvTranspose1d: (
+        lambda: nn.Sequential(
+            nn.ConvTranspose1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(30, 3)
         ),
-        nn.Conv2d: (conv2(nn.Identity(), 48), (2, 6, 6), d64),
-        nn.Conv3d: (
-            lambda: nn.Sequential(nn.Conv3d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3)),
-            (2, 4, 4, 4),
-            d64,
+        (2, 8),
+        _D64,
+    ),
+    nn.ConvTranspose2d: (
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)
         ),
-        nn.ConvTranspose1d: (
-            lambda: nn.Sequential(
-                nn.ConvTranspose1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(30, 3)
-            ),
-            (2, 8),
-            d64,
+        (2, 3, 3),
+        _D64,
+    ),
+    nn.ReLU: (_mlp(nn.ReLU()), (6,), _D64),
+    nn.LeakyReLU: (_mlp(nn.LeakyReLU(0.2)), (6,), _D64),
+    nn.Sigmoid: (_mlp(nn.Sigmoid()), (6,), _D64),
+    nn.Tanh: (_mlp(nn.Tanh()), (6,), _D64),
+    nn.ELU: (_mlp(nn.ELU()), (6,), _D64),
+    nn.SELU: (_mlp(nn.SELU()), (6,), _D64),
+    nn.LogSigmoid: (_mlp(nn.LogSigmoid()), (6,), _D64),
+    nn.Flatten: (_conv2(nn.Identity(), 48), (2, 6, 6), _D64),
+    nn.MaxPool1d: (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3), nn.Tanh(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(9, 3)
         ),
-        nn.ConvTranspose2d: (
-            lambda: nn.Sequential(
-                nn.ConvTranspose2d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)
-            ),
-            (2, 3, 3),
-            d64,
+        (2, 8),
+        _D64,
+    ),
+    nn.MaxPool2d: (_conv2(nn.MaxPool2d(2), 12), (2, 6, 6), _D64),
+    nn.MaxPool3d: (
+        lambda: nn.Sequential(
+            nn.Conv3d(2, 2, 3), nn.Tanh(), nn.MaxPool3d(2), nn.Flatten(), nn.Linear(2, 3)
         ),
-        nn.ReLU: (mlp(nn.ReLU()), (6,), d64),
-        nn.LeakyReLU: (mlp(nn.LeakyReLU(0.2)), (6,), d64),
-        nn.Sigmoid: (mlp(nn.Sigmoid()), (6,), d64),
-        nn.Tanh: (mlp(nn.Tanh()), (6,), d64),
-        nn.ELU: (mlp(nn.ELU()), (6,), d64),
-        nn.SELU: (mlp(nn.SELU()), (6,), d64),
-        nn.LogSigmoid: (mlp(nn.LogSigmoid()), (6,), d64),
-        nn.Flatten: (conv2(nn.Identity(), 48), (2, 6, 6), d64),
-        nn.MaxPool1d: (
-            lambda: nn.Sequential(
-                nn.Conv1d(2, 3, 3), nn.Tanh(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(9, 3)
-            ),
-            (2, 8),
-            d64,
+        (2, 4, 4, 4),
+        _D64,
+    ),
+    nn.AvgPool1d: (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3), nn.Tanh(), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(9, 3)
         ),
-        nn.MaxPool2d: (conv2(nn.MaxPool2d(2), 12), (2, 6, 6), d64),
-        nn.MaxPool3d: (
-            lambda: nn.Sequential(
-                nn.Conv3d(2, 2, 3), nn.Tanh(), nn.MaxPool3d(2), nn.Flatten(), nn.Linear(2, 3)
-            ),
-            (2, 4, 4, 4),
-            d64,
+        (2, 8),
+        _F32,
+    ),
+    nn.AvgPool2d: (_conv2(nn.AvgPool2d(2), 12), (2, 6, 6), _F32),
+    nn.AdaptiveAvgPool1d: (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool1d(3),
+            nn.Flatten(),
+            nn.Linear(9, 3),
         ),
-        nn.AvgPool1d: (
-            lambda: nn.Sequential(
-                nn.Conv1d(2, 3, 3), nn.Tanh(), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(9, 3)
-            ),
-            (2, 8),
-            f32,
+        (2, 8),
+        _F32,
+    ),
+    nn.AdaptiveAvgPool2d: (_conv2(nn.AdaptiveAvgPool2d(2), 12), (2, 6, 6), _F32),
+    nn.Dropout: (_conv2(nn.Dropout(0.3), 48), (2, 6, 6), _D64),
+    nn.ZeroPad2d: (
+        lambda: nn.Sequential(
+            nn.ZeroPad2d(1), nn.Conv2d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)
         ),
-        nn.AvgPool2d: (conv2(nn.AvgPool2d(2), 12), (2, 6, 6), f32),
-        nn.AdaptiveAvgPool1d: (
-            lambda: nn.Sequential(
-                nn.Conv1d(2, 3, 3),
-                nn.Tanh(),
-                nn.AdaptiveAvgPool1d(3),
-                nn.Flatten(),
-                nn.Linear(9, 3),
-            ),
-            (2, 8),
-            f32,
+        (2, 6, 6),
+        _D64,
+    ),
+    nn.Identity: (_conv2(nn.Identity(), 48), (2, 6, 6), _D64),
+    nn.ConvTranspose3d: (
+        lambda: nn.Sequential(
+            nn.ConvTranspose3d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(54, 3)
         ),
-        nn.AdaptiveAvgPool2d: (conv2(nn.AdaptiveAvgPool2d(2), 12), (2, 6, 6), f32),
-        nn.Dropout: (conv2(nn.Dropout(0.3), 48), (2, 6, 6), d64),
-        nn.ZeroPad2d: (
-            lambda: nn.Sequential(
-                nn.ZeroPad2d(1), nn.Conv2d(2, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)
-            ),
-            (2, 6, 6),
-            d64,
+        (2, 2, 2, 2),
+        _D64,
+    ),
+    nn.AvgPool3d: (
+        lambda: nn.Sequential(
+            nn.Conv3d(2, 2, 2), nn.Tanh(), nn.AvgPool3d(2), nn.Flatten(), nn.Linear(2, 3)
         ),
-        nn.Identity: (conv2(nn.Identity(), 48), (2, 6, 6), d64),
-        nn.ConvTranspose3d: (
-            lambda: nn.Sequential(
-                nn.ConvTranspose3d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(54, 3)
-            ),
-            (2, 2, 2, 2),
-            d64,
+        (2, 3, 3, 3),
+        _F32,
+    ),
+    nn.AdaptiveAvgPool3d: (
+        lambda: nn.Sequential(
+            nn.Conv3d(2, 2, 2),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool3d(1),
+            nn.Flatten(),
+            nn.Linear(2, 3),
         ),
-        nn.AvgPool3d: (
-            lambda: nn.Sequential(
-                nn.Conv3d(2, 2, 2), nn.Tanh(), nn.AvgPool3d(2), nn.Flatten(), nn.Linear(2, 3)
-            ),
-            (2, 3, 3, 3),
-            f32,
+        (2, 3, 3, 3),
+        _F32,
+    ),
+}
+if Pad is not None:
+    ZOO[Pad] = (
+        lambda: nn.Sequential(
+            Pad((1, 2), mode="reflect"),
+            nn.Conv1d(2, 2, 3),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(14, 3),
         ),
-        nn.AdaptiveAvgPool3d: (
-            lambda: nn.Sequential(
-                nn.Conv3d(2, 2, 2),
-                nn.Tanh(),
-                nn.AdaptiveAvgPool3d(1),
-                nn.Flatten(),
-                nn.Linear(2, 3),
-            ),
-            (2, 3, 3, 3),
-            f32,
+        (2, 6),
+        _D64,
+    )
+    ZOO[Slicing] = (
+        lambda: nn.Sequential(
+            nn.Linear(6, 6), nn.Sigmoid(), Slicing((slice(None), slice(1, 5))), nn.Linear(4, 3)
         ),
-    }
-    if Pad is not None:
-        zoo[Pad] = (
-            lambda: nn.Sequential(
-                Pad((1, 2), mode="reflect"),
-                nn.Conv1d(2, 2, 3),
-                nn.Tanh(),
-                nn.Flatten(),
-                nn.Linear(14, 3),
-            ),
-            (2, 6),
-            d64,
-        )
-        zoo[Slicing] = (
-            lambda: nn.Sequential(
-                nn.Linear(6, 6), nn.Sigmoid(), Slicing((slice(None), slice(1, 5))), nn.Linear(4, 3)
-            ),
-            (6,),
-            d64,
-        )
-    return zoo
+        (6,),
+        _D64,
+    )
 
 
 def test_every_supported_layer_has_a_dense_check(bp) -> None:
-    assert set(_zoo()) == set(supported_layers())
+    assert set(ZOO) == set(supported_layers())
 
 
-@pytest.mark.parametrize("layer", list(_zoo()), ids=lambda t: t.__name__)
+@pytest.mark.parametrize("layer", list(ZOO), ids=lambda t: t.__name__)
 def test_each_supported_layer_is_exact(bp, layer: type[nn.Module]) -> None:
-    build, shape, dtype = _zoo()[layer]
+    build, shape, dtype = ZOO[layer]
     torch.manual_seed(0)
     model = build().to(dtype).eval()
     assert any(type(m) is layer for m in model.modules())
