@@ -27,7 +27,8 @@ What this backend guarantees on top of BackPACK:
   (:func:`_known_limitation`): average pooling in float64 (its rule builds float32 tensors and
   fails), ``padding_mode`` other than ``"zeros"`` and ``divisor_override`` (its rules ignore them
   and return a wrong diagonal), ``padding="same"``/``"valid"`` strings and transposed convolutions
-  with ``output_padding`` (its rules fail). The forward is traced with ``torch.fx`` (every type
+  with ``output_padding`` (its rules fail); soft cross-entropy targets must sum to 1 per sample
+  (:func:`_check_targets`). The forward is traced with ``torch.fx`` (every type
   BackPACK maps is a leaf of the trace) so that operations BackPACK cannot see — residual sums,
   functional activations, tensor arithmetic, reused layers with parameters — are found
   statically, even inside custom modules; BatchNorm (in any mode) is refused with its own
@@ -426,6 +427,29 @@ def _check_loss(loss_fn: Any) -> None:
         )
 
 
+def _check_targets(loss: nn.Module, targets: Any, index: int) -> None:
+    """BackPACK's cross-entropy rule takes the Hessian of soft-label cross-entropy to be that of
+    one distribution per sample, i.e. targets summing to 1 over the classes; for other soft targets
+    it would return a wrong diagonal (the Hessian scales with the sum)."""
+    if not (
+        isinstance(loss, nn.CrossEntropyLoss)
+        and isinstance(targets, torch.Tensor)
+        and targets.is_floating_point()
+        and targets.ndim >= 2
+    ):
+        return
+    sums = targets.sum(1)
+    tol = 100 * torch.finfo(targets.dtype).eps
+    worst = float((sums - 1).abs().max()) if sums.numel() else 0.0
+    if worst > tol:
+        raise UnsupportedModelError(
+            f"backend 'backpack' needs soft cross-entropy targets that sum to 1 over the classes "
+            f"(BackPACK's rule assumes it and would return a wrong diagonal); batch {index} has a "
+            f"row whose sum is {worst:.3g} away from 1. Normalise the targets "
+            f"or {_ALTERNATIVES[0].lower()}{_ALTERNATIVES[1:]}"
+        )
+
+
 def _check_output(loss: nn.Module, out: torch.Tensor) -> None:
     """The output shapes BackPACK's loss rules take: (batch, features) for MSE, (batch, 1) for
     BCEWithLogitsLoss (BackPACK raises on anything else)."""
@@ -681,7 +705,8 @@ class BackpackBackend(Backend):
     ) -> CurvatureResult:
         del seed  # exact: nothing random
         _check_loss(problem.loss_fn)
-        for i, (inputs, _) in enumerate(problem.batches):
+        for i, (inputs, targets) in enumerate(problem.batches):
+            _check_targets(problem.loss_fn, targets, i)
             if not isinstance(inputs, torch.Tensor):
                 raise UnsupportedModelError(
                     f"backend 'backpack' needs each batch's inputs as one tensor; batch {i} has "

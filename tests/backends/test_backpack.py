@@ -457,6 +457,22 @@ def test_a_layer_backpack_gets_wrong_or_fails_on_is_refused_with_the_reason(
     assert "backend='pyhessian'" in str(err.value)
 
 
+def test_soft_cross_entropy_targets_must_sum_to_one(bp) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    p = torch.rand(5, 3, generator=g, dtype=torch.float64)
+    loss_fn = nn.CrossEntropyLoss()
+    _assert_exact(model, loss_fn, [(x, p / p.sum(1, keepdim=True))], rtol=1e-10)
+    # Unnormalised: the Hessian scales with each row's sum, BackPACK's rule assumes 1.
+    dense = dense_hessian(model, loss_fn, [(x, p)]).diagonal()
+    raw = _raw_backpack(model, loss_fn, x, p)
+    assert (raw - dense).abs().max() > 0.1 * dense.abs().max()
+    with pytest.raises(dcc.UnsupportedModelError, match=r"sum to 1 over the classes.*batch 0"):
+        dcc.estimate(model, loss_fn, (x, p), backend="backpack")
+
+
 def test_an_error_inside_backpacks_backward_is_reported_as_an_unsupported_model(bp) -> None:
     # AdaptiveAvgPool2d whose input size is no multiple of its output: BackPACK's rule raises.
     model = nn.Sequential(
