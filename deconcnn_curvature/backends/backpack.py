@@ -495,9 +495,10 @@ class _Tracker:
 def _translate(exc: Exception, tracker: _Tracker | None, converted: bool) -> UnsupportedModelError:
     where = f" at layer {tracker.current}" if tracker and tracker.current else ""
     how = " after BackPACK's converter (extend(..., use_converter=True))" if converted else ""
+    said = str(exc).rstrip(".")
     return UnsupportedModelError(
-        f"BackPACK's DiagHessian failed{where}{how}: {type(exc).__name__}: {exc}. The model uses "
-        f"something BackPACK does not support. {_ALTERNATIVES}"
+        f"BackPACK's DiagHessian failed{where}{how}: {type(exc).__name__}: {said}. The model "
+        f"uses something BackPACK does not support. {_ALTERNATIVES}"
     )
 
 
