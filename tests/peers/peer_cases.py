@@ -19,11 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("backpack")  # BackPACK's own Pad and Slicing modules are in its recipes
 from backpack.custom_module.pad import Pad
 from backpack.custom_module.slicing import Slicing
-from torch import nn
 
 __all__ = ["ALL_CASES", "MEASURED", "SUM_REDUCED", "PeerCase"]
 

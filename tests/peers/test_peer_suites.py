@@ -46,8 +46,6 @@ from peers.reference import (
 
 import deconcnn_curvature as dcc
 
-pytest.importorskip("backpack")
-
 QUICK = {"cl-mlp-ce", "cl-dict-mse", "kf-single-linear-3out-mse", "bp-pad-constant1-ce"}
 SEEDS = (0, 1, 2, 3)
 MIN_COVERED = 2
