@@ -40,6 +40,7 @@ from deconcnn_curvature.problem import CurvatureProblem
 from deconcnn_curvature.results import CurvatureResult, Density
 
 if TYPE_CHECKING:
+    from deconcnn_curvature.analysis.runs import read_runs
     from deconcnn_curvature.lightning import CurvatureMonitor
 
 try:
@@ -76,6 +77,7 @@ __all__ = [
     "get_backend",
     "hookimpl",
     "list_backends",
+    "read_runs",
     "resolve",
 ]
 
@@ -86,4 +88,8 @@ def __getattr__(name: str) -> Any:
         from deconcnn_curvature.lightning import CurvatureMonitor
 
         return CurvatureMonitor
+    if name == "read_runs":  # pandas is the analysis extra: imported when asked for
+        from deconcnn_curvature.analysis.runs import read_runs
+
+        return read_runs
     raise AttributeError(f"module 'deconcnn_curvature' has no attribute {name!r}")
