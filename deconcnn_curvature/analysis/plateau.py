@@ -51,6 +51,8 @@ __all__ = ["Plateau", "find_plateau", "infer_steps_per_epoch", "plateau_epochs",
 EWMA_ALPHA = 0.3
 THRESHOLD = 0.05
 PATIENCE = 3
+#: Bootstrap replicates of the plateau interval.
+N_BOOT = 1000
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ def find_plateau(
     patience: int = PATIENCE,
     relative: bool = True,
     steps_per_epoch: float | None = None,
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     level: float = 0.95,
     seed: int = 0,
 ) -> Plateau:

@@ -33,8 +33,10 @@ __all__ = [
     "MEASUREMENT_COLUMNS",
     "RECORDS_FILE",
     "RunData",
+    "check_parquet",
     "find_runs",
     "load_run",
+    "load_runs",
     "read_runs",
     "require_pandas",
     "tidy_table",
@@ -335,7 +337,9 @@ def tidy_table(runs: Sequence[RunData]) -> pd.DataFrame:
             column = f"config.{key}" if key in MEASUREMENT_COLUMNS else key
             frame[column] = value
         frames.append(frame)
-    table = pd.concat(frames, ignore_index=True, sort=False) if frames else pd.DataFrame()
+    if not frames:
+        frames = [pd.DataFrame(columns=list(MEASUREMENT_COLUMNS))]
+    table = pd.concat(frames, ignore_index=True, sort=False)
     return _typed(pd, table)
 
 
@@ -398,24 +402,33 @@ def read_runs(
     return tidy_table(load_runs(paths_or_globs, loss_key))
 
 
-def write_table(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write the tidy table as CSV, or as Parquet when ``path`` ends in ``.parquet`` (needs
-    pyarrow; without it a :class:`ConfigurationError` says ``pip install pyarrow``)."""
+def write_table(table: pd.DataFrame, path: str | os.PathLike[str], fmt: str | None = None) -> Path:
+    """Write the tidy table as ``fmt`` (``"csv"`` or ``"parquet"``; by default Parquet when
+    ``path`` ends in ``.parquet``, else CSV). Parquet needs pyarrow: without it a
+    :class:`ConfigurationError` says ``pip install pyarrow``."""
     out = Path(path)
-    if out.suffix.lower() == ".parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise ConfigurationError(
-                f"writing Parquet ({out}) needs pyarrow, which is not installed: pip install "
-                "pyarrow (or write CSV)."
-            ) from None
+    fmt = fmt or ("parquet" if out.suffix.lower() == ".parquet" else "csv")
+    if fmt not in ("csv", "parquet"):
+        raise ConfigurationError(f"table format must be csv or parquet; got {fmt!r}.")
+    if fmt == "parquet":
+        check_parquet()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix.lower() == ".parquet":
+        if fmt == "parquet":
             table.to_parquet(out, index=False)
         else:
             table.to_csv(out, index=False)
     except OSError as exc:
         raise ConfigurationError(f"cannot write {out}: {exc.strerror}.") from None
     return out
+
+
+def check_parquet() -> None:
+    """Raise a one-line :class:`ConfigurationError` when pyarrow (Parquet) is not installed."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ConfigurationError(
+            "writing Parquet needs pyarrow, which is not installed: pip install pyarrow "
+            "(or write CSV)."
+        ) from None
