@@ -139,7 +139,7 @@ def report_cmd(
     out = Console(soft_wrap=False, width=max(width, 100))
     out.print(rich_table)
     for line in _notes(summaries, seed, N_BOOT):
-        out.print(line, markup=False, highlight=False)
+        click.echo(line)
     for label, path in (("table", csv_path), ("table", parquet_path), ("plot", plot_path)):
         if path is not None:
-            out.print(f"{label}: {path}", markup=False, highlight=False)
+            click.echo(f"{label}: {path}")
