@@ -4,6 +4,8 @@ summary rows ``deconcnn-curv report`` prints (:func:`summarize_runs`)."""
 
 from __future__ import annotations
 
+from deconcnn_curvature.analysis.plateau import Plateau, find_plateau
+from deconcnn_curvature.analysis.report import RunSummary, cadence_for, summarize_runs
 from deconcnn_curvature.analysis.runs import (
     MEASUREMENT_COLUMNS,
     RunData,
@@ -17,11 +19,16 @@ from deconcnn_curvature.analysis.runs import (
 
 __all__ = [
     "MEASUREMENT_COLUMNS",
+    "Plateau",
     "RunData",
+    "RunSummary",
+    "cadence_for",
+    "find_plateau",
     "find_runs",
     "load_run",
     "load_runs",
     "read_runs",
+    "summarize_runs",
     "tidy_table",
     "write_table",
 ]
