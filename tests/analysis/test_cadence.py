@@ -12,7 +12,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "sweeps.md"
 CIFAR_50_EPOCHS = 50 * 391  # batch 128: 391 steps per epoch
 
 
-@pytest.mark.parametrize(("steps", "zero"), [(19550, False), (19550, True), (96, False), (1000, True)])
+@pytest.mark.parametrize(
+    ("steps", "zero"), [(19550, False), (19550, True), (96, False), (1000, True)]
+)
 def test_cadence_is_the_largest_giving_enough_points(steps: int, zero: bool) -> None:
     cadence = cadence_for(100, steps, at_step_zero=zero)
     points = lambda c: steps // c + (1 if zero else 0)  # noqa: E731
