@@ -119,17 +119,18 @@ def config_columns(table: pd.DataFrame) -> list[str]:
 def distinguishing_keys(runs: Sequence[RunData]) -> list[str]:
     """Configuration keys whose values differ between the runs (in the order of the first run
     holding them), leaving out :data:`IDENTITY_KEYS` and a key whose values repeat an earlier
-    key's in every run (``callbacks.settings.num_hvps`` mirrors ``curvature.num_hvps``). A key
-    missing from some runs counts as differing only where another run sets it."""
+    key's in every run (``callbacks.settings.num_hvps`` mirrors ``curvature.num_hvps``). Runs
+    without a ``config.yaml`` (the monitor under another app) are left out of the comparison."""
+    configured = [run for run in runs if run.config]  # a records-only folder has none
     keys: dict[str, None] = {}
-    for run in runs:
+    for run in configured:
         keys.update(dict.fromkeys(run.config))
     out = []
     seen: set[tuple[str, ...]] = set()
     for key in keys:
         if key in IDENTITY_KEYS:
             continue
-        values = tuple(repr(run.config.get(key)) for run in runs)
+        values = tuple(repr(run.config.get(key)) for run in configured)
         if len(set(values)) > 1 and values not in seen:
             seen.add(values)
             out.append(key)

@@ -115,7 +115,8 @@ class RunData:
             for r in self.records
             if _number(r.get("timestamp"))
         ]
-        stamps = [*self.timestamps, *starts]
+        ends = [float(r["timestamp"]) for r in self.records if _number(r.get("timestamp"))]
+        stamps = [*self.timestamps, *starts, *ends]
         if len(stamps) < 2:
             return None
         span = max(stamps) - min(stamps)
