@@ -52,6 +52,9 @@ def _notes(summaries: list[Any], seed: int, n_boot: int) -> list[str]:
             "points, the plateau guide's minimum:"
         )
         for s in few:
+            if not s.lambda_max_points:
+                lines.append(f"  {s.run}: no λ_max measured (yet)")
+                continue
             steps = s.last_step or 0
             cadence = cadence_for(MIN_PLATEAU_POINTS, steps, at_step_zero=True)
             advice = (

@@ -181,3 +181,18 @@ def test_missing_extras_name_the_install(sweep: Path, monkeypatch: pytest.Monkey
 def test_no_runs_argument_is_a_usage_error() -> None:
     result = _report()
     assert result.exit_code == 2 and "Missing argument 'RUN_OR_GLOB...'" in result.stderr
+
+
+def test_a_run_that_has_not_measured_yet(tmp_path: Path) -> None:
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "curvature.jsonl").touch()
+    result = _report(str(tmp_path / "new"))
+    assert result.exit_code == 0
+    assert "│ new   │            — │            — │         — │      0 │ none (too few points) │" in (
+        result.stdout
+    )
+    assert result.stdout.endswith("  new: no λ_max measured (yet)\n")
+    plot = _report(str(tmp_path / "new"), "--plot", str(tmp_path / "f.png"))
+    assert (plot.exit_code, plot.stderr) == (
+        1, "Error: no usable trace or λ_max measurements to plot.\n"
+    )  # fmt: skip
