@@ -188,7 +188,7 @@ def test_a_run_that_has_not_measured_yet(tmp_path: Path) -> None:
     (tmp_path / "new" / "curvature.jsonl").touch()
     result = _report(str(tmp_path / "new"))
     assert result.exit_code == 0
-    row = "│ new   │            — │            — │         — │      0 │ none (too few points) │"
+    row = "│ new │            — │            — │         — │      0 │ none (too few points) │"
     assert row in result.stdout
     assert result.stdout.endswith("  new: no λ_max measured (yet)\n")
     plot = _report(str(tmp_path / "new"), "--plot", str(tmp_path / "f.png"))
