@@ -74,7 +74,7 @@ def _title(summaries: list[Any], by: str | None) -> str:
     return runs if by is None else f"{runs} by {by}"
 
 
-@cli.command("report", short_help="Summarise run folders: a row per run, plateaus, figure, table.")
+@cli.command("report", short_help="Summarise run folders: a row per run, λ_max plateaus.")
 @click.argument("runs", nargs=-1, required=True, metavar="RUN_OR_GLOB...")
 @click.option("--by", "by", default=None, metavar="KEY",
               help="Group and colour the runs by this config key (e.g. optim.lr).")  # fmt: skip
