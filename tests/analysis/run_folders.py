@@ -71,7 +71,8 @@ def write_run(
         writer.write(rec)
     writer.close()
     if config is not None:
-        (folder / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+        text = yaml.safe_dump(dict(config), sort_keys=False)
+        (folder / "config.yaml").write_text(text, encoding="utf-8")
     if losses:
         metrics = RecordWriter(folder / "metrics.jsonl", fsync=False)
         for step, loss in losses:
