@@ -110,12 +110,10 @@ class RunData:
         """Wall time the records span: from the start of the first measurement (or first metrics
         line) to the last line written. ``None`` with fewer than two timestamps. A resumed run's
         pause between segments is counted in."""
-        starts = [
-            float(r["timestamp"]) - float(r.get("seconds") or 0.0)
-            for r in self.records
-            if _number(r.get("timestamp"))
-        ]
         ends = [float(r["timestamp"]) for r in self.records if _number(r.get("timestamp"))]
+        starts = [
+            float(r["timestamp"]) - _seconds(r) for r in self.records if _number(r.get("timestamp"))
+        ]
         stamps = [*self.timestamps, *starts, *ends]
         if len(stamps) < 2:
             return None
@@ -125,11 +123,17 @@ class RunData:
     @property
     def curvature_seconds(self) -> float:
         """Seconds spent measuring (the records' ``seconds``, summed once per record)."""
-        return math.fsum(float(r.get("seconds") or 0.0) for r in self.records)
+        return math.fsum(_seconds(r) for r in self.records)
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _seconds(record: Mapping[str, Any]) -> float:
+    """A record's measuring time; 0 where it has none (a hand-edited or foreign line)."""
+    seconds = record.get("seconds")
+    return float(seconds) if _number(seconds) else 0.0
 
 
 def _as_list(paths_or_globs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list:
@@ -283,46 +287,57 @@ def load_runs(
     return [load_run(p, n, loss_key) for p, n in zip(folders, _names(folders), strict=True)]
 
 
+def _num(value: Any) -> float | None:
+    return float(value) if _number(value) else None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if _number(value) and float(value).is_integer() else None
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def _measurement_rows(run: RunData) -> list[dict[str, Any]]:
-    """One row per scalar measurement of ``run``: a trace, or each eigenvalue of a record."""
+    """One row per scalar measurement of ``run``: a trace, or each eigenvalue of a record.
+    Every field is taken only when it has the type the monitor writes (a hand-edited or foreign
+    line with a string for a number gives an empty cell, and an unusable value an ``error``)."""
     rows = []
     for rec in run.records:
         quantity = rec.get("quantity")
         if quantity not in ("trace", "eigenvalues"):
             continue  # density and layer traces are not scalars: read them with read_jsonl
         details = rec.get("details") if isinstance(rec.get("details"), Mapping) else {}
-        error = rec.get("error")
+        error = _text(rec.get("error"))
         if error is None and not usable_record(rec):
             error = "unusable record: value null or non-finite without an error"
-        value = rec.get("value")
-        ci = rec.get("ci") if isinstance(rec.get("ci"), list | tuple) else (None, None)
+        ci = rec.get("ci") if isinstance(rec.get("ci"), list | tuple) else ()
         base = {
-            "run": run.name,
-            "step": int(rec["step"]),
-            "epoch": rec.get("epoch"),
-            "quantity": quantity,
-            "stderr": rec.get("stderr"),
-            "ci_level": rec.get("ci_level"),
-            "target_met": rec.get("target_met"),
-            "n_hvp": rec.get("n_hvp"),
-            "seconds": rec.get("seconds"),
-            "backend": rec.get("backend"),
-            "method": rec.get("method"),
-            "error": error,
-            "timestamp": rec.get("timestamp"),
-            "path": str(run.path),
-        }
+            "run": run.name, "step": int(rec["step"]), "epoch": _int(rec.get("epoch")),
+            "quantity": quantity, "stderr": _num(rec.get("stderr")),
+            "ci_level": _num(rec.get("ci_level")), "target_met": _flag(rec.get("target_met")),
+            "n_hvp": _int(rec.get("n_hvp")), "seconds": _num(rec.get("seconds")),
+            "backend": _text(rec.get("backend")), "method": _text(rec.get("method")),
+            "error": error, "timestamp": _num(rec.get("timestamp")), "path": str(run.path),
+        }  # fmt: skip
+        value = rec.get("value") if error is None else None
         if quantity == "trace":
-            rows.append({**base, "value": value if error is None else None,
-                         "ci_low": ci[0], "ci_high": ci[1]})  # fmt: skip
+            low, high = (_num(ci[0]), _num(ci[1])) if len(ci) == 2 else (None, None)
+            rows.append({**base, "value": _num(value), "ci_low": low, "ci_high": high})
             continue
-        values = value if isinstance(value, list) and value and error is None else [None]
-        residuals = details.get("residuals") or []
+        values = value if isinstance(value, list) and value else [None]
+        residuals = details.get("residuals")
+        residuals = residuals if isinstance(residuals, list) else []
         for i, eig in enumerate(values):
             rows.append({
-                **base, "index": i + 1, "value": eig,
-                "residual": residuals[i] if i < len(residuals) else None,
-                "converged": details.get("converged"),
+                **base, "index": i + 1, "value": _num(eig),
+                "residual": _num(residuals[i]) if i < len(residuals) else None,
+                "converged": _flag(details.get("converged")),
             })  # fmt: skip
     return rows
 

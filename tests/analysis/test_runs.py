@@ -180,3 +180,23 @@ def test_no_warning_on_a_clean_run(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_runs(run)
+
+
+def test_hostile_lines_give_empty_cells_not_a_crash(tmp_path: Path) -> None:
+    """Lines of the wrong shape (hand-edited, another tool's): JSON that is not a record is
+    dropped, a field of the wrong type is an empty cell, an unusable value is an error row."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "curvature.jsonl").write_text(
+        '[1, 2]\n"text"\n{"step": "x", "quantity": "trace", "value": 1.0}\n'
+        '{"step": 1, "epoch": "?", "quantity": "trace", "value": 2.0, "stderr": "bad", '
+        '"seconds": "abc", "timestamp": "x", "ci": [1.0], "n_hvp": 2.5}\n'
+        '{"step": 2, "quantity": "eigenvalues", "value": ["big"], "details": {"residuals": 3}}\n'
+        '{"step": 3, "quantity": "density", "value": {"nodes": [1.0]}}\n'
+    )
+    table = read_runs(run)
+    assert table["step"].tolist() == [1, 2]
+    empty = ["value", "epoch", "stderr", "seconds", "timestamp", "ci_low", "n_hvp"]
+    assert table[empty].iloc[0].isna().all()
+    assert table["error"].iloc[0].startswith("unusable record")  # its stderr is not a number
+    assert table["error"].iloc[1].startswith("unusable record") and pd.isna(table["value"].iloc[1])
