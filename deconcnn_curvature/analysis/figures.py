@@ -89,6 +89,28 @@ def _draw_run(axes: Any, s: RunSummary, rows: pd.DataFrame, colour: Any, style: 
     return drawn
 
 
+def _label(s: RunSummary, by: str | None) -> str:
+    """The legend entry: the ``by`` value, the run, and its plateau epoch (or none)."""
+    name = s.run if by is None else f"{s.group}: {s.run}"
+    p = s.plateau
+    if not p.found:
+        return f"{name} (no plateau)"
+    if p.epoch_interval is None or p.epoch_interval[0] == p.epoch_interval[1]:
+        return f"{name} (plateau: epoch {p.epoch})"
+    low, high = p.epoch_interval
+    return f"{name} (plateau: epoch {p.epoch} [{low:g}, {high:g}])"
+
+
+def _epoch_axis(ax: Any, summaries: Sequence[RunSummary]) -> None:
+    """Epochs along the top of the λ_max panel when every run has the same steps per epoch."""
+    spe = {s.plateau.steps_per_epoch for s in summaries if s.plateau.steps_per_epoch}
+    if len(spe) != 1:
+        return
+    (n,) = spe
+    top = ax.secondary_xaxis("top", functions=(lambda x: x / n, lambda e: e * n))
+    top.set_xlabel("epoch", fontsize="small")
+
+
 def sweep_figure(
     summaries: Sequence[RunSummary], table: pd.DataFrame, by: str | None = None, title: str = ""
 ) -> Any:
@@ -119,10 +141,10 @@ def sweep_figure(
     for ax in axes:
         ax.grid(alpha=0.3)
     handles = [
-        Line2D([], [], color=c, linestyle=style, linewidth=1.5,
-               label=s.run if by is None else f"{s.group}: {s.run}")
+        Line2D([], [], color=c, linestyle=style, linewidth=1.5, label=_label(s, by))
         for s, c, style in zip(summaries, colours, styles, strict=True)
     ]  # fmt: skip
+    _epoch_axis(axes[0], summaries)
     fig.legend(handles=handles, loc="outside right upper", fontsize="small", title=by)
     found = sum(s.plateau.found for s in summaries)
     axes[0].set_title(f"plateau found in {found} of {len(summaries)} runs", loc="right",

@@ -38,7 +38,8 @@ def test_lines_bands_and_plateau_marks(tmp_path: Path) -> None:
     assert len(lam_ax.collections) >= len(summaries) and len(trace_ax.collections) == 4
     assert lam_ax.get_title(loc="right") == "plateau found in 3 of 4 runs"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "0.1: lr0.1-s0", "0.1: lr0.1-s1", "0.2: lr0.2-s0", "0.3: grows"
+        "0.1: lr0.1-s0 (plateau: epoch 5)", "0.1: lr0.1-s1 (plateau: epoch 5)",
+        "0.2: lr0.2-s0 (plateau: epoch 7)", "0.3: grows (no plateau)",
     ]  # fmt: skip
 
 
