@@ -102,13 +102,13 @@ def _label(s: RunSummary, by: str | None) -> str:
 
 
 def _epoch_axis(ax: Any, summaries: Sequence[RunSummary]) -> None:
-    """Epochs along the top of the λ_max panel when every run has the same steps per epoch."""
+    """Epochs along the top of the λ_max panel when every run has the same steps per epoch (the
+    panel's title says so)."""
     spe = {s.plateau.steps_per_epoch for s in summaries if s.plateau.steps_per_epoch}
     if len(spe) != 1:
         return
     (n,) = spe
-    top = ax.secondary_xaxis("top", functions=(lambda x: x / n, lambda e: e * n))
-    top.set_xlabel("epoch", fontsize="small")
+    ax.secondary_xaxis("top", functions=(lambda x: x / n, lambda e: e * n))
 
 
 def sweep_figure(
@@ -133,7 +133,8 @@ def sweep_figure(
     _log_if_wide(axes[0], lam_values)
     _log_if_wide(axes[1], _trace_rows(table)["value"].astype(float).tolist())
     axes[0].set_ylabel("λ_max")
-    axes[0].set_title("λ_max (band: Lanczos residual); ◆ plateau, bar: its bootstrap interval",
+    top = "; top axis: epoch" if len({s.plateau.steps_per_epoch for s in summaries}) == 1 else ""
+    axes[0].set_title(f"λ_max (band: Lanczos residual); ◆ plateau, bar: its interval{top}",
                       loc="left", fontsize="small")  # fmt: skip
     axes[1].set_ylabel("Hessian trace")
     axes[1].set_title("trace (band: its confidence interval)", loc="left", fontsize="small")

@@ -37,7 +37,7 @@ def _read(paths: tuple[str, ...]) -> list[Any]:
 def _notes(summaries: list[Any], seed: int, n_boot: int) -> list[str]:
     """The lines under the table: the plateau rule, runs short of λ_max points, first errors."""
     from deconcnn_curvature.analysis.plateau import EWMA_ALPHA, PATIENCE, THRESHOLD
-    from deconcnn_curvature.analysis.report import MIN_PLATEAU_POINTS, cadence_for
+    from deconcnn_curvature.analysis.report import MIN_PLATEAU_POINTS
 
     lines = [
         f"plateau: λ_max smoothed by an EWMA (alpha {EWMA_ALPHA}), on the epoch grid, the first "
@@ -51,18 +51,12 @@ def _notes(summaries: list[Any], seed: int, n_boot: int) -> list[str]:
             f"{len(few)} of {len(summaries)} runs have fewer than {MIN_PLATEAU_POINTS} λ_max "
             "points, the plateau guide's minimum:"
         )
+        advice: dict[str, list[str]] = {}
         for s in few:
-            if not s.lambda_max_points:
-                lines.append(f"  {s.run}: no λ_max measured (yet)")
-                continue
-            steps = s.last_step or 0
-            cadence = cadence_for(MIN_PLATEAU_POINTS, steps, at_step_zero=True)
-            advice = (
-                f"compute_every_n_steps={cadence} would give {MIN_PLATEAU_POINTS}"
-                if cadence
-                else "too short even at every step: train longer"
-            )
-            lines.append(f"  {s.run}: {s.lambda_max_points} points over {steps} steps; {advice}")
+            advice.setdefault(_advice(s), []).append(s.run)
+        for text, names in advice.items():
+            who = names[0] if len(names) == 1 else f"{len(names)} runs ({', '.join(names)})"
+            lines.append(f"  {who}: {text}")
     for s in summaries:
         if s.first_error:
             lines.append(f"{s.run}: {s.failed} failed; first: {s.first_error}")
@@ -72,6 +66,22 @@ def _notes(summaries: list[Any], seed: int, n_boot: int) -> list[str]:
 def _title(summaries: list[Any], by: str | None) -> str:
     runs = f"{len(summaries)} run" + ("" if len(summaries) == 1 else "s")
     return runs if by is None else f"{runs} by {by}"
+
+
+def _advice(s: Any) -> str:
+    """What a run short of λ_max points would need (the same words for runs alike)."""
+    from deconcnn_curvature.analysis.report import MIN_PLATEAU_POINTS, cadence_for
+
+    if not s.lambda_max_points:
+        return "no λ_max measured (yet)"
+    steps = s.last_step or 0
+    cadence = cadence_for(MIN_PLATEAU_POINTS, steps, at_step_zero=True)
+    fix = (
+        f"compute_every_n_steps={cadence} would give {steps // cadence + 1}"
+        if cadence
+        else "too short even at every step: train longer"
+    )
+    return f"{s.lambda_max_points} points over {steps} steps; {fix}"
 
 
 @cli.command("report", short_help="Summarise run folders: a row per run, λ_max plateaus.")

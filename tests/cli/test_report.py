@@ -40,8 +40,7 @@ EXPECTED = """\
 └───────┴──────────┴──────┴──────────────┴──────────────┴───────────┴────────┴──────────────────────┴─────────────────────┴──────────────┴────────────────┘
 plateau: λ_max smoothed by an EWMA (alpha 0.3), on the epoch grid, the first epoch from which it changes by less than 5% per epoch for 3 epochs; interval: 95 % parametric bootstrap (1000 draws, seed 0) from each point's recorded uncertainty.
 2 of 2 runs have fewer than 100 λ_max points, the plateau guide's minimum:
-  lr0.1: 49 points over 48 steps; too short even at every step: train longer
-  lr0.2: 49 points over 48 steps; too short even at every step: train longer
+  2 runs (lr0.1, lr0.2): 49 points over 48 steps; too short even at every step: train longer
 """  # noqa: E501, W291
 
 
@@ -195,3 +194,12 @@ def test_a_run_that_has_not_measured_yet(tmp_path: Path) -> None:
     assert (plot.exit_code, plot.stderr) == (
         1, "Error: no usable trace or λ_max measurements to plot.\n"
     )  # fmt: skip
+
+
+def test_cadence_advice_for_a_run_long_enough(tmp_path: Path) -> None:
+    """300 steps measured every 10: 31 points; every 3 steps would give 101 (100 + step 0)."""
+    trajectory_run(tmp_path / "long", [1.0 + 0.01 * i for i in range(31)], cadence=10)
+    result = _report(str(tmp_path / "long"))
+    assert result.stdout.endswith(
+        "  long: 31 points over 300 steps; compute_every_n_steps=3 would give 101\n"
+    )
