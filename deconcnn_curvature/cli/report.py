@@ -75,9 +75,9 @@ def _advice(s: Any) -> str:
     if not s.lambda_max_points:
         return "no λ_max measured (yet)"
     steps = s.last_step or 0
-    cadence = cadence_for(MIN_PLATEAU_POINTS, steps, at_step_zero=True)
+    cadence = cadence_for(MIN_PLATEAU_POINTS, steps)  # step 0 not counted: holds either way
     fix = (
-        f"compute_every_n_steps={cadence} would give {steps // cadence + 1}"
+        f"compute_every_n_steps={cadence} would give {steps // cadence}"
         if cadence
         else "too short even at every step: train longer"
     )

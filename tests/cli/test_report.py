@@ -197,9 +197,9 @@ def test_a_run_that_has_not_measured_yet(tmp_path: Path) -> None:
 
 
 def test_cadence_advice_for_a_run_long_enough(tmp_path: Path) -> None:
-    """300 steps measured every 10: 31 points; every 3 steps would give 101 (100 + step 0)."""
+    """300 steps measured every 10: 31 points; every 3 steps would give 100 (without step 0)."""
     trajectory_run(tmp_path / "long", [1.0 + 0.01 * i for i in range(31)], cadence=10)
     result = _report(str(tmp_path / "long"))
     assert result.stdout.endswith(
-        "  long: 31 points over 300 steps; compute_every_n_steps=3 would give 101\n"
+        "  long: 31 points over 300 steps; compute_every_n_steps=3 would give 100\n"
     )
