@@ -101,6 +101,31 @@ def _label(s: RunSummary, by: str | None) -> str:
     return f"{name} (plateau: epoch {p.epoch} [{low:g}, {high:g}])"
 
 
+#: More runs than this get a legend entry per ``by`` value instead of one per run.
+LEGEND_RUNS = 24
+
+
+def _legend(
+    summaries: Sequence[RunSummary], colours: Sequence[str], styles: Sequence[str], by: str | None
+) -> list[Any]:
+    """A legend entry per run (with its plateau), or per ``by`` value for large sweeps."""
+    from matplotlib.lines import Line2D
+
+    if by is None or len(summaries) <= LEGEND_RUNS:
+        return [
+            Line2D([], [], color=c, linestyle=style, linewidth=1.5, label=_label(s, by))
+            for s, c, style in zip(summaries, colours, styles, strict=True)
+        ]
+    groups: dict[str, tuple[str, int, int]] = {}
+    for s, colour in zip(summaries, colours, strict=True):
+        _, runs, found = groups.get(str(s.group), (colour, 0, 0))
+        groups[str(s.group)] = (colour, runs + 1, found + s.plateau.found)
+    return [
+        Line2D([], [], color=c, linewidth=2, label=f"{g}: {n} runs, {k} with a plateau")
+        for g, (c, n, k) in groups.items()
+    ]
+
+
 def _epoch_axis(ax: Any, summaries: Sequence[RunSummary]) -> None:
     """Epochs along the top of the λ_max panel when every run has the same steps per epoch (the
     panel's title says so)."""
@@ -119,7 +144,6 @@ def sweep_figure(
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
     if table[table["error"].isna() & table["value"].notna()].empty:
         raise ConfigurationError("no usable trace or λ_max measurements to plot.")
@@ -141,12 +165,9 @@ def sweep_figure(
     axes[1].set_xlabel("optimiser step")
     for ax in axes:
         ax.grid(alpha=0.3)
-    handles = [
-        Line2D([], [], color=c, linestyle=style, linewidth=1.5, label=_label(s, by))
-        for s, c, style in zip(summaries, colours, styles, strict=True)
-    ]  # fmt: skip
     _epoch_axis(axes[0], summaries)
-    fig.legend(handles=handles, loc="outside right upper", fontsize="small", title=by)
+    fig.legend(handles=_legend(summaries, colours, styles, by), loc="outside right upper",
+               fontsize="small", title=by)  # fmt: skip
     found = sum(s.plateau.found for s in summaries)
     axes[0].set_title(f"plateau found in {found} of {len(summaries)} runs", loc="right",
                       fontsize="small")  # fmt: skip

@@ -50,3 +50,14 @@ def test_colours_follow_the_by_key(tmp_path: Path) -> None:
     assert styles[:3] == ["-", "--", "-"]
     plain, _ = run_colours(summaries, None)
     assert len(set(plain)) == 4
+
+
+def test_a_large_sweep_gets_a_legend_entry_per_group(tmp_path: Path) -> None:
+    for i in range(26):
+        trajectory_run(tmp_path / f"r{i:02d}", [1.0, 2.0, 3.0], lr=0.1 if i < 20 else 0.2, seed=i)
+    runs = load_runs(tmp_path)
+    table = tidy_table(runs)
+    fig = sweep_figure(summarize_runs(runs, table, "optim.lr"), table, by="optim.lr")
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "0.1: 20 runs, 0 with a plateau", "0.2: 6 runs, 0 with a plateau"
+    ]  # fmt: skip
