@@ -40,13 +40,15 @@ from deconcnn_curvature.problem import CurvatureProblem
 from deconcnn_curvature.results import CurvatureResult, Density
 
 if TYPE_CHECKING:
-    from deconcnn_curvature.analysis.runs import read_runs
     from deconcnn_curvature.lightning import CurvatureMonitor
 
 try:
     __version__ = version("deconcnn-curvature")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
+
+if TYPE_CHECKING:  # pandas is the analysis extra: read_runs is imported when asked for
+    from deconcnn_curvature.analysis.runs import read_runs
 
 __all__ = [
     "QUANTITIES",
