@@ -131,7 +131,7 @@ def _grid(density: Density, eigenvalues: list[float], sigma: float, points: int)
     return np.linspace(min(values) - 5 * sigma, max(values) + 5 * sigma, points)
 
 
-def _check_plot_path(path: Path) -> None:
+def check_plot_path(path: Path) -> None:
     """Fail before any work if the plot cannot be written: folder, format, matplotlib."""
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
@@ -796,10 +796,8 @@ def summary_table(result: Any) -> Table:
 # a sweep of runs: the report table (deconcnn-curv report)
 
 
-def check_plot_path(path: Path) -> None:
-    """Fail before any work if a plot cannot be written to ``path`` (its folder, its format,
-    matplotlib): the public name of the check ``--plot`` options share."""
-    _check_plot_path(path)
+#: The name cli/density.py imports (check_plot_path is used by more than one module now).
+_check_plot_path = check_plot_path
 
 
 def _fmt_interval(value: float | None, interval: Sequence[float] | None, digits: int = 3) -> str:
