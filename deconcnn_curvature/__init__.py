@@ -47,6 +47,9 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
+if TYPE_CHECKING:  # pandas is the analysis extra: read_runs is imported when asked for
+    from deconcnn_curvature.analysis.runs import read_runs
+
 __all__ = [
     "QUANTITIES",
     "Availability",
@@ -76,6 +79,7 @@ __all__ = [
     "get_backend",
     "hookimpl",
     "list_backends",
+    "read_runs",
     "resolve",
 ]
 
@@ -86,4 +90,8 @@ def __getattr__(name: str) -> Any:
         from deconcnn_curvature.monitor import CurvatureMonitor
 
         return CurvatureMonitor
+    if name == "read_runs":  # pandas is the analysis extra: imported when asked for
+        from deconcnn_curvature.analysis.runs import read_runs
+
+        return read_runs
     raise AttributeError(f"module 'deconcnn_curvature' has no attribute {name!r}")

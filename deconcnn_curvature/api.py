@@ -32,6 +32,8 @@ from deconcnn_curvature.problem import (
     Batch,
     LossFn,
     build_problem,
+    check_vector_memory,
+    kept_vectors,
     preserve_state,
 )
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
@@ -191,6 +193,8 @@ def estimate(
             seed = _rank0_seed(agreement, seed)
         cls.validate_model(model)
         problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
+        vectors, option = kept_vectors(cls, quantity, opts, problem.dim)
+        check_vector_memory(problem, vectors, option, backend=cls.name, quantity=quantity)
         result, seconds, peak = _compute(cls, problem, model, quantity, seed, eval_mode, opts)
     result = _validated(_host_filled(result, cls, quantity, seed, problem), cls, quantity, opts)
     # Every backend ran inside preserve_state, so attention used the math kernel: say so.
@@ -219,7 +223,7 @@ def _compute(
         torch.cuda.reset_peak_memory_stats(problem.device)
         base = torch.cuda.memory_allocated(problem.device)
     start = time.perf_counter()
-    with preserve_state(model, eval_mode=eval_mode):
+    with preserve_state(model, eval_mode=eval_mode, owner=_backend_owner(cls)):
         try:
             result = cls().compute(problem, quantity, seed=seed, options=opts)
         except CurvatureError:
@@ -233,6 +237,12 @@ def _compute(
     seconds = time.perf_counter() - start
     peak = int(torch.cuda.max_memory_allocated(problem.device) - base) if cuda else None
     return result, seconds, peak
+
+
+def _backend_owner(cls: type[Backend]) -> str:
+    """How the state guard names the backend (and its plugin) if it changes the model."""
+    entry = get_registry().entries.get(cls.name)
+    return f"backend {cls.name!r} (plugin {entry.plugin if entry else 'unregistered'})"
 
 
 def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, problem: Any) -> Any:

@@ -793,3 +793,59 @@ def summary_table(result: Any) -> Table:
         if path is not None:
             table.add_row(label, escape(str(path)))
     return table
+
+
+# --------------------------------------------------------------------------------------------
+# a sweep of runs: the report table (deconcnn-curv report)
+
+
+#: The name cli/density.py imports (check_plot_path is used by more than one module now).
+_check_plot_path = check_plot_path
+
+
+def _fmt_interval(value: float | None, interval: Sequence[float] | None, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if interval is None:
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits}g} [{interval[0]:.{digits}g}, {interval[1]:.{digits}g}]"
+
+
+def _plateau_cells(plateau: Any) -> tuple[str, str]:
+    """The plateau's epoch and step cells: value [interval], or why there is none."""
+    if not plateau.found:
+        why = "too few points" if (plateau.reason or "").startswith("too few") else "never flat"
+        return f"none ({why})", "—"
+    return (
+        _fmt_interval(plateau.epoch, plateau.epoch_interval),
+        _fmt_interval(plateau.step, plateau.step_interval, digits=6),
+    )
+
+
+def report_table(
+    summaries: Sequence[Any],
+    keys: Sequence[str],
+    colours: Sequence[str] = (),
+    title: str = "deconcnn-curv report",
+) -> Table:
+    """A row per run (``analysis.report.RunSummary``): the configuration ``keys`` that tell the
+    runs apart, the last trace ± stderr and λ_max, the converged share of λ_max, failed
+    measurements, the λ_max plateau epoch and step with their intervals, the λ_max points (marked
+    when under the plateau guide's minimum) and the share of wall time spent measuring. Each
+    run's name takes its colour from ``colours`` (hex, the figure's)."""
+    measured = ["trace (last)", "λ_max (last)", "converged", "failed", "plateau epoch [95 %]",
+                "plateau step [95 %]", "λ_max points", "curvature time"]  # fmt: skip
+    columns = [("run", "left"), *((k, "right") for k in [*keys, *measured])]
+    table = _table(title, columns)
+    for i, s in enumerate(summaries):
+        name = escape(s.run) if i >= len(colours) else f"[{colours[i]}]{escape(s.run)}[/]"
+        trace = "—" if s.trace is None else f"{s.trace:.4g} ± {_fmt_run(s.trace_stderr, 2)}"
+        conv = "—" if s.converged_share is None else f"{s.converged_share:.0%}"
+        points = f"{s.lambda_max_points}" + (" [yellow](< 100)[/]" if s.few_points else "")
+        share = "—" if s.curvature_share is None else f"{s.curvature_share:.0%}"
+        failed = f"[red]{s.failed}[/]" if s.failed else "0"
+        epoch, step = _plateau_cells(s.plateau)
+        values = [escape(str(s.config.get(k, "—"))) for k in keys]
+        table.add_row(name, *values, trace, _fmt_run(s.lambda_max), conv, failed, epoch, step,
+                      points, share)  # fmt: skip
+    return table

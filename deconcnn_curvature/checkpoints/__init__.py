@@ -28,11 +28,13 @@ from deconcnn_curvature.checkpoints.loading import (
     reference_checkpoint,
 )
 from deconcnn_curvature.checkpoints.reading import (
+    ENV_CHECKPOINT_MAX_BYTES,
     TRUST_FLAG,
     CheckpointError,
     UntrustedCheckpointError,
     UntrustedCheckpointWarning,
     allowed_checkpoint_globals,
+    archive_limit,
     check_resume_checkpoint,
     read_checkpoint,
 )
@@ -40,6 +42,7 @@ from deconcnn_curvature.checkpoints.reading import (
 __all__ = [
     "DATA_SOURCES",
     "DEFAULT_SETTINGS",
+    "ENV_CHECKPOINT_MAX_BYTES",
     "LOSSES",
     "TRUST_FLAG",
     "CheckpointError",
@@ -48,6 +51,7 @@ __all__ = [
     "UntrustedCheckpointError",
     "UntrustedCheckpointWarning",
     "allowed_checkpoint_globals",
+    "archive_limit",
     "build_batches",
     "check_resume_checkpoint",
     "checkpoint_settings",

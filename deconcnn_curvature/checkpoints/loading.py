@@ -193,6 +193,8 @@ def open_checkpoint(
     checkpoint, failure = read_torch_file(path, trust)
     if failure is not None and failure.refused:
         raise UntrustedCheckpointError(failure.reason)
+    if failure is not None and failure.oversized:
+        raise CheckpointError(failure.reason)
     hook = _hook_caller(manager)
     token = _READ_FAILURE.set((path, failure.reason) if failure is not None else None)
     try:

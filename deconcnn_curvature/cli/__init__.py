@@ -148,7 +148,7 @@ def _load_subcommands() -> None:
     # Commands that live in their own modules register themselves on `cli` when imported.
     import importlib
 
-    for mod in ("estimate", "compare", "density", "train"):
+    for mod in ("estimate", "compare", "density", "train", "report"):
         try:
             importlib.import_module(f"deconcnn_curvature.cli.{mod}")
         except ModuleNotFoundError as exc:

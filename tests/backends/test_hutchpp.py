@@ -91,7 +91,7 @@ def test_registered_as_a_builtin_with_its_declared_capabilities() -> None:
         assert name in options
     for name in ("probe_batch", "retain_graphs"):  # COMMON_OPTIONS
         assert name in options
-    assert "eval_mode" not in options  # a host argument, in row["host_options"]
+    assert "eval_mode" not in options  # a host argument, in row["host_arguments"]
     out = CliRunner().invoke(cli, ["list-backends"], prog_name="deconcnn-curv")
     assert out.exit_code == 0 and "hutchpp" in out.output
 

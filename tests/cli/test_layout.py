@@ -14,7 +14,8 @@ CLI = Path(deconcnn_curvature.__file__).parent / "cli"
 
 
 def test_each_checkpoint_command_lives_in_its_own_module() -> None:
-    assert set(cli.commands) == {"list-backends", "estimate", "compare", "density", "train"}
+    commands = {"list-backends", "estimate", "compare", "density", "train", "report"}
+    assert set(cli.commands) == commands
     for name in ("estimate", "compare", "density"):
         callback = cli.commands[name].callback
         assert callback is not None
@@ -23,7 +24,7 @@ def test_each_checkpoint_command_lives_in_its_own_module() -> None:
 
 def test_command_modules_print_nothing_of_their_own() -> None:
     """Tables are built in present.py: a command module builds no rich Table itself."""
-    for name in ("estimate", "compare", "density"):
+    for name in ("estimate", "compare", "density", "report"):
         tree = ast.parse((CLI / f"{name}.py").read_text())
         calls = {
             node.func.id
