@@ -797,12 +797,6 @@ def summary_table(result: Any) -> Table:
 
 # --------------------------------------------------------------------------------------------
 # a sweep of runs: the report table (deconcnn-curv report)
-
-
-#: The name cli/density.py imports (check_plot_path is used by more than one module now).
-_check_plot_path = check_plot_path
-
-
 def _fmt_interval(value: float | None, interval: Sequence[float] | None, digits: int = 3) -> str:
     if value is None:
         return "—"

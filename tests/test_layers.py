@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("linalg", "linalg.*", "hvp", "distributed", "checkpoints.cifar", "checkpoints.data"),
     ),
     ("extension", ("hookspecs", "plugins", "registry", "backends", "backends.*")),
-    ("api", ("api", "checkpoints", "checkpoints.*")),
+    ("api", ("api", "checkpoints", "checkpoints.*", "analysis", "analysis.*")),
     ("front", ("", "__main__", "present", "monitor", "monitor.*", "cli", "cli.*")),
     # `deconcnn-curv train` is the training run's command: the CLI loads it by name, like a plugin.
     ("training", ("training", "training.*", "cli.train")),

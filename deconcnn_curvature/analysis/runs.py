@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deconcnn_curvature._records import read_jsonl
 from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.records import read_jsonl
 from deconcnn_curvature.results import usable_record
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from deconcnn_curvature._records import RecordWriter
+from deconcnn_curvature.monitor.records import RecordWriter
 
 T0 = 1_800_000_000.0
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from deconcnn_curvature._records import read_jsonl
 from deconcnn_curvature.analysis.runs import read_runs
 from deconcnn_curvature.cli import cli
+from deconcnn_curvature.monitor.records import read_jsonl
 
 TINY = [
     "model=small_cnn",

@@ -13,7 +13,6 @@ import pytest
 from analysis.run_folders import config, record, trajectory_run, write_run
 
 import deconcnn_curvature as dcc
-from deconcnn_curvature._records import TornLineWarning, read_jsonl
 from deconcnn_curvature.analysis.runs import (
     MEASUREMENT_COLUMNS,
     find_runs,
@@ -22,6 +21,7 @@ from deconcnn_curvature.analysis.runs import (
     write_table,
 )
 from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.records import TornLineWarning, read_jsonl
 
 
 def _mixed_run(folder: Path) -> Path:
