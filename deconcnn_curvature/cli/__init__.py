@@ -51,6 +51,9 @@ def _finite_only(obj: Any) -> Any:
     return obj
 
 
+_JSON_PRINTED = "deconcnn_curvature.json_printed"
+
+
 def print_json(obj: Any) -> None:
     """Strict JSON on stdout. Results are validated (finite values and errors) before they get
     here; a non-finite number left in a backend's ``details`` (an infinite interval, a NaN
@@ -60,6 +63,9 @@ def print_json(obj: Any) -> None:
     except ValueError:
         text = json.dumps(_finite_only(obj), indent=2, allow_nan=False)
     click.echo(text)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_JSON_PRINTED] = True  # an error after this is not printed as a second object
 
 
 def json_error(exc: BaseException) -> dict[str, Any]:
@@ -89,7 +95,9 @@ class JsonErrorCommand(click.Command):
         try:
             return super().invoke(ctx)
         except click.ClickException as exc:
-            if ctx.params.get("as_json"):
+            # One JSON document on stdout: the results already printed (density's, with the
+            # error after them on stderr) or the error.
+            if ctx.params.get("as_json") and not ctx.meta.get(_JSON_PRINTED):
                 print_json(json_error(exc))
             raise
 
