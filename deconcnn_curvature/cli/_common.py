@@ -147,6 +147,16 @@ def load_options(func: F) -> F:
     """The options every checkpoint command shares (model, data, device, output)."""
     options = [
         click.argument("checkpoint", type=click.Path(path_type=Path)),
+        *_model_and_data_options(),
+        *_run_options(),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _model_and_data_options() -> list[Callable[[F], F]]:
+    return [
         click.option(
             "--model",
             metavar="MODULE:FACTORY",
@@ -192,6 +202,11 @@ def load_options(func: F) -> F:
             type=click.IntRange(min=2),
             help="Classes of the data (default: the model's number of outputs).",
         ),
+    ]
+
+
+def _run_options() -> list[Callable[[F], F]]:
+    return [
         click.option(
             "--batch-size",
             type=click.IntRange(min=1),
@@ -231,9 +246,6 @@ def load_options(func: F) -> F:
         click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON."),
         click.option("--quiet", is_flag=True, help="No progress display, no notes."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
 
 
 def _budget_default() -> str:

@@ -182,7 +182,25 @@ def compare_cmd(
         if found:
             progress.advance()
     rows = _rows(found, dropped, meters, dev)
-    ok = [r for r in rows if r["status"] == "ok"]
+    _report(rows, checkpoint, loaded, dev, quantity, settings["seed"], as_json, quiet, memory_kind)
+    if not any(r["status"] == "ok" for r in rows):
+        raise click.ClickException(
+            f"no backend could compute {quantity!r} for this checkpoint (reasons above)."
+        )
+
+
+def _report(
+    rows: list[dict[str, Any]],
+    checkpoint: Path,
+    loaded: Any,
+    dev: torch.device,
+    quantity: str,
+    seed: int,
+    as_json: bool,
+    quiet: bool,
+    memory_kind: str,
+) -> None:
+    """The rows as JSON or as a table with the checkpoint's header."""
     explain = PeakMemory(dev).explain()
     if as_json:
         print_json(
@@ -191,23 +209,19 @@ def compare_cmd(
                 "loaded": loaded.describe(),
                 "device": str(dev),
                 "quantity": quantity,
-                "seed": settings["seed"],
+                "seed": seed,
                 "memory": {"kind": memory_kind, "meaning": explain},
                 "rows": [{k: v for k, v in r.items() if k != "_result"} for r in rows],
             }
         )
-    else:
-        out = console()
-        if not quiet:
-            print_header(out, checkpoint, loaded, dev)
-        show_compare(
-            out,
-            rows,
-            f"{quantity}: same model, data and seed ({settings['seed']})",
-            "peak CUDA" if dev.type == "cuda" else "peak RSS",
-            None if quiet else explain,
-        )
-    if not ok:
-        raise click.ClickException(
-            f"no backend could compute {quantity!r} for this checkpoint (reasons above)."
-        )
+        return
+    out = console()
+    if not quiet:
+        print_header(out, checkpoint, loaded, dev)
+    show_compare(
+        out,
+        rows,
+        f"{quantity}: same model, data and seed ({seed})",
+        "peak CUDA" if dev.type == "cuda" else "peak RSS",
+        None if quiet else explain,
+    )
