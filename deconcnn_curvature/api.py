@@ -310,13 +310,15 @@ def compare(
     backends: Sequence[str] | None = None,
     *,
     seed: int | None = default("seed", OFFLINE),
+    eval_mode: bool = default("eval_mode", OFFLINE),
     options: Mapping[str, Any] | Callable[[type[Backend]], Mapping[str, Any]] | None = None,
     before: Callable[[str], None] | None = None,
     measure: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure ``quantity`` with several backends on the same model, data and seed.
 
-    ``backends``: names (default: every registered backend that computes ``quantity``).
+    ``backends``: names (default: every registered backend that computes ``quantity``);
+    ``seed`` and ``eval_mode`` as in :func:`estimate`.
     ``options``: a mapping (each backend gets the options it takes for ``quantity``; the others
     are named in its row's ``ignored_options``), or a function of the backend class giving its
     options. ``before(name)`` is called as each backend starts; ``measure(name)`` gives a context
@@ -348,9 +350,11 @@ def compare(
                 plan = plan_calls(cls, [quantity], options=options or {}, strict=False)
                 row["ignored_options"] = [u.setting for u in plan.unused]
                 opts = dict(plan.calls[0].options)
-            resolve(quantity, name, opts)
+            resolve(quantity, name, opts, eval_mode=eval_mode)
             with measure(name) if measure is not None else contextlib.nullcontext():
-                row["result"] = estimate(model, loss_fn, data, quantity, name, seed=seed, **opts)
+                row["result"] = estimate(
+                    model, loss_fn, data, quantity, name, seed=seed, eval_mode=eval_mode, **opts
+                )
         except Exception as exc:  # one backend's failure is a row, not the end of the run
             row["status"] = comparison_status(exc)
             row["reason"] = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deconcnn_curvature.api import get_backend, list_backends
+from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.monitor import CurvatureMonitor
 
 
@@ -236,3 +237,44 @@ def test_monitor_gives_the_trace_settings_to_a_call_that_also_returns_the_trace(
     # pyhessian's eigenvalues call returns no trace: the budget is not its option
     plain = CurvatureMonitor(backend="pyhessian", quantities=["eigenvalues"], num_hvps=12)
     assert "num_hvps" not in plain.check_config()["eigenvalues"]
+
+
+def test_the_router_decides_each_calls_options_with_one_set_of_messages() -> None:
+    """plan_calls, the one router: the budget under the backend's own name, the trace's settings
+    to a call that also returns the trace, what no call takes refused or reported."""
+    from deconcnn_curvature.backend import plan_calls
+
+    hutchpp, pyhessian, backpack = (get_backend(n) for n in ("hutchpp", "pyhessian", "backpack"))
+    both = ["trace", "eigenvalues"]
+    joint = plan_calls(hutchpp, both, num_hvps=12, rtol=0.1, k=2, data_groups=4)
+    (call,) = joint.calls
+    assert (call.quantity, call.records) == ("eigenvalues", ("eigenvalues", "trace"))
+    assert call.options == {"num_hvps": 12, "rtol": 0.1, "k": 2, "data_groups": 4}
+    assert joint.call_for("trace") is call and joint.unused == ()
+    split = plan_calls(pyhessian, both, num_hvps=12, k=2, data_groups=4)
+    assert [(c.quantity, dict(c.options)) for c in split.calls] == [
+        ("trace", {"num_hvps": 12, "data_groups": 4}),
+        ("eigenvalues", {"k": 2}),
+    ]
+    # an exact backend has no budget: refused, or reported with the same reason
+    with pytest.raises(InvalidOptionError) as refused:
+        plan_calls(backpack, ["trace"], num_hvps=5, labels={"num_hvps": "--num-hvps"})
+    reported = plan_calls(backpack, ["trace"], num_hvps=5, strict=False)
+    (unused,) = reported.unused
+    assert unused.kind == "exact" and unused.setting == "num_hvps"
+    assert str(refused.value).startswith("--num-hvps does not apply to 'trace' with backend")
+    assert unused.reason.startswith("num_hvps does not apply to 'trace' with backend")
+    # k > 1 where the backend gives λ_max only cannot be honoured, whatever the front end
+    assert plan_calls(pyhessian, ["trace"], k=1, strict=False).unused[0].kind == "not asked"
+    with pytest.raises(InvalidOptionError, match="is given twice"):
+        plan_calls(pyhessian, ["trace"], num_hvps=5, options={"num_hvps": 6})
+
+
+def test_the_monitor_plans_a_measurement_without_changing_its_own_plan() -> None:
+    """A time budget can re-plan each measurement with fewer products: plan_for is pure."""
+    monitor = CurvatureMonitor(backend="hutchpp", num_hvps=12)
+    monitor.check_config()
+    before = monitor.plan
+    cheaper = monitor.plan_for(get_backend("hutchpp"), num_hvps=6)
+    assert cheaper.calls[0].options["num_hvps"] == 6
+    assert monitor.plan is before and before.calls[0].options["num_hvps"] == 12

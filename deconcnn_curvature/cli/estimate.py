@@ -87,8 +87,8 @@ def estimate_cmd(
     settings = command_settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     cls, _ = dcc.resolve(quantity, backend_name)  # unknown / unsupported / unavailable
-    opts = plan_options(cls, quantity, given).calls[0].options
-    _, full = dcc.resolve(quantity, backend_name, opts)  # the values, checked
+    plan = plan_options(cls, quantity, given)  # which option each setting is
+    opts, full = plan.calls[0].options, plan.resolve()[quantity]  # the values, checked
 
     running = RunningTrace(f"{quantity} with {backend_name} on {dev}")
     try:
