@@ -26,6 +26,7 @@ Ctrl-C stops the sweep (a scheduler's signal). Running the same command into the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -143,10 +144,14 @@ def _parse(overrides: Sequence[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    try:
-        return OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as exc:
-        raise ConfigurationError(f"bad override: {_one_line(exc)}") from exc
+    parser = OverridesParser.create()
+    parsed = []
+    for override in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([override]))
+        except HydraException as exc:
+            raise ConfigurationError(f"bad override {override!r}: {_one_line(exc)}") from exc
+    return parsed
 
 
 def _job_values(parsed: Sequence[Any]) -> tuple[list[str], list[list[str]], int | None]:
@@ -271,25 +276,47 @@ def run_sweep(
         argv.append("hydra.job.name=train")
     task = hydra.main(config_path=str(folder), config_name="train", version_base="1.3")(run_job)
     sweep_id = uuid.uuid4().hex
-    saved = sys.argv, os.environ.get(SWEEP_ID_ENV)
-    sys.argv = ["deconcnn-curv train", "--multirun", *argv]
-    os.environ[SWEEP_ID_ENV] = sweep_id
     stopped, code = "", 0
-    try:
-        task()
-    except SweepInterrupted as exc:
-        stopped, code = str(exc), exc.exit_code
-    except SystemExit as exc:  # Hydra printed why (a launcher refusing, a job's config)
-        if exc.code not in (0, None):
-            stopped = "Hydra stopped the sweep (its message is above)"
-    finally:
-        sys.argv = saved[0]
-        if saved[1] is None:
-            os.environ.pop(SWEEP_ID_ENV, None)
-        else:
-            os.environ[SWEEP_ID_ENV] = saved[1]
+    with _hydra_process_state(["deconcnn-curv train", "--multirun", *argv], sweep_id):
+        try:
+            task()
+        except SweepInterrupted as exc:
+            stopped, code = str(exc), exc.exit_code
+        except SystemExit as exc:  # Hydra printed why (a launcher refusing, a job's config)
+            if exc.code not in (0, None):
+                stopped = "Hydra stopped the sweep (its message is above)"
     jobs = read_jobs(sweep_dir, sweep_id)
     return SweepResult(sweep_dir, jobs, expected, stopped, code)
+
+
+@contextlib.contextmanager
+def _hydra_process_state(argv: list[str], sweep_id: str) -> Iterator[None]:
+    """``sys.argv`` as Hydra's entry point reads it and the sweep's id for its jobs, for the
+    sweep; afterwards both as they were, and the root logger's handlers too (Hydra configures
+    logging for its jobs: a console handler and a log file in each job folder)."""
+    import logging
+
+    root = logging.getLogger()
+    saved_argv, saved_id = sys.argv, os.environ.get(SWEEP_ID_ENV)
+    handlers, level = list(root.handlers), root.level
+    sys.argv = argv
+    os.environ[SWEEP_ID_ENV] = sweep_id
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        if saved_id is None:
+            os.environ.pop(SWEEP_ID_ENV, None)
+        else:
+            os.environ[SWEEP_ID_ENV] = saved_id
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 def read_jobs(
