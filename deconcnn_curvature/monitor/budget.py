@@ -56,10 +56,12 @@ FIRST_PRODUCTS = 4
 MAX_BATCH_FACTOR = 8
 #: Most trace products one measurement may be given.
 MAX_PRODUCTS = 512
+#: Neither noise component is taken below this share of the measured variance: a data part from
+#: ``G − 1`` degrees of freedom (3 with 4 groups) is often estimated as 0 when it is not, and a 0
+#: would put the whole budget into products on a minimal batch.
+NOISE_FLOOR = 0.1
 #: Smoothing of the step time and the noise components (weight of the newest value).
 EWMA_WEIGHT = 0.5
-#: Unspent budget carried to the next measurement is at most this many cadence intervals' worth.
-MAX_CARRY_INTERVALS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +93,12 @@ class Noise:
     def from_stderrs(
         cls, stderr_probe: float, stderr_data: float, samples: int, products: int
     ) -> Noise:
-        return cls(probe=stderr_probe**2 * products, data=stderr_data**2 * samples)
+        """From a measurement of ``products`` on ``samples``, each component at least
+        :data:`NOISE_FLOOR` of their sum."""
+        total = stderr_probe**2 + stderr_data**2
+        probe = max(stderr_probe**2, NOISE_FLOOR * total)
+        data = max(stderr_data**2, NOISE_FLOOR * total)
+        return cls(probe=probe * products, data=data * samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +138,14 @@ def fit_cost(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return c0, c1
 
 
-def predicted_variance(samples: int, products: int, noise: Noise) -> float:
-    """``V(n, m) = noise.probe / m + noise.data / n``: the two-way model's variance of the
-    trace of the data set's Hessian from ``m`` products on ``n`` samples."""
-    return noise.probe / products + noise.data / samples
+def predicted_variance(
+    samples: int, products: int, noise: Noise, data_weight: float = 1.0
+) -> float:
+    """``V(n, m) = noise.probe / m + data_weight · noise.data / n``: the two-way model's variance
+    of the trace of the data set's Hessian from ``m`` products on ``n`` samples (``data_weight``
+    1), with the data part counted ``data_weight`` times when λ_max, which only samples improve,
+    is measured from the same batch (see ``docs/time-budget.md``)."""
+    return noise.probe / products + data_weight * noise.data / samples
 
 
 def choose_size(
@@ -143,6 +154,7 @@ def choose_size(
     noise: Noise | None,
     limits: Limits,
     extra_products: float = 0.0,
+    data_weight: float = 1.0,
 ) -> Size:
     """The ``(n, m)`` of least :func:`predicted_variance` with predicted seconds
     ``c0 + c1 · n · (m + extra_products)`` at most ``allowed``. Without a noise estimate the
@@ -165,8 +177,8 @@ def choose_size(
             "skip",
             skipped=(
                 f"the smallest measurement ({limits.min_samples} samples x "
-                f"{limits.min_products} products, predicted {least:.3g} s) exceeds the "
-                f"{max(allowed, 0.0):.3g} s left in the budget"
+                f"{limits.min_products} products, predicted {least:.3g} s) exceeds what the "
+                f"budget allows now ({allowed:.3g} s)"
             ),
         )
     best: tuple[float, int, int] | None = None
@@ -175,7 +187,7 @@ def choose_size(
         n = limits.max_samples if room >= limits.max_samples else math.floor(room)
         if n < limits.min_samples:
             break  # more products leave even fewer samples
-        var = predicted_variance(n, m, model)
+        var = predicted_variance(n, m, model, data_weight)
         if best is None or var < best[0] * (1 - 1e-12):
             best = (var, n, m)
     assert best is not None  # the minimum fits
@@ -189,18 +201,14 @@ def allowed_seconds(
     max_seconds: float | None,
     train_seconds: float,
     spent_seconds: float,
-    interval_seconds: float | None,
 ) -> float:
     """Seconds the next measurement may take: ``max_overhead`` of the training time so far less
-    what measuring has spent (the unspent or overspent rest carried over, the credit capped at
-    :data:`MAX_CARRY_INTERVALS` times ``max_overhead`` × ``interval_seconds``, the smoothed
-    training time of one cadence interval), and at most ``max_seconds``; the tighter wins."""
+    what measuring has spent (so unspent budget carries over to later measurements and an
+    overspent one is paid back by skipping: the cumulative share tracks the target), and at most
+    ``max_seconds``; with both, the tighter wins."""
     limit = math.inf
     if max_overhead is not None:
-        credit = max_overhead * train_seconds - spent_seconds
-        if interval_seconds is not None:
-            credit = min(credit, MAX_CARRY_INTERVALS * max_overhead * interval_seconds)
-        limit = credit
+        limit = max_overhead * train_seconds - spent_seconds
     if max_seconds is not None:
         limit = min(limit, max_seconds)
     return limit
@@ -215,17 +223,22 @@ class TimeBudget:
     """
 
     def __init__(
-        self, max_overhead: float | None, max_seconds: float | None, cadence: int, limits: Limits
+        self,
+        max_overhead: float | None,
+        max_seconds: float | None,
+        limits: Limits,
+        data_weight: float = 1.0,
     ) -> None:
         self.max_overhead = max_overhead
         self.max_seconds = max_seconds
-        self.cadence = cadence
         self.limits = limits
+        self.data_weight = data_weight
         self.step_seconds: float | None = None  # EWMA of one training step
         self.train_seconds = 0.0
         self.spent_seconds = 0.0
         self.steps = 0
-        self.points: list[tuple[float, float]] = []  # (samples x products, seconds)
+        self.first_point: tuple[float, float] | None = None  # (samples x products, seconds)
+        self.points: list[tuple[float, float]] = []  # the later ones, the last 8
         self.extra_products: float | None = None  # EWMA: products beyond the trace's
         self.noise: Noise | None = None
         self.chosen: list[dict[str, Any]] = []
@@ -254,8 +267,13 @@ class TimeBudget:
         not reported, e.g. a failed trace, keep the last estimate)."""
         self.spent_seconds += max(0.0, float(seconds))
         if total_products > 0:
-            self.points.append((float(size.samples * total_products), float(seconds)))
-            self.points = self.points[-8:]  # the recent cost (it moves with the phase)
+            point = (float(size.samples * total_products), float(seconds))
+            # The first measurement pays one-time costs (imports, the first graph): it sizes the
+            # second only. Then the recent cost (it moves with the phase of training).
+            if self.first_point is None:
+                self.first_point = point
+            else:
+                self.points = [*self.points, point][-8:]
             extra = max(0.0, float(total_products - size.products))
             prev = self.extra_products
             self.extra_products = extra if prev is None else _ewma(prev, extra)
@@ -269,6 +287,10 @@ class TimeBudget:
                     else Noise(_ewma(old.probe, new.probe), _ewma(old.data, new.data))
                 )
 
+    def charge(self, seconds: float) -> None:
+        """Measuring time spent outside a measurement (the monitor's setup and start-up check)."""
+        self.spent_seconds += max(0.0, float(seconds))
+
     def skipped(self, size: Size) -> None:
         """A measurement skipped for lack of budget (nothing spent)."""
         self.chosen.append(_said(size))
@@ -277,9 +299,8 @@ class TimeBudget:
 
     def allowed(self) -> float:
         """Seconds the next measurement may take (:func:`allowed_seconds`)."""
-        interval = None if self.step_seconds is None else self.step_seconds * self.cadence
         return allowed_seconds(
-            self.max_overhead, self.max_seconds, self.train_seconds, self.spent_seconds, interval
+            self.max_overhead, self.max_seconds, self.train_seconds, self.spent_seconds
         )
 
     def first_size(self) -> Size:
@@ -293,15 +314,16 @@ class TimeBudget:
 
     def size(self) -> Size:
         """The next measurement's size (see :func:`choose_size`), remembered for the summary."""
-        if not self.points:
+        if self.first_point is None:
             size = self.first_size()
         else:
             size = choose_size(
                 self.allowed(),
-                fit_cost(self.points),
+                fit_cost(self.points or [self.first_point]),
                 self.noise,
                 self.limits,
                 extra_products=self.extra_products or 0.0,
+                data_weight=self.data_weight,
             )
         if size.skipped is None:
             self.chosen.append(_said(size))
@@ -346,6 +368,7 @@ class TimeBudget:
             "train_seconds": self.train_seconds,
             "spent_seconds": self.spent_seconds,
             "steps": self.steps,
+            "first_point": None if self.first_point is None else list(self.first_point),
             "points": [list(p) for p in self.points],
             "extra_products": self.extra_products,
             "noise": None if self.noise is None else dataclasses.asdict(self.noise),
@@ -356,6 +379,8 @@ class TimeBudget:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.spent_seconds = float(state.get("spent_seconds", 0.0))
         self.steps = int(state.get("steps", 0))
+        first = state.get("first_point")
+        self.first_point = None if first is None else (float(first[0]), float(first[1]))
         self.points = [(float(w), float(s)) for w, s in state.get("points", ())]
         self.extra_products = state.get("extra_products")
         noise = state.get("noise")

@@ -262,6 +262,7 @@ class CurvatureMonitor(pl.Callback):
         self._budget: TimeBudget | None = None
         self._budget_state: dict[str, Any] | None = None  # from a checkpoint, until train start
         self._clock: float | None = None
+        self._setup_seconds = 0.0
         self._sized_fields: dict[str, Any] = {}  # a budgeted measurement's record fields
         self._sized_cache: tuple[int, Any] | None = None  # fixed mode: the sized batch
 
@@ -450,6 +451,7 @@ class CurvatureMonitor(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check backend, quantities, options, model and loss before any training step."""
+        began = time.perf_counter()
         if not self.enabled and stage == "fit":  # the shipped curvature/*.yaml start disabled
             pl.utilities.rank_zero_info(
                 "CurvatureMonitor: disabled (enabled=false), nothing is measured; set enabled=true "
@@ -515,6 +517,7 @@ class CurvatureMonitor(pl.Callback):
             if trainer.is_global_zero:
                 path = self.jsonl if log_dir is None else Path(log_dir or ".") / self.jsonl
                 self._writer = RecordWriter(path)
+        self._setup_seconds = time.perf_counter() - began  # charged to a time budget
 
     def _log_data_groups(self, resolved: Mapping[str, Mapping[str, Any]], world_size: int) -> None:
         """Say what the trace's interval covers, once at setup."""
@@ -532,6 +535,7 @@ class CurvatureMonitor(pl.Callback):
         """Check the training data before the first step (fail fast)."""
         if not self.enabled:
             return
+        began = time.perf_counter()
         dataset = train_loader(trainer).dataset
         size = len(dataset)
         if size < self.hessian_batch_size:
@@ -568,7 +572,7 @@ class CurvatureMonitor(pl.Callback):
                     "config: curvature.batch_fn=package.module:function)."
                 ) from exc
             self.check_batch(pl_module, batch)  # one forward + loss, under the state guard
-        self._start_budget(trainer, size)
+        self._start_budget(trainer, size, self._setup_seconds + time.perf_counter() - began)
         self._restart_clock(pl_module)
 
     # ------------------------------------------------------------------------------ measuring
@@ -805,8 +809,9 @@ class CurvatureMonitor(pl.Callback):
             "and hessian_batch_size no longer fix them; docs/time-budget.md)."
         )
 
-    def _start_budget(self, trainer: pl.Trainer, dataset_size: int) -> None:
-        """Build the budget's clock and limits at train start (a checkpoint's account kept)."""
+    def _start_budget(self, trainer: pl.Trainer, dataset_size: int, spent: float) -> None:
+        """Build the budget's clock and limits at train start (a checkpoint's account kept, else
+        the ``spent`` seconds of set-up and start-up checks charged)."""
         self._budget = None
         self._sized_cache = None
         if not self.budgeted:
@@ -823,12 +828,14 @@ class CurvatureMonitor(pl.Callback):
             )
         most = min(dataset_size, MAX_BATCH_FACTOR * self.hessian_batch_size)
         limits = Limits(min_samples, max(min_samples, most), least_products)
-        self._budget = TimeBudget(
-            self.max_overhead, self.max_seconds, self.compute_every_n_steps, limits
-        )
+        # λ_max (from the same batch) has only data noise: its samples count with the trace's.
+        weight = 2.0 if "eigenvalues" in self.quantities else 1.0
+        self._budget = TimeBudget(self.max_overhead, self.max_seconds, limits, weight)
         if self._budget_state is not None:
             self._budget.load_state_dict(self._budget_state)
             self._budget_state = None
+        else:
+            self._budget.charge(spent)
 
     @staticmethod
     def _now(pl_module: pl.LightningModule) -> float:
