@@ -316,6 +316,15 @@ class TimeBudget:
         """The next measurement's size (see :func:`choose_size`), remembered for the summary."""
         if self.first_point is None:
             size = self.first_size()
+            if size.seconds is not None and size.seconds <= 0:
+                size = dataclasses.replace(
+                    size,
+                    rule="skip",
+                    skipped=(
+                        f"no budget left yet ({size.seconds:.3g} s: the monitor's set-up and "
+                        "earlier measurements are not yet paid for by training time)"
+                    ),
+                )
         else:
             size = choose_size(
                 self.allowed(),
