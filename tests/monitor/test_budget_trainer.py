@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.monitor import CurvatureMonitor, read_curvature_jsonl
+from deconcnn_curvature.present import budget_share
 
 
 class Slow(pl.LightningModule):
@@ -89,6 +90,11 @@ def test_records_carry_the_chosen_sizes_and_the_share_tracks_the_target(tmp_path
     assert 0.3 * target <= summary["share"] <= 1.4 * target, summary
     spent = sum(r["seconds"] for r in measured)
     assert spent <= summary["curvature_seconds"]  # the account holds every measurement
+    # The run summary's row (deconcnn-curv train): achieved share against the target.
+    line = budget_share(recs)
+    assert line is not None and "(target: 25.0% of training time)" in line
+    shown = float(line.split("%")[0]) / 100
+    assert 0.3 * target <= shown <= 1.4 * target, line
 
 
 def test_a_budget_too_small_skips_with_a_reason(
@@ -145,6 +151,7 @@ def test_without_a_budget_the_records_are_todays(tmp_path: Path) -> None:
     assert _sizes(plain) == _sizes(unset)
     assert all("budget" not in r and "skipped" not in r for r in plain)
     assert {(r["batch_size"], r["n_hvp"]) for r in plain if r["quantity"] == "trace"} == {(24, 6)}
+    assert budget_share(plain) is None  # no budget row in the run summary
 
 
 @pytest.mark.parametrize(
