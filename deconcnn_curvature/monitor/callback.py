@@ -52,6 +52,7 @@ from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.monitor.budget import (
     MAX_BATCH_FACTOR,
+    MAX_PRODUCTS,
     Limits,
     Size,
     TimeBudget,
@@ -572,7 +573,8 @@ class CurvatureMonitor(pl.Callback):
                     "config: curvature.batch_fn=package.module:function)."
                 ) from exc
             self.check_batch(pl_module, batch)  # one forward + loss, under the state guard
-        self._start_budget(trainer, size, self._setup_seconds + time.perf_counter() - began)
+        spent = self._setup_seconds + time.perf_counter() - began
+        self._start_budget(trainer, pl_module, size, spent)
         self._restart_clock(pl_module)
 
     # ------------------------------------------------------------------------------ measuring
@@ -809,7 +811,13 @@ class CurvatureMonitor(pl.Callback):
             "and hessian_batch_size no longer fix them; docs/time-budget.md)."
         )
 
-    def _start_budget(self, trainer: pl.Trainer, dataset_size: int, spent: float) -> None:
+    def _start_budget(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dataset_size: int,
+        spent: float,
+    ) -> None:
         """Build the budget's clock and limits at train start (a checkpoint's account kept, else
         the ``spent`` seconds of set-up and start-up checks charged)."""
         self._budget = None
@@ -827,7 +835,10 @@ class CurvatureMonitor(pl.Callback):
                 "lower data_groups."
             )
         most = min(dataset_size, MAX_BATCH_FACTOR * self.hessian_batch_size)
-        limits = Limits(min_samples, max(min_samples, most), least_products)
+        # No more products than parameters: the trace is exact by then.
+        params = sum(p.numel() for p in self._model(pl_module).parameters() if p.requires_grad)
+        products = max(least_products, min(MAX_PRODUCTS, params))
+        limits = Limits(min_samples, max(min_samples, most), least_products, products)
         # λ_max (from the same batch) has only data noise: its samples count with the trace's.
         weight = 2.0 if "eigenvalues" in self.quantities else 1.0
         self._budget = TimeBudget(self.max_overhead, self.max_seconds, limits, weight)
