@@ -348,6 +348,13 @@ def main() -> None:
     parser.add_argument("--ref-hvps", type=int, default=80)
     parser.add_argument("--ref-eig-hvps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, ...")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="pool the seeds of these result files (runs split over processes) into --out",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke sizes")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/time_budget.json")
     args = parser.parse_args()
@@ -356,8 +363,18 @@ def main() -> None:
         args.ref_hvps, args.ref_eig_hvps = 8, 8
     began = time.perf_counter()
     seeds: list[dict[str, Any]] = []
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        for key in ("steps", "cadence", "population", "target", "noise"):
+            args.__dict__[key] = parts[0]["args"][key]
+        seeds = [s for part in parts for s in part["seeds"]]
+        args.seeds = len(seeds)
+        payload = _payload(args, seeds, sum(part["seconds"] for part in parts))
+        args.out.write_text(json.dumps(payload, indent=1, allow_nan=False))
+        _print(payload)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             seeds.append(_seed(args, seed, Path(tmp)))
             print(f"seed {seed} done in {time.perf_counter() - began:.0f} s", flush=True)
             payload = _payload(args, seeds, time.perf_counter() - began)

@@ -42,6 +42,7 @@ SMOKE: dict[str, list[str]] = {
     "hvp_paths": ["--quick", "--memory"],
     "trace_accuracy": ["--quick", "--seeds", "2", "--jobs", "1"],
     "cost_accuracy": ["--quick"],
+    "time_budget": ["--quick"],
 }
 
 
@@ -91,6 +92,17 @@ def _check(name: str, data: dict[str, Any]) -> None:
             assert _positive(f["trace_stderr"]) and f["lambda_halfwidth"] >= 0
             assert isinstance(f["trace_decidable"], bool)
         assert data["frontier"] and set(data["frontier"]) <= {r["name"] for r in rows.values()}
+    elif name == "time_budget":
+        assert set(data["pooled"]) == {"fixed", "budget", "matched"}
+        for row in data["pooled"].values():
+            assert all(math.isfinite(x) for x in row["overhead_cpu_per_seed"])
+            lo, hi = row["coverage_wilson95"]
+            assert 0 <= lo <= hi <= 1
+        fixed = data["pooled"]["fixed"]
+        assert fixed["measurements"] >= 1 and fixed["trace_err_median"] is not None
+        assert data["seeds"][0]["replay_matches"] is True  # the reference saw the same weights
+        sizes = data["chosen_sizes"]["0"]["matched"]
+        assert sizes and all(n >= 8 and m >= 5 for _, n, m in sizes)  # Hutch++'s minimum: 5
     elif name == "trace_accuracy":
         assert set(data["accuracy"]) >= {"cnn_init", "cnn_trained"}
         assert all("met" in t for t in data["targets"])
