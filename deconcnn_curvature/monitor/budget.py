@@ -348,6 +348,7 @@ class TimeBudget:
             "max_overhead": self.max_overhead,
             "max_seconds": self.max_seconds,
             "train_seconds": self.train_seconds,
+            "step_seconds": self.step_seconds,
             "curvature_seconds": self.spent_seconds,
             "share": self.share(),
             "measured": sum(1 for c in self.chosen if c.get("skipped") is None),
