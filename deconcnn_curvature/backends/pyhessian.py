@@ -39,6 +39,7 @@ from deconcnn_curvature.backends._groups import (
     check_population,
     grouped_problem,
 )
+from deconcnn_curvature.backends.progress import listener
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.linalg.hutchinson import hutchinson
 from deconcnn_curvature.linalg.lanczos import lanczos_top_eigenvalues
@@ -73,6 +74,7 @@ def _hutchinson_args(
         "min_matvecs": options["min_hvps"],
         "ci_level": options["ci_level"],
         "layer_slices": problem.slices(),
+        "on_product": listener(),
     }
 
 
@@ -176,7 +178,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
                 )
                 check_finite([*density.nodes, *density.weights], "density")
                 # No trace: each run is one Hutchinson sample zᵀHz bought with lanczos_steps
-                # HVPs, and a handful of them gave intervals that missed the trace (issue 11).
+                # HVPs, and a handful of them gave intervals that missed the trace.
                 return CurvatureResult(
                     value=density,
                     stderr=None,
@@ -193,7 +195,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
     def _grouped_trace(
         self, problem: CurvatureProblem, seed: int, options: Mapping[str, Any], *, split: bool
     ) -> CurvatureResult:
-        """Hutchinson with the data-noise interval (issue 13): the same probes and value as the
+        """Hutchinson with the data-noise interval: the same probes and value as the
         plain trace, products made per group (:mod:`deconcnn_curvature.linalg.two_way`). A
         batch split into groups keeps every group's graph: together they hold what the one
         batch's graph held, and a rebuild per product would cost a forward-backward each."""

@@ -21,6 +21,7 @@ from test_problem import assert_unchanged, snapshot
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature.backends import _common as common_module
+from deconcnn_curvature.backends.progress import trace_progress
 from deconcnn_curvature.cli import cli
 from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.hvp import HessianOperator
@@ -91,7 +92,7 @@ def test_registered_as_a_builtin_with_its_declared_capabilities() -> None:
         assert name in options
     for name in ("probe_batch", "retain_graphs"):  # COMMON_OPTIONS
         assert name in options
-    assert "eval_mode" not in options  # [issue 14] a host argument, in row["host_options"]
+    assert "eval_mode" not in options  # a host argument, in row["host_options"]
     out = CliRunner().invoke(cli, ["list-backends"], prog_name="deconcnn-curv")
     assert out.exit_code == 0 and "hutchpp" in out.output
 
@@ -301,7 +302,7 @@ def test_eigenvalues_are_largest_algebraic_not_largest_magnitude() -> None:
 
 
 def test_refinement_always_checks_the_sketch_and_reports_the_cap() -> None:
-    # Behaviour changed (issue 11): a loose eig_rtol used to return the sketch's Ritz value with
+    # Behaviour changed: a loose eig_rtol used to return the sketch's Ritz value with
     # no refinement; an independent Lanczos run now always confirms it (a few HVPs here).
     case = get_case("cnn")
     loose = _est(case, "eigenvalues", seed=0, num_hvps=30, eig_rtol=0.9)
@@ -419,6 +420,31 @@ def test_training_state_is_untouched(quantity: str, eval_mode: bool) -> None:
     assert_unchanged(before, model)
 
 
+class _Interrupt(KeyboardInterrupt):
+    """What a front end raises from the progress callback on a signal."""
+
+
+@pytest.mark.parametrize("backend", ["hutchpp", "pyhessian"])
+def test_an_interrupt_from_the_progress_callback_leaves_the_model_as_it_was(backend: str) -> None:
+    model, loss_fn, batch = get_case("cnn_bn_eval").make()
+    model.train()
+    for i, p in enumerate(model.parameters()):
+        if i % 2 == 0:
+            p.grad = torch.full_like(p, 0.5 + i)
+    before = snapshot(model)
+    heard = []
+
+    def interrupt(report) -> None:
+        heard.append(report)
+        if report.n_probes >= 2:
+            raise _Interrupt
+
+    with trace_progress(interrupt), pytest.raises(_Interrupt):
+        dcc.estimate(model, loss_fn, batch, "trace", backend, seed=0, num_hvps=40)
+    assert heard and heard[-1].n_probes == 2
+    assert_unchanged(before, model)
+
+
 # -- errors -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("quantity", "opts", "match"),
@@ -456,7 +482,7 @@ def test_k_is_checked_against_the_dimension_and_the_cap(counting, opts, match) -
     assert counting.columns == 0
 
 
-# -- close gaps and convergence on networks (issue 11) ------------------------------------------
+# -- close gaps and convergence on networks ------------------------------------------------------
 def _double_backward_hessian(model: torch.nn.Module, loss_fn, x, y) -> torch.Tensor:
     """The dense Hessian by plain double backward, one row per gradient entry."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -513,7 +539,7 @@ def test_the_double_backward_reference_matches_finite_differences() -> None:
 
 
 # (seed, hidden, samples, inputs, classes), estimate seed: before the fix each returned λ₂ (gaps
-# 1.2–6 %) with converged=True, e.g. 0.649763 for λ₁ = 0.681376 (the issue's report: a Tanh MLP
+# 1.2–6 %) with converged=True, e.g. 0.649763 for λ₁ = 0.681376 (the reported case: a Tanh MLP
 # with a label-smoothed loss, 0.526983 for λ₁ = 0.549840, residual 4.8e-4).
 CLOSE_GAP_MLPS = [((7, 10, 16, 8, 3), 1), ((4, 6, 64, 8, 3), 1), ((4, 10, 16, 8, 10), 1),
                   ((6, 10, 16, 4, 10), 1)]  # fmt: skip
@@ -536,14 +562,14 @@ def test_lambda_max_on_close_gaps_is_never_the_second_eigenvalue_reported_conver
         assert r.value[0] >= certified.value[0] - 1e-3 * abs(certified.value[0])
     # Close to λ₁ even when the cap stops it unconverged (the union is at least both sequences).
     assert r.value[0] == pytest.approx(lam1, rel=1e-4)
-    if config == (7, 10, 16, 8, 3):  # the issue's shape of failure: now right and converged
+    if config == (7, 10, 16, 8, 3):  # the reported shape of failure: now right and converged
         assert r.details["converged"] is True
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_default_lambda_max_converges_on_a_float64_cnn(seed: int) -> None:
     # Before: with the defaults (max_hvps=20) λ_max stopped unconverged (seed 1; 6 of 6 seeds on
-    # the issue's CNN, error up to 4.7e-3). Now the default cap lets it reach eig_rtol.
+    # the reported CNN, error up to 4.7e-3). Now the default cap lets it reach eig_rtol.
     model, loss_fn, x, y = _small_cnn(seed)
     spectrum = torch.linalg.eigvalsh(_double_backward_hessian(model, loss_fn, x, y))
     r = dcc.estimate(model, loss_fn, [(x, y)], "eigenvalues", "hutchpp", seed=seed)
