@@ -74,6 +74,7 @@ from deconcnn_curvature.linalg.hutchpp import (
 )
 from deconcnn_curvature.linalg.probes import rtol_met
 from deconcnn_curvature.linalg.ritz import (
+    MULTIPLICITY,
     RitzEstimate,
     refined_top_eigenvalues,
     sketch_top_eigenvalues,
@@ -264,7 +265,8 @@ class HutchppBackend(DataGroupsMixin, Backend):
                         "eig_rtol": options["eig_rtol"],
                         "refinement_hvps": eig.n_matvecs,
                         "target": "largest algebraic",
-                        "multiplicity": "distinct values: a repeated eigenvalue is reported once",
+                        "multiplicity": MULTIPLICITY,
+                        "sequences": eig.sequences,
                     },
                     # The trace of the same sketch: its products are part of this call's n_hvp.
                     also={

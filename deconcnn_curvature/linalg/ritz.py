@@ -16,16 +16,25 @@ from independent starts and reports Rayleigh–Ritz on the union.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.linalg.hutchpp import LowRankSketch
-from deconcnn_curvature.linalg.lanczos import LanczosState, ritz_converged
+from deconcnn_curvature.linalg.lanczos import LanczosState, ritz, ritz_converged
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 
-__all__ = ["RitzEstimate", "refined_top_eigenvalues", "sketch_top_eigenvalues"]
+__all__ = [
+    "MIN_SEQUENCES",
+    "MULTIPLICITY",
+    "RitzEstimate",
+    "copies_needed",
+    "krylov_top_eigenvalues",
+    "refined_top_eigenvalues",
+    "sketch_top_eigenvalues",
+]
 
 _RESIDUAL_SHARE = 0.5
 """A refined eigenvalue is converged when its residual is at most this share of ``rtol · |θ|``.
@@ -48,8 +57,15 @@ class RitzEstimate:
     eigenvalue the subspace never saw). ``methods[i]`` is ``"rayleigh_ritz"`` (from the Hutch++
     sketch, no extra matvecs) or ``"lanczos"``. ``n_matvecs`` counts only the extra matvecs spent
     here. ``converged``: for :func:`sketch_top_eigenvalues`, whether every residual met
-    ``rtol · |value|`` (``None``: none asked); for :func:`refined_top_eigenvalues`, its stricter
-    rule (residuals and two independent sequences agreeing on the top).
+    ``rtol · |value|`` (``None``: none asked); for :func:`refined_top_eigenvalues` and
+    :func:`krylov_top_eigenvalues`, the stricter rule of :class:`_Sequences` (residuals,
+    independent sequences agreeing on the top, multiplicities seen by fewer sequences than took
+    part). ``sequences``: how many independent Krylov sequences took part (the sketch counts as
+    one).
+
+    **Contract.** ``values`` are the ``k`` largest algebraic eigenvalues *counted with
+    multiplicity*, as ``torch.linalg.eigvalsh(A).flip(0)[:k]`` lists them: an eigenvalue of
+    multiplicity 3 fills three places.
     """
 
     values: tuple[float, ...]
@@ -58,6 +74,7 @@ class RitzEstimate:
     n_matvecs: int
     converged: bool | None
     rtol: float | None = None
+    sequences: int = 1
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -118,55 +135,65 @@ def refined_top_eigenvalues(
     generator: torch.Generator,
     max_matvecs: int = 50,
 ) -> RitzEstimate:
-    """Top-``k`` eigenvalues: Rayleigh–Ritz on the sketch together with independent Lanczos runs.
+    """Top-``k`` eigenvalues (counted with multiplicity): Rayleigh–Ritz on the sketch joined by
+    Lanczos runs from independent starts.
 
     A small residual proves that *some* eigenvalue lies near a Ritz value, never that it is the
     largest one. A single Krylov sequence sees two close eigenvalues ``λ₁ > λ₂`` as one mixture
     ``a v₁ + b v₂`` of their eigenvectors until its polynomial resolves the gap ``g``: Ritz value
     ``λ₁ − b²g``, residual ``|ab|·g``. When its start had little weight on ``v₁`` (``|a| ≪ |b|``)
-    the residual passes any test while the value is ``λ₂``. A residual test on the sketch, or on
-    Lanczos started from the sketch's top Ritz vector (which carries the same small ``a``), passed
-    λ₂ off as λ_max. So the sketch's values are never returned alone unless the sketch spans the
-    whole space (then they are exact).
+    the residual passes any test while the value is ``λ₂``. So the sketch's values are never
+    returned alone unless the sketch spans the whole space (then they are exact).
 
-    Two sequences take part: (1) the sketch — its own top Ritz value — continued by Lanczos from
-    its top Ritz vector (the sum of the top ``k``) once it needs refining, and (2) Lanczos from a
-    fresh Rademacher start drawn from ``generator``, independent of the sketch (both with full
-    reorthogonalisation). Every Krylov vector ``q``, with ``A q`` (which Lanczos computes anyway),
-    joins the sketch's subspace, and Rayleigh–Ritz on the union is reported. The ``i``-th Ritz
-    value of a subspace is at most ``λ_i`` and grows with the subspace (Cauchy interlacing), so
-    every value is at least what the sketch or either run alone gives; and two independent
-    sequences see a pair of close eigenvalues as two dimensions, which Rayleigh–Ritz separates.
-    Each step is one matvec for one sequence: while the union's residuals miss the test, the
-    sequence nearest its top (it is converging there); then whichever lags the union's top, to
-    confirm it.
-
-    ``converged`` needs (1) every top-``k`` residual on the union at most
-    ``rtol/2 · |θ_i|`` (:data:`_RESIDUAL_SHARE`) and (2) both sequences' own top Ritz values within
-    ``rtol · |θ_1|`` of the union's ``θ_1``: two independent starts reached the same top of the
-    spectrum. The runs stop when both hold or after ``max_matvecs``. ``methods[i]`` is
-    ``"lanczos"`` (Rayleigh–Ritz on the union) or ``"rayleigh_ritz"`` (the sketch's own value was
-    larger, by rounding; or the sketch was the whole space, no matvecs). Values ``2..k`` are
-    certified by their residuals only.
+    The sequences: the sketch — continued by Lanczos from its top Ritz vector (the sum of the
+    top ``k``) once it needs refining — and Lanczos runs from fresh Rademacher starts drawn from
+    ``generator`` (full reorthogonalisation). Every Krylov vector ``q``, with ``A q``, joins the
+    sketch's subspace, and Rayleigh–Ritz on the union is reported: the ``i``-th Ritz value of a
+    subspace is at most ``λ_i`` and grows with the subspace (Cauchy interlacing), so every value
+    is at least what any sequence alone gives. The stepping and the meaning of ``converged`` are
+    those of :class:`_Sequences`, with the residual test ``‖r_i‖ ≤ rtol/2 · |θ_i|``
+    (:data:`_RESIDUAL_SHARE`). ``methods[i]`` is ``"lanczos"`` (Rayleigh–Ritz on the union) or
+    ``"rayleigh_ritz"`` (the sketch's own value was larger, by rounding; or the sketch was the
+    whole space, no matvecs).
     """
     _check_refine_args(op, sketch, k, rtol, max_matvecs)
     if sketch.rank >= op.dim:
         return sketch_top_eigenvalues(sketch, k, rtol=rtol)  # the whole space: exact
-    refinement = _Refinement(op, sketch, k, rtol, generator, max_matvecs)
-    done = refinement.run()
-    if len(refinement.values) < k:
-        raise InvalidOptionError(
-            f"only {refinement.union.rank} directions were found within "
-            f"max_matvecs={max_matvecs}, fewer than k={k}; raise max_matvecs"
-        )
-    return RitzEstimate(
-        values=refinement.values,
-        residuals=refinement.residuals,
-        methods=tuple(refinement.methods),
-        n_matvecs=refinement.used,
-        converged=done,
-        rtol=rtol,
-    )
+
+    def tolerance(values: tuple[float, ...], scale: float) -> list[float]:
+        floor = 1e-12 * max(abs(values[0]), 1e-300)
+        return [_RESIDUAL_SHARE * rtol * max(abs(v), floor) for v in values]
+
+    return _Sequences(op, sketch, k, tolerance, generator, max_matvecs).estimate(rtol)
+
+
+def krylov_top_eigenvalues(
+    op: LinearOperator,
+    k: int = 1,
+    *,
+    generator: torch.Generator,
+    tol: float = 1e-5,
+    max_matvecs: int = 200,
+) -> RitzEstimate:
+    """The ``k`` largest algebraic eigenvalues, counted with multiplicity, by Lanczos runs from
+    independent Rademacher starts and Rayleigh–Ritz on the union of their Krylov spaces.
+
+    Converged (see :class:`_Sequences`) when every top-``k`` residual is at most
+    ``tol · max|θ|`` (the spectral scale, as in
+    :func:`~deconcnn_curvature.linalg.lanczos.lanczos_top_eigenvalues`), at least two sequences
+    reached the same top on their own, and each repeated value was seen by fewer sequences than
+    took part. ``methods`` are all ``"lanczos"``.
+    """
+    if not tol > 0:
+        raise InvalidOptionError(f"tol must be > 0, got {tol}")
+    empty = torch.empty(op.dim, 0, dtype=op.dtype, device=op.device)
+    nothing = LowRankSketch(basis=empty, products=empty, n_matvecs=0, method="none")
+    _check_refine_args(op, nothing, k, tol, max_matvecs)
+
+    def tolerance(values: tuple[float, ...], scale: float) -> list[float]:
+        return [tol * max(scale, 1e-30)] * len(values)
+
+    return _Sequences(op, nothing, k, tolerance, generator, max_matvecs).estimate(tol)
 
 
 def _check_refine_args(
@@ -184,12 +211,58 @@ def _check_refine_args(
         raise InvalidOptionError(f"k must be in [1, dimension = {op.dim}], got {k}")
 
 
-class _Refinement:
-    """The two sequences of :func:`refined_top_eigenvalues` and the union they feed.
+MULTIPLICITY = (
+    "counted with multiplicity: the k largest eigenvalues as a dense eigvalsh lists them (a "
+    "repeated eigenvalue fills as many places as its multiplicity); converged only once every "
+    "repeated value but the last was seen by fewer independent Krylov sequences than took part"
+)
+"""The contract of every ``eigenvalues`` result, as its ``details["multiplicity"]`` states it."""
 
-    One matvec per step, for the sequence that needs it: while the union's residuals miss the
-    test, the one nearest its top (it is converging there); then whichever lags the union's top,
-    to confirm it.
+MIN_SEQUENCES = 2
+"""Independent Krylov sequences that must reach the same top on their own before it is called
+λ_max (with the sketch present, the sketch counts as one)."""
+
+
+def copies_needed(values: tuple[float, ...], width: float) -> int:
+    """Sequences needed to trust the multiplicities in ``values`` (descending, top ``k``).
+
+    Each independent Krylov sequence adds at most one direction of an eigenspace to the union
+    (its start's projection onto it), so a value seen ``c`` times is known to have multiplicity
+    exactly ``c`` only once more than ``c`` sequences took part. The run of values equal to the
+    ``k``-th (within ``width``) is exempt: further copies of it would fall beyond ``k``.
+    """
+    need, i = MIN_SEQUENCES, 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[i] - values[j + 1] <= width:
+            j += 1
+        if j + 1 < len(values):  # not the run that reaches the k-th value
+            need = max(need, j - i + 2)
+        i = j + 1
+    return need
+
+
+class _Sequences:
+    """Independent Krylov sequences feeding one Rayleigh–Ritz union; what ``converged`` means.
+
+    Sequence 0 is the sketch (its own Ritz values until it is continued by Lanczos from its top
+    Ritz vector) when there is one; the others start from fresh random vectors. One matvec per
+    step, for one sequence: while the union's residuals miss the test, the sequence nearest its
+    top (it is converging there); then whichever lags the union's top, to confirm it.
+
+    ``converged`` means, for the top ``k`` of the union:
+
+    1. every residual meets ``tolerance`` (a bound on each value's distance to *an* eigenvalue);
+    2. at least :data:`MIN_SEQUENCES` sequences have each converged on their own (own top Ritz
+       residual within the agreement width ``w = tolerance₁ / share``) to a top within ``w`` of
+       the union's ``θ₁``: independent starts reached the same top of the spectrum. A residual
+       cannot tell λ₂ from λ₁; a sequence misses λ₁ only if its start had almost no weight on
+       it, and all of them doing so is the product of their (small, independent) chances;
+    3. every repeated value but the last was seen by fewer sequences than took part
+       (:func:`copies_needed`; more sequences are started until it holds).
+
+    The runs stop when all hold, when the union spans the whole space (exact), or after
+    ``max_matvecs``.
     """
 
     def __init__(
@@ -197,16 +270,16 @@ class _Refinement:
         op: LinearOperator,
         sketch: LowRankSketch,
         k: int,
-        rtol: float,
+        tolerance: Callable[[tuple[float, ...], float], list[float]],
         generator: torch.Generator,
         max_matvecs: int,
     ) -> None:
-        self.op, self.sketch, self.k, self.rtol = op, sketch, k, rtol
+        self.op, self.sketch, self.k, self.tolerance = op, sketch, k, tolerance
         self.generator, self.max_matvecs = generator, max_matvecs
         self.union = _Union(op, sketch, capacity=max_matvecs)
         self.own = sketch_top_eigenvalues(sketch, min(k, sketch.rank)) if sketch.rank else None
         self.eps = float(torch.finfo(op.dtype).eps)
-        self.runs: list[_Run | None] = [None, None]  # continued sketch, independent start
+        self.runs: list[_Run | None] = [None] * MIN_SEQUENCES
         self.before = op.n_matvecs
         self.methods: list[str] = []
         self.values, self.residuals = self.union_top()
@@ -221,37 +294,58 @@ class _Refinement:
         it a few ulps below the sketch's."""
         values, residuals = self.union.top(self.k)
         self.methods[:] = ["lanczos"] * len(values)
-        if not values or self.own is None:
+        if not values:
             return values, residuals
         vals, ress = list(values), list(residuals)
-        for i, (v, r) in enumerate(zip(self.own.values, self.own.residuals, strict=True)):
+        for i, (v, r) in enumerate(zip(*self.sketch_own(), strict=True)):
             if v > vals[i] + 8 * self.eps * abs(v):  # beyond a few ulps of rounding
                 vals[i], ress[i], self.methods[i] = v, r, "rayleigh_ritz"
+        # The union's residuals carry the rounding of its coefficients (in float32 they grew to
+        # twice the target while both sequences had converged); a sequence's own top pair
+        # certifies θ₁ too: some eigenvalue lies within its residual of its value.
+        for t, r in (self.own_top(i) for i in range(len(self.runs))):
+            ress[0] = min(ress[0], r + abs(vals[0] - t))
         return tuple(vals), tuple(ress)
 
-    def tops(self) -> list[float]:
-        continued, independent = self.runs
-        sketch_top = self.own.values[0] if self.own is not None else -math.inf
-        return [
-            sketch_top if continued is None else continued.top(),
-            -math.inf if independent is None else independent.top(),
-        ]
+    def sketch_own(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return ((), ()) if self.own is None else (self.own.values, self.own.residuals)
+
+    def own_top(self, i: int) -> tuple[float, float]:
+        """Sequence ``i``'s own top Ritz value and its residual (``-inf``: not started)."""
+        run = self.runs[i]
+        if run is not None:
+            return run.top()
+        if i == 0 and self.own is not None:
+            return self.own.values[0], self.own.residuals[0]
+        return -math.inf, math.inf
+
+    def lagging(self) -> list[int] | None:
+        """The sequences still to step (``[]``: converged); ``None`` while the union's residuals
+        miss the test (then the one nearest its top is stepped)."""
+        if not self.values:
+            return None
+        tol = self.tolerance(self.values, self.union.scale)
+        width = tol[0] / _RESIDUAL_SHARE
+        for _ in range(len(self.runs), copies_needed(self.values, width)):
+            self.runs.append(None)
+        if not all(r <= t for r, t in zip(self.residuals, tol, strict=True)):
+            return None
+        tops = [self.own_top(i) for i in range(len(self.runs))]
+        return [i for i, (t, r) in enumerate(tops) if t < self.values[0] - width or r > width]
 
     def run(self) -> bool:
         """Step until converged (``True``) or out of matvecs (``False``)."""
         while True:
-            tops = self.tops()
-            refining = True
-            if self.values:
-                within = _all_within(self.values, self.residuals, _RESIDUAL_SHARE * self.rtol)
-                slack = self.rtol * max(abs(self.values[0]), 1e-300)
-                agree = min(tops) >= self.values[0] - slack
-                if self.union.whole or (agree and within):
-                    return True
-                refining = not within
-            pick = (max if refining else min)(range(2), key=lambda i: (tops[i], -i))
+            lagging = self.lagging()
+            if self.union.whole or lagging == []:
+                return True
             if self.used >= self.max_matvecs:
                 return False
+            tops = [self.own_top(i)[0] for i in range(len(self.runs))]
+            if lagging is None:  # refining: the sequence nearest the top is converging there
+                pick = max(range(len(tops)), key=lambda i: (tops[i], -i))
+            else:  # confirming: the one furthest from the union's top
+                pick = min(lagging, key=lambda i: (tops[i], -i))
             run = self.sequence(pick)
             aq = self.op.matmat(run.q)
             run.step(aq, self.union.add(run.q, aq))
@@ -266,6 +360,26 @@ class _Refinement:
                 start = _ritz_pairs(self.sketch)[1][:, : self.k].sum(dim=1, keepdim=True)
             run = self.runs[pick] = _Run(self.op, self.generator, self.union, start=start)
         return run
+
+    def estimate(self, rtol: float) -> RitzEstimate:
+        done = self.run()
+        if len(self.values) < self.k:
+            raise InvalidOptionError(
+                f"only {self.union.rank} directions were found within "
+                f"max_matvecs={self.max_matvecs}, fewer than k={self.k}; raise max_matvecs"
+            )
+        return RitzEstimate(
+            values=self.values,
+            residuals=self.residuals,
+            methods=tuple(self.methods),
+            n_matvecs=self.used,
+            converged=done,
+            rtol=rtol,
+            sequences=sum(
+                run is not None or (i == 0 and self.own is not None)
+                for i, run in enumerate(self.runs)
+            ),
+        )
 
 
 class _Union:
@@ -353,6 +467,7 @@ class _Union:
             return (), ()
         small = self.coef.T @ self.projected_raw @ self.coef
         theta, u = torch.linalg.eigh((small + small.T) / 2)
+        self.scale = float(theta.abs().max())
         g = self.coef @ u.flip(1)[:, :k]
         y = self._raw_mul(g)
         ay = self._raw_mul(g, products=True)
@@ -410,6 +525,7 @@ class _Run:
         else:
             self.q = w / beta
 
-    def top(self) -> float:
-        t = LanczosState(self.union.new[:, :0], self.alphas, self.betas).tridiagonal()
-        return float(torch.linalg.eigvalsh(t)[-1])
+    def top(self) -> tuple[float, float]:
+        """This sequence's own top Ritz value and its residual ``|β_m s_{m,1}|``."""
+        theta, _, residuals = ritz(LanczosState(self.union.new[:, :0], self.alphas, self.betas))
+        return float(theta[-1]), float(residuals[-1])

@@ -10,7 +10,13 @@ import torch
 
 from deconcnn_curvature.linalg.hutchpp import LowRankSketch, hutchpp_with_sketch
 from deconcnn_curvature.linalg.operator import DenseOperator, make_generator
-from deconcnn_curvature.linalg.ritz import refined_top_eigenvalues, sketch_top_eigenvalues
+from deconcnn_curvature.linalg.ritz import (
+    MIN_SEQUENCES,
+    copies_needed,
+    krylov_top_eigenvalues,
+    refined_top_eigenvalues,
+    sketch_top_eigenvalues,
+)
 
 F64 = torch.float64
 
@@ -252,3 +258,50 @@ def test_sketch_eigenvalues_converge_relative_to_each_value() -> None:
     assert one.converged is True and one.values[0] == pytest.approx(5.0, rel=1e-15)
     assert two.converged is False
     assert 0.01 * 5.0 > two.residuals[1] > 0.01 * abs(two.values[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Repeated eigenvalues: counted with multiplicity, and converged only once that is known
+
+
+def test_copies_needed_asks_for_one_more_sequence_than_copies_seen() -> None:
+    assert copies_needed((5.0,), 1e-6) == MIN_SEQUENCES
+    assert copies_needed((5.0, 4.0, 3.0), 1e-6) == MIN_SEQUENCES
+    assert copies_needed((5.0, 5.0, 4.0), 1e-6) == 3  # two copies seen: is there a third?
+    assert copies_needed((5.0, 5.0, 5.0), 1e-6) == MIN_SEQUENCES  # the k-th run: exempt
+    assert copies_needed((6.0, 5.0, 5.0, 5.0, 4.0), 1e-6) == 4
+    assert copies_needed((5.0, 5.0 - 1e-9, 4.0), 1e-6) == 3  # within the width: one value
+
+
+def _repeated(n: int = 120, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(seed)
+    top = torch.tensor([9.0, 9.0, 9.0, 7.0, 7.0, 5.0], dtype=F64)
+    eigs = torch.cat([top, torch.rand(n - 6, generator=g, dtype=F64)])
+    return _with_spectrum(eigs, seed), eigs.sort(descending=True).values
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 6])
+def test_repeated_eigenvalues_come_with_their_multiplicity(seed: int, k: int) -> None:
+    a, eigs = _repeated(seed=seed)
+    expected = eigs[:k]
+    gen = make_generator(seed, "cpu")
+    plain = krylov_top_eigenvalues(DenseOperator(a), k, generator=gen, tol=1e-8, max_matvecs=300)
+    run = hutchpp_with_sketch(DenseOperator(a), 30, generator=gen)
+    refined = refined_top_eigenvalues(
+        DenseOperator(a), run.sketch, k, rtol=1e-6, generator=gen, max_matvecs=300
+    )
+    for est in (plain, refined):
+        assert est.converged is True
+        torch.testing.assert_close(torch.tensor(est.values, dtype=F64), expected, rtol=1e-6, atol=0)
+        assert est.sequences >= copies_needed(est.values, 1e-6)
+
+
+def test_a_cap_too_small_to_see_every_copy_is_not_called_converged() -> None:
+    a, eigs = _repeated()
+    for cap in (10, 20, 30, 40):
+        est = krylov_top_eigenvalues(
+            DenseOperator(a), 4, generator=make_generator(1, "cpu"), tol=1e-8, max_matvecs=cap
+        )
+        right = torch.allclose(torch.tensor(est.values, dtype=F64), eigs[:4], rtol=1e-6, atol=0)
+        assert right or est.converged is False, (cap, est)
