@@ -242,52 +242,65 @@ class HutchppBackend(DataGroupsMixin, Backend):
                 details["trace_ci"] = est.ci
                 return CurvatureResult(value=layers, stderr=None, **run_fields)
             if quantity == "eigenvalues":
-                eig = refined_top_eigenvalues(
-                    op,
-                    run.sketch,
-                    options["k"],
-                    rtol=options["eig_rtol"],
-                    generator=gen,
-                    max_matvecs=options["max_hvps"],
-                )
-                check_finite(eig.values, "eigenvalues")
-                return CurvatureResult(
-                    value=list(eig.values),
-                    stderr=None,
-                    n_hvp=op.n_matvecs,
-                    # Rayleigh–Ritz on a subspace that spans every parameter is the spectrum.
-                    exact=bool(est.details["exact"]) and eig.n_matvecs == 0,
-                    method=_method(eig),
-                    details={
-                        "residuals": list(eig.residuals),
-                        "methods": list(eig.methods),
-                        "converged": eig.converged,
-                        "eig_rtol": options["eig_rtol"],
-                        "refinement_hvps": eig.n_matvecs,
-                        "target": "largest algebraic",
-                        "multiplicity": MULTIPLICITY,
-                        "sequences": eig.sequences,
-                    },
-                    # The trace of the same sketch: its products are part of this call's n_hvp.
-                    also={
-                        "trace": CurvatureResult(
-                            value=est.value,
-                            stderr=est.stderr,
-                            n_hvp=est.n_matvecs,
-                            exact=False,
-                            method="hutch++",
-                            ci=est.ci,
-                            ci_level=est.ci_level,
-                            rtol=options["rtol"],
-                            target_met=est.target_met,
-                            details=details,
-                        )
-                    },
-                    **common,
-                )
+                return _eigenvalues(op, gen, run, options, details, common)
             raise AssertionError(f"unhandled quantity {quantity!r}")  # registry checked it
         finally:
             op.close()
+
+
+def _eigenvalues(
+    op: Any,
+    gen: Any,
+    run: HutchppResult,
+    options: Mapping[str, Any],
+    trace_details: dict[str, Any],
+    common: Mapping[str, Any],
+) -> CurvatureResult:
+    """The refined top eigenvalues from the run's sketch, with the run's trace in ``also``."""
+    est = run.trace
+    eig = refined_top_eigenvalues(
+        op,
+        run.sketch,
+        options["k"],
+        rtol=options["eig_rtol"],
+        generator=gen,
+        max_matvecs=options["max_hvps"],
+    )
+    check_finite(eig.values, "eigenvalues")
+    return CurvatureResult(
+        value=list(eig.values),
+        stderr=None,
+        n_hvp=op.n_matvecs,
+        # Rayleigh–Ritz on a subspace that spans every parameter is the spectrum.
+        exact=bool(est.details["exact"]) and eig.n_matvecs == 0,
+        method=_method(eig),
+        details={
+            "residuals": list(eig.residuals),
+            "methods": list(eig.methods),
+            "converged": eig.converged,
+            "eig_rtol": options["eig_rtol"],
+            "refinement_hvps": eig.n_matvecs,
+            "target": "largest algebraic",
+            "multiplicity": MULTIPLICITY,
+            "sequences": eig.sequences,
+        },
+        # The trace of the same sketch: its products are part of this call's n_hvp.
+        also={
+            "trace": CurvatureResult(
+                value=est.value,
+                stderr=est.stderr,
+                n_hvp=est.n_matvecs,
+                exact=False,
+                method="hutch++",
+                ci=est.ci,
+                ci_level=est.ci_level,
+                rtol=options["rtol"],
+                target_met=est.target_met,
+                details=trace_details,
+            )
+        },
+        **common,
+    )
 
 
 _DATA_KEYS = (

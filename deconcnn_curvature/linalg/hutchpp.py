@@ -520,12 +520,8 @@ def hutchpp_with_sketch(
     before = op.n_matvecs
     budget = _Budget(op, int(num_matvecs))
     floor = max(min_samples, MIN_DEFLATED_PROBES) if rtol is not None else MIN_DEFLATED_PROBES
-    if sketch_fraction is None:
-        plan = _ProbePlan(budget, rtol, normal_quantile(0.5 + ci_level / 2), floor)
-        growth = _AdaptiveGrowth(op, budget, generator, plan)
-        sub, info = growth.run(), growth.info()
-    else:
-        sub, info = _fixed_sketch(op, budget, generator, float(sketch_fraction), budget.cap)
+    plan = _ProbePlan(budget, rtol, normal_quantile(0.5 + ci_level / 2), floor)
+    sub, info = _choose_subspace(op, budget, generator, sketch_fraction, plan)
     sketch = LowRankSketch(
         basis=sub.basis,
         products=sub.products,
@@ -545,13 +541,9 @@ def hutchpp_with_sketch(
             spent=budget.spent,
         )
         deflated.samples, target_met = loop.run(
-            budget.left,
-            generator=generator,
-            block_size=block_size,
-            rtol=rtol,
-            min_probes=floor,
-            on_product=on_product,
-        )
+            budget.left, generator=generator, block_size=block_size, rtol=rtol,
+            min_probes=floor, on_product=on_product,
+        )  # fmt: skip
     used = op.n_matvecs - before
     if used != budget.spent:
         raise BackendFailedError(
@@ -560,6 +552,20 @@ def hutchpp_with_sketch(
         )
     trace = deflated.estimate(info, sketch.n_matvecs, ci_level, target_met, used)
     return HutchppResult(trace=trace, sketch=sketch)
+
+
+def _choose_subspace(
+    op: LinearOperator,
+    budget: _Budget,
+    generator: torch.Generator,
+    sketch_fraction: float | None,
+    plan: _ProbePlan,
+) -> tuple[_Subspace, dict[str, object]]:
+    """``Q`` by the adaptive rule (``sketch_fraction=None``) or the published fixed split."""
+    if sketch_fraction is None:
+        growth = _AdaptiveGrowth(op, budget, generator, plan)
+        return growth.run(), growth.info()
+    return _fixed_sketch(op, budget, generator, float(sketch_fraction), budget.cap)
 
 
 class _DeflatedProbes:
