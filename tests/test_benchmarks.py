@@ -44,6 +44,7 @@ SMOKE: dict[str, list[str]] = {
     "cost_accuracy": ["--quick"],
     "parameter_guard": ["--batch", "4", "--reps", "1"],
     "time_budget": ["--quick"],
+    "eig_wrong_converged": ["--networks", "6"],
 }
 
 
@@ -74,6 +75,15 @@ def _check(name: str, data: dict[str, Any]) -> None:
         assert _positive(data["memory"]["cnn"]["ratio_to_pyhessian"]["hutchpp:double_backward"])
     elif name == "gpu_hvp":
         assert data["device"] == "cpu" and data["ratios"]
+    elif name == "eig_wrong_converged":
+        rows = {(t["backend"], t["dtype"]): t for t in data["table"]}
+        assert set(rows) == {
+            (b, d) for b in ("hutchpp", "pyhessian") for d in ("float32", "float64")
+        }
+        for t in rows.values():
+            assert t["networks"] == 6 and 0 <= t["wrong_and_converged"] <= t["wrong"] <= 6
+            assert 0 <= t["converged_share"] <= 1 and _positive(t["mean_hvps"])
+        assert all(r["gap"] < data["max_gap"] for r in data["rows"])
     elif name == "cost_accuracy":
         rows = {r["backend"]: r for r in data["results"]}
         assert set(rows) == {"pyhessian", "hutchpp"}

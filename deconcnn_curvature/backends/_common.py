@@ -31,8 +31,8 @@ TOP_K_OPTION = Option(
     "k",
     int,
     1,
-    "number of top (largest algebraic) eigenvalues; distinct values: a repeated eigenvalue is "
-    "reported once (single-vector Krylov)",
+    "number of top (largest algebraic) eigenvalues, counted with multiplicity (a repeated "
+    "eigenvalue fills as many places as its multiplicity)",
     min=1,
     quantities=frozenset({"eigenvalues"}),
 )

@@ -7,7 +7,8 @@ of the Hutch++ algorithm for trace estimation.* SIAM J. Matrix Anal. Appl. 43(3)
 The operator is the one the ``pyhessian`` backend multiplies by
 (:class:`~deconcnn_curvature.hvp.HessianOperator`: one gradient graph per batch, products through
 ``pyhessian.utils.hessian_vector_product`` or its vectorised equivalent), so both backends measure
-the same matrix; only the estimator differs (:mod:`deconcnn_curvature.linalg.hutchpp`).
+the same matrix; only the estimators differ (:mod:`deconcnn_curvature.linalg.hutchpp`,
+:mod:`deconcnn_curvature.linalg.ritz`).
 
 One Hutch++ run of ``num_hvps`` products answers every quantity:
 
@@ -18,13 +19,14 @@ One Hutch++ run of ``num_hvps`` products answers every quantity:
   monitor gets both numbers from one call of ``num_hvps`` products.
 - ``layer_trace``: the same per-parameter traces as the value (dict name → float), their standard
   errors in ``details["layer_stderr"]``.
-- ``eigenvalues``: the ``k`` largest algebraic eigenvalues by Rayleigh–Ritz on ``Q`` joined by two
-  Lanczos sequences (the sketch continued from its top Ritz vector, and one from an independent
-  random start), at most ``max_hvps`` more products
-  (:func:`~deconcnn_curvature.linalg.hutchpp.refined_top_eigenvalues`). A small residual alone
-  does not prove a Ritz value is the *top* eigenvalue (on close gaps the sketch's value was λ₂), so
-  ``details["converged"]`` needs residuals at most ``eig_rtol/2 · |θ|`` *and* both sequences
-  agreeing on λ_max within ``eig_rtol``. ``details["methods"]`` says which method produced each
+- ``eigenvalues``: the ``k`` largest algebraic eigenvalues, counted with multiplicity, by
+  Rayleigh–Ritz on ``Q`` joined by Lanczos sequences (the sketch continued from its top Ritz
+  vector, and others from independent random starts), at most ``max_hvps`` more products
+  (:func:`~deconcnn_curvature.linalg.ritz.refined_top_eigenvalues`). A small residual alone does
+  not prove a Ritz value is the *top* eigenvalue (on close gaps the sketch's value was λ₂), so
+  ``details["converged"]`` needs residuals at most ``eig_rtol/2 · |θ|``, independent sequences
+  each converged on their own to the same λ_max within ``eig_rtol``, and every repeated value
+  seen by fewer sequences than took part. ``details["methods"]`` says which method produced each
   value, and ``also["trace"]`` (a result with its stderr and interval) is the trace from the same
   run.
 
@@ -61,14 +63,19 @@ from deconcnn_curvature.backends._groups import (
     data_group_options,
     grouped_problem,
 )
+from deconcnn_curvature.backends.progress import listener
 from deconcnn_curvature.errors import BackendFailedError
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.linalg.hutchinson import TraceEstimate
 from deconcnn_curvature.linalg.hutchpp import (
     MIN_DEFLATED_PROBES,
     HutchppResult,
-    RitzEstimate,
     hutchpp_with_sketch,
+)
+from deconcnn_curvature.linalg.probes import rtol_met
+from deconcnn_curvature.linalg.ritz import (
+    MULTIPLICITY,
+    RitzEstimate,
     refined_top_eigenvalues,
     sketch_top_eigenvalues,
 )
@@ -176,7 +183,7 @@ class HutchppBackend(DataGroupsMixin, Backend):
         seed: int,
         options: Mapping[str, Any],
     ) -> CurvatureResult:
-        # Data groups (issue 13): the same products, made per group through a recorder.
+        # Data groups: the same products, made per group through a recorder.
         groups = grouped_problem(problem, options["data_groups"])
         split = groups is not None and groups is not problem
         if groups is not None:
@@ -197,6 +204,7 @@ class HutchppBackend(DataGroupsMixin, Backend):
                 ci_level=options["ci_level"],
                 layer_slices=problem.slices(),
                 block_size=op.probe_batch,
+                on_product=listener(),
             )
             est = run.trace
             if recorder is not None:
@@ -232,51 +240,65 @@ class HutchppBackend(DataGroupsMixin, Backend):
                 details["trace_ci"] = est.ci
                 return CurvatureResult(value=layers, stderr=None, **run_fields)
             if quantity == "eigenvalues":
-                eig = refined_top_eigenvalues(
-                    op,
-                    run.sketch,
-                    options["k"],
-                    rtol=options["eig_rtol"],
-                    generator=gen,
-                    max_matvecs=options["max_hvps"],
-                )
-                check_finite(eig.values, "eigenvalues")
-                return CurvatureResult(
-                    value=list(eig.values),
-                    stderr=None,
-                    n_hvp=op.n_matvecs,
-                    # Rayleigh–Ritz on a subspace that spans every parameter is the spectrum.
-                    exact=bool(est.details["exact"]) and eig.n_matvecs == 0,
-                    method=_method(eig),
-                    details={
-                        "residuals": list(eig.residuals),
-                        "methods": list(eig.methods),
-                        "converged": eig.converged,
-                        "eig_rtol": options["eig_rtol"],
-                        "refinement_hvps": eig.n_matvecs,
-                        "target": "largest algebraic",
-                        "multiplicity": "distinct values: a repeated eigenvalue is reported once",
-                    },
-                    # The trace of the same sketch: its products are part of this call's n_hvp.
-                    also={
-                        "trace": CurvatureResult(
-                            value=est.value,
-                            stderr=est.stderr,
-                            n_hvp=est.n_matvecs,
-                            exact=False,
-                            method="hutch++",
-                            ci=est.ci,
-                            ci_level=est.ci_level,
-                            rtol=options["rtol"],
-                            target_met=est.target_met,
-                            details=details,
-                        )
-                    },
-                    **common,
-                )
+                return _eigenvalues(op, gen, run, options, details, common)
             raise AssertionError(f"unhandled quantity {quantity!r}")  # registry checked it
         finally:
             op.close()
+
+
+def _eigenvalues(
+    op: Any,
+    gen: Any,
+    run: HutchppResult,
+    options: Mapping[str, Any],
+    trace_details: dict[str, Any],
+    common: Mapping[str, Any],
+) -> CurvatureResult:
+    """The refined top eigenvalues from the run's sketch, with the run's trace in ``also``."""
+    est = run.trace
+    eig = refined_top_eigenvalues(
+        op,
+        run.sketch,
+        options["k"],
+        rtol=options["eig_rtol"],
+        generator=gen,
+        max_matvecs=options["max_hvps"],
+    )
+    check_finite(eig.values, "eigenvalues")
+    return CurvatureResult(
+        value=list(eig.values),
+        stderr=None,
+        n_hvp=op.n_matvecs,
+        # Rayleigh–Ritz on a subspace that spans every parameter is the spectrum.
+        exact=bool(est.details["exact"]) and eig.n_matvecs == 0,
+        method=_method(eig),
+        details={
+            "residuals": list(eig.residuals),
+            "methods": list(eig.methods),
+            "converged": eig.converged,
+            "eig_rtol": options["eig_rtol"],
+            "refinement_hvps": eig.n_matvecs,
+            "target": "largest algebraic",
+            "multiplicity": MULTIPLICITY,
+            "sequences": eig.sequences,
+        },
+        # The trace of the same sketch: its products are part of this call's n_hvp.
+        also={
+            "trace": CurvatureResult(
+                value=est.value,
+                stderr=est.stderr,
+                n_hvp=est.n_matvecs,
+                exact=False,
+                method="hutch++",
+                ci=est.ci,
+                ci_level=est.ci_level,
+                rtol=options["rtol"],
+                target_met=est.target_met,
+                details=trace_details,
+            )
+        },
+        **common,
+    )
 
 
 _DATA_KEYS = (
@@ -318,8 +340,7 @@ def _with_data_interval(
         )
     target_met = est.target_met
     if options["rtol"] is not None:
-        half = (tw.ci[1] - tw.ci[0]) / 2
-        target_met = half <= options["rtol"] * (abs(est.value) - half)
+        target_met = rtol_met(est.value, (tw.ci[1] - tw.ci[0]) / 2, options["rtol"])
     details = {**d, **tw.details(), "data_split": "one batch split" if split else "batches"}
     return dataclasses.replace(
         est, stderr=tw.stderr, ci=tw.ci, target_met=target_met, details=details

@@ -10,7 +10,10 @@ estimators replace PyHessian's:
   interval; ``rtol`` is an error bound (interval half-width ≤ rtol·|trace|), not PyHessian's
   "the running mean moved less than tol" (which stops after two probes on a negative trace).
 - ``eigenvalues``: Lanczos with full reorthogonalisation for the **largest algebraic** eigenvalues
-  (PyHessian's power iteration finds the largest magnitude, to 0.5–4.5 % at its defaults).
+  (PyHessian's power iteration finds the largest magnitude, to 0.5–4.5 % at its defaults), counted
+  with multiplicity: runs from independent random starts joined by Rayleigh–Ritz, converged only
+  when two of them reached the same top on their own and every repeated value was seen by fewer
+  runs than took part (:func:`~deconcnn_curvature.linalg.ritz.krylov_top_eigenvalues`).
 - ``density``: stochastic Lanczos quadrature with ``torch.linalg.eigh`` (PyHessian's calls the
   removed ``torch.eig``). It reports no trace: ``dim · Σ w θ`` is the mean of one Hutchinson
   sample ``zᵀHz`` per run (``details["probe_quadratic_forms"]``), each costing ``lanczos_steps``
@@ -39,9 +42,10 @@ from deconcnn_curvature.backends._groups import (
     check_population,
     grouped_problem,
 )
+from deconcnn_curvature.backends.progress import listener
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.linalg.hutchinson import hutchinson
-from deconcnn_curvature.linalg.lanczos import lanczos_top_eigenvalues
+from deconcnn_curvature.linalg.ritz import MULTIPLICITY, krylov_top_eigenvalues
 from deconcnn_curvature.linalg.slq import slq_density
 from deconcnn_curvature.linalg.two_way import grouped_hutchinson
 from deconcnn_curvature.problem import CurvatureProblem
@@ -73,6 +77,7 @@ def _hutchinson_args(
         "min_matvecs": options["min_hvps"],
         "ci_level": options["ci_level"],
         "layer_slices": problem.slices(),
+        "on_product": listener(),
     }
 
 
@@ -113,7 +118,8 @@ class PyHessianBackend(DataGroupsMixin, Backend):
             "tol",
             float,
             1e-5,
-            "Lanczos stops when each top-k Ritz residual is at most tol·max|θ| (spectral scale)",
+            "converged when each top-k Ritz residual is at most tol·max|θ| (spectral scale) and "
+            "two independent Lanczos runs reached the same λ_max on their own",
             min=0,
             min_exclusive=True,
             quantities=_E,
@@ -143,7 +149,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
                 est = hutchinson(op, **_hutchinson_args(op, gen, problem, options))
                 return _trace_result(est, op.n_matvecs, options, common)
             if quantity == "eigenvalues":
-                eig = lanczos_top_eigenvalues(
+                eig = krylov_top_eigenvalues(
                     op,
                     options["k"],
                     generator=gen,
@@ -160,8 +166,9 @@ class PyHessianBackend(DataGroupsMixin, Backend):
                     details={
                         "residuals": list(eig.residuals),
                         "converged": eig.converged,
+                        "sequences": eig.sequences,
                         "target": "largest algebraic",
-                        "multiplicity": "distinct values: a repeated eigenvalue is reported once",
+                        "multiplicity": MULTIPLICITY,
                     },
                     **common,
                 )
@@ -174,7 +181,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
                 )
                 check_finite([*density.nodes, *density.weights], "density")
                 # No trace: each run is one Hutchinson sample zᵀHz bought with lanczos_steps
-                # HVPs, and a handful of them gave intervals that missed the trace (issue 11).
+                # HVPs, and a handful of them gave intervals that missed the trace.
                 return CurvatureResult(
                     value=density,
                     stderr=None,
@@ -191,7 +198,7 @@ class PyHessianBackend(DataGroupsMixin, Backend):
     def _grouped_trace(
         self, problem: CurvatureProblem, seed: int, options: Mapping[str, Any], *, split: bool
     ) -> CurvatureResult:
-        """Hutchinson with the data-noise interval (issue 13): the same probes and value as the
+        """Hutchinson with the data-noise interval: the same probes and value as the
         plain trace, products made per group (:mod:`deconcnn_curvature.linalg.two_way`). A
         batch split into groups keeps every group's graph: together they hold what the one
         batch's graph held, and a rebuild per product would cost a forward-backward each."""

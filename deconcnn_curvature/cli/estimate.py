@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 import deconcnn_curvature as dcc
+from deconcnn_curvature.backends.progress import trace_progress
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
 from deconcnn_curvature.cli._common import (
     backend_option,
@@ -35,7 +36,6 @@ from deconcnn_curvature.cli._progress import (
     print_partial,
     signals_interrupt,
 )
-from deconcnn_curvature.linalg.hutchinson import trace_progress
 from deconcnn_curvature.present import print_header, show_estimate
 from deconcnn_curvature.registry import default_backend_name
 

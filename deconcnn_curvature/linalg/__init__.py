@@ -3,25 +3,33 @@
 Every estimator is a plain function over a :class:`LinearOperator` (anything that multiplies a block
 of vectors), so each one is tested on small dense matrices with known spectra before it meets a
 network. The Hessian of a network is just one such operator (:mod:`deconcnn_curvature.hvp`).
+
+- :mod:`~deconcnn_curvature.linalg.probes`: the probe loop and stopping rule the trace estimators
+  share;
+- :mod:`~deconcnn_curvature.linalg.hutchinson`, :mod:`~deconcnn_curvature.linalg.two_way`,
+  :mod:`~deconcnn_curvature.linalg.hutchpp`: trace estimators;
+- :mod:`~deconcnn_curvature.linalg.lanczos`, :mod:`~deconcnn_curvature.linalg.ritz`: top
+  eigenvalues; :mod:`~deconcnn_curvature.linalg.slq`: the spectral density.
+
+Every invalid argument raises :class:`~deconcnn_curvature.errors.InvalidOptionError` (a
+``ValueError``).
 """
 
-from deconcnn_curvature.linalg.hutchinson import (
-    TraceEstimate,
-    TraceProgress,
-    hutchinson,
-    trace_progress,
-)
+from deconcnn_curvature.linalg.hutchinson import TraceEstimate, hutchinson
 from deconcnn_curvature.linalg.hutchpp import (
     HutchppResult,
     LowRankSketch,
-    RitzEstimate,
     hutchpp,
     hutchpp_with_sketch,
-    refined_top_eigenvalues,
-    sketch_top_eigenvalues,
 )
 from deconcnn_curvature.linalg.lanczos import EigenEstimate, lanczos_top_eigenvalues
 from deconcnn_curvature.linalg.operator import DenseOperator, LinearOperator, rademacher
+from deconcnn_curvature.linalg.probes import OnProduct, TraceProgress
+from deconcnn_curvature.linalg.ritz import (
+    RitzEstimate,
+    refined_top_eigenvalues,
+    sketch_top_eigenvalues,
+)
 from deconcnn_curvature.linalg.slq import slq_density
 
 __all__ = [
@@ -30,6 +38,7 @@ __all__ = [
     "HutchppResult",
     "LinearOperator",
     "LowRankSketch",
+    "OnProduct",
     "RitzEstimate",
     "TraceEstimate",
     "TraceProgress",
@@ -41,5 +50,4 @@ __all__ = [
     "refined_top_eigenvalues",
     "sketch_top_eigenvalues",
     "slq_density",
-    "trace_progress",
 ]

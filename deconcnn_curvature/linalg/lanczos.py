@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 
 __all__ = [
@@ -156,9 +157,9 @@ def lanczos_top_eigenvalues(
     Like every single-vector Krylov method, an eigenvalue of multiplicity > 1 is found once.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise InvalidOptionError(f"k must be >= 1, got {k}")
     if k > op.dim:
-        raise ValueError(f"k={k} exceeds the operator dimension {op.dim}")
+        raise InvalidOptionError(f"k={k} exceeds the operator dimension {op.dim}")
 
     def converged(state: LanczosState) -> bool:
         m = len(state.alphas)
@@ -173,7 +174,7 @@ def lanczos_top_eigenvalues(
     state = lanczos(op, max_matvecs, generator=generator, stop=converged)
     theta, _, res = ritz(state)
     if len(theta) < k:
-        raise ValueError(f"only {len(theta)} Lanczos steps were possible, fewer than k={k}")
+        raise InvalidOptionError(f"only {len(theta)} Lanczos steps were possible, fewer than k={k}")
     order = torch.argsort(theta, descending=True)[:k]
     return EigenEstimate(
         values=tuple(float(theta[i]) for i in order),

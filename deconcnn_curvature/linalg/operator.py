@@ -6,6 +6,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from deconcnn_curvature.errors import InvalidOptionError
+
 __all__ = ["DenseOperator", "LinearOperator", "OperatorShape", "rademacher"]
 
 
@@ -45,7 +47,7 @@ class DenseOperator:
 
     def __init__(self, matrix: torch.Tensor) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+            raise InvalidOptionError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
         self.matrix = matrix
         self._n = 0
 

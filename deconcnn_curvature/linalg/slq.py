@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from deconcnn_curvature.errors import InvalidOptionError
 from deconcnn_curvature.linalg.lanczos import lanczos, ritz
 from deconcnn_curvature.linalg.operator import LinearOperator, rademacher
 from deconcnn_curvature.results import Density
@@ -32,7 +33,9 @@ def slq_density(
 ) -> tuple[Density, list[float]]:
     """Return the density and, per run, the probe's quadratic form ``zᵀAz``."""
     if num_steps < 1 or num_runs < 1:
-        raise ValueError(f"num_steps and num_runs must be >= 1, got {num_steps}, {num_runs}")
+        raise InvalidOptionError(
+            f"num_steps and num_runs must be >= 1, got {num_steps}, {num_runs}"
+        )
     nodes: list[float] = []
     weights: list[float] = []
     quad_forms: list[float] = []

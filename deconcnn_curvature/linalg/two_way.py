@@ -72,9 +72,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from deconcnn_curvature.linalg._quantiles import student_t_quantile
-from deconcnn_curvature.linalg.hutchinson import TraceEstimate, _blocks
-from deconcnn_curvature.linalg.operator import OperatorShape, rademacher
+from deconcnn_curvature.errors import InvalidOptionError
+from deconcnn_curvature.linalg.hutchinson import TraceEstimate, check_probe_count
+from deconcnn_curvature.linalg.operator import OperatorShape
+from deconcnn_curvature.linalg.probes import OnProduct, ProbeLoop, check_trace_args
+from deconcnn_curvature.linalg.quantiles import student_t_quantile
 
 __all__ = [
     "GroupRecorder",
@@ -157,18 +159,18 @@ def two_way_trace(
     """
     x = torch.as_tensor(forms).detach().to("cpu", torch.float64)
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 2:
-        raise ValueError(
+        raise InvalidOptionError(
             f"two_way_trace needs a (groups >= 2, probes >= 2) matrix, got {tuple(x.shape)}"
         )
     g_count, m = x.shape
     n = torch.as_tensor(list(group_sizes), dtype=torch.float64)
     if n.shape != (g_count,) or bool((n <= 0).any()):
-        raise ValueError(
+        raise InvalidOptionError(
             f"group_sizes must hold {g_count} positive counts, got {list(group_sizes)}"
         )
     total = float(n.sum())
     if population_size is not None and population_size < total:
-        raise ValueError(
+        raise InvalidOptionError(
             f"population_size ({population_size}) is smaller than the samples measured ({total:g})"
         )
     w = n / total
@@ -219,6 +221,7 @@ def grouped_hutchinson(
     ci_level: float = 0.95,
     layer_slices: Mapping[str, slice] | None = None,
     population_size: int | None = None,
+    on_product: OnProduct | None = None,
 ) -> TraceEstimate:
     """Hutchinson's estimator with an interval for the whole data set's Hessian.
 
@@ -227,64 +230,58 @@ def grouped_hutchinson(
     product is summed from its groups'); ``stderr`` and ``ci`` come from :func:`two_way_trace` and
     cover probe *and* data noise. ``details`` holds ``stderr_probe``, ``stderr_data``,
     ``data_groups`` and the interval's degrees of freedom. The arguments are those of
-    ``hutchinson`` (``rtol`` is tested against the data-aware interval) plus
-    ``population_size`` (see :func:`two_way_trace`). Needs an operator with at least 2 groups.
+    ``hutchinson`` (``rtol`` is tested against the data-aware interval; ``on_product`` reports
+    the probe-only running estimate) plus ``population_size`` (see :func:`two_way_trace`). Needs
+    an operator with at least 2 groups.
     """
     sizes = list(op.group_sizes)
     if len(sizes) < 2:
-        raise ValueError("grouped_hutchinson needs an operator of at least 2 groups")
-    if num_matvecs < 2:
-        raise ValueError(
-            f"Hutchinson needs at least 2 probes for a standard error, got {num_matvecs}"
-        )
+        raise InvalidOptionError("grouped_hutchinson needs an operator of at least 2 groups")
+    check_probe_count(num_matvecs)
+    check_trace_args(rtol=rtol, ci_level=ci_level, block_size=block_size)
     weights = torch.tensor(sizes, dtype=torch.float64, device=op.device)
     weights = weights / weights.sum()
     blocks: list[torch.Tensor] = []  # (G, k) quadratic forms per block, on the device
     layer_names = list(layer_slices) if layer_slices else []
     layer_acc = torch.zeros(len(layer_names), dtype=torch.float64, device=op.device)
-    target_met: bool | None = None if rtol is None else False
-    est: TwoWayTrace | None = None
-    used = 0
-    for size in _blocks(num_matvecs, max(1, block_size)):
-        cols = [
-            rademacher(op.dim, 1, generator=generator, dtype=op.dtype, device=op.device)
-            for _ in range(size)
-        ]
-        z = torch.cat(cols, dim=1)
-        hz = op.matmat_groups(z)  # (G, dim, k)
-        prod = (z.unsqueeze(0) * hz).to(torch.float64)  # (G, dim, k)
+
+    def forms(z: torch.Tensor) -> list[float]:
+        prod = (z.unsqueeze(0) * op.matmat_groups(z)).to(torch.float64)  # (G, dim, k)
         blocks.append(prod.sum(dim=1))
-        used += size
         if layer_names:
             union = (weights[:, None, None] * prod).sum(dim=0)
-            layer_acc += torch.stack([union[layer_slices[name]].sum() for name in layer_names])
-        if rtol is not None and used >= max(min_matvecs, 2):
-            est = two_way_trace(
-                torch.cat(blocks, 1), sizes, population_size=population_size, ci_level=ci_level
-            )
-            half = (est.ci[1] - est.ci[0]) / 2
-            if half <= rtol * (abs(est.value) - half):
-                target_met = True
-                break
-            est = None
-    if est is None:
-        est = two_way_trace(
-            torch.cat(blocks, 1), sizes, population_size=population_size, ci_level=ci_level
-        )
+            layer_acc.add_(torch.stack([union[layer_slices[n]].sum() for n in layer_names]))
+        return (weights[:, None] * blocks[-1]).sum(dim=0).tolist()
+
+    def estimate() -> TwoWayTrace:
+        forms = torch.cat(blocks, 1)
+        return two_way_trace(forms, sizes, population_size=population_size, ci_level=ci_level)
+
+    def interval(_: list[float]) -> tuple[float, float]:
+        est = estimate()
+        return est.value, (est.ci[1] - est.ci[0]) / 2
+
+    loop = ProbeLoop(op, forms, interval, method="hutchinson", budget=num_matvecs)
+    samples, target_met = loop.run(
+        num_matvecs,
+        generator=generator,
+        block_size=block_size,
+        rtol=rtol,
+        min_probes=max(min_matvecs, 2),
+        on_product=on_product,
+    )
+    est = estimate()
+    layers = dict(zip(layer_names, (layer_acc / len(samples)).tolist(), strict=True))
     return TraceEstimate(
         value=est.value,
         stderr=est.stderr,
-        n_matvecs=used,
+        n_matvecs=len(samples),
         ci=est.ci,
         ci_level=ci_level,
         method="hutchinson",
         target_met=target_met,
         samples=est.column_means,
-        layers=(
-            dict(zip(layer_names, (layer_acc / used).tolist(), strict=True))
-            if layer_names
-            else None
-        ),
+        layers=layers or None,
         details=est.details(),
     )
 
@@ -364,7 +361,7 @@ def hutchpp_forms(
     vectors, gram = recorder.gram()
     total = vectors.shape[1]
     if sketch_matvecs + deflated != total:
-        raise ValueError(
+        raise InvalidOptionError(
             f"recorded {total} products, expected {sketch_matvecs} + {deflated} deflated"
         )
     exact = torch.zeros(gram.shape[0], dtype=torch.float64, device=gram.device)

@@ -25,7 +25,8 @@ import torch
 from checkpoint_helpers import GENERIC_ARGS, save_state_dict
 
 import deconcnn_curvature as dcc
-from deconcnn_curvature.linalg import DenseOperator, hutchinson, hutchpp, trace_progress
+from deconcnn_curvature.backends.progress import trace_progress
+from deconcnn_curvature.linalg import DenseOperator, hutchinson, hutchpp
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and pty")
 
@@ -135,10 +136,13 @@ class _Stop(Exception):
 @pytest.mark.parametrize("block_size", [1, 3])
 def test_hutchinson_reports_each_block_and_the_last_report_is_the_result(block_size: int) -> None:
     reports = []
-    with trace_progress(reports.append):
-        est = hutchinson(
-            _operator(), 20, generator=torch.Generator().manual_seed(5), block_size=block_size
-        )
+    est = hutchinson(
+        _operator(),
+        20,
+        generator=torch.Generator().manual_seed(5),
+        block_size=block_size,
+        on_product=reports.append,
+    )
     assert [r.n_matvecs for r in reports] == [*range(block_size, 20, block_size), 20]
     assert all(r.budget == 20 and r.method == "hutchinson" for r in reports)
     torch.testing.assert_close(reports[-1].value, est.value, rtol=1e-12, atol=1e-12)
@@ -154,8 +158,8 @@ def test_a_stopped_hutchinson_reports_the_estimate_of_the_probes_made() -> None:
         if report.n_probes == 7:
             raise _Stop
 
-    with trace_progress(listen), pytest.raises(_Stop):
-        hutchinson(_operator(), 1000, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(_Stop):
+        hutchinson(_operator(), 1000, generator=torch.Generator().manual_seed(3), on_product=listen)
     seven = hutchinson(_operator(), 7, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(reports[-1].value, seven.value, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(reports[-1].stderr, seven.stderr, rtol=1e-10, atol=1e-12)
@@ -164,8 +168,9 @@ def test_a_stopped_hutchinson_reports_the_estimate_of_the_probes_made() -> None:
 
 def test_hutchpp_reports_its_deflated_probes_with_the_exact_part() -> None:
     reports = []
-    with trace_progress(reports.append):
-        est = hutchpp(_operator(dim=40), 30, generator=torch.Generator().manual_seed(1))
+    est = hutchpp(
+        _operator(dim=40), 30, generator=torch.Generator().manual_seed(1), on_product=reports.append
+    )
     assert reports and all(r.method == "hutch++" and r.budget == 30 for r in reports)
     assert [r.n_probes for r in reports] == list(range(1, len(reports) + 1))
     assert reports[-1].n_matvecs == est.n_matvecs

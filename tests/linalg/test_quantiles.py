@@ -1,5 +1,5 @@
-"""The normal and Student-t quantiles that replaced ``scipy.stats`` (importing it for
-two quantiles cost ~60 MiB of resident memory in the first measurement of a process)."""
+"""The normal and Student-t quantiles that replaced ``scipy.stats`` (importing it for two
+quantiles cost ~60 MiB of resident memory in the first measurement of a process)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 from scipy import stats
 
-from deconcnn_curvature.linalg._quantiles import normal_quantile, student_t_quantile
+from deconcnn_curvature.linalg.quantiles import normal_quantile, student_t_quantile
 
 LEVELS = [0.0005, 0.05, 0.5, 0.6, 0.75, 0.9, 0.95, 0.975, 0.99, 0.995, 0.9995]
 DOFS = [1, 2, 3, 4, 5, 7, 10, 19, 30, 49, 100, 1000, 1e5]

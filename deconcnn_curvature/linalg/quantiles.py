@@ -1,8 +1,8 @@
 """Normal and Student-t quantiles without ``scipy.stats``.
 
 Importing ``scipy.stats`` for two quantiles added about 60 MiB of resident memory to the first
-curvature measurement of a process (issue 13: it made a Hutch++ measurement look heavier than
-PyHessian's in ``compare``). The normal quantile is the standard library's; the Student-t one
+curvature measurement of a process (it made a Hutch++ measurement look heavier than PyHessian's
+in ``compare``). The normal quantile is the standard library's; the Student-t one
 inverts the t distribution function, ``P(T > t) = I_x(ν/2, 1/2) / 2`` with ``x = ν/(ν + t²)``,
 where the regularised incomplete beta ``I_x`` is evaluated by its continued fraction
 (Abramowitz & Stegun 26.5.8) with the modified Lentz method, and the root is found by bisection.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+
+from deconcnn_curvature.errors import InvalidOptionError
 
 __all__ = ["normal_quantile", "student_t_quantile"]
 
@@ -68,7 +70,7 @@ def _t_upper_tail(t: float, dof: float) -> float:
 def student_t_quantile(p: float, dof: float) -> float:
     """The ``p`` quantile of Student's t distribution with ``dof > 0`` degrees of freedom."""
     if not 0.0 < p < 1.0 or not dof > 0:
-        raise ValueError(f"need 0 < p < 1 and dof > 0, got p={p}, dof={dof}")
+        raise InvalidOptionError(f"need 0 < p < 1 and dof > 0, got p={p}, dof={dof}")
     if p == 0.5:
         return 0.0
     if p < 0.5:

@@ -1,0 +1,307 @@
+"""Eigenvalues by Rayleigh–Ritz on the Hutch++ sketch and its Lanczos refinement, on dense
+matrices with known spectra (:mod:`deconcnn_curvature.linalg.ritz`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deconcnn_curvature.linalg.hutchpp import LowRankSketch, hutchpp_with_sketch
+from deconcnn_curvature.linalg.operator import DenseOperator, make_generator
+from deconcnn_curvature.linalg.ritz import (
+    MIN_SEQUENCES,
+    copies_needed,
+    krylov_top_eigenvalues,
+    refined_top_eigenvalues,
+    sketch_top_eigenvalues,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small dense matrices: one BLAS thread is fastest and immune to a busy machine's contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _with_spectrum(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    n = eigs.numel()
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(seed), dtype=F64))
+    a = (u * eigs) @ u.T
+    return (a + a.T) / 2
+
+
+def _spectrum(kind: str, n: int) -> torch.Tensor:
+    g = _gen(1234)
+    if kind == "flat":  # indefinite, no structure to deflate
+        return -1 + 2.5 * torch.rand(n, generator=g, dtype=F64)
+    if kind == "outliers":  # ~10 large outliers over a small PSD bulk
+        return torch.cat(
+            [torch.linspace(10, 100, 10, dtype=F64), torch.rand(n - 10, generator=g, dtype=F64)]
+        )
+    if kind == "decaying":
+        return 1 / torch.arange(1, n + 1, dtype=F64)
+    if kind == "indefinite_outliers":
+        bulk = 0.5 * torch.randn(n - 6, generator=g, dtype=F64)
+        return torch.cat([torch.tensor([40.0, 25.0, 12.0, -30.0, -15.0, -8.0], dtype=F64), bulk])
+    if kind == "rank_deficient":
+        return torch.cat(
+            [torch.tensor([5.0, 3.0, 2.0, -1.0, 0.5], dtype=F64), torch.zeros(n - 5, dtype=F64)]
+        )
+    raise ValueError(kind)
+
+
+# ------------------------------------------------------------------------------------------------
+# Eigenvalues from the sketch
+
+
+def test_sketch_ritz_values_and_residuals_are_exact_and_free():
+    eigs = _spectrum("outliers", 400)
+    a = _with_spectrum(eigs)
+    op = DenseOperator(a)
+    res = hutchpp_with_sketch(op, 30, generator=make_generator(0, "cpu"))
+    q, aq = res.sketch.basis, res.sketch.products
+    torch.testing.assert_close(q.T @ q, torch.eye(q.shape[1], dtype=F64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(aq, a @ q)
+    spent = op.n_matvecs
+    ritz = sketch_top_eigenvalues(res.sketch, 3, rtol=1e-3)
+    assert op.n_matvecs == spent and ritz.n_matvecs == 0
+    assert ritz.methods == ("rayleigh_ritz",) * 3
+    top = torch.sort(eigs, descending=True).values
+    theta, u = torch.linalg.eigh(q.T @ a @ q)
+    for i in range(3):
+        y = q @ u[:, -1 - i]
+        torch.testing.assert_close(
+            torch.tensor(ritz.residuals[i], dtype=F64),
+            torch.linalg.vector_norm(a @ y - theta[-1 - i] * y),
+        )
+        assert ritz.values[i] <= float(top[i]) + 1e-9  # Cauchy interlacing
+        assert abs(ritz.values[i] - float(top[i])) <= ritz.residuals[i] + 1e-9
+    assert ritz.converged is True
+    assert abs(ritz.values[0] - float(top[0])) <= 1e-6 * float(top[0])
+
+
+def test_refinement_improves_on_a_rough_sketch():
+    eigs = _spectrum("flat", 300)
+    a = _with_spectrum(eigs)
+    op = DenseOperator(a)
+    res = hutchpp_with_sketch(op, 20, generator=make_generator(0, "cpu"), sketch_fraction=2 / 3)
+    before = op.n_matvecs
+    rough = sketch_top_eigenvalues(res.sketch, rtol=1e-4)
+    assert rough.converged is False
+    ref = refined_top_eigenvalues(
+        op, res.sketch, rtol=1e-4, generator=make_generator(1, "cpu"), max_matvecs=80
+    )
+    assert ref.n_matvecs == op.n_matvecs - before > 0
+    assert ref.methods == ("lanczos",)
+    assert ref.residuals[0] < rough.residuals[0]
+    assert abs(ref.values[0] - float(eigs.max())) <= ref.residuals[0] + 1e-9
+
+
+def test_a_converged_sketch_is_still_checked_by_an_independent_run():
+    # Behaviour changed: a sketch whose residual meets rtol used to be returned with no
+    # matvecs, which passed λ₂ off as λ_max. Now an independent Lanczos run must agree first.
+    eigs = _spectrum("outliers", 300)
+    op = DenseOperator(_with_spectrum(eigs))
+    easy = hutchpp_with_sketch(op, 30, generator=make_generator(0, "cpu"))
+    assert sketch_top_eigenvalues(easy.sketch, rtol=1e-2).converged is True
+    before = op.n_matvecs
+    ref = refined_top_eigenvalues(op, easy.sketch, rtol=1e-2, generator=make_generator(0, "cpu"))
+    assert ref.converged is True and ref.methods == ("lanczos",)
+    assert ref.n_matvecs == op.n_matvecs - before > 0
+    assert abs(ref.values[0] - float(eigs.max())) <= 1e-2 * float(eigs.max())
+    # Only a sketch that spans the whole space is exact and needs no check.
+    small = _with_spectrum(_spectrum("outliers", 20))
+    whole = hutchpp_with_sketch(DenseOperator(small), 30, generator=make_generator(0, "cpu"))
+    op2 = DenseOperator(small)
+    exact = refined_top_eigenvalues(
+        op2, whole.sketch, rtol=1e-9, generator=make_generator(0, "cpu")
+    )
+    assert exact.n_matvecs == op2.n_matvecs == 0 and exact.methods == ("rayleigh_ritz",)
+    assert exact.values[0] == pytest.approx(float(torch.linalg.eigvalsh(small)[-1]), rel=1e-12)
+
+
+def test_trace_within_5_percent_and_lambda_max_within_1_percent_in_40_matvecs():
+    eigs = _spectrum("outliers", 600)
+    a, exact, lam = _with_spectrum(eigs), float(eigs.sum()), float(eigs.max())
+    for seed in range(20):
+        op = DenseOperator(a)
+        res = hutchpp_with_sketch(op, 30, generator=make_generator(seed, "cpu"))
+        top = refined_top_eigenvalues(
+            op, res.sketch, rtol=1e-2, generator=make_generator(seed, "cpu"), max_matvecs=10
+        )
+        assert op.n_matvecs <= 40
+        assert abs(res.trace.value - exact) <= 0.05 * exact
+        assert abs(top.values[0] - lam) <= 0.01 * lam
+
+
+def _close_gap_case(seed: int) -> tuple[torch.Tensor, float, float]:
+    """A symmetric matrix whose top two eigenvalues are 1 and 1 − gap (gap 0.1 %–5 %, log-uniform)
+    over one of four bulks (uniform, narrow, a few mid outliers, large negative eigenvalues)."""
+    g = _gen(10_000 + seed)
+    n = int(torch.randint(40, 200, (1,), generator=g))
+    gap = math.exp(math.log(1e-3) + math.log(50) * float(torch.rand(1, generator=g)))
+    kind = seed % 4
+    if kind == 0:
+        bulk = 0.9 * torch.rand(n - 2, generator=g, dtype=F64) - 0.2
+    elif kind == 1:
+        bulk = 0.05 * torch.randn(n - 2, generator=g, dtype=F64)
+    elif kind == 2:
+        mid = 0.5 * torch.rand(5, generator=g, dtype=F64) + 0.3
+        bulk = torch.cat([mid, 0.02 * torch.randn(n - 7, generator=g, dtype=F64)])
+    else:
+        neg = -1.5 * torch.rand(3, generator=g, dtype=F64)
+        bulk = torch.cat([neg, 0.1 * torch.randn(n - 5, generator=g, dtype=F64)])
+    eigs = torch.cat([torch.tensor([1.0, 1.0 - gap], dtype=F64), bulk])
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    a = (u * eigs) @ u.T
+    return (a + a.T) / 2, 1.0, gap
+
+
+@pytest.mark.slow
+def test_close_gaps_never_pass_the_second_eigenvalue_off_as_converged_lambda_max():
+    # Guarded: Rayleigh–Ritz on the sketch (or Lanczos from its top Ritz vector) converged to λ₂
+    # with a small residual and was reported as λ_max: 29 of these 500 seeds before the fix.
+    rtol, wrong, converged, gaps_resolved = 1e-3, [], 0, 0
+    for seed in range(500):
+        a, top, gap = _close_gap_case(seed)
+        op = DenseOperator(a)
+        gen = make_generator(seed, "cpu")
+        sketch = hutchpp_with_sketch(op, 30, generator=gen).sketch
+        est = refined_top_eigenvalues(op, sketch, rtol=rtol, generator=gen, max_matvecs=40)
+        assert est.values[0] <= top + 1e-12  # a Ritz value never exceeds λ_max
+        if est.converged:
+            converged += 1
+            if abs(est.values[0] - top) > rtol * top:
+                wrong.append((seed, gap, est.values[0], est.residuals[0]))
+            gaps_resolved += gap > rtol
+    assert wrong == []
+    assert converged >= 490, converged  # the check is not passed by never converging
+    assert gaps_resolved >= 400
+
+
+def test_refinement_on_close_gaps_within_a_small_cap_is_honest():
+    # With only 20 extra matvecs some runs stop unconverged; none is wrong and converged, and the
+    # unconverged values are still lower bounds on λ_max.
+    for seed in range(0, 200, 3):
+        a, top, _ = _close_gap_case(seed)
+        op = DenseOperator(a)
+        gen = make_generator(seed, "cpu")
+        sketch = hutchpp_with_sketch(op, 30, generator=gen).sketch
+        est = refined_top_eigenvalues(op, sketch, rtol=1e-3, generator=gen, max_matvecs=20)
+        assert est.n_matvecs <= 20 and est.values[0] <= top + 1e-12
+        if est.converged:
+            assert abs(est.values[0] - top) <= 1e-3 * top, seed
+
+
+def test_refinement_stays_accurate_when_the_union_nears_the_whole_space():
+    # Products of the union's basis come from the operator's own products, never from earlier
+    # derived ones (which compounded rounding to a value of 1e14 on this 55-dimensional case).
+    a, top, _ = _close_gap_case(349)
+    assert a.shape[0] == 55
+    op = DenseOperator(a)
+    gen = make_generator(349, "cpu")
+    sketch = hutchpp_with_sketch(op, 30, generator=gen).sketch
+    est = refined_top_eigenvalues(op, sketch, rtol=1e-3, generator=gen, max_matvecs=40)
+    assert est.converged is True and abs(est.values[0] - top) <= 1e-9
+
+
+def test_float32_refinement_is_a_lower_bound_and_converges():
+    eigs = _spectrum("outliers", 200)
+    a = _with_spectrum(eigs).to(torch.float32)
+    op = DenseOperator(a)
+    gen = make_generator(0, "cpu")
+    sketch = hutchpp_with_sketch(op, 30, generator=gen).sketch
+    est = refined_top_eigenvalues(op, sketch, 2, rtol=1e-3, generator=gen, max_matvecs=40)
+    top = torch.sort(eigs, descending=True).values[:2]
+    assert est.converged is True
+    torch.testing.assert_close(torch.tensor(est.values, dtype=F64), top, rtol=1e-3, atol=0)
+    for seed in range(10):  # never below the sketch's own value, even after float32 rounding
+        gen = make_generator(seed, "cpu")
+        sketch = hutchpp_with_sketch(op, 30, generator=gen).sketch
+        own = sketch_top_eigenvalues(sketch, 2)
+        est = refined_top_eigenvalues(op, sketch, 2, rtol=1e-3, generator=gen, max_matvecs=40)
+        ulps = 8 * float(torch.finfo(torch.float32).eps)
+        assert all(e >= o - ulps * abs(o) for e, o in zip(est.values, own.values, strict=True))
+
+
+def test_k_larger_than_the_sketch_is_rejected():
+    sketch = LowRankSketch(
+        basis=torch.eye(5, 2, dtype=F64),
+        products=torch.eye(5, 2, dtype=F64),
+        n_matvecs=2,
+        method="x",
+    )
+    with pytest.raises(ValueError, match="rank of the sketch"):
+        sketch_top_eigenvalues(sketch, 3)
+
+
+def test_sketch_eigenvalues_converge_relative_to_each_value() -> None:
+    # The Hutch++ routines call the shared rule (ritz_converged) with a floor of 1e-12·|θ_1|: a
+    # small second value must meet rtol against its own size, not against θ_1.
+    a = torch.diag(torch.tensor([5.0, 0.01, 1.0], dtype=torch.float64))
+    q2 = torch.tensor([0.0, 1.0, 0.01], dtype=torch.float64)
+    basis = torch.stack([torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), q2 / q2.norm()], 1)
+    sketch = LowRankSketch(basis=basis, products=a @ basis, n_matvecs=2, method="test")
+    one = sketch_top_eigenvalues(sketch, 1, rtol=0.01)
+    two = sketch_top_eigenvalues(sketch, 2, rtol=0.01)
+    assert one.converged is True and one.values[0] == pytest.approx(5.0, rel=1e-15)
+    assert two.converged is False
+    assert 0.01 * 5.0 > two.residuals[1] > 0.01 * abs(two.values[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Repeated eigenvalues: counted with multiplicity, and converged only once that is known
+
+
+def test_copies_needed_asks_for_one_more_sequence_than_copies_seen() -> None:
+    assert copies_needed((5.0,), 1e-6) == MIN_SEQUENCES
+    assert copies_needed((5.0, 4.0, 3.0), 1e-6) == MIN_SEQUENCES
+    assert copies_needed((5.0, 5.0, 4.0), 1e-6) == 3  # two copies seen: is there a third?
+    assert copies_needed((5.0, 5.0, 5.0), 1e-6) == MIN_SEQUENCES  # the k-th run: exempt
+    assert copies_needed((6.0, 5.0, 5.0, 5.0, 4.0), 1e-6) == 4
+    assert copies_needed((5.0, 5.0 - 1e-9, 4.0), 1e-6) == 3  # within the width: one value
+
+
+def _repeated(n: int = 120, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(seed)
+    top = torch.tensor([9.0, 9.0, 9.0, 7.0, 7.0, 5.0], dtype=F64)
+    eigs = torch.cat([top, torch.rand(n - 6, generator=g, dtype=F64)])
+    return _with_spectrum(eigs, seed), eigs.sort(descending=True).values
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 6])
+def test_repeated_eigenvalues_come_with_their_multiplicity(seed: int, k: int) -> None:
+    a, eigs = _repeated(seed=seed)
+    expected = eigs[:k]
+    gen = make_generator(seed, "cpu")
+    plain = krylov_top_eigenvalues(DenseOperator(a), k, generator=gen, tol=1e-8, max_matvecs=300)
+    run = hutchpp_with_sketch(DenseOperator(a), 30, generator=gen)
+    refined = refined_top_eigenvalues(
+        DenseOperator(a), run.sketch, k, rtol=1e-6, generator=gen, max_matvecs=300
+    )
+    for est in (plain, refined):
+        assert est.converged is True
+        torch.testing.assert_close(torch.tensor(est.values, dtype=F64), expected, rtol=1e-6, atol=0)
+        assert est.sequences >= copies_needed(est.values, 1e-6)
+
+
+def test_a_cap_too_small_to_see_every_copy_is_not_called_converged() -> None:
+    a, eigs = _repeated()
+    for cap in (10, 20, 30, 40):
+        est = krylov_top_eigenvalues(
+            DenseOperator(a), 4, generator=make_generator(1, "cpu"), tol=1e-8, max_matvecs=cap
+        )
+        right = torch.allclose(torch.tensor(est.values, dtype=F64), eigs[:4], rtol=1e-6, atol=0)
+        assert right or est.converged is False, (cap, est)
