@@ -260,28 +260,6 @@ def test_a_foreign_config_tree_with_the_dropped_in_files(tmp_path: Path) -> None
         compose("config")
 
 
-def test_resuming_a_run_saved_by_an_earlier_release_keeps_working(tmp_path: Path) -> None:
-    """A config.yaml from before base.yaml (every curvature key written, the callback's own flat
-    copy targeting CurvatureMonitor): a curvature.* override on resume still reaches the callback,
-    and the callback builds."""
-    cfg, _ = compose_run_config([])
-    old = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(old, dict)
-    old["callbacks"] = {
-        "_target_": "deconcnn_curvature.lightning.CurvatureMonitor",
-        "_convert_": "all",
-        **old["curvature"],
-    }
-    run = tmp_path / "run"
-    run.mkdir()
-    OmegaConf.save(OmegaConf.create(old), run / "config.yaml")
-    resumed, notes = compose_run_config([f"resume={run / 'last.ckpt'}", "curvature.k=2"])
-    assert "resuming with the run's own configuration" in notes[0]
-    assert resumed.curvature.k == resumed.callbacks.k == 2
-    monitor = instantiate(resumed.callbacks)
-    assert monitor.k == 2 and monitor.num_hvps == old["curvature"]["num_hvps"]
-
-
 def test_resume_reaches_a_setting_the_saved_run_left_at_its_default(tmp_path: Path) -> None:
     cfg, _ = compose_run_config(["curvature=hutchpp"])
     run = tmp_path / "run"

@@ -16,11 +16,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from deconcnn_curvature.training.run import (
-    _curvature_figure,
-    plot_curvature,
-    read_training_loss,
-)
+from deconcnn_curvature.present import _curvature_figure, plot_curvature
+from deconcnn_curvature.training.run import read_training_loss
 
 
 def _trace(step: int, value: float | None, lo: float, hi: float) -> dict[str, Any]:

@@ -22,15 +22,15 @@ from deconcnn_curvature.cli import cli
 from deconcnn_curvature.lightning import read_curvature_jsonl
 from deconcnn_curvature.registry import ENV_BACKEND
 from deconcnn_curvature.training.metrics import read_metrics_jsonl
+from deconcnn_curvature.present import _curvature_time
 from deconcnn_curvature.training.run import (
-    _RUN_DIR_ENV,
     LOCK_NAME,
+    RUN_DIR_ENV,
     RunResult,
-    _curvature_time,
-    _make_run_dir,
-    _secondary_rank,
     compose_config,
+    secondary_rank,
 )
+from deconcnn_curvature.training.run_folder import make_run_dir
 
 
 def _train(*args: str) -> object:
@@ -211,11 +211,11 @@ def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path: Path) -> None:
 
 def test_timestamped_folders_are_created_atomically(tmp_path: Path) -> None:
     stamp = tmp_path / "runs" / "20260101-120000"
-    first, created = _make_run_dir(stamp, timestamped=True)
+    first, created = make_run_dir(stamp, timestamped=True)
     assert (first, created) == (stamp, True)
     # Another run took the same second's folder between the choice and the creation.
-    second, _ = _make_run_dir(stamp, timestamped=True)
-    third, _ = _make_run_dir(stamp, timestamped=True)
+    second, _ = make_run_dir(stamp, timestamped=True)
+    third, _ = make_run_dir(stamp, timestamped=True)
     assert (second.name, third.name) == ("20260101-120000-2", "20260101-120000-3")
 
 
@@ -416,16 +416,16 @@ def test_help_readme_and_preset_agree_on_the_demos_duration() -> None:
 def test_only_the_first_rank_of_a_launcher_takes_the_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     """torchrun/SLURM start every rank with the same run_dir=: ranks > 0 must not wait on (or
     fail at) the lock rank 0 holds."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", _RUN_DIR_ENV):
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", RUN_DIR_ENV):
         monkeypatch.delenv(name, raising=False)
-    assert not _secondary_rank()
+    assert not secondary_rank()
     monkeypatch.setenv("RANK", "0")
-    assert not _secondary_rank()
+    assert not secondary_rank()
     monkeypatch.setenv("RANK", "1")
-    assert _secondary_rank()
+    assert secondary_rank()
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("SLURM_PROCID", "3")
-    assert _secondary_rank()
+    assert secondary_rank()
 
 
 class _Payload:

@@ -60,9 +60,19 @@ def _check_training_extra() -> None:
     help="Print the composed config and exit (`--cfg job`, Hydra's form, works too).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@click.option(
+    "--trust-config",
+    is_flag=True,
+    help="On resume, build whatever the run folder's config.yaml names (_target_, batch_fn), "
+    "even code no config of this package or yours names: only for a folder you wrote.",
+)
 @user_errors
 def train_cmd(
-    overrides: tuple[str, ...], config_dir: Path | None, show_cfg: bool, as_json: bool
+    overrides: tuple[str, ...],
+    config_dir: Path | None,
+    show_cfg: bool,
+    as_json: bool,
+    trust_config: bool,
 ) -> None:
     """Train a deconCNN-shaped CIFAR run (ResNet-18, SGD + momentum, warm-up + cosine) and
     measure curvature during it.
@@ -79,7 +89,9 @@ def train_cmd(
     The run folder (runs/<name or timestamp>/, or run_dir=; the demo's is runs/demo/) gets
     config.yaml, metrics.jsonl, curvature.jsonl, last.ckpt and curvature.png; a summary table is
     printed at the end. A resume takes the run's own config.yaml with these overrides on top. A
-    second run into a folder in use stops at once; SIGTERM saves last.ckpt and exits with 143.
+    second run into a folder in use stops at once; SIGTERM saves last.ckpt and exits with 143
+    (Ctrl-C: 130), abandoning a measurement in progress. A resume builds only what the shipped
+    configs or your --config-dir name (--trust-config lifts that for a folder you wrote).
     """
     _check_training_extra()
     from deconcnn_curvature.training.run import (
@@ -96,7 +108,7 @@ def train_cmd(
         raise click.UsageError(
             f"unknown option {bad[0]!r}; overrides look like key=value (see --help)."
         )
-    cfg, notes = compose_run_config(overrides, config_dir)
+    cfg, notes = compose_run_config(overrides, config_dir, trust_config=trust_config)
     for note in notes:
         click.echo(f"deconcnn-curv train: {note}", err=True)
     if show_cfg:
@@ -110,7 +122,7 @@ def train_cmd(
                 result = run_training(cfg)
         else:
             result = run_training(cfg)
-    except TrainingInterrupted as exc:  # SIGTERM: not a success for a scheduler
+    except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: not a success for a scheduler
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exc.exit_code)
     if result.global_rank != 0:  # a DDP rank process: rank 0 reports for the run
