@@ -211,13 +211,25 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new file beside ``path`` (same folder, so the same file system), with the permissions
+    a plain ``open`` would give it (``mkstemp`` makes it private to the user)."""
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def _replacing(path: Path) -> Iterator[io.BufferedWriter]:
     """A binary file that, when the block ends without error, replaces ``path`` atomically: a
     temporary file in ``path``'s own folder (same file system), flushed and ``fsync``-ed, then
     ``os.replace``-d over the name (a link there is replaced, not followed), then the folder
     ``fsync``-ed. On any error or interruption the temporary goes and ``path`` is untouched."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -240,7 +252,7 @@ def write_atomically(path: Path, data: bytes | str) -> None:
 def write_with(path: Path, writer: Callable[[Path], Any]) -> None:
     """Let ``writer`` write a file at a temporary name in ``path``'s folder (the same suffix, for
     writers that choose the format by it), then replace ``path`` by it atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = _temporary(path)
     os.close(fd)
     try:
         writer(Path(tmp))
