@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,6 +41,25 @@ def _check_training_extra() -> None:
     from deconcnn_curvature._lightning import check_lightning_importable
 
     check_lightning_importable()
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show the package's own warnings (a lock file instead of flock, a torn record moved aside)
+    as one line each, ``deconcnn-curv train: warning: ...``, not Python's two-line form."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if category.__module__.startswith("deconcnn_curvature"):
+            click.echo(f"deconcnn-curv train: warning: {message}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 @cli.command(
@@ -117,11 +139,12 @@ def train_cmd(
         click.echo(OmegaConf.to_yaml(cfg), nl=False)
         return
     try:
-        if as_json:  # stdout carries the JSON alone; Lightning's own output goes to stderr
-            with contextlib.redirect_stdout(sys.stderr):
+        with _one_line_warnings():
+            if as_json:  # stdout carries the JSON alone; Lightning's own output goes to stderr
+                with contextlib.redirect_stdout(sys.stderr):
+                    result = run_training(cfg)
+            else:
                 result = run_training(cfg)
-        else:
-            result = run_training(cfg)
     except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: not a success for a scheduler
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exc.exit_code)
