@@ -126,8 +126,8 @@ def check_writable(run_dir: Path) -> None:
     """Refuse a folder this process cannot write into, in one line."""
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ConfigurationError(
-            f"run folder {run_dir} is not writable by this user; choose another run_dir= or "
-            "name=, or fix its permissions."
+            f"run folder {run_dir} is not writable (read-only, or another user's); choose "
+            "another run_dir= or name=, or make it writable."
         )
 
 
