@@ -1,5 +1,5 @@
 """The life of a ``deconcnn-curv train`` run folder: crashes mid-write, two runs at once, signals,
-failed starts and resumes (issue 10 items 2, 3, 5, 7, 8; issue 12 item 3). Real tiny runs."""
+failed starts and resumes. Real tiny runs."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _tear_last_line(path: Path) -> str:
     return torn
 
 
-# ------------------------------------------------------------------ item 2: torn last line
+# ------------------------------------------------------------------ a torn last line
 
 
 def test_readers_skip_a_torn_line_and_name_it(tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def _wait_training(proc: subprocess.Popen[str], run: Path, timeout: float = 60.0
         time.sleep(0.1)
 
 
-# ------------------------------------------------------------------ items 3 and 5
+# ------------------------------------------------------------------ two runs at once, SIGTERM
 
 
 @pytest.mark.slow
@@ -219,7 +219,7 @@ def test_timestamped_folders_are_created_atomically(tmp_path: Path) -> None:
     assert (second.name, third.name) == ("20260101-120000-2", "20260101-120000-3")
 
 
-# ------------------------------------------------------------------ item 7
+# ------------------------------------------------------------------ failed starts leave nothing
 
 
 @pytest.mark.parametrize(
@@ -269,7 +269,7 @@ def test_a_run_that_fails_in_fit_before_training_leaves_no_folder(tmp_path: Path
     assert not run.exists()
 
 
-# ------------------------------------------------------------------ item 8 and issue 12 item 3
+# ------------------------------------------------------------------ resume
 
 
 def test_resume_takes_the_runs_own_config_and_keeps_it(tmp_path: Path) -> None:

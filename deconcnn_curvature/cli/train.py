@@ -116,11 +116,11 @@ def train_cmd(
     configs or your --config-dir name (--trust-config lifts that for a folder you wrote).
     """
     _check_training_extra()
+    from deconcnn_curvature.present import summary_table
     from deconcnn_curvature.training.run import (
         TrainingInterrupted,
         compose_run_config,
         run_training,
-        summary_table,
     )
 
     if show_cfg:  # Hydra's `--cfg job`: a bare word is never an override (key=value)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
-from deconcnn_curvature.present import plot_curvature, summary_table
+from deconcnn_curvature.present import plot_curvature
 from deconcnn_curvature.results import usable_record
 from deconcnn_curvature.training import run_folder
 from deconcnn_curvature.training.run_config import (
@@ -60,11 +60,9 @@ __all__ = [
     "compose_config",
     "compose_run_config",
     "default_config_dir",
-    "plot_curvature",
     "read_training_loss",
     "run_training",
     "secondary_rank",
-    "summary_table",
     "train_in",
 ]
 
