@@ -329,3 +329,30 @@ def test_whole_file_writes_replace_a_link_and_records_refuse_one(tmp_path: Path)
     with pytest.raises(LinkedFileError):
         supersede_after(records, 0)
     assert outside.read_text() == "keep me"
+
+
+def test_the_no_flock_warning_is_one_line_on_the_console(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import errno, fcntl, os, sys
+        def refuse(fd, operation):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        fcntl.flock = refuse
+        from deconcnn_curvature.cli import cli
+        cli(["train", *{TINY!r}, "run_dir={run}"])
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "file locks" in line]
+    assert lines == [
+        f"deconcnn-curv train: warning: run folder {run}: its file system has no file locks "
+        f"(No locks available); using {LOCK_NAME} created exclusively (holding pid and host) "
+        "instead."
+    ]
+    assert "LockFallbackWarning" not in proc.stderr

@@ -47,19 +47,18 @@ def _check_training_extra() -> None:
 def _one_line_warnings() -> Iterator[None]:
     """Show the package's own warnings (a lock file instead of flock, a torn record moved aside)
     as one line each, ``deconcnn-curv train: warning: ...``, not Python's two-line form."""
-    shown = warnings.showwarning
+    formatted = warnings.formatwarning
 
-    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    def one_line(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> str:
         if category.__module__.startswith("deconcnn_curvature"):
-            click.echo(f"deconcnn-curv train: warning: {message}", err=True)
-        else:
-            shown(message, category, *args, **kwargs)
+            return f"deconcnn-curv train: warning: {message}\n"
+        return formatted(message, category, *args, **kwargs)
 
-    warnings.showwarning = show
+    warnings.formatwarning = one_line
     try:
         yield
     finally:
-        warnings.showwarning = shown
+        warnings.formatwarning = formatted
 
 
 @cli.command(

@@ -369,6 +369,13 @@ def _prepare_folder(
 
 
 @dataclass
+class _Stop:
+    """How the fit was asked to stop: ``"SIGTERM"``, ``"Ctrl-C"`` or ``None``."""
+
+    how: str | None = None
+
+
+@dataclass
 class _Built:
     """What :func:`_build` made: everything the fit needs, nothing written yet."""
 
@@ -378,6 +385,7 @@ class _Built:
     trainer: Any
     start_step: int
     run_dir: Path
+    stop: _Stop
     config_path: Path | None = None
 
     @property
@@ -425,8 +433,9 @@ def _build(cfg: DictConfig, run_dir: Path, resume: str | None) -> _Built:
     )
     start_step = _check_checkpoint_fits(resume, module) if resume is not None else 0
     monitor = _build_monitor(cfg, run_dir / "curvature.jsonl", module)
-    trainer = _build_trainer(cfg, run_dir, monitor)
-    return _Built(data, module, monitor, trainer, start_step, run_dir)
+    stop = _Stop()
+    trainer = _build_trainer(cfg, run_dir, monitor, stop)
+    return _Built(data, module, monitor, trainer, start_step, run_dir, stop)
 
 
 def _build_monitor(cfg: DictConfig, curvature_path: Path, module: Any) -> Any:
@@ -446,7 +455,7 @@ def _build_monitor(cfg: DictConfig, curvature_path: Path, module: Any) -> Any:
     return monitor
 
 
-def _build_trainer(cfg: DictConfig, run_dir: Path, monitor: Any) -> Any:
+def _build_trainer(cfg: DictConfig, run_dir: Path, monitor: Any, stop: _Stop) -> Any:
     from deconcnn_curvature._lightning import pl
     from deconcnn_curvature.training._console import no_logger_tip, progress_bar
     from deconcnn_curvature.training.metrics import MetricsJSONL
@@ -457,7 +466,7 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, monitor: Any) -> Any:
         pl.callbacks.ModelCheckpoint(
             dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False
         ),
-        _checkpoint_on_stop(run_dir / "last.ckpt"),
+        _checkpoint_on_stop(run_dir / "last.ckpt", stop),
     ]
     if monitor is not None:
         callbacks += [monitor, _cadence_check(monitor)]
@@ -559,14 +568,21 @@ def _cadence_check(monitor: Any) -> Any:
     return _CadenceCheck()
 
 
-def _checkpoint_on_stop(path: Path) -> Any:
+def _checkpoint_on_stop(path: Path, stop: _Stop) -> Any:
     """A callback saving ``path`` when Lightning stops training for SIGTERM (it raises its
-    ``SIGTERMException`` after the current optimiser step, so the saved state is consistent)."""
+    ``SIGTERMException`` after the current optimiser step, so the saved state is consistent). A
+    signal that came before Lightning's handler was installed stops before the next step."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from deconcnn_curvature._lightning import pl
 
     class _CheckpointOnStop(pl.Callback):
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        ) -> None:
+            if stop.how is not None and not trainer.received_sigterm:
+                raise SIGTERMException
+
         def on_exception(
             self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
         ) -> None:
@@ -581,15 +597,8 @@ def _checkpoint_on_stop(path: Path) -> Any:
 # ------------------------------------------------------------------ fit
 
 
-@dataclass
-class _Stop:
-    """How the fit was asked to stop: ``"SIGTERM"``, ``"Ctrl-C"`` or ``None``."""
-
-    how: str | None = None
-
-
 @contextlib.contextmanager
-def _stoppable() -> Iterator[_Stop]:
+def _stoppable(stop: _Stop) -> Iterator[_Stop]:
     """SIGTERM and Ctrl-C during the fit: abandon a measurement in progress (the HVP operator
     checks :data:`deconcnn_curvature.hvp.CANCEL` before each product) and let Lightning stop after
     the current step (its own SIGTERM handler, which calls this one too). A first Ctrl-C is turned
@@ -598,7 +607,6 @@ def _stoppable() -> Iterator[_Stop]:
 
     from deconcnn_curvature import hvp
 
-    stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -636,14 +644,14 @@ def _fit(built: _Built, run_dir: Path, resume: str | None) -> float:
     group_before = dist.is_available() and dist.is_initialized()
     start = time.perf_counter()
     try:
-        with _stoppable() as stop, warnings.catch_warnings(), allowed_checkpoint_globals():
+        with _stoppable(built.stop), warnings.catch_warnings(), allowed_checkpoint_globals():
             for pattern in _QUIET:
                 warnings.filterwarnings("ignore", message=pattern)
             trainer.fit(built.module, datamodule=built.data, ckpt_path=resume)
     except SIGTERMException:
         if not trainer.is_global_zero:
             raise
-        raise _interrupted(built, stop.how or "SIGTERM") from None
+        raise _interrupted(built, built.stop.how or "SIGTERM") from None
     except (CheckpointWriteError, OSError) as exc:
         if not isinstance(exc, CheckpointWriteError) and exc.errno not in _DISK_ERRORS:
             raise
@@ -669,7 +677,7 @@ def _interrupted(built: _Built, how: str) -> TrainingInterrupted:
     if not built.checkpoint.exists():
         return TrainingInterrupted(
             f"stopped by {how} at step {step}, before a checkpoint was saved in "
-            f"{built.run_dir}; start the run again.",
+            f"{built.run_dir}; start the run again with if_exists=move_aside.",
             code,
         )
     return TrainingInterrupted(
@@ -698,7 +706,10 @@ def _storage_error(built: _Built, exc: OSError) -> RunStorageError:
             built.trainer.save_checkpoint(built.checkpoint, weights_only=False)
     saved = _saved_step(built.checkpoint)
     if saved is None:
-        state = "no checkpoint could be saved; free space and start the run again"
+        state = (
+            "no checkpoint could be saved; free space and start the run again with "
+            "if_exists=move_aside"
+        )
     else:
         state = f"last.ckpt holds step {saved}; free space and resume: {_resume_command(built)}"
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
