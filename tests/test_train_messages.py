@@ -196,3 +196,17 @@ def test_an_edited_monitor_state_is_repaired_with_a_warning(
     assert result.exit_code == 0, result.output
     steps = [r["step"] for r in read_curvature_jsonl(run / "curvature.jsonl")][::2]
     assert steps == [0, 2, 4, 6, 8]  # measuring went on after the resume
+
+
+def test_a_misspelt_key_on_resume_is_refused_like_on_a_fresh_run(finished_run: Path) -> None:
+    resume = f"resume={finished_run / 'last.ckpt'}"
+    typo = _train(resume, "model.widht=8", "--cfg")
+    assert typo.exit_code == 1
+    assert _error_line(typo.output) == (
+        "Error: bad configuration override: the run's config has no key model.widht; check the "
+        "spelling (`deconcnn-curv train resume=... --cfg` shows the keys), or add it with "
+        "+model.widht=..."
+    )
+    assert "num_hvp" in _error_line(_train(resume, "curvature.num_hvp=3", "--cfg").output)
+    added = _train(resume, "+model.extra=1", "--cfg")
+    assert added.exit_code == 0 and "extra: 1" in added.output

@@ -248,6 +248,7 @@ def resume_config(
 
     saved = OmegaConf.load(saved_path)
     chosen, values, deleted = _split(overrides, _groups(config_dir))
+    _check_known_keys(saved, overrides, config_dir)
     if chosen:
         _apply_group_choices(saved, chosen, config_dir)
     try:
@@ -270,6 +271,33 @@ def resume_config(
     shown = [o for o in overrides if override_keys([o])[:1] not in (["resume"], ["run_dir"])]
     extra = f" and this command's {' '.join(shown)}" if shown else ""
     return merged, [f"resuming with the run's own configuration ({saved_path}){extra}."]
+
+
+def _check_known_keys(
+    saved: DictConfig, overrides: Sequence[str], config_dir: str | os.PathLike[str] | None
+) -> None:
+    """A ``key=value`` (no ``+``) for a key neither the saved config nor the shipped one has is a
+    typo, refused as Hydra refuses it in a fresh run (``+key=value`` adds a key)."""
+    from omegaconf import OmegaConf
+
+    absent = object()
+    plain = [o for o in overrides if "=" in o and not o.startswith(("+", "~"))]
+    missing = [
+        key
+        for key in override_keys(plain)
+        if key not in _groups(config_dir) and OmegaConf.select(saved, key, default=absent) is absent
+    ]
+    if not missing:
+        return
+    _check_curvature_keys(plain)  # the monitor's own message for a curvature.* name
+    shipped = compose_config([], config_dir)
+    for key in missing:
+        if OmegaConf.select(shipped, key, default=absent) is absent:
+            raise ConfigurationError(
+                f"bad configuration override: the run's config has no key {key}; check the "
+                f"spelling (`deconcnn-curv train resume=... --cfg` shows the keys), or add it "
+                f"with +{key}=..."
+            )
 
 
 def _mirror_curvature(cfg: Any, named: Sequence[str]) -> None:
