@@ -479,3 +479,13 @@ def test_a_stop_abandons_a_measurement_in_progress_and_saves_the_run(
     assert [(r["step"], r["quantity"]) for r in records] == [(2, "trace"), (2, "eigenvalues")]
     assert all(r["value"] is None for r in records)
     assert all(r["error"].startswith("MeasurementInterrupted: ") for r in records)
+
+
+def test_a_run_can_be_given_its_folder(tmp_path: Path) -> None:
+    """One folder per job of a sweep: the folder given to run_training wins over the config's."""
+    from deconcnn_curvature.training.run import compose_run_config, run_training
+
+    cfg, _ = compose_run_config([*TINY, f"run_dir={tmp_path / 'named'}"])
+    result = run_training(cfg, run_dir=tmp_path / "job-0")
+    assert result.run_dir == tmp_path / "job-0" and (tmp_path / "job-0" / "last.ckpt").is_file()
+    assert not (tmp_path / "named").exists()

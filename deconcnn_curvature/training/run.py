@@ -63,7 +63,6 @@ __all__ = [
     "read_training_loss",
     "run_training",
     "secondary_rank",
-    "train_in",
 ]
 
 # Lightning advice that does not apply here (in-memory CIFAR tensors; the run folder holds the
@@ -261,7 +260,7 @@ def _check_trainer_values(trainer: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------ the run
 
 
-def run_training(cfg: DictConfig) -> RunResult:
+def run_training(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> RunResult:
     """Train as ``cfg`` says and write the run folder (see the module docstring).
 
     The run holds the folder's lock (:data:`LOCK_NAME`) until it returns: a second run into the
@@ -269,17 +268,23 @@ def run_training(cfg: DictConfig) -> RunResult:
     created. SIGTERM (or Ctrl-C) stops training after the current step, abandoning a measurement
     in progress, saves ``last.ckpt`` and raises :class:`TrainingInterrupted` (the CLI exits with
     143, or 130, and prints the resume command).
+
+    ``run_dir`` (e.g. one folder per job of a sweep) takes the place of the folder the config
+    names (``run_dir``, or ``runs_root``/``name``).
     """
     resume = _check_config(cfg)
+    if run_dir is not None:
+        return _train_in(cfg, Path(run_dir).expanduser(), resume)
     path, timestamped = run_dir_of(cfg)
-    return train_in(cfg, path, resume, timestamped=timestamped)
+    return _train_in(cfg, path, resume, timestamped=timestamped)
 
 
-def train_in(
+def _train_in(
     cfg: DictConfig, run_dir: Path, resume: str | None, *, timestamped: bool = False
 ) -> RunResult:
-    """The run of ``cfg`` in the folder ``run_dir`` (created if needed; a ``timestamped`` one
-    taken already gets a ``-2`` suffix), locked for the run's lifetime."""
+    """The run of ``cfg`` (checked, ``resume`` from :func:`_check_config`) in the folder
+    ``run_dir`` (created if needed; a ``timestamped`` one taken already gets a ``-2`` suffix),
+    locked for the run's lifetime."""
     launched = secondary_rank()
     run_dir, created = run_folder.make_run_dir(run_dir, timestamped and not launched_rank())
     lock = None
