@@ -44,6 +44,7 @@ from deconcnn_curvature.training.run_config import (
     compose_config,
     compose_run_config,
     default_config_dir,
+    finish_composed_config,
 )
 from deconcnn_curvature.training.run_folder import LOCK_NAME, CheckpointWriteError
 
@@ -60,6 +61,7 @@ __all__ = [
     "compose_config",
     "compose_run_config",
     "default_config_dir",
+    "finish_composed_config",
     "read_training_loss",
     "run_training",
     "secondary_rank",
@@ -190,8 +192,8 @@ def _check_config(cfg: DictConfig) -> str | None:
     for key in ("model", "optim", "lrsched", "data", "trainer"):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
             raise ConfigurationError(f"the config has no {key!r}; check configs/train.yaml.")
-    try:  # the curvature settings are checked by the monitor itself
-        kept = [key for key in cfg if key not in ("curvature", "callbacks")]
+    try:  # `???` (Hydra's "must be given") anywhere but in the callbacks' resolved copies
+        kept = [key for key in cfg if key != "callbacks"]
         OmegaConf.to_container(
             OmegaConf.masked_copy(cfg, kept), resolve=True, throw_on_missing=True
         )

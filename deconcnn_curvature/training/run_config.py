@@ -42,6 +42,7 @@ __all__ = [
     "compose_config",
     "compose_run_config",
     "default_config_dir",
+    "finish_composed_config",
     "known_targets",
     "resume_config",
 ]
@@ -172,6 +173,15 @@ def compose_run_config(
             f"no config.yaml next to {cfg.resume}; resuming with the configuration this command "
             "composes (the checkpoint must fit it)."
         ]
+    return finish_composed_config(cfg, overrides)
+
+
+def finish_composed_config(
+    cfg: DictConfig, overrides: Sequence[str]
+) -> tuple[DictConfig, list[str]]:
+    """What a fresh run adds to the config Hydra composed from ``overrides`` (by the compose API,
+    or by Hydra's own launcher for a job of a sweep): ``$DECONCNN_CURVATURE_BACKEND``, and the
+    monitor's defaults for the unset ``curvature`` settings. Returns the config and notes."""
     notes = _env_backend(cfg, overrides)
     return _fill_monitor_defaults(cfg), notes
 
@@ -192,7 +202,7 @@ def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
         for key in list(node.keys()):
             if key not in defaults:
                 continue
-            if not OmegaConf.is_missing(node, key) and not is_unset(key, node[key]):
+            if OmegaConf.is_missing(node, key) or not is_unset(key, node[key]):
                 continue
             if key == "num_samples":
                 del node[key]
