@@ -32,11 +32,16 @@ double backward as the cheaper one on the CPU (2.6–2.8 gradients per product o
 default. ``hvp_path=None`` reads the environment variable :data:`ENV_HVP_PATH`
 (``DECONCNN_CURVATURE_HVP_PATH``), so a path can be forced for every measurement of a run
 without touching the code (``"auto"`` = the default).
+
+**Stopping a measurement.** Setting :data:`CANCEL` (a ``threading.Event``; ``deconcnn-curv train``
+sets it on SIGTERM and Ctrl-C) makes every operator raise :class:`MeasurementInterrupted` before
+its next product, so a long measurement ends within one product instead of running its budget out.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -45,13 +50,38 @@ import torch.distributed as dist
 from deconcnn_curvature.distributed import check_backend_device, current_agreement
 from deconcnn_curvature.errors import (
     BackendFailedError,
+    CurvatureError,
     InvalidOptionError,
     InvalidProblemError,
     NonFiniteError,
 )
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size, check_finite_loss
 
-__all__ = ["ENV_HVP_PATH", "HVP_PATHS", "HessianOperator", "resolve_hvp_path"]
+__all__ = [
+    "CANCEL",
+    "ENV_HVP_PATH",
+    "HVP_PATHS",
+    "HessianOperator",
+    "MeasurementInterrupted",
+    "resolve_hvp_path",
+]
+
+#: Set to abandon the measurements in progress: each operator checks it before every product.
+#: Whoever sets it clears it again (``deconcnn-curv train`` does, after the fit).
+CANCEL = threading.Event()
+
+
+class MeasurementInterrupted(CurvatureError):
+    """A measurement was abandoned because :data:`CANCEL` was set (the run is stopping)."""
+
+
+def check_cancelled() -> None:
+    """Raise :class:`MeasurementInterrupted` if :data:`CANCEL` is set."""
+    if CANCEL.is_set():
+        raise MeasurementInterrupted(
+            "measurement interrupted: the run is stopping (SIGTERM or Ctrl-C)"
+        )
+
 
 #: How one Hessian-vector product can be computed (see the module docstring).
 HVP_PATHS = ("double_backward", "forward_over_reverse")
@@ -258,6 +288,7 @@ class HessianOperator:
             torch.cuda.set_rng_state(saved[1], self.problem.device)
 
     def _product(self, live: list[int], grads: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        check_cancelled()  # a stopping run abandons the measurement between products
         if self._functional is not None:
             return self._functional.product(grads, v, self.probe_batch)
         params = [self.problem.params[i] for i in live]

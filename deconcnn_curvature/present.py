@@ -760,7 +760,8 @@ def _unconverged_row(table: Table, eigs: list[Mapping[str, Any]]) -> None:
         table.add_row(
             "λ_max unconverged",
             f"{len(bad)} of {len(eigs)} measurements (first at step {bad[0]['step']}): the "
-            "solver stopped at its cap; raise curvature.backend_options.max_hvps",
+            "solver stopped at its cap; raise it, e.g. with the override "
+            f"++curvature.backend_options.max_hvps={2 * int(bad[0].get('n_hvp') or 50)}",
         )
 
 
@@ -810,7 +811,8 @@ def summary_table(result: Any) -> Table:
         if failed:
             table.add_row("first failure", escape(str(failed[0].get("error"))))
     else:
-        table.add_row("curvature", "off (curvature.enabled=false)")
+        note = getattr(result, "curvature_note", None)
+        table.add_row("curvature", note or "off (curvature.enabled=false)")
     for label, path in (
         ("config", result.config_path),
         ("metrics", result.metrics_path),

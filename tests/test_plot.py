@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from deconcnn_curvature.present import curvature_figure
-from deconcnn_curvature.training.run import plot_curvature, read_training_loss
+from deconcnn_curvature.present import curvature_figure, plot_curvature
+from deconcnn_curvature.training.run import read_training_loss
 
 
 def _trace(step: int, value: float | None, lo: float, hi: float) -> dict[str, Any]:

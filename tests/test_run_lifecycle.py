@@ -28,9 +28,9 @@ from deconcnn_curvature.training.run import (
     RUN_DIR_ENV,
     RunResult,
     compose_config,
-    make_run_dir,
     secondary_rank,
 )
+from deconcnn_curvature.training.run_folder import make_run_dir
 
 
 def _train(*args: str) -> object:
@@ -440,3 +440,52 @@ def test_resume_of_a_checkpoint_holding_objects_is_one_line(tmp_path: Path) -> N
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "beyond tensors and plain values" in result.output  # one line, says why
     assert not run.exists()
+
+
+# ------------------------------------------------------------------ a stop during a measurement
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "code", "how"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")]
+)
+def test_a_stop_abandons_a_measurement_in_progress_and_saves_the_run(
+    tmp_path: Path, sig: signal.Signals, code: int, how: str
+) -> None:
+    """A measurement of ten million products (hours) is abandoned between two products: the
+    process ends within seconds with the scheduler's exit code, last.ckpt saved after the step,
+    and the measurement recorded as interrupted."""
+    run = tmp_path / "run"
+    proc = _start(run, "curvature.num_hvps=10000000", "curvature.compute_at_step_zero=false")
+    try:
+        _wait_training(proc, run)  # step 1 is done; step 2's measurement starts next
+        time.sleep(2.0)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert took < 15, f"{took:.1f} s after {how}"
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"Error: stopped by {how} at step 2; ")
+    assert last.endswith(f"deconcnn-curv train resume={run / 'last.ckpt'} run_dir={run}")
+    checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    records = read_curvature_jsonl(run / "curvature.jsonl")
+    assert [(r["step"], r["quantity"]) for r in records] == [(2, "trace"), (2, "eigenvalues")]
+    assert all(r["value"] is None for r in records)
+    assert all(r["error"].startswith("MeasurementInterrupted: ") for r in records)
+
+
+def test_a_run_can_be_given_its_folder(tmp_path: Path) -> None:
+    """One folder per job of a sweep: the folder given to run_training wins over the config's."""
+    from deconcnn_curvature.training.run import compose_run_config, run_training
+
+    cfg, _ = compose_run_config([*TINY, f"run_dir={tmp_path / 'named'}"])
+    result = run_training(cfg, run_dir=tmp_path / "job-0")
+    assert result.run_dir == tmp_path / "job-0" and (tmp_path / "job-0" / "last.ckpt").is_file()
+    assert not (tmp_path / "named").exists()

@@ -185,10 +185,11 @@ def test_config_dir_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_summary_marks_an_unconverged_lambda_max(tmp_path: Path) -> None:
-    # A capped λ_max must not print like a converged one in the summary.
+    # A λ_max capped by the solver's budget is not printed like a converged one.
     from rich.console import Console
 
-    from deconcnn_curvature.training.run import RunResult, summary_table
+    from deconcnn_curvature.present import summary_table
+    from deconcnn_curvature.training.run import RunResult
 
     def eig(step: int, converged: bool) -> dict:
         details = {"residuals": [0.3], "converged": converged}

@@ -2,7 +2,7 @@
 
 A *run folder* is a folder holding a ``curvature.jsonl`` (what ``deconcnn-curv train`` writes, next
 to ``config.yaml`` and ``metrics.jsonl``; or only the records file, written by
-:class:`~deconcnn_curvature.lightning.CurvatureMonitor` under someone else's training app). A
+:class:`~deconcnn_curvature.monitor.CurvatureMonitor` under someone else's training app). A
 *sweep folder* is any folder with run folders somewhere below it. :func:`find_runs` turns paths,
 globs and sweep folders into run folders; :func:`load_run` reads one; :func:`read_runs` builds the
 table. The records are read with the package's own reader (:func:`read_jsonl`), so a line torn by a

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,6 +43,24 @@ def _check_training_extra() -> None:
     check_lightning_importable()
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show the package's own warnings (a lock file instead of flock, a torn record moved aside)
+    as one line each, ``deconcnn-curv train: warning: ...``, not Python's two-line form."""
+    formatted = warnings.formatwarning
+
+    def one_line(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+        if category.__module__.startswith("deconcnn_curvature"):
+            return f"deconcnn-curv train: warning: {message}\n"
+        return formatted(message, category, *args, **kwargs)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = formatted
+
+
 @cli.command(
     "train",
     context_settings={"ignore_unknown_options": True},
@@ -67,6 +88,12 @@ def _check_training_extra() -> None:
     help="Run a grid through Hydra's sweeper and launcher (optim.lr=0.05,0.1 seed=0,1,2): "
     "each job a run folder under hydra.sweep.dir (see docs/sweeps.md).",
 )
+@click.option(
+    "--trust-config",
+    is_flag=True,
+    help="On resume, build whatever the run folder's config.yaml names (_target_, batch_fn), "
+    "even code no config of this package or yours names: only for a folder you wrote.",
+)
 @user_errors
 def train_cmd(
     overrides: tuple[str, ...],
@@ -74,6 +101,7 @@ def train_cmd(
     show_cfg: bool,
     as_json: bool,
     multirun: bool,
+    trust_config: bool,
 ) -> None:
     """Train a deconCNN-shaped CIFAR run (ResNet-18, SGD + momentum, warm-up + cosine) and
     measure curvature during it.
@@ -90,14 +118,16 @@ def train_cmd(
     The run folder (runs/<name or timestamp>/, or run_dir=; the demo's is runs/demo/) gets
     config.yaml, metrics.jsonl, curvature.jsonl, last.ckpt and curvature.png; a summary table is
     printed at the end. A resume takes the run's own config.yaml with these overrides on top. A
-    second run into a folder in use stops at once; SIGTERM saves last.ckpt and exits with 143.
+    second run into a folder in use stops at once; SIGTERM saves last.ckpt and exits with 143
+    (Ctrl-C: 130), abandoning a measurement in progress. A resume builds only what the shipped
+    configs or your --config-dir name (--trust-config lifts that for a folder you wrote).
     """
     _check_training_extra()
+    from deconcnn_curvature.present import summary_table
     from deconcnn_curvature.training.run import (
         TrainingInterrupted,
         compose_run_config,
         run_training,
-        summary_table,
     )
 
     if show_cfg:  # Hydra's `--cfg job`: a bare word is never an override (key=value)
@@ -111,7 +141,7 @@ def train_cmd(
         from deconcnn_curvature.cli._multirun import train_multirun
 
         return train_multirun(overrides, config_dir, show_cfg=show_cfg, as_json=as_json)
-    cfg, notes = compose_run_config(overrides, config_dir)
+    cfg, notes = compose_run_config(overrides, config_dir, trust_config=trust_config)
     for note in notes:
         click.echo(f"deconcnn-curv train: {note}", err=True)
     if show_cfg:
@@ -120,12 +150,13 @@ def train_cmd(
         click.echo(OmegaConf.to_yaml(cfg), nl=False)
         return
     try:
-        if as_json:  # stdout carries the JSON alone; Lightning's own output goes to stderr
-            with contextlib.redirect_stdout(sys.stderr):
+        with _one_line_warnings():
+            if as_json:  # stdout carries the JSON alone; Lightning's own output goes to stderr
+                with contextlib.redirect_stdout(sys.stderr):
+                    result = run_training(cfg)
+            else:
                 result = run_training(cfg)
-        else:
-            result = run_training(cfg)
-    except TrainingInterrupted as exc:  # SIGTERM: not a success for a scheduler
+    except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: not a success for a scheduler
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exc.exit_code)
     if result.global_rank != 0:  # a DDP rank process: rank 0 reports for the run

@@ -51,6 +51,7 @@ from deconcnn_curvature.backend import Backend, Plan, plan_calls
 from deconcnn_curvature.defaults import MONITOR, default
 from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
+from deconcnn_curvature.hvp import MeasurementInterrupted
 from deconcnn_curvature.monitor.budget import (
     MAX_BATCH_FACTOR,
     MAX_PRODUCTS,
@@ -427,6 +428,18 @@ class CurvatureMonitor(pl.Callback):
             self.check_config()
         get_backend(self._backend_name).validate_model(self._model(pl_module))
         self._loss(pl_module)
+        self._check_k(pl_module)
+
+    def _check_k(self, pl_module: pl.LightningModule) -> None:
+        """Refuse more top eigenvalues than the measured model has trainable parameters."""
+        if "eigenvalues" not in self.quantities:
+            return
+        n = sum(p.numel() for p in self._model(pl_module).parameters() if p.requires_grad)
+        if self.k > n:
+            raise ConfigurationError(
+                f"CurvatureMonitor: k={self.k} top eigenvalues asked of a model with {n} "
+                f"trainable parameters; k can be at most {n} (in a config: curvature.k={n})."
+            )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check backend, quantities, options, model and loss before any training step."""
@@ -505,6 +518,13 @@ class CurvatureMonitor(pl.Callback):
                 f"CurvatureMonitor: hessian_batch_size={self.hessian_batch_size} but the training "
                 f"data set has only {size} samples; lower hessian_batch_size."
             )
+        if self._last_step > trainer.global_step:
+            pl.utilities.rank_zero_warn(
+                f"CurvatureMonitor: the checkpoint's monitor state puts the last measurement at "
+                f"step {self._last_step}, after the checkpoint's own step {trainer.global_step} "
+                "(an edited or mismatched checkpoint); measuring on from this step."
+            )
+            self._last_step = trainer.global_step
         if self._writer is not None and trainer.global_step > 0:
             # Resumed from a checkpoint: records past it belong to a stretch of training that
             # the checkpoint does not contain and that is about to be re-run.
@@ -699,6 +719,8 @@ class CurvatureMonitor(pl.Callback):
                 seconds = time.perf_counter() - began
                 for quantity in (*call.records[1:], call.quantity):  # as a success writes them
                     self._record(trainer, step, quantity, seconds=seconds, error=reason)
+                if isinstance(exc, MeasurementInterrupted):
+                    continue  # the run is stopping: recorded, not a failure to warn about
                 self._after_failure(reason, step)
                 if self.on_error == "raise":
                     self._observe(pl_module, size, start, n_hvp, trace_details)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import IO, Any
 from deconcnn_curvature.results import plain
 
 __all__ = [
+    "LinkedFileError",
     "RecordWriter",
     "TornLineWarning",
     "open_for_append",
@@ -43,9 +45,25 @@ def side_file(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f"{path.stem}.superseded{path.suffix}")
 
 
+class LinkedFileError(OSError):
+    """A records file (or its side file) is a symbolic link: it is not written through."""
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise LinkedFileError(f"{path} is a symbolic link; records are never written through one.")
+
+
+def _open_append(path: Path) -> IO[str]:
+    """``path`` opened for appending text, never through a symbolic link (``O_NOFOLLOW``)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    _refuse_link(path)
+    return os.fdopen(os.open(path, flags, 0o644), "a", encoding="utf-8")
+
+
 def _append_side(path: Path, lines: list[str]) -> Path:
     side = side_file(path)
-    with side.open("a", encoding="utf-8") as handle:
+    with _open_append(side) as handle:
         handle.writelines(line if line.endswith("\n") else line + "\n" for line in lines)
         handle.flush()
         os.fsync(handle.fileno())
@@ -65,6 +83,7 @@ def repair_torn_tail(path: str | os.PathLike[str]) -> str | None:
     a whole JSON record, else moved to :func:`side_file`. Returns a sentence saying what was done,
     or ``None`` when the file was fine."""
     path = Path(path)
+    _refuse_link(path)
     if not path.is_file():
         return None
     data = path.read_bytes()
@@ -74,7 +93,7 @@ def repair_torn_tail(path: str | os.PathLike[str]) -> str | None:
     tail = data[start:].decode("utf-8", errors="replace")
     line_no = data.count(b"\n") + 1
     if _is_json(tail):
-        with path.open("a", encoding="utf-8") as handle:
+        with _open_append(path) as handle:
             handle.write("\n")
         return None
     side = _append_side(path, [tail])
@@ -97,7 +116,7 @@ def open_for_append(path: str | os.PathLike[str]) -> IO[str]:
     note = repair_torn_tail(path)
     if note is not None:
         warnings.warn(note, TornLineWarning, stacklevel=3)
-    return path.open("a", encoding="utf-8")
+    return _open_append(path)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -126,6 +145,7 @@ def supersede_after(path: str | os.PathLike[str], step: int) -> tuple[int, Path 
     not JSON (torn by a crash), to :func:`side_file` (appended). Returns how many moved, and
     where."""
     path = Path(path)
+    _refuse_link(path)
     if not path.is_file():
         return 0, None
     note = repair_torn_tail(path)
@@ -149,9 +169,16 @@ def supersede_after(path: str | os.PathLike[str], step: int) -> tuple[int, Path 
     side = _append_side(path, moved)
     if keep and not keep[-1].endswith("\n"):
         keep[-1] += "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # a fresh name (never a link) renamed over the file: the link itself would be replaced
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("".join(keep))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return len(moved), side
 
 

@@ -1,47 +1,52 @@
 """The main job: a deconCNN-shaped training run with curvature measured during training.
 
 :func:`run_training` takes a composed Hydra config (``configs/train.yaml`` and its groups; see
-:func:`compose_config`) and builds everything from it: the CIFAR data module, the
-``resnet18_cifar`` ``ClassificationModule`` (SGD with momentum, warm-up + cosine), a Lightning
-``Trainer`` with a progress bar, deconCNN's ``metrics.jsonl`` writer, a checkpoint and the
-``CurvatureMonitor`` (when ``curvature.enabled``). It fits, then draws the curvature records
-(trace and λ_max with error bars against step, the training loss underneath) into
-``curvature.png``. ``deconcnn-curv train
-[overrides]`` is a thin front end over it.
+:func:`~deconcnn_curvature.training.run_config.compose_run_config`) and runs it in three steps:
+**build** (the CIFAR data module, the ``ClassificationModule``, the ``CurvatureMonitor`` when
+``curvature.enabled``, a Lightning ``Trainer`` with deconCNN's ``metrics.jsonl`` writer and a
+checkpoint), everything that can fail on a bad value, before anything is written; **fit**, with
+SIGTERM and Ctrl-C turned into a clean stop that saves ``last.ckpt``; **finish**: the plot
+(``curvature.png``) and the :class:`RunResult`. ``deconcnn-curv train [overrides]`` is a thin front
+end over it.
 
-The run folder (``run_dir``, default ``runs/<name or timestamp>``) holds::
+The run folder (``run_dir``, default ``runs/<name or timestamp>``; :mod:`.run_folder`) holds::
 
     config.yaml       the resolved configuration (a resume writes config.resume-<n>.yaml beside it)
-    .run.lock         locked (fcntl.flock) by the run writing into the folder, for its lifetime
+    .run.lock         the lock of the run writing into the folder, for its lifetime
     metrics.jsonl     {"timestamp", "step", "metrics": {...}} per optimiser step (deconCNN's format)
     curvature.jsonl   one record per measurement and quantity (value, stderr, ci, n_hvp, error...)
     last.ckpt         the Lightning checkpoint (resume with resume=<run_dir>/last.ckpt)
     curvature.png     the plot
-
-Where the configs come from (:func:`default_config_dir`): ``$DECONCNN_CURVATURE_CONFIG_DIR`` if
-set; else the repository's ``configs/`` when running from a source checkout; else the same files as
-installed with the package (``deconcnn_curvature/conf``: ``pyproject.toml`` maps that package to
-``configs/``, the only copy in the repository).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
+import signal
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
-from deconcnn_curvature.present import plot_curvature, summary_table
+from deconcnn_curvature.present import plot_curvature
 from deconcnn_curvature.results import usable_record
+from deconcnn_curvature.training import run_folder
+from deconcnn_curvature.training.run_config import (
+    ENV_CONFIG_DIR,
+    compose_config,
+    compose_run_config,
+    default_config_dir,
+    finish_composed_config,
+)
+from deconcnn_curvature.training.run_folder import LOCK_NAME, CheckpointWriteError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -49,20 +54,18 @@ if TYPE_CHECKING:
 __all__ = [
     "ENV_CONFIG_DIR",
     "LOCK_NAME",
+    "RUN_DIR_ENV",
     "RunResult",
+    "RunStorageError",
     "TrainingInterrupted",
     "compose_config",
     "compose_run_config",
     "default_config_dir",
     "finish_composed_config",
-    "plot_curvature",
     "read_training_loss",
     "run_training",
-    "summary_table",
+    "secondary_rank",
 ]
-
-#: Environment variable naming a config folder to use instead of the shipped one.
-ENV_CONFIG_DIR = "DECONCNN_CURVATURE_CONFIG_DIR"
 
 # Lightning advice that does not apply here (in-memory CIFAR tensors; the run folder holds the
 # config next to the checkpoint) and a deprecation inside Lightning: nothing a user can act on.
@@ -72,264 +75,8 @@ _QUIET = (
     r".*Checkpoint directory .* exists and is not empty.*",
 )
 
-
-def default_config_dir() -> Path:
-    """The folder holding ``train.yaml`` and its config groups (see the module docstring)."""
-    env = os.environ.get(ENV_CONFIG_DIR)
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not (path / "train.yaml").is_file():
-            raise ConfigurationError(
-                f"${ENV_CONFIG_DIR}={env} has no train.yaml; point it at a folder like the "
-                "repository's configs/, or unset it."
-            )
-        return path
-    source = Path(__file__).resolve().parents[2] / "configs"
-    if (source / "train.yaml").is_file():  # a source checkout (editable install)
-        return source
-    return Path(str(resources.files("deconcnn_curvature") / "conf"))
-
-
-def compose_config(
-    overrides: Sequence[str] = (), config_dir: str | os.PathLike[str] | None = None
-) -> DictConfig:
-    """Compose ``train.yaml`` with Hydra overrides (``key=value``, ``group=option``, ``+key=v``).
-
-    Raises :class:`~deconcnn_curvature.errors.ConfigurationError` with Hydra's message when an
-    override does not apply (unknown key or group option).
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    folder = Path(config_dir).resolve() if config_dir is not None else default_config_dir()
-    if not (folder / "train.yaml").is_file():
-        raise ConfigurationError(f"config folder {folder} has no train.yaml.")
-    try:
-        with initialize_config_dir(str(folder), version_base="1.3", job_name="deconcnn-curv"):
-            return compose("train", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
-        _check_curvature_keys(overrides)  # not Hydra's "use +curvature.num_hvp=3": no such setting
-        # Hydra's later lines carry the fix ("To append to your config use +key=value").
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        raise ConfigurationError(
-            f"bad configuration override: {message} (config folder: {folder}; see "
-            "`deconcnn-curv train --cfg` for the keys)."
-        ) from exc
-
-
-def _check_curvature_keys(overrides: Sequence[str]) -> None:
-    """Raise the monitor's own unknown-setting error (the valid names, a close match) for an
-    override ``curvature.<name>=...`` whose name is no monitor setting."""
-    import inspect
-
-    from deconcnn_curvature.monitor import CurvatureMonitor
-    from deconcnn_curvature.monitor.settings import settings_kwargs
-
-    accepted = [p for p in inspect.signature(CurvatureMonitor.__init__).parameters if p != "self"]
-    for override in overrides:
-        key = override.partition("=")[0]
-        head, _, rest = key.partition(".")
-        name = rest.partition(".")[0]
-        if head == "curvature" and name and name not in accepted:
-            settings_kwargs(accepted, {name: None}, {})
-
-
-def compose_run_config(
-    overrides: Sequence[str] = (), config_dir: str | os.PathLike[str] | None = None
-) -> tuple[DictConfig, list[str]]:
-    """The configuration ``deconcnn-curv train OVERRIDES`` runs, and notes to show at start-up.
-
-    On top of :func:`compose_config`:
-
-    * a value starting with ``~`` (``data.root=~/data/cifar``) is expanded to the home folder
-      (the shell leaves it alone after ``key=``, and Hydra's override lexer refuses it);
-    * a resume (``resume=<run>/last.ckpt``) takes the run's own ``config.yaml`` (saved next to
-      the checkpoint) with this command's overrides on top, and continues in the checkpoint's
-      folder unless ``run_dir=``/``name=`` is given;
-    * otherwise ``$DECONCNN_CURVATURE_BACKEND`` names the backend when no override does;
-    * the ``curvature`` settings left unset (``null``, see ``configs/curvature/base.yaml``) are
-      filled with the monitor's defaults, so ``--cfg`` and the saved ``config.yaml`` show the
-      values the run uses.
-    """
-    overrides = [_expand_home(o) for o in overrides]
-    resume = next((o.partition("=")[2] for o in overrides if o.startswith("resume=")), None)
-    if resume:
-        saved = Path(resume.strip("'\"")).expanduser().parent / "config.yaml"
-        if saved.is_file():
-            cfg, notes = _resume_config(saved, overrides, config_dir)
-            return _fill_monitor_defaults(cfg), notes
-    cfg = compose_config(overrides, config_dir)
-    if cfg.get("resume"):
-        return _fill_monitor_defaults(cfg), [
-            f"no config.yaml next to {cfg.resume}; resuming with the configuration this command "
-            "composes (the checkpoint must fit it)."
-        ]
-    return finish_composed_config(cfg, overrides)
-
-
-def finish_composed_config(
-    cfg: DictConfig, overrides: Sequence[str]
-) -> tuple[DictConfig, list[str]]:
-    """What a fresh run adds to the config Hydra composed from ``overrides`` (by the compose API,
-    or by Hydra's own launcher for a job of a sweep): ``$DECONCNN_CURVATURE_BACKEND``, and the
-    monitor's defaults for the unset ``curvature`` settings. Returns the config and notes."""
-    notes = _env_backend(cfg, overrides)
-    return _fill_monitor_defaults(cfg), notes
-
-
-def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
-    """Set each unset (``null``) ``curvature`` setting to the
-    default of ``CurvatureMonitor``'s signature (where the defaults are written, once); an unset
-    deprecated ``num_samples`` is dropped. A config without a ``curvature`` group is returned as
-    it is."""
-    import inspect
-
-    from omegaconf import OmegaConf, open_dict
-
-    from deconcnn_curvature.monitor import CurvatureMonitor
-    from deconcnn_curvature.monitor.settings import is_unset
-
-    node = OmegaConf.select(cfg, "curvature", default=None)
-    if not OmegaConf.is_dict(node):
-        return cfg
-    defaults = inspect.signature(CurvatureMonitor.__init__).parameters
-    with open_dict(node):
-        for key in list(node.keys()):
-            if key not in defaults:
-                continue
-            if OmegaConf.is_missing(node, key) or not is_unset(key, node[key]):
-                continue
-            if key == "num_samples":
-                del node[key]
-                continue
-            value = defaults[key].default
-            node[key] = list(value) if isinstance(value, tuple) else value
-    return cfg
-
-
-def _expand_home(override: str) -> str:
-    key, sep, value = override.partition("=")
-    if not sep or not value.startswith("~") or "'" in value or '"' in value:
-        return override
-    return f"{key}='{os.path.expanduser(value)}'"
-
-
-def _override_keys(overrides: Sequence[str]) -> list[str]:
-    return [o.partition("=")[0].lstrip("+~") for o in overrides if "=" in o]
-
-
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, name))
-        else:
-            out[name] = value
-    return out
-
-
-def _resolved_leaves(cfg: DictConfig) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return _leaves(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-
-
-def _resume_config(
-    saved_path: Path, overrides: Sequence[str], config_dir: str | os.PathLike[str] | None
-) -> tuple[DictConfig, list[str]]:
-    """The run's saved config with this command's overrides on top.
-
-    ``key=value`` for a key the saved config has is applied to it directly (so ``model.width=8``
-    works for a ``model=small_cnn`` run; a ``curvature.*`` key also sets the resolved
-    ``callbacks.*`` copy). Group choices and ``+`` additions are composed by Hydra over the
-    defaults, and the keys they change are copied over.
-    """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    saved = OmegaConf.load(saved_path)
-    absent = object()
-
-    def put(key: str, value: Any) -> None:
-        OmegaConf.update(saved, key, value, merge=False, force_add=True)
-        # The saved callbacks node holds resolved copies of the curvature.* values in its
-        # `settings`.
-        name = key.removeprefix("curvature.")
-        if not key.startswith("curvature."):
-            return
-        if OmegaConf.is_dict(OmegaConf.select(saved, "callbacks.settings", default=None)):
-            mirror = "callbacks.settings." + name
-            OmegaConf.update(saved, mirror, value, merge=False, force_add=True)
-
-    plain, rest = [], []
-    for override in overrides:
-        key, sep, _ = override.partition("=")
-        found = (
-            OmegaConf.select(saved, key, default=absent) if sep and key[:1] not in "+~" else absent
-        )
-        leaf = found is not absent and not OmegaConf.is_config(found)
-        (plain if leaf else rest).append(override)  # a group choice (model=...) goes to Hydra
-    if rest:
-        new = _resolved_leaves(compose_config(rest, config_dir))
-        default = _resolved_leaves(compose_config([], config_dir))
-        named = _override_keys(rest)
-        for key, value in new.items():
-            if key.startswith("callbacks."):
-                continue  # follows curvature.* (put), or an explicit callbacks.* override below
-            if default.get(key, absent) != value or any(
-                key == n or key.startswith(n + ".") for n in named
-            ):
-                put(key, value)
-        for key, value in new.items():
-            if key.startswith("callbacks.") and any(
-                key == n or key.startswith(n + ".") for n in named
-            ):
-                put(key, value)
-    try:
-        dotlist = OmegaConf.from_dotlist(list(plain))
-    except OmegaConfBaseException as exc:
-        raise ConfigurationError(f"bad configuration override: {exc}") from exc
-    for key, value in _leaves(OmegaConf.to_container(dotlist)).items():
-        put(key, value)
-    named = _override_keys(overrides)
-    resume = Path(str(saved.resume)).expanduser()
-    saved.resume = str(resume)
-    if not {"run_dir", "name"} & set(named):
-        saved.run_dir = str(resume.parent)  # the run continues in its own folder
-    elif "name" in named and "run_dir" not in named:
-        saved.run_dir = None
-    shown = [o for o in overrides if _override_keys([o])[:1] not in (["resume"], ["run_dir"])]
-    extra = f" and this command's {' '.join(shown)}" if shown else ""
-    return saved, [f"resuming with the run's own configuration ({saved_path}){extra}."]
-
-
-def _env_backend(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
-    """Apply ``$DECONCNN_CURVATURE_BACKEND`` as the default curvature backend."""
-    from omegaconf import OmegaConf
-
-    from deconcnn_curvature.registry import ENV_BACKEND
-
-    env = os.environ.get(ENV_BACKEND)
-    if not env:
-        return []
-    keys = _override_keys(overrides)
-    if any(k in ("curvature", "curvature.backend", "callbacks", "callbacks.backend") for k in keys):
-        backend = OmegaConf.select(cfg, "curvature.backend", default=None)
-        return [
-            f"curvature backend {backend} (from the command line; ${ENV_BACKEND}={env} unused)."
-        ]
-    import deconcnn_curvature as dcc
-
-    known = [b["name"] for b in dcc.list_backends()]
-    if env not in known:
-        raise ConfigurationError(
-            f"${ENV_BACKEND}={env} names no registered backend (known: {', '.join(known)}); "
-            "unset it or set it to a name from `deconcnn-curv list-backends`."
-        )
-    OmegaConf.update(cfg, "curvature.backend", env, merge=False, force_add=True)
-    return [f"curvature backend {env} (from ${ENV_BACKEND})."]
+#: Errors of a full or failing disk: the run stops in one line, its state saved where possible.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
 @dataclass(frozen=True)
@@ -350,6 +97,8 @@ class RunResult:
     global_rank: int = 0
     #: The step training started from (the checkpoint's, for a resumed run; 0 otherwise).
     start_step: int = 0
+    #: Why a run with the monitor on has no curvature records (``None`` otherwise).
+    curvature_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (records included)."""
@@ -367,15 +116,33 @@ class RunResult:
             "curvature_records": [dict(r) for r in self.records],
             "global_rank": self.global_rank,
             "start_step": self.start_step,
+            "curvature_note": self.curvature_note,
         }
 
+
+class TrainingInterrupted(CurvatureError):
+    """Training was stopped by SIGTERM (exit code 143) or Ctrl-C (130); the message says how to
+    resume."""
+
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        #: 128 + the signal's number, what a shell reports for a process ended by it.
+        self.exit_code = exit_code
+
+
+class RunStorageError(CurvatureError):
+    """The run folder's disk refused a write (full, read-only, failing); the message says what
+    was saved."""
+
+
+# ------------------------------------------------------------------ ranks and the folder
 
 #: Set by the first process of a run for the rank processes Lightning launches from it (they run
 #: this command again and must write to the same folder, whatever the clock says by then).
 RUN_DIR_ENV = "DECONCNN_CURVATURE_RUN_DIR_OF_RANK0"
 
 
-def _launched_rank() -> bool:
+def launched_rank() -> bool:
     """This process is a rank > 0 that Lightning's DDP launcher started from rank 0's command."""
     return os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_ENV in os.environ
 
@@ -384,16 +151,17 @@ def secondary_rank() -> bool:
     """A process other than the first of a distributed run: launched by Lightning from rank 0,
     or given a non-zero rank by torchrun / SLURM. Rank 0 alone locks the folder, checks it and
     writes the config; the other ranks write into it."""
-    if _launched_rank():
+    if launched_rank():
         return True
     return any(os.environ.get(name, "0") not in ("", "0") for name in ("RANK", "SLURM_PROCID"))
 
 
-def _run_dir(cfg: DictConfig) -> Path:
-    if _launched_rank():
-        return Path(os.environ[RUN_DIR_ENV])
+def run_dir_of(cfg: DictConfig) -> tuple[Path, bool]:
+    """The run folder ``cfg`` names, and whether it is a timestamp (made unique on creation)."""
+    if launched_rank():
+        return Path(os.environ[RUN_DIR_ENV]), False
     if cfg.get("run_dir"):
-        return Path(cfg.run_dir).expanduser()
+        return Path(cfg.run_dir).expanduser(), False
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if not cfg.get("name") and "RANK" in os.environ and world > 1:
         raise ConfigurationError(
@@ -401,139 +169,59 @@ def _run_dir(cfg: DictConfig) -> Path:
             "run a name= or run_dir=, so that every rank writes to the same folder."
         )
     name = cfg.get("name") or datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(cfg.get("runs_root") or "runs").expanduser() / str(name)
-    if not cfg.get("name"):  # two runs started in the same second get different folders
-        base, i = path, 1
-        while path.exists():
-            i += 1
-            path = base.with_name(f"{base.name}-{i}")
-    return path
+    return Path(cfg.get("runs_root") or "runs").expanduser() / str(name), not cfg.get("name")
 
 
-#: The lock file inside a run folder, held (``fcntl.flock``) by the run writing into it.
-LOCK_NAME = ".run.lock"
+# ------------------------------------------------------------------ checks before anything
 
 
-def make_run_dir(path: Path, timestamped: bool) -> tuple[Path, bool]:
-    """Create the run folder; return it and whether this call created it.
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
 
-    A timestamped folder is created atomically (``mkdir`` without ``exist_ok``): two runs started
-    in the same second get ``<stamp>`` and ``<stamp>-2``, never one folder between them.
-    """
-    try:
-        if timestamped:
-            base, i = path, 1
-            while True:
-                try:
-                    path.mkdir(parents=True)
-                    return path, True
-                except FileExistsError:
-                    i += 1
-                    path = base.with_name(f"{base.name}-{i}")
-        existed = path.is_dir()
-        path.mkdir(parents=True, exist_ok=True)
-        return path, not existed
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _check_config(cfg: DictConfig) -> str | None:
+    """Refuse, before any folder is made, what can be told from the config alone; return the
+    checkpoint to resume from (``None`` for a fresh run)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    from deconcnn_curvature.checkpoints import check_resume_checkpoint
+
+    for key in ("model", "optim", "lrsched", "data", "trainer"):
+        if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
+            raise ConfigurationError(f"the config has no {key!r}; check configs/train.yaml.")
+    try:  # `???` (Hydra's "must be given") anywhere but in the callbacks' resolved copies
+        kept = [key for key in cfg if key != "callbacks"]
+        OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, kept), resolve=True, throw_on_missing=True
+        )
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or str(exc)
+        hint = " (e.g. data.root=/path/to/cifar)" if str(key).startswith("data.") else ""
+        raise ConfigurationError(f"the config value {key} must be given{hint}.") from exc
+    _check_seed(cfg.get("seed", 0))
+    _check_trainer_values(_plain(cfg.trainer))
+    if (cfg.get("if_exists") or "refuse") not in ("refuse", "move_aside"):
         raise ConfigurationError(
-            f"cannot create the run folder {path}: {reason}; choose another run_dir= or name=."
-        ) from exc
-
-
-def _lock_run_dir(run_dir: Path) -> Any:
-    """Take the run folder's lock (``fcntl.flock``, exclusive, not waiting) for this process and
-    write its pid into the lock file. A second run into the same folder fails here at once; a lock
-    left by a dead process is no lock (the kernel drops it with the process). Returns the open
-    lock file (closing it releases the lock), or ``None`` where ``fcntl`` does not exist."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; the "already holds a run" check remains
+            f"if_exists must be refuse or move_aside; got {cfg.get('if_exists')!r}."
+        )
+    resume = cfg.get("resume")
+    if resume is None:
         return None
-    handle = (run_dir / LOCK_NAME).open("a+", encoding="utf-8")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
+    resume = str(Path(resume).expanduser())
+    if not Path(resume).is_file():
+        raise ConfigurationError(f"resume={cfg.resume}: no such checkpoint file.")
+    check_resume_checkpoint(resume)  # pickled code is refused before anything is built
+    return resume
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigurationError(
-            f"run folder {run_dir} is in use by another run (pid {holder}); wait for it to end, "
-            "or choose another run_dir= or name=."
-        ) from exc
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-def _holds_a_run(run_dir: Path) -> bool:
-    return (run_dir / "curvature.jsonl").exists() or (run_dir / "metrics.jsonl").exists()
-
-
-def _move_aside(run_dir: Path) -> Path:
-    """Move the contents of ``run_dir`` (its lock file apart) into a new sibling folder
-    ``<name>.1`` (``.2``, ... when taken); return that folder."""
-    i = 1
-    while True:
-        side = run_dir.with_name(f"{run_dir.name}.{i}")
-        try:
-            side.mkdir()
-            break
-        except FileExistsError:
-            i += 1
-    for entry in sorted(run_dir.iterdir()):
-        if entry.name != LOCK_NAME:
-            os.replace(entry, side / entry.name)
-    return side
-
-
-def _config_path(run_dir: Path, resume: Any) -> Path:
-    """``config.yaml``, or for a resume into a folder that has one, ``config.resume-<n>.yaml``
-    (the run's original configuration is kept)."""
-    path = run_dir / "config.yaml"
-    if resume is None or not path.exists():
-        return path
-    n = 1
-    while (run_dir / f"config.resume-{n}.yaml").exists():
-        n += 1
-    return run_dir / f"config.resume-{n}.yaml"
-
-
-def _listing(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """What a folder holds (name: size, modification time), its lock file apart."""
-    out = {}
-    for entry in run_dir.iterdir():
-        if entry.name != LOCK_NAME:
-            stat = entry.stat()
-            out[entry.name] = (stat.st_size, stat.st_mtime_ns)
-    return out
-
-
-def _discard_failed_start(
-    run_dir: Path, created: bool, before: Mapping[str, tuple[int, int]], written: Sequence[Path]
-) -> None:
-    """A run that failed before training wrote anything leaves no trace: the files it wrote (its
-    config) go, and so does the folder if this run created it. Once training has written
-    something (records, a checkpoint), everything stays for a resume."""
-    if not run_dir.is_dir():
-        return
-    names = {p.name for p in written}
-    now = {k: v for k, v in _listing(run_dir).items() if k not in names}
-    if now != dict(before):
-        return
-    for path in written:
-        path.unlink(missing_ok=True)
-    if created:
-        (run_dir / LOCK_NAME).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()
-
-
-class TrainingInterrupted(CurvatureError):
-    """Training was stopped by SIGTERM; the message says how to resume (the CLI exits 143)."""
-
-    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process ended by the signal
+            f"seed must be a whole number from 0 to {2**32 - 1}; got {seed!r} (e.g. seed=1)."
+        )
 
 
 #: Trainer settings that must be whole numbers / numbers (Lightning fails on them late, inside
@@ -569,6 +257,234 @@ def _check_trainer_values(trainer: Mapping[str, Any]) -> None:
                 f"trainer.{key} must be {what}; got {value!r}. Fix the override, e.g. "
                 f"trainer.{key}={2 if whole else 0.5}."
             )
+
+
+# ------------------------------------------------------------------ the run
+
+
+def run_training(cfg: DictConfig, run_dir: str | os.PathLike[str] | None = None) -> RunResult:
+    """Train as ``cfg`` says and write the run folder (see the module docstring).
+
+    The run holds the folder's lock (:data:`LOCK_NAME`) until it returns: a second run into the
+    same folder fails at once. A run that fails before training wrote anything removes what it
+    created. SIGTERM (or Ctrl-C) stops training after the current step, abandoning a measurement
+    in progress, saves ``last.ckpt`` and raises :class:`TrainingInterrupted` (the CLI exits with
+    143, or 130, and prints the resume command).
+
+    ``run_dir`` (e.g. one folder per job of a sweep) takes the place of the folder the config
+    names (``run_dir``, or ``runs_root``/``name``).
+    """
+    resume = _check_config(cfg)
+    if run_dir is not None:
+        return _train_in(cfg, Path(run_dir).expanduser(), resume)
+    path, timestamped = run_dir_of(cfg)
+    return _train_in(cfg, path, resume, timestamped=timestamped)
+
+
+def _train_in(
+    cfg: DictConfig, run_dir: Path, resume: str | None, *, timestamped: bool = False
+) -> RunResult:
+    """The run of ``cfg`` (checked, ``resume`` from :func:`_check_config`) in the folder
+    ``run_dir`` (created if needed; a ``timestamped`` one taken already gets a ``-2`` suffix),
+    locked for the run's lifetime."""
+    launched = secondary_rank()
+    run_dir, created = run_folder.make_run_dir(run_dir, timestamped and not launched_rank())
+    lock = None
+    written: list[Path] = []
+    before: dict[str, tuple[int, int]] = {}
+    try:
+        if not launched:
+            run_folder.check_writable(run_dir)
+            run_folder.refuse_links(run_dir)
+            lock = run_folder.RunLock(run_dir)
+            before = run_folder.listing(run_dir)
+            _check_folder_free(cfg, run_dir, resume)
+        built = _build(cfg, run_dir, resume)
+        if not launched:
+            _prepare_folder(cfg, run_dir, resume, written, built)
+        return _finish(cfg, built, _fit(built, run_dir, resume))
+    except BaseException:
+        if not launched:
+            run_folder.discard_failed_start(run_dir, created, before, written)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _check_folder_free(cfg: DictConfig, run_dir: Path, resume: str | None) -> None:
+    """A fresh run into a folder holding a run is refused (or, with ``if_exists=move_aside``,
+    moves it aside later), except a run stopped before its first checkpoint with nothing
+    measured past step 0: that one is moved aside and the run starts afresh."""
+    if resume is not None or not run_folder.holds_a_run(run_dir):
+        return
+    if (cfg.get("if_exists") or "refuse") == "move_aside":
+        return
+    if not (run_dir / "last.ckpt").exists() and _last_step(run_dir) <= 0:
+        side = run_folder.move_aside(run_dir)
+        print(
+            f"deconcnn-curv train: {run_dir} held a run stopped before its first checkpoint "
+            f"(nothing past step 0); starting afresh there, its files moved to {side}.",
+            file=sys.stderr,
+        )
+        return
+    if (run_dir / "last.ckpt").exists():
+        how = f"continue it with resume={run_dir / 'last.ckpt'}"
+    else:
+        how = "move it aside with if_exists=move_aside (it has no last.ckpt to resume from)"
+    raise ConfigurationError(
+        f"run folder {run_dir} already holds a run; choose another name= or run_dir=, or {how}."
+    )
+
+
+def _last_step(run_dir: Path) -> int:
+    """The largest ``step`` of the folder's records files (-1 when there are none)."""
+    import json
+
+    last = -1
+    for name in ("metrics.jsonl", "curvature.jsonl"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                last = max(last, int(json.loads(line)["step"]))
+    return last
+
+
+def _prepare_folder(
+    cfg: DictConfig, run_dir: Path, resume: str | None, written: list[Path], built: _Built
+) -> None:
+    """Move an earlier run aside (``if_exists=move_aside``) and write the config."""
+    from omegaconf import OmegaConf
+
+    if resume is None and run_folder.holds_a_run(run_dir):
+        side = run_folder.move_aside(run_dir)
+        print(
+            f"deconcnn-curv train: {run_dir} held an earlier run; moved it to {side} "
+            "(nothing deleted).",
+            file=sys.stderr,
+        )
+    path = run_folder.config_path(run_dir, resume)
+    written.append(path)
+    run_folder.write_atomically(path, OmegaConf.to_yaml(cfg, resolve=True))
+    built.config_path = path
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP rank processes
+
+
+# ------------------------------------------------------------------ build
+
+
+@dataclass
+class _Stop:
+    """How the fit was asked to stop: ``"SIGTERM"``, ``"Ctrl-C"`` or ``None``."""
+
+    how: str | None = None
+
+
+@dataclass
+class _Built:
+    """What :func:`_build` made: everything the fit needs, nothing written yet."""
+
+    data: Any
+    module: Any
+    monitor: Any
+    trainer: Any
+    start_step: int
+    run_dir: Path
+    stop: _Stop
+    config_path: Path | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "last.ckpt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def curvature_path(self) -> Path:
+        return self.run_dir / "curvature.jsonl"
+
+
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a package error through unwrapped (its message is the
+    one to show; Hydra would wrap it in an ``InstantiationException``)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, CurvatureError):
+            raise cause from None
+        raise ConfigurationError(str(exc).strip().replace("\n", " ")) from exc
+
+
+def _build(cfg: DictConfig, run_dir: Path, resume: str | None) -> _Built:
+    """Data, model, monitor and trainer: everything that can fail on a bad value, before
+    anything is written."""
+    from deconcnn_curvature.monitor.lightning_import import pl
+    from deconcnn_curvature.training.module import ClassificationModule
+
+    pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+    data = _instantiate(cfg.data)
+    model_cfg = dict(_plain(cfg.model))
+    module = ClassificationModule(
+        model_name=model_cfg.pop("name"),
+        model_kwargs=model_cfg,
+        **_plain(cfg.optim),
+        **_plain(cfg.lrsched),
+    )
+    start_step = _check_checkpoint_fits(resume, module) if resume is not None else 0
+    monitor = _build_monitor(cfg, run_dir / "curvature.jsonl", module)
+    stop = _Stop()
+    trainer = _build_trainer(cfg, run_dir, monitor, stop)
+    return _Built(data, module, monitor, trainer, start_step, run_dir, stop)
+
+
+def _build_monitor(cfg: DictConfig, curvature_path: Path, module: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.select(cfg, "curvature.enabled", default=False):
+        return None
+    if cfg.get("callbacks") is None:
+        raise ConfigurationError(
+            "curvature.enabled=true but the config has no `callbacks` entry; keep "
+            "`callbacks: curvature_monitor` in the defaults of train.yaml."
+        )
+    monitor = _instantiate(cfg.callbacks, jsonl=str(curvature_path.resolve()))
+    if monitor.enabled:
+        monitor.check_config()  # unknown backend, unsupported quantity, bad option
+        monitor.check_model(module)  # a model the backend refuses, k above its parameters
+    return monitor
+
+
+def _build_trainer(cfg: DictConfig, run_dir: Path, monitor: Any, stop: _Stop) -> Any:
+    from deconcnn_curvature.monitor.lightning_import import pl
+    from deconcnn_curvature.training._console import no_logger_tip, progress_bar
+    from deconcnn_curvature.training.metrics import MetricsJSONL
+
+    every = int(cfg.get("metrics_every_n_steps") or 1)
+    callbacks: list[Any] = [
+        MetricsJSONL(run_dir / "metrics.jsonl", every_n_steps=every),
+        pl.callbacks.ModelCheckpoint(
+            dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False
+        ),
+        _checkpoint_on_stop(run_dir / "last.ckpt", stop),
+    ]
+    if monitor is not None:
+        callbacks += [monitor, _cadence_check(monitor)]
+    settings = dict(_plain(cfg.trainer))
+    if settings.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())  # "Epoch 2/2" on the last of 2 epochs, not "Epoch 1/1"
+    plugins = [*(settings.pop("plugins", None) or ()), run_folder.atomic_checkpoint_io()]
+    with no_logger_tip():  # Lightning's litlogger advertisement
+        return _make_trainer(
+            settings, default_root_dir=run_dir, logger=False, callbacks=callbacks, plugins=plugins
+        )
 
 
 def _make_trainer(settings: dict[str, Any], **kwargs: Any) -> Any:
@@ -619,15 +535,13 @@ def _check_checkpoint_fits(resume: str, module: Any) -> int:
             f"resume={resume}: not a Lightning checkpoint (no state_dict); give the last.ckpt "
             "of a deconcnn-curv train run."
         )
-    expected = module.state_dict()
-    differ = [
-        f"{name}: checkpoint {list(state[name].shape)} vs model {list(tensor.shape)}"
-        for name, tensor in expected.items()
-        if name in state and tuple(state[name].shape) != tuple(tensor.shape)
-    ]
-    missing = [name for name in expected if name not in state]
-    extra = [name for name in state if name not in expected]
-    if differ or missing or extra:
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    if expected != found:
+        differ = [f"{k}: checkpoint {list(found[k])} vs model {list(s)}" for k, s in
+                  expected.items() if k in found and found[k] != s]  # fmt: skip
+        missing = [k for k in expected if k not in found]
+        extra = [k for k in found if k not in expected]
         example = differ[0] if differ else (f"missing {missing[0]}" if missing else extra[0])
         raise ConfigurationError(
             f"resume={resume}: the checkpoint does not fit the model of this config "
@@ -638,14 +552,44 @@ def _check_checkpoint_fits(resume: str, module: Any) -> int:
     return int(checkpoint.get("global_step") or 0)
 
 
-def _checkpoint_on_sigterm(path: Path) -> Any:
+def _cadence_check(monitor: Any) -> Any:
+    """A callback saying at the start of training when the run is too short for the monitor's
+    cadence (nothing would be measured)."""
+    from deconcnn_curvature.monitor.lightning_import import pl
+
+    class _CadenceCheck(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            every = int(monitor.compute_every_n_steps)
+            total = trainer.estimated_stepping_batches
+            if not monitor.enabled or monitor.compute_at_step_zero or not trainer.is_global_zero:
+                return
+            if math.isfinite(total) and every > total:
+                print(
+                    f"deconcnn-curv train: warning: the run has {int(total)} steps and curvature "
+                    f"is measured every {every} (curvature.compute_every_n_steps), so nothing "
+                    "will be measured; lower curvature.compute_every_n_steps or set "
+                    "curvature.compute_at_step_zero=true.",
+                    file=sys.stderr,
+                )
+
+    return _CadenceCheck()
+
+
+def _checkpoint_on_stop(path: Path, stop: _Stop) -> Any:
     """A callback saving ``path`` when Lightning stops training for SIGTERM (it raises its
-    ``SIGTERMException`` after the current optimiser step, so the saved state is consistent)."""
+    ``SIGTERMException`` after the current optimiser step, so the saved state is consistent). A
+    signal that came before Lightning's handler was installed stops before the next step."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from deconcnn_curvature.monitor.lightning_import import pl
 
-    class _CheckpointOnSigterm(pl.Callback):
+    class _CheckpointOnStop(pl.Callback):
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        ) -> None:
+            if stop.how is not None and not trainer.received_sigterm:
+                raise SIGTERMException
+
         def on_exception(
             self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
         ) -> None:
@@ -654,218 +598,163 @@ def _checkpoint_on_sigterm(path: Path) -> Any:
             if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
                 trainer.save_checkpoint(path, weights_only=False)
 
-    return _CheckpointOnSigterm()
+    return _CheckpointOnStop()
 
 
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+# ------------------------------------------------------------------ fit
 
 
-def _require(cfg: DictConfig, *keys: str) -> None:
-    from omegaconf import OmegaConf
+@contextlib.contextmanager
+def _stoppable(stop: _Stop) -> Iterator[_Stop]:
+    """SIGTERM and Ctrl-C during the fit: abandon a measurement in progress (the HVP operator
+    checks :data:`deconcnn_curvature.hvp.CANCEL` before each product) and let Lightning stop after
+    the current step (its own SIGTERM handler, which calls this one too). A first Ctrl-C is turned
+    into that SIGTERM; a second one interrupts at once."""
+    import threading
 
-    for key in keys:
-        if OmegaConf.is_missing(cfg, key) or cfg.get(key) is None:
-            raise ConfigurationError(f"the config has no {key!r}; check configs/train.yaml.")
+    from deconcnn_curvature import hvp
 
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
 
-def _instantiate(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets a package error through unwrapped (its message is the
-    one to show; Hydra would wrap it in an ``InstantiationException``)."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    def on_term(signum: int, frame: Any) -> None:
+        stop.how = stop.how or "SIGTERM"
+        hvp.CANCEL.set()
 
+    def on_int(signum: int, frame: Any) -> None:
+        stop.how = "Ctrl-C"
+        hvp.CANCEL.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+        signal.raise_signal(signal.SIGTERM)
+
+    hvp.CANCEL.clear()
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, on_int)
     try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, CurvatureError):
-            raise cause from None
-        raise ConfigurationError(str(exc).strip().replace("\n", " ")) from exc
-
-
-def run_training(cfg: DictConfig) -> RunResult:
-    """Train as ``cfg`` says and write the run folder (see the module docstring).
-
-    The run holds the folder's lock (:data:`LOCK_NAME`) until it returns: a second run into the
-    same folder fails at once. A run that fails before training wrote anything removes what it
-    created. SIGTERM stops training after the current step, saves ``last.ckpt`` and raises
-    :class:`TrainingInterrupted` (the CLI exits with 143 and prints the resume command).
-    """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
-
-    from deconcnn_curvature.checkpoints import check_resume_checkpoint
-
-    _require(cfg, "model", "optim", "lrsched", "data", "trainer")
-    try:  # `???` (Hydra's "must be given") anywhere but in the callbacks' resolved copies
-        kept = [key for key in cfg if key != "callbacks"]
-        OmegaConf.to_container(
-            OmegaConf.masked_copy(cfg, kept), resolve=True, throw_on_missing=True
-        )
-    except MissingMandatoryValue as exc:
-        key = getattr(exc, "full_key", None) or str(exc)
-        hint = " (e.g. data.root=/path/to/cifar)" if str(key).startswith("data.") else ""
-        raise ConfigurationError(f"the config value {key} must be given{hint}.") from exc
-
-    resume = cfg.get("resume")
-    if resume is not None and not Path(resume).expanduser().is_file():
-        raise ConfigurationError(f"resume={resume}: no such checkpoint file.")
-    if resume is not None:
-        resume = str(Path(resume).expanduser())
-        check_resume_checkpoint(resume)  # pickled code is refused before anything is built
-    _check_trainer_values(_plain(cfg.trainer))
-    if_exists = cfg.get("if_exists") or "refuse"
-    if if_exists not in ("refuse", "move_aside"):
-        raise ConfigurationError(f"if_exists must be refuse or move_aside; got {if_exists!r}.")
-    moving = if_exists == "move_aside"
-    launched = secondary_rank()
-    timestamped = not _launched_rank() and not cfg.get("run_dir") and not cfg.get("name")
-    run_dir, created = make_run_dir(_run_dir(cfg), timestamped)
-    lock = None if launched else _lock_run_dir(run_dir)
-    before = _listing(run_dir)
-    written: list[Path] = []
-    try:
-        if not launched and resume is None and _holds_a_run(run_dir) and not moving:
-            raise ConfigurationError(
-                f"run folder {run_dir} already holds a run; choose another name= or "
-                f"run_dir=, or continue it with resume={run_dir / 'last.ckpt'}."
-            )
-        return _train_in(cfg, run_dir, resume, launched, written)
-    except BaseException:
-        if not launched:
-            _discard_failed_start(run_dir, created, before, written)
-        raise
+        yield stop
     finally:
-        if lock is not None:
-            lock.close()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+        hvp.CANCEL.clear()
 
 
-def _train_in(
-    cfg: DictConfig, run_dir: Path, resume: str | None, launched: bool, written: list[Path]
-) -> RunResult:
-    """The run itself, in its created and locked folder (see :func:`run_training`)."""
-    from omegaconf import OmegaConf
-
-    from deconcnn_curvature.checkpoints import allowed_checkpoint_globals
-    from deconcnn_curvature.monitor import read_curvature_jsonl
-    from deconcnn_curvature.monitor.lightning_import import pl
-    from deconcnn_curvature.training._console import no_logger_tip, progress_bar
-    from deconcnn_curvature.training.metrics import MetricsJSONL
-    from deconcnn_curvature.training.module import ClassificationModule
-
-    curvature_path = run_dir / "curvature.jsonl"
-    # Build everything that can fail on a bad value before anything is written.
-    pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
-    data = _instantiate(cfg.data)
-    model_cfg = dict(_plain(cfg.model))
-    module = ClassificationModule(
-        model_name=model_cfg.pop("name"),
-        model_kwargs=model_cfg,
-        **_plain(cfg.optim),
-        **_plain(cfg.lrsched),
-    )
-    start_step = _check_checkpoint_fits(resume, module) if resume is not None else 0
-    monitor = None
-    if OmegaConf.select(cfg, "curvature.enabled", default=False):
-        if cfg.get("callbacks") is None:
-            raise ConfigurationError(
-                "curvature.enabled=true but the config has no `callbacks` entry; keep "
-                "`callbacks: curvature_monitor` in the defaults of train.yaml."
-            )
-        monitor = _instantiate(cfg.callbacks, jsonl=str(curvature_path.resolve()))
-        if monitor.enabled:
-            monitor.check_config()  # unknown backend, unsupported quantity, bad option
-            monitor.check_model(module)  # a model the backend refuses
-
-    metrics_path = run_dir / "metrics.jsonl"
-    checkpoint = run_dir / "last.ckpt"
-    callbacks: list[Any] = [
-        MetricsJSONL(metrics_path, every_n_steps=int(cfg.get("metrics_every_n_steps") or 1)),
-        pl.callbacks.ModelCheckpoint(
-            dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False
-        ),
-        _checkpoint_on_sigterm(checkpoint),
-    ]
-    if monitor is not None:
-        callbacks.append(monitor)
-    trainer_kwargs = dict(_plain(cfg.trainer))
-    if trainer_kwargs.get("enable_progress_bar", True):
-        callbacks.append(progress_bar())  # "Epoch 2/2" on the last of 2 epochs, not "Epoch 1/1"
-    with no_logger_tip():  # Lightning's litlogger advertisement
-        trainer = _make_trainer(
-            trainer_kwargs, default_root_dir=run_dir, logger=False, callbacks=callbacks
-        )
-
-    config_path = _config_path(run_dir, resume)
-    if not launched:
-        if resume is None and _holds_a_run(run_dir):  # if_exists=move_aside (checked before)
-            side = _move_aside(run_dir)
-            print(
-                f"deconcnn-curv train: {run_dir} held an earlier run; moved it to {side} "
-                "(nothing deleted).",
-                file=sys.stderr,
-            )
-        written.append(config_path)
-        OmegaConf.save(cfg, config_path, resolve=True)
-        os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP rank processes
-
+def _fit(built: _Built, run_dir: Path, resume: str | None) -> float:
+    """Train; return the wall time. A stop by signal raises :class:`TrainingInterrupted`, a disk
+    that refuses a write :class:`RunStorageError`, each in one line saying what was saved."""
     import torch.distributed as dist
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from deconcnn_curvature.checkpoints import allowed_checkpoint_globals
+
+    trainer = built.trainer
     group_before = dist.is_available() and dist.is_initialized()
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings(), allowed_checkpoint_globals():  # resume= weights only
+        with _stoppable(built.stop), warnings.catch_warnings(), allowed_checkpoint_globals():
             for pattern in _QUIET:
                 warnings.filterwarnings("ignore", message=pattern)
-            trainer.fit(module, datamodule=data, ckpt_path=resume)
+            trainer.fit(built.module, datamodule=built.data, ckpt_path=resume)
     except SIGTERMException:
         if not trainer.is_global_zero:
             raise
-        if not checkpoint.exists():
-            raise TrainingInterrupted(
-                f"stopped by SIGTERM at step {trainer.global_step}, before a checkpoint was "
-                f"saved in {run_dir}; start the run again."
-            ) from None
-        raise TrainingInterrupted(
-            f"stopped by SIGTERM at step {trainer.global_step}; the run is saved in {run_dir}. "
-            f"Resume it with: deconcnn-curv train resume={checkpoint} run_dir={run_dir}"
-        ) from None
+        raise _interrupted(built, built.stop.how or "SIGTERM") from None
+    except (CheckpointWriteError, OSError) as exc:
+        if not isinstance(exc, CheckpointWriteError) and exc.errno not in _DISK_ERRORS:
+            raise
+        raise _storage_error(built, exc) from None
     seconds = time.perf_counter() - start
-
-    if not checkpoint.exists():
-        trainer.save_checkpoint(checkpoint)  # a collective under DDP: every rank calls it
+    if not built.checkpoint.exists():
+        trainer.save_checkpoint(built.checkpoint)  # a collective under DDP: every rank calls it
     if not group_before and dist.is_available() and dist.is_initialized():
         # Lightning's DDP leaves its process group up; close it in step on every rank (gloo's
         # threads torn down at interpreter exit otherwise abort the process now and then).
         dist.barrier()
         dist.destroy_process_group()
-    records = read_curvature_jsonl(curvature_path) if curvature_path.exists() else []
+    return seconds
+
+
+def _resume_command(built: _Built) -> str:
+    return f"deconcnn-curv train resume={built.checkpoint} run_dir={built.run_dir}"
+
+
+def _interrupted(built: _Built, how: str) -> TrainingInterrupted:
+    step = built.trainer.global_step
+    code = 130 if how == "Ctrl-C" else 143
+    if not built.checkpoint.exists():
+        return TrainingInterrupted(
+            f"stopped by {how} at step {step}, before a checkpoint was saved in "
+            f"{built.run_dir}; start the run again with if_exists=move_aside.",
+            code,
+        )
+    return TrainingInterrupted(
+        f"stopped by {how} at step {step}; the run is saved in {built.run_dir}. "
+        f"Resume it with: {_resume_command(built)}",
+        code,
+    )
+
+
+def _saved_step(path: Path) -> int | None:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # absent or unreadable: nothing to resume from
+        return None
+
+
+def _storage_error(built: _Built, exc: OSError) -> RunStorageError:
+    """Try to save the training state once more (the atomic write keeps the previous
+    checkpoint if it fails too) and say in one line what is on disk."""
+    step = built.trainer.global_step
+    what = exc.strerror or str(exc)
+    if not isinstance(exc, CheckpointWriteError) and built.trainer.world_size == 1:
+        with contextlib.suppress(CheckpointWriteError, OSError):
+            built.trainer.save_checkpoint(built.checkpoint, weights_only=False)
+    saved = _saved_step(built.checkpoint)
+    if saved is None:
+        state = (
+            "no checkpoint could be saved; free space and start the run again with "
+            "if_exists=move_aside"
+        )
+    else:
+        state = f"last.ckpt holds step {saved}; free space and resume: {_resume_command(built)}"
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return RunStorageError(
+        f"training stopped at step {step}: the disk refused a write{where}: {what}; {state}."
+    )
+
+
+# ------------------------------------------------------------------ finish
+
+
+def _finish(cfg: DictConfig, built: _Built, seconds: float) -> RunResult:
+    """The plot and the :class:`RunResult` of a completed fit."""
+    from deconcnn_curvature.monitor import read_curvature_jsonl
+
+    trainer, monitor = built.trainer, built.monitor
+    path = built.curvature_path
+    records = read_curvature_jsonl(path) if path.exists() else []
     plot_path = None
     if cfg.get("plot", True) and records and trainer.is_global_zero:
-        # Measurements that failed stay failed (value null, marked); a record claiming success
-        # with an unusable value (NaN written as null before results were checked) is left out.
-        plotted = [r for r in records if usable_record(r) or r.get("value") is None]
-        plot_path = plot_curvature(
-            plotted,
-            run_dir / "curvature.png",
-            title=_title(cfg, monitor),
-            loss=read_training_loss(metrics_path),
-        )
+        plot_path = _plot(cfg, built, records)
     metrics = {}
     for key, value in trainer.callback_metrics.items():
         number = float(value)
         if math.isfinite(number):
             metrics[key] = number
+    note = None
+    if monitor is not None and monitor.enabled and not records:
+        note = (
+            f"no measurement: the run had {trainer.global_step - built.start_step} steps, the "
+            f"cadence is {monitor.compute_every_n_steps} (curvature.compute_every_n_steps)"
+        )
     return RunResult(
-        run_dir=run_dir,
-        config_path=config_path,
-        metrics_path=metrics_path,
-        curvature_path=curvature_path if curvature_path.exists() else None,
-        checkpoint_path=checkpoint if checkpoint.exists() else None,
+        run_dir=built.run_dir,
+        config_path=built.config_path or built.run_dir / "config.yaml",
+        metrics_path=built.metrics_path,
+        curvature_path=path if path.exists() else None,
+        checkpoint_path=built.checkpoint if built.checkpoint.exists() else None,
         plot_path=plot_path,
         global_step=int(trainer.global_step),
         epochs=int(trainer.current_epoch),
@@ -873,8 +762,20 @@ def _train_in(
         metrics=metrics,
         records=tuple(records),
         global_rank=int(trainer.global_rank),
-        start_step=start_step,
+        start_step=built.start_step,
+        curvature_note=note,
     )
+
+
+def _plot(cfg: DictConfig, built: _Built, records: Sequence[Mapping[str, Any]]) -> Path:
+    """``curvature.png``, written beside itself and renamed over the name (never through a
+    link). Measurements that failed stay failed (value null, marked); a record claiming success
+    with an unusable value is left out."""
+    plotted = [r for r in records if usable_record(r) or r.get("value") is None]
+    out = built.run_dir / "curvature.png"
+    title, loss = _title(cfg, built.monitor), read_training_loss(built.metrics_path)
+    run_folder.write_with(out, lambda tmp: plot_curvature(plotted, tmp, title=title, loss=loss))
+    return out
 
 
 def _title(cfg: DictConfig, monitor: Any) -> str:
