@@ -689,4 +689,6 @@ def test_the_benchmarks_wrong_and_converged_network_is_no_longer_passed_off(dtyp
     assert r.value[0] - lam2 > (lam1 - lam2) / 2  # nearer λ₁ than λ₂, converged or not
     if r.details["converged"]:
         assert r.value[0] == pytest.approx(lam1, rel=1e-3)
-    assert r.details["converged"] is True
+    # float64 confirms λ₁ within the default cap; in float32 whether the second sequence finishes
+    # within it depends on rounding (converged=False is then the honest answer).
+    assert r.details["converged"] or dtype == torch.float32
