@@ -30,7 +30,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -62,6 +64,11 @@ JOB_FILE = "sweep-job.json"
 #: Set by :func:`run_sweep` for its jobs (inherited by launcher processes), so that the outcome
 #: read back is this sweep's and not one an earlier run into the same folder left behind.
 SWEEP_ID_ENV = "DECONCNN_CURVATURE_SWEEP_ID"
+
+#: Set by the SIGTERM handler a sweep run by the basic launcher (in this process) installs: the
+#: job in training stops through Lightning (which calls this handler too); between jobs, the
+#: next one does not start.
+_TERMINATED = threading.Event()
 
 #: Keys each job's folder decides; a sweep cannot set them.
 _PER_JOB_KEYS = ("run_dir", "name", "resume")
@@ -109,6 +116,8 @@ class SweepResult:
     expected: int | None = None
     stopped: str = ""
     stopped_code: int = 0
+    #: The keys the command sweeps (shown per job); ``None``: those that differ between jobs.
+    swept_keys: tuple[str, ...] | None = None
 
     @property
     def missing(self) -> int:
@@ -277,7 +286,8 @@ def run_sweep(
     task = hydra.main(config_path=str(folder), config_name="train", version_base="1.3")(run_job)
     sweep_id = uuid.uuid4().hex
     stopped, code = "", 0
-    with _hydra_process_state(["deconcnn-curv train", "--multirun", *argv], sweep_id):
+    in_process = not any(o.startswith("hydra/launcher=") for o in overrides)
+    with _hydra_process_state(["deconcnn-curv train", "--multirun", *argv], sweep_id, in_process):
         try:
             task()
         except SweepInterrupted as exc:
@@ -286,14 +296,16 @@ def run_sweep(
             if exc.code not in (0, None):
                 stopped = "Hydra stopped the sweep (its message is above)"
     jobs = read_jobs(sweep_dir, sweep_id)
-    return SweepResult(sweep_dir, jobs, expected, stopped, code)
+    swept = tuple(o.get_key_element() for o in _parse(overrides) if o.is_sweep_override())
+    return SweepResult(sweep_dir, jobs, expected, stopped, code, swept)
 
 
 @contextlib.contextmanager
-def _hydra_process_state(argv: list[str], sweep_id: str) -> Iterator[None]:
+def _hydra_process_state(argv: list[str], sweep_id: str, in_process: bool) -> Iterator[None]:
     """``sys.argv`` as Hydra's entry point reads it and the sweep's id for its jobs, for the
-    sweep; afterwards both as they were, and the root logger's handlers too (Hydra configures
-    logging for its jobs: a console handler and a log file in each job folder)."""
+    sweep (and, for jobs run in this process, a SIGTERM handler setting :data:`_TERMINATED`);
+    afterwards all as they were, and the root logger's handlers too (Hydra configures logging
+    for its jobs: a console handler and a log file in each job folder)."""
     import logging
 
     root = logging.getLogger()
@@ -301,9 +313,14 @@ def _hydra_process_state(argv: list[str], sweep_id: str) -> Iterator[None]:
     handlers, level = list(root.handlers), root.level
     sys.argv = argv
     os.environ[SWEEP_ID_ENV] = sweep_id
+    _TERMINATED.clear()
+    main = threading.current_thread() is threading.main_thread()
+    saved_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_process and main else None
     try:
         yield
     finally:
+        if saved_term is not None:
+            signal.signal(signal.SIGTERM, saved_term)
         sys.argv = saved_argv
         if saved_id is None:
             os.environ.pop(SWEEP_ID_ENV, None)
@@ -317,6 +334,15 @@ def _hydra_process_state(argv: list[str], sweep_id: str) -> Iterator[None]:
             if handler not in root.handlers:
                 root.addHandler(handler)
         root.setLevel(level)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERMINATED.set()
+
+
+def _stop_if_terminated(where: str) -> None:
+    if _TERMINATED.is_set():
+        raise SweepInterrupted(f"SIGTERM received; the sweep stopped {where}", 143)
 
 
 def read_jobs(
@@ -421,6 +447,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     folder = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     job = _JobFile(folder, overrides, hydra_cfg.job.get("num"))
+    _stop_if_terminated(f"before job {job.data['number']}")
     try:
         done, resume = _resume_point(job, folder)
         if done:
@@ -448,6 +475,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     else:
         note = f"resumed from {resume}" if resume else ""
         job.write("completed", note, global_step=result.global_step, seconds=result.seconds)
+    _stop_if_terminated(f"after job {job.data['number']}")
     return job.data
 
 
@@ -456,6 +484,13 @@ def summary_lines(result: SweepResult) -> list[str]:
     apart, steps and time or the error), what is missing, and how to read the sweep."""
     jobs = result.jobs
     shared = set.intersection(*(set(j.overrides) for j in jobs)) if jobs else set()
+
+    def own(job: JobOutcome) -> str:
+        if result.swept_keys is None:
+            return " ".join(o for o in job.overrides if o not in shared) or "-"
+        swept = [o for o in job.overrides if o.partition("=")[0] in result.swept_keys]
+        return " ".join(swept) or "-"
+
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
@@ -463,13 +498,12 @@ def summary_lines(result: SweepResult) -> list[str]:
     lines = [f"sweep {_shown(result.sweep_dir)}: {len(jobs)} jobs, {told}"]
     width = max((len(_shown(j.folder)) for j in jobs), default=0)
     for j in jobs:
-        own = " ".join(o for o in j.overrides if o not in shared) or "-"
         if j.status == "completed" and j.global_step is not None:
             detail = f"{j.global_step} steps, {_seconds(j.seconds)}"
             detail += f" ({j.message})" if j.message else ""
         else:
             detail = j.message
-        lines.append(f"  {_shown(j.folder):<{width}}  {j.status:<11}  {own}  {detail}".rstrip())
+        lines.append(f"  {_shown(j.folder):<{width}}  {j.status:<11}  {own(j)}  {detail}".rstrip())
     if result.missing:
         lines.append(f"  {result.missing} of {result.expected} jobs left no folder (never started)")
     if result.stopped:

@@ -8,6 +8,11 @@ are read back.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +213,55 @@ def test_multirun_long_form_and_a_failing_job_is_named_and_fails_the_sweep(
     outcomes = [json.loads((p / JOB_FILE).read_text()) for p in folders]
     assert [o["status"] for o in outcomes] == ["completed", "failed", "completed", "failed"]
     assert outcomes[0]["message"].startswith("completed by an earlier run of this sweep")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for name in ("DECONCNN_CURVATURE_BACKEND", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "deconcnn_curvature", "train", "-m", *TINY,
+        "trainer.max_epochs=40", "curvature.compute_every_n_steps=40", "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = sweep / "0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while not (metrics.exists() and metrics.stat().st_size > 0):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "job 0 did not start training in time"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err  # a scheduler must not count the sweep a success
+    lines = out.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith(f"sweep {sweep}:"))
+    assert lines[header] == f"sweep {sweep}: 1 jobs, 1 interrupted"
+    assert lines[header + 1].split()[:3] == [str(sweep / "0"), "interrupted", "seed=0"]
+    assert "stopped by SIGTERM at step" in lines[header + 1]
+    assert lines[header + 2].strip() == "1 of 2 jobs left no folder (never started)"
+    assert lines[header + 3].startswith("stopped: job 0: stopped by SIGTERM at step ")
+    assert (sweep / "0" / "last.ckpt").is_file() and not (sweep / "1").exists()
+
+    # The same command again: job 0 goes on from its checkpoint, job 1 runs.
+    again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    outcomes = [json.loads((sweep / str(i) / JOB_FILE).read_text()) for i in (0, 1)]
+    assert [o["status"] for o in outcomes] == ["completed", "completed"]
+    assert outcomes[0]["message"] == f"resumed from {sweep / '0' / 'last.ckpt'}"
+    assert outcomes[0]["global_step"] == outcomes[1]["global_step"] == 160
+    assert (sweep / "0" / "config.resume-1.yaml").is_file()
+    steps = [json.loads(line)["step"] for line in (sweep / "0" / "curvature.jsonl").open()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) * 2  # trace, λ_max once each
