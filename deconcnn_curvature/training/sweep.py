@@ -188,13 +188,12 @@ def check_sweep(
     """Check a sweep's overrides before any job runs; return the first job's configuration and
     the number of jobs (``None`` when the sweeper picks them).
 
-    Every value of every swept key is composed once (with the other keys at their first value),
-    so an unknown key, a group option that does not exist or a value the config refuses is one
-    :class:`ConfigurationError` here, not a failure in each job.
+    Every value of every swept key is composed once (with the other keys at their first value)
+    and its curvature settings checked, so an unknown key, a group option that does not exist or
+    a backend that does not is one :class:`ConfigurationError` here, not a failure in each job.
+    (A value only the run itself refuses, such as ``trainer.max_epochs=many``, fails its job.)
     """
     from omegaconf import OmegaConf
-
-    from deconcnn_curvature.training.run import compose_config, finish_composed_config
 
     parsed = _parse(overrides)
     for override in parsed:
@@ -205,10 +204,10 @@ def check_sweep(
             )
     fixed, swept, jobs = _job_values(parsed)
     first = [values[0] for values in swept]
-    cfg = compose_config([*fixed, *first], config_dir)
+    cfg = _check_job([*fixed, *first], config_dir)
     for i, values in enumerate(swept):
         for value in values[1:]:
-            compose_config([*fixed, *first[:i], value, *first[i + 1 :]], config_dir)
+            _check_job([*fixed, *first[:i], value, *first[i + 1 :]], config_dir)
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     if devices not in (1, "1") and not (OmegaConf.is_list(devices) and len(devices) == 1):
         raise ConfigurationError(
@@ -216,8 +215,30 @@ def check_sweep(
             "launcher would start the whole sweep again in each rank); run multi-device runs one "
             "at a time with plain `deconcnn-curv train`."
         )
-    cfg, _ = finish_composed_config(cfg, [*fixed, *first])
     return cfg, jobs
+
+
+def _check_job(overrides: Sequence[str], config_dir: str | os.PathLike[str] | None) -> DictConfig:
+    """One job's configuration as the job will run it, its curvature settings checked by the
+    monitor itself (:meth:`CurvatureMonitor.check_config`: the backend, quantities, options)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from deconcnn_curvature.training.run import compose_config, finish_composed_config
+
+    cfg, _ = finish_composed_config(compose_config(overrides, config_dir), overrides)
+    if not OmegaConf.select(cfg, "curvature.enabled", default=False) or not cfg.get("callbacks"):
+        return cfg
+    try:
+        monitor = instantiate(cfg.callbacks, jsonl=None)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, CurvatureError):
+            raise exc.__cause__ from None
+        raise ConfigurationError(_one_line(exc)) from exc
+    if monitor.enabled:
+        monitor.check_config()
+    return cfg
 
 
 def _given(overrides: Sequence[str], key: str) -> bool:
@@ -495,7 +516,7 @@ def summary_lines(result: SweepResult) -> list[str]:
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
     told = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none ran"
-    lines = [f"sweep {_shown(result.sweep_dir)}: {len(jobs)} jobs, {told}"]
+    lines = [f"sweep in {_shown(result.sweep_dir)}: {len(jobs)} jobs, {told}"]
     width = max((len(_shown(j.folder)) for j in jobs), default=0)
     for j in jobs:
         if j.status == "completed" and j.global_step is not None:
