@@ -170,6 +170,8 @@ def _job_values(parsed: Sequence[Any]) -> tuple[list[str], list[list[str]], int 
     swept: list[list[str]] = []
     jobs: int | None = 1
     for override in parsed:
+        if override.key_or_group.startswith(("hydra/sweeper", "hydra.sweeper")):
+            jobs = None  # another sweeper, or the basic one's own params: it picks the jobs
         if not override.is_sweep_override():
             fixed.append(override.input_line)
         elif override.is_discrete_sweep():

@@ -83,6 +83,7 @@ def test_check_sweep_composes_every_value_and_counts_the_jobs() -> None:
     assert jobs == 12 and cfg.model.name == "small_cnn" and cfg.optim.lr == 0.05 and cfg.seed == 0
     assert cfg.curvature.compute_every_n_steps == 500  # the monitor's defaults filled in
     assert check_sweep(["seed=range(0,3)", "optim.lr=0.1"])[1] == 3
+    assert check_sweep(["seed=range(0,3)", "hydra.sweeper.max_batch_size=2"])[1] is None
 
 
 def test_cfg_with_multirun_prints_the_first_jobs_configuration() -> None:
@@ -208,11 +209,15 @@ def test_multirun_long_form_and_a_failing_job_is_named_and_fails_the_sweep(
     ]  # fmt: skip
 
     # The same command again: the completed jobs are not run again, the failed ones are.
-    again = _train("--multirun", *args, f"hydra.sweep.dir={sweep}")
+    again = _train("--multirun", *args, f"hydra.sweep.dir={sweep}", "--json")
     assert again.exit_code == 1, again.output
-    outcomes = [json.loads((p / JOB_FILE).read_text()) for p in folders]
-    assert [o["status"] for o in outcomes] == ["completed", "failed", "completed", "failed"]
-    assert outcomes[0]["message"].startswith("completed by an earlier run of this sweep")
+    summary = json.loads(again.stdout)  # the JSON alone on stdout
+    assert summary["exit_code"] == 1 and summary["missing"] == 0 and summary["expected"] == 4
+    jobs = summary["jobs"]
+    assert [j["status"] for j in jobs] == ["completed", "failed", "completed", "failed"]
+    assert [j["folder"] for j in jobs] == [str(p) for p in folders]
+    assert jobs[0]["message"].startswith("completed by an earlier run of this sweep")
+    assert jobs[0]["global_step"] == 4 and "optim.lr=0.05" in jobs[0]["overrides"]
 
 
 def _env() -> dict[str, str]:
