@@ -270,3 +270,21 @@ def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(tmp_path: Path)
     assert (sweep / "0" / "config.resume-1.yaml").is_file()
     steps = [json.loads(line)["step"] for line in (sweep / "0" / "curvature.jsonl").open()]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) * 2  # trace, λ_max once each
+
+
+@pytest.mark.slow
+def test_a_launcher_plugin_runs_the_jobs_in_other_processes(tmp_path: Path) -> None:
+    """Hydra's submitit launcher (installed only where someone wants SLURM; not a dependency),
+    in its local mode: the jobs run as separate processes, the summary is read from their
+    folders all the same."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    tiny = [o for o in TINY if not o.startswith("trainer.max_epochs=")]
+    args = [*tiny, "seed=0", "trainer.max_epochs=1,many", "hydra/launcher=submitit_local"]
+    result = _train("-m", *args, f"hydra.sweep.dir={sweep}", "--json")
+    assert result.exit_code == 1, result.output
+    jobs = json.loads(result.stdout)["jobs"]
+    assert [(j["status"], j["global_step"]) for j in jobs] == [("completed", 4), ("failed", None)]
+    pids = {json.loads((sweep / str(i) / JOB_FILE).read_text())["pid"] for i in (0, 1)}
+    assert os.getpid() not in pids and len(pids) == 2
+    assert (sweep / "0" / "curvature.jsonl").is_file() and (sweep / ".submitit").is_dir()
