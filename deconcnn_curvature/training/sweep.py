@@ -20,8 +20,8 @@ files and saves ``last.ckpt`` when SIGTERM stops it. The sweep folder::
 The outcome is read back from the ``sweep-job.json`` files, so it is the same whichever launcher
 ran the jobs and wherever. A failed job does not stop the others; a job stopped by SIGTERM or
 Ctrl-C stops the sweep (a scheduler's signal). Running the same command into the same
-``hydra.sweep.dir`` again skips the jobs that completed and resumes the interrupted ones from their
-``last.ckpt``.
+``hydra.sweep.dir`` again skips the jobs that completed and continues the others from their
+``last.ckpt`` where they saved one.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def run_sweep(
             stopped, code = str(exc), exc.exit_code
         except SystemExit as exc:  # Hydra printed why (a launcher refusing, a job's config)
             if exc.code not in (0, None):
-                stopped = "Hydra stopped the sweep (its message is above)"
+                stopped = f"the sweep ended early (exit code {exc.code}; the message is above)"
     jobs = read_jobs(sweep_dir, sweep_id)
     swept = tuple(o.get_key_element() for o in _parse(overrides) if o.is_sweep_override())
     return SweepResult(sweep_dir, jobs, expected, stopped, code, swept)
@@ -429,8 +429,9 @@ class _JobFile:
 
 def _resume_point(job: _JobFile, folder: Path) -> tuple[str | None, str | None]:
     """From an earlier run of this job in ``folder``: ``("completed", None)`` to skip it,
-    ``(None, checkpoint)`` to resume it (it was stopped or killed), ``(None, None)`` to run it
-    afresh. A folder holding another job (other overrides) is refused."""
+    ``(None, checkpoint)`` to resume it (it did not complete but saved ``last.ckpt``),
+    ``(None, None)`` to run it afresh. A folder holding another job (other overrides) is
+    refused."""
     earlier = job.earlier()
     if earlier is None:
         return None, None
@@ -445,9 +446,8 @@ def _resume_point(job: _JobFile, folder: Path) -> tuple[str | None, str | None]:
         job.data.update(global_step=earlier.get("global_step"), seconds=earlier.get("seconds"))
         return "completed", None
     checkpoint = folder / "last.ckpt"
-    if status in ("interrupted", "running") and checkpoint.is_file():
-        return None, str(checkpoint)
-    return None, None
+    # Stopped, killed or failed after a checkpoint (a time limit, a lost node): it continues.
+    return None, str(checkpoint) if checkpoint.is_file() else None
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
@@ -487,9 +487,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     except TrainingInterrupted as exc:
         job.write("interrupted", _one_line(exc))
         raise SweepInterrupted(f"job {job.data['number']}: {exc}", exc.exit_code) from None
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into exit(1)
+    except KeyboardInterrupt:
         job.write("interrupted", "stopped by Ctrl-C")
         raise SweepInterrupted(f"job {job.data['number']} stopped by Ctrl-C", 130) from None
+    except SystemExit as exc:  # a launcher ending the job (submitit requeueing it), kept as is
+        job.write("interrupted", f"stopped by exit({exc.code}) during the run")
+        raise
     except CurvatureError as exc:
         job.write("failed", _one_line(exc))
     except Exception as exc:  # a bug or the machine (out of memory): shown, and the sweep goes on
