@@ -20,8 +20,8 @@ files and saves ``last.ckpt`` when SIGTERM stops it. The sweep folder::
 The outcome is read back from the ``sweep-job.json`` files, so it is the same whichever launcher
 ran the jobs and wherever. A failed job does not stop the others; a job stopped by SIGTERM or
 Ctrl-C stops the sweep (a scheduler's signal). Running the same command into the same
-``hydra.sweep.dir`` again skips the jobs that completed and resumes the interrupted ones from their
-``last.ckpt``.
+``hydra.sweep.dir`` again skips the jobs that completed and continues the others from their
+``last.ckpt`` where they saved one.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -62,6 +64,11 @@ JOB_FILE = "sweep-job.json"
 #: Set by :func:`run_sweep` for its jobs (inherited by launcher processes), so that the outcome
 #: read back is this sweep's and not one an earlier run into the same folder left behind.
 SWEEP_ID_ENV = "DECONCNN_CURVATURE_SWEEP_ID"
+
+#: Set by the SIGTERM handler a sweep run by the basic launcher (in this process) installs: the
+#: job in training stops through Lightning (which calls this handler too); between jobs, the
+#: next one does not start.
+_TERMINATED = threading.Event()
 
 #: Keys each job's folder decides; a sweep cannot set them.
 _PER_JOB_KEYS = ("run_dir", "name", "resume")
@@ -109,6 +116,8 @@ class SweepResult:
     expected: int | None = None
     stopped: str = ""
     stopped_code: int = 0
+    #: The keys the command sweeps (shown per job); ``None``: those that differ between jobs.
+    swept_keys: tuple[str, ...] | None = None
 
     @property
     def missing(self) -> int:
@@ -161,6 +170,8 @@ def _job_values(parsed: Sequence[Any]) -> tuple[list[str], list[list[str]], int 
     swept: list[list[str]] = []
     jobs: int | None = 1
     for override in parsed:
+        if override.key_or_group.startswith(("hydra/sweeper", "hydra.sweeper")):
+            jobs = None  # another sweeper, or the basic one's own params: it picks the jobs
         if not override.is_sweep_override():
             fixed.append(override.input_line)
         elif override.is_discrete_sweep():
@@ -179,13 +190,12 @@ def check_sweep(
     """Check a sweep's overrides before any job runs; return the first job's configuration and
     the number of jobs (``None`` when the sweeper picks them).
 
-    Every value of every swept key is composed once (with the other keys at their first value),
-    so an unknown key, a group option that does not exist or a value the config refuses is one
-    :class:`ConfigurationError` here, not a failure in each job.
+    Every value of every swept key is composed once (with the other keys at their first value)
+    and its curvature settings checked, so an unknown key, a group option that does not exist or
+    a backend that does not is one :class:`ConfigurationError` here, not a failure in each job.
+    (A value only the run itself refuses, such as ``trainer.max_epochs=many``, fails its job.)
     """
     from omegaconf import OmegaConf
-
-    from deconcnn_curvature.training.run import compose_config, finish_composed_config
 
     parsed = _parse(overrides)
     for override in parsed:
@@ -196,10 +206,10 @@ def check_sweep(
             )
     fixed, swept, jobs = _job_values(parsed)
     first = [values[0] for values in swept]
-    cfg = compose_config([*fixed, *first], config_dir)
+    cfg = _check_job([*fixed, *first], config_dir)
     for i, values in enumerate(swept):
         for value in values[1:]:
-            compose_config([*fixed, *first[:i], value, *first[i + 1 :]], config_dir)
+            _check_job([*fixed, *first[:i], value, *first[i + 1 :]], config_dir)
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     if devices not in (1, "1") and not (OmegaConf.is_list(devices) and len(devices) == 1):
         raise ConfigurationError(
@@ -207,8 +217,30 @@ def check_sweep(
             "launcher would start the whole sweep again in each rank); run multi-device runs one "
             "at a time with plain `deconcnn-curv train`."
         )
-    cfg, _ = finish_composed_config(cfg, [*fixed, *first])
     return cfg, jobs
+
+
+def _check_job(overrides: Sequence[str], config_dir: str | os.PathLike[str] | None) -> DictConfig:
+    """One job's configuration as the job will run it, its curvature settings checked by the
+    monitor itself (:meth:`CurvatureMonitor.check_config`: the backend, quantities, options)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from deconcnn_curvature.training.run import compose_config, finish_composed_config
+
+    cfg, _ = finish_composed_config(compose_config(overrides, config_dir), overrides)
+    if not OmegaConf.select(cfg, "curvature.enabled", default=False) or not cfg.get("callbacks"):
+        return cfg
+    try:
+        monitor = instantiate(cfg.callbacks, jsonl=None)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, CurvatureError):
+            raise exc.__cause__ from None
+        raise ConfigurationError(_one_line(exc)) from exc
+    if monitor.enabled:
+        monitor.check_config()
+    return cfg
 
 
 def _given(overrides: Sequence[str], key: str) -> bool:
@@ -277,23 +309,26 @@ def run_sweep(
     task = hydra.main(config_path=str(folder), config_name="train", version_base="1.3")(run_job)
     sweep_id = uuid.uuid4().hex
     stopped, code = "", 0
-    with _hydra_process_state(["deconcnn-curv train", "--multirun", *argv], sweep_id):
+    in_process = not any(o.startswith("hydra/launcher=") for o in overrides)
+    with _hydra_process_state(["deconcnn-curv train", "--multirun", *argv], sweep_id, in_process):
         try:
             task()
         except SweepInterrupted as exc:
             stopped, code = str(exc), exc.exit_code
         except SystemExit as exc:  # Hydra printed why (a launcher refusing, a job's config)
             if exc.code not in (0, None):
-                stopped = "Hydra stopped the sweep (its message is above)"
+                stopped = f"the sweep ended early (exit code {exc.code}; the message is above)"
     jobs = read_jobs(sweep_dir, sweep_id)
-    return SweepResult(sweep_dir, jobs, expected, stopped, code)
+    swept = tuple(o.get_key_element() for o in _parse(overrides) if o.is_sweep_override())
+    return SweepResult(sweep_dir, jobs, expected, stopped, code, swept)
 
 
 @contextlib.contextmanager
-def _hydra_process_state(argv: list[str], sweep_id: str) -> Iterator[None]:
+def _hydra_process_state(argv: list[str], sweep_id: str, in_process: bool) -> Iterator[None]:
     """``sys.argv`` as Hydra's entry point reads it and the sweep's id for its jobs, for the
-    sweep; afterwards both as they were, and the root logger's handlers too (Hydra configures
-    logging for its jobs: a console handler and a log file in each job folder)."""
+    sweep (and, for jobs run in this process, a SIGTERM handler setting :data:`_TERMINATED`);
+    afterwards all as they were, and the root logger's handlers too (Hydra configures logging
+    for its jobs: a console handler and a log file in each job folder)."""
     import logging
 
     root = logging.getLogger()
@@ -301,9 +336,14 @@ def _hydra_process_state(argv: list[str], sweep_id: str) -> Iterator[None]:
     handlers, level = list(root.handlers), root.level
     sys.argv = argv
     os.environ[SWEEP_ID_ENV] = sweep_id
+    _TERMINATED.clear()
+    main = threading.current_thread() is threading.main_thread()
+    saved_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_process and main else None
     try:
         yield
     finally:
+        if saved_term is not None:
+            signal.signal(signal.SIGTERM, saved_term)
         sys.argv = saved_argv
         if saved_id is None:
             os.environ.pop(SWEEP_ID_ENV, None)
@@ -317,6 +357,15 @@ def _hydra_process_state(argv: list[str], sweep_id: str) -> Iterator[None]:
             if handler not in root.handlers:
                 root.addHandler(handler)
         root.setLevel(level)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERMINATED.set()
+
+
+def _stop_if_terminated(where: str) -> None:
+    if _TERMINATED.is_set():
+        raise SweepInterrupted(f"SIGTERM received; the sweep stopped {where}", 143)
 
 
 def read_jobs(
@@ -380,8 +429,9 @@ class _JobFile:
 
 def _resume_point(job: _JobFile, folder: Path) -> tuple[str | None, str | None]:
     """From an earlier run of this job in ``folder``: ``("completed", None)`` to skip it,
-    ``(None, checkpoint)`` to resume it (it was stopped or killed), ``(None, None)`` to run it
-    afresh. A folder holding another job (other overrides) is refused."""
+    ``(None, checkpoint)`` to resume it (it did not complete but saved ``last.ckpt``),
+    ``(None, None)`` to run it afresh. A folder holding another job (other overrides) is
+    refused."""
     earlier = job.earlier()
     if earlier is None:
         return None, None
@@ -396,9 +446,8 @@ def _resume_point(job: _JobFile, folder: Path) -> tuple[str | None, str | None]:
         job.data.update(global_step=earlier.get("global_step"), seconds=earlier.get("seconds"))
         return "completed", None
     checkpoint = folder / "last.ckpt"
-    if status in ("interrupted", "running") and checkpoint.is_file():
-        return None, str(checkpoint)
-    return None, None
+    # Stopped, killed or failed after a checkpoint (a time limit, a lost node): it continues.
+    return None, str(checkpoint) if checkpoint.is_file() else None
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
@@ -421,6 +470,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     folder = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     job = _JobFile(folder, overrides, hydra_cfg.job.get("num"))
+    _stop_if_terminated(f"before job {job.data['number']}")
     try:
         done, resume = _resume_point(job, folder)
         if done:
@@ -437,9 +487,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     except TrainingInterrupted as exc:
         job.write("interrupted", _one_line(exc))
         raise SweepInterrupted(f"job {job.data['number']}: {exc}", exc.exit_code) from None
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into exit(1)
+    except KeyboardInterrupt:
         job.write("interrupted", "stopped by Ctrl-C")
         raise SweepInterrupted(f"job {job.data['number']} stopped by Ctrl-C", 130) from None
+    except SystemExit as exc:  # a launcher ending the job (submitit requeueing it), kept as is
+        job.write("interrupted", f"stopped by exit({exc.code}) during the run")
+        raise
     except CurvatureError as exc:
         job.write("failed", _one_line(exc))
     except Exception as exc:  # a bug or the machine (out of memory): shown, and the sweep goes on
@@ -448,6 +501,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     else:
         note = f"resumed from {resume}" if resume else ""
         job.write("completed", note, global_step=result.global_step, seconds=result.seconds)
+    _stop_if_terminated(f"after job {job.data['number']}")
     return job.data
 
 
@@ -456,20 +510,26 @@ def summary_lines(result: SweepResult) -> list[str]:
     apart, steps and time or the error), what is missing, and how to read the sweep."""
     jobs = result.jobs
     shared = set.intersection(*(set(j.overrides) for j in jobs)) if jobs else set()
+
+    def own(job: JobOutcome) -> str:
+        if result.swept_keys is None:
+            return " ".join(o for o in job.overrides if o not in shared) or "-"
+        swept = [o for o in job.overrides if o.partition("=")[0] in result.swept_keys]
+        return " ".join(swept) or "-"
+
     counts: dict[str, int] = {}
     for j in jobs:
         counts[j.status] = counts.get(j.status, 0) + 1
     told = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none ran"
-    lines = [f"sweep {_shown(result.sweep_dir)}: {len(jobs)} jobs, {told}"]
+    lines = [f"sweep in {_shown(result.sweep_dir)}: {len(jobs)} jobs, {told}"]
     width = max((len(_shown(j.folder)) for j in jobs), default=0)
     for j in jobs:
-        own = " ".join(o for o in j.overrides if o not in shared) or "-"
         if j.status == "completed" and j.global_step is not None:
             detail = f"{j.global_step} steps, {_seconds(j.seconds)}"
             detail += f" ({j.message})" if j.message else ""
         else:
             detail = j.message
-        lines.append(f"  {_shown(j.folder):<{width}}  {j.status:<11}  {own}  {detail}".rstrip())
+        lines.append(f"  {_shown(j.folder):<{width}}  {j.status:<11}  {own(j)}  {detail}".rstrip())
     if result.missing:
         lines.append(f"  {result.missing} of {result.expected} jobs left no folder (never started)")
     if result.stopped:

@@ -8,6 +8,11 @@ are read back.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +63,8 @@ def _train(*args: str) -> object:
         (["run_dir=x", "seed=0,1"], "Error: run_dir= cannot be given to a sweep (-m)"),
         (["resume=x/last.ckpt", "seed=0,1"], "Error: resume= cannot be given to a sweep (-m)"),
         (["trainer.devices=2", "seed=0,1"], "Error: trainer.devices=2: a sweep job runs on one"),
+        (["curvature.backend=pyhessian,nosuch"], "Error: unknown backend 'nosuch'."),
+        (["curvature.quantities=[trace],[trace,nope]"], "Error: "),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_any_job(
@@ -76,6 +83,7 @@ def test_check_sweep_composes_every_value_and_counts_the_jobs() -> None:
     assert jobs == 12 and cfg.model.name == "small_cnn" and cfg.optim.lr == 0.05 and cfg.seed == 0
     assert cfg.curvature.compute_every_n_steps == 500  # the monitor's defaults filled in
     assert check_sweep(["seed=range(0,3)", "optim.lr=0.1"])[1] == 3
+    assert check_sweep(["seed=range(0,3)", "hydra.sweeper.max_batch_size=2"])[1] is None
 
 
 def test_cfg_with_multirun_prints_the_first_jobs_configuration() -> None:
@@ -110,7 +118,7 @@ def test_the_summary_names_each_job_and_the_exit_code_says_if_one_failed(tmp_pat
     result = SweepResult(sweep, jobs, expected=4)
     assert result.missing == 1 and result.exit_code == 1
     lines = summary_lines(result)
-    assert lines[0] == f"sweep {sweep}: 3 jobs, 1 failed, 1 unfinished, 1 completed"
+    assert lines[0] == f"sweep in {sweep}: 3 jobs, 1 failed, 1 unfinished, 1 completed"
     assert lines[1].split(maxsplit=3) == [
         str(sweep / "2"), "failed", "seed=2", "trainer.max_epochs must be an integer"
     ]  # fmt: skip
@@ -163,7 +171,7 @@ def test_a_two_by_two_grid_gives_four_run_folders_the_report_reads(
     _check_jobs(sweep, grid)
     shown = f"runs/sweeps/{sweep.name}"
     summary = result.stdout.strip().splitlines()[-6:]
-    assert summary[0] == f"sweep {shown}: 4 jobs, 4 completed"
+    assert summary[0] == f"sweep in {shown}: 4 jobs, 4 completed"
     for line, (i, (lr, seed)) in zip(summary[1:5], enumerate(grid), strict=True):
         assert line.split()[:4] == [f"{shown}/{i}", "completed", f"optim.lr={lr}", f"seed={seed}"]
     assert summary[5] == f"Read them together: deconcnn-curv report {shown}"
@@ -180,31 +188,103 @@ def test_multirun_long_form_and_a_failing_job_is_named_and_fails_the_sweep(
     tmp_path: Path,
 ) -> None:
     sweep = tmp_path / "sweep"
-    args = [*TINY, "optim.lr=0.05,0.1", "seed=0", "curvature.backend=pyhessian,no_such_backend"]
+    tiny = [o for o in TINY if not o.startswith("trainer.max_epochs=")]
+    args = [*tiny, "optim.lr=0.05,0.1", "seed=0", "trainer.max_epochs=1,many"]
     result = _train("--multirun", *args, f"hydra.sweep.dir={sweep}")
     assert result.exit_code == 1, result.output
     folders = _folders(sweep)
     assert len(folders) == 4
     outcomes = [json.loads((p / JOB_FILE).read_text()) for p in folders]
     assert [o["status"] for o in outcomes] == ["completed", "failed", "completed", "failed"]
-    assert "no_such_backend" in outcomes[1]["message"]
+    assert outcomes[1]["message"].startswith("trainer.max_epochs must be an integer; got 'many'")
     for folder in (folders[0], folders[2]):
         assert (folder / "curvature.jsonl").is_file()
     assert not (folders[1] / "curvature.jsonl").exists()  # refused before training
     lines = result.stdout.strip().splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith(f"sweep {sweep}:"))
-    assert lines[header] == f"sweep {sweep}: 4 jobs, 2 completed, 2 failed"
+    header = next(i for i, line in enumerate(lines) if line.startswith(f"sweep in {sweep}:"))
+    assert lines[header] == f"sweep in {sweep}: 4 jobs, 2 completed, 2 failed"
     failed = lines[header + 2].split()
-    assert failed[:4] == [
-        str(folders[1]),
-        "failed",
-        "optim.lr=0.05",
-        "curvature.backend=no_such_backend",
-    ]
+    assert failed[:5] == [
+        str(folders[1]), "failed", "optim.lr=0.05", "trainer.max_epochs=many", "trainer.max_epochs"
+    ]  # fmt: skip
 
     # The same command again: the completed jobs are not run again, the failed ones are.
-    again = _train("--multirun", *args, f"hydra.sweep.dir={sweep}")
+    again = _train("--multirun", *args, f"hydra.sweep.dir={sweep}", "--json")
     assert again.exit_code == 1, again.output
-    outcomes = [json.loads((p / JOB_FILE).read_text()) for p in folders]
-    assert [o["status"] for o in outcomes] == ["completed", "failed", "completed", "failed"]
-    assert outcomes[0]["message"].startswith("completed by an earlier run of this sweep")
+    summary = json.loads(again.stdout)  # the JSON alone on stdout
+    assert summary["exit_code"] == 1 and summary["missing"] == 0 and summary["expected"] == 4
+    jobs = summary["jobs"]
+    assert [j["status"] for j in jobs] == ["completed", "failed", "completed", "failed"]
+    assert [j["folder"] for j in jobs] == [str(p) for p in folders]
+    assert jobs[0]["message"].startswith("completed by an earlier run of this sweep")
+    assert jobs[0]["global_step"] == 4 and "optim.lr=0.05" in jobs[0]["overrides"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for name in ("DECONCNN_CURVATURE_BACKEND", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "deconcnn_curvature", "train", "-m", *TINY,
+        "trainer.max_epochs=40", "curvature.compute_every_n_steps=40", "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = sweep / "0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while not (metrics.exists() and metrics.stat().st_size > 0):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "job 0 did not start training in time"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err  # a scheduler must not count the sweep a success
+    lines = out.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith(f"sweep in {sweep}:"))
+    assert lines[header] == f"sweep in {sweep}: 1 jobs, 1 interrupted"
+    assert lines[header + 1].split()[:3] == [str(sweep / "0"), "interrupted", "seed=0"]
+    assert "stopped by SIGTERM at step" in lines[header + 1]
+    assert lines[header + 2].strip() == "1 of 2 jobs left no folder (never started)"
+    assert lines[header + 3].startswith("stopped: job 0: stopped by SIGTERM at step ")
+    assert (sweep / "0" / "last.ckpt").is_file() and not (sweep / "1").exists()
+
+    # The same command again: job 0 goes on from its checkpoint, job 1 runs.
+    again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    outcomes = [json.loads((sweep / str(i) / JOB_FILE).read_text()) for i in (0, 1)]
+    assert [o["status"] for o in outcomes] == ["completed", "completed"]
+    assert outcomes[0]["message"] == f"resumed from {sweep / '0' / 'last.ckpt'}"
+    assert outcomes[0]["global_step"] == outcomes[1]["global_step"] == 160
+    assert (sweep / "0" / "config.resume-1.yaml").is_file()
+    steps = [json.loads(line)["step"] for line in (sweep / "0" / "curvature.jsonl").open()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) * 2  # trace, λ_max once each
+
+
+@pytest.mark.slow
+def test_a_launcher_plugin_runs_the_jobs_in_other_processes(tmp_path: Path) -> None:
+    """Hydra's submitit launcher (installed only where someone wants SLURM; not a dependency),
+    in its local mode: the jobs run as separate processes, the summary is read from their
+    folders all the same."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    tiny = [o for o in TINY if not o.startswith("trainer.max_epochs=")]
+    args = [*tiny, "seed=0", "trainer.max_epochs=1,many", "hydra/launcher=submitit_local"]
+    result = _train("-m", *args, f"hydra.sweep.dir={sweep}", "--json")
+    assert result.exit_code == 1, result.output
+    jobs = json.loads(result.stdout)["jobs"]
+    assert [(j["status"], j["global_step"]) for j in jobs] == [("completed", 4), ("failed", None)]
+    pids = {json.loads((sweep / str(i) / JOB_FILE).read_text())["pid"] for i in (0, 1)}
+    assert os.getpid() not in pids and len(pids) == 2
+    assert (sweep / "0" / "curvature.jsonl").is_file() and (sweep / ".submitit").is_dir()
