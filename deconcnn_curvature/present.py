@@ -724,6 +724,31 @@ def curvature_time(result: Any) -> str:
     return f"{spent:.1f} s ({share:.0%} of the wall time)"
 
 
+def budget_share(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """A time-budgeted run's achieved share of training time against its target, from the
+    records (``budget`` field: the monitor's own clock); ``None`` for a run without a budget."""
+    budgeted = [r for r in records if r.get("budget")]
+    if not budgeted:
+        return None
+    last = budgeted[-1]["budget"]
+    spent = float(last.get("spent_seconds") or 0.0) + sum(
+        float(r.get("seconds") or 0.0) for r in budgeted if r["step"] == budgeted[-1]["step"]
+    )
+    train = float(last.get("train_seconds") or 0.0)
+    share = f"{spent / train:.1%}" if train > 0 else "n/a"
+    target = []
+    if last.get("max_overhead") is not None:
+        target.append(f"{last['max_overhead']:.1%} of training time")
+    if last.get("max_seconds") is not None:
+        target.append(f"{last['max_seconds']:g} s per measurement")
+    skipped = len({r["step"] for r in budgeted if r.get("skipped")})
+    measured = len({r["step"] for r in budgeted if r.get("value") is not None})
+    return (
+        f"{share} of training time measuring (target: {' and '.join(target)}); "
+        f"{measured} steps measured, {skipped} skipped to stay within it"
+    )
+
+
 def _unconverged_mark(rec: Mapping[str, Any]) -> str:
     return ", UNCONVERGED" if (rec.get("details") or {}).get("converged") is False else ""
 
@@ -756,13 +781,16 @@ def summary_table(result: Any) -> Table:
     recs = list(result.records)
     if recs:
         ok = [r for r in recs if usable_record(r)]  # failed or unusable: skipped
-        failed = [r for r in recs if not usable_record(r)]
+        failed = [r for r in recs if not usable_record(r) and not r.get("skipped")]
         steps = sorted({int(r["step"]) for r in recs})
         table.add_row(
             "curvature records",
             f"{len(ok)} ok, {len(failed)} failed, at {len(steps)} steps ({steps[0]}…{steps[-1]})",
         )
         table.add_row("curvature time", curvature_time(result))
+        budget = budget_share(recs)
+        if budget is not None:
+            table.add_row("curvature budget", budget)
         last_trace = next((r for r in reversed(ok) if r["quantity"] == "trace"), None)
         if last_trace is not None:
             table.add_row(

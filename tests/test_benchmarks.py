@@ -43,6 +43,7 @@ SMOKE: dict[str, list[str]] = {
     "trace_accuracy": ["--quick", "--seeds", "2", "--jobs", "1"],
     "cost_accuracy": ["--quick"],
     "parameter_guard": ["--batch", "4", "--reps", "1"],
+    "time_budget": ["--quick"],
 }
 
 
@@ -95,6 +96,17 @@ def _check(name: str, data: dict[str, Any]) -> None:
     elif name == "parameter_guard":
         assert all(_positive(r["guard_over_hvp"]) for r in data["rows"])
         assert all(_positive(r["fingerprint_over_hvp"]) for r in data["rows"])
+    elif name == "time_budget":
+        assert set(data["pooled"]) == {"fixed", "budget", "matched"}
+        for row in data["pooled"].values():
+            assert all(math.isfinite(x) for x in row["overhead_cpu_per_seed"])
+            lo, hi = row["coverage_wilson95"]
+            assert 0 <= lo <= hi <= 1
+        fixed = data["pooled"]["fixed"]
+        assert fixed["measurements"] >= 1 and fixed["trace_err_median"] is not None
+        assert data["seeds"][0]["replay_matches"] is True  # the reference saw the same weights
+        sizes = data["chosen_sizes"]["0"]["matched"]
+        assert sizes and all(n >= 8 and m >= 5 for _, n, m in sizes)  # Hutch++'s minimum: 5
     elif name == "trace_accuracy":
         assert set(data["accuracy"]) >= {"cnn_init", "cnn_trained"}
         assert all("met" in t for t in data["targets"])

@@ -60,9 +60,20 @@ def _check_training_extra() -> None:
     help="Print the composed config and exit (`--cfg job`, Hydra's form, works too).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@click.option(
+    "-m",
+    "--multirun",
+    is_flag=True,
+    help="Run a grid through Hydra's sweeper and launcher (optim.lr=0.05,0.1 seed=0,1,2): "
+    "each job a run folder under hydra.sweep.dir (see docs/sweeps.md).",
+)
 @user_errors
 def train_cmd(
-    overrides: tuple[str, ...], config_dir: Path | None, show_cfg: bool, as_json: bool
+    overrides: tuple[str, ...],
+    config_dir: Path | None,
+    show_cfg: bool,
+    as_json: bool,
+    multirun: bool,
 ) -> None:
     """Train a deconCNN-shaped CIFAR run (ResNet-18, SGD + momentum, warm-up + cosine) and
     measure curvature during it.
@@ -96,6 +107,10 @@ def train_cmd(
         raise click.UsageError(
             f"unknown option {bad[0]!r}; overrides look like key=value (see --help)."
         )
+    if multirun:
+        from deconcnn_curvature.cli._multirun import train_multirun
+
+        return train_multirun(overrides, config_dir, show_cfg=show_cfg, as_json=as_json)
     cfg, notes = compose_run_config(overrides, config_dir)
     for note in notes:
         click.echo(f"deconcnn-curv train: {note}", err=True)

@@ -4,6 +4,7 @@
 * :mod:`~deconcnn_curvature.monitor.settings`: checking the callback's settings and options;
 * :mod:`~deconcnn_curvature.monitor.inputs`: the model, the loss and the curvature batch;
 * :mod:`~deconcnn_curvature.monitor.records`: the JSONL records files (torch and Lightning free);
+* :mod:`~deconcnn_curvature.monitor.budget`: the time budget's cost model and sizing rule (pure);
 * :mod:`~deconcnn_curvature.monitor.lightning_import`: importing Lightning with a clear error.
 
 The callback's names are imported on first use, so ``deconcnn_curvature.monitor.records`` (and

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +51,13 @@ from deconcnn_curvature.backend import Backend, Plan, plan_calls
 from deconcnn_curvature.defaults import MONITOR, default
 from deconcnn_curvature.distributed import rank_agreement
 from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
+from deconcnn_curvature.monitor.budget import (
+    MAX_BATCH_FACTOR,
+    MAX_PRODUCTS,
+    Limits,
+    Size,
+    TimeBudget,
+)
 from deconcnn_curvature.monitor.inputs import (
     build_batch,
     check_trial_loss,
@@ -181,6 +189,14 @@ class CurvatureMonitor(pl.Callback):
         eval_mode: Measure the model in eval mode (``True``: BatchNorm with running statistics,
             Dropout off) or in the mode training left it in (``False``); an argument of the host
             (:func:`deconcnn_curvature.estimate`'s ``eval_mode``), not a backend option.
+        max_overhead: A time budget: measuring takes at most this share of the training time
+            (e.g. ``0.05``). The monitor times training steps and its own products and sizes each
+            measurement (curvature-batch samples and trace products) to fit, splitting the budget
+            where the trace's error is (``docs/time-budget.md``); ``num_hvps`` and
+            ``hessian_batch_size`` then no longer fix the size (``hessian_batch_size`` scales
+            the largest batch). ``None``: no budget, fixed sizes.
+        max_seconds: A time budget per measurement in seconds; with ``max_overhead`` the tighter
+            of the two applies.
         num_samples: deconCNN's own name for ``num_hvps`` (its configs' ``curvature.num_samples``),
             accepted with a ``DeprecationWarning``.
 
@@ -215,6 +231,8 @@ class CurvatureMonitor(pl.Callback):
         enabled: bool = True,
         log_metrics: bool = True,
         eval_mode: bool = default("eval_mode", MONITOR),
+        max_overhead: float | None = None,
+        max_seconds: float | None = None,
         num_samples: int | None = None,
     ) -> None:
         super().__init__()
@@ -240,6 +258,8 @@ class CurvatureMonitor(pl.Callback):
             enabled=enabled,
             log_metrics=log_metrics,
             eval_mode=eval_mode,
+            max_overhead=max_overhead,
+            max_seconds=max_seconds,
             num_samples=num_samples,
         )
         # Each checked setting is the attribute of the same name (monitor.num_hvps, ...).
@@ -259,6 +279,13 @@ class CurvatureMonitor(pl.Callback):
         self._warned: set[str] = set()
         # Cache of the fixed batch (rebuilt from the indices after a resume).
         self._batch: tuple[Any, torch.Tensor] | None = None
+        # The time budget (max_overhead / max_seconds): built in on_train_start.
+        self._budget: TimeBudget | None = None
+        self._budget_state: dict[str, Any] | None = None  # from a checkpoint, until train start
+        self._clock: float | None = None
+        self._setup_seconds = 0.0
+        self._sized_fields: dict[str, Any] = {}  # a budgeted measurement's record fields
+        self._sized_cache: tuple[int, Any] | None = None  # fixed mode: the sized batch
 
     @classmethod
     def from_config(cls, settings: Any = None, **overrides: Any) -> CurvatureMonitor:
@@ -403,6 +430,7 @@ class CurvatureMonitor(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check backend, quantities, options, model and loss before any training step."""
+        began = time.perf_counter()
         if not self.enabled and stage == "fit":  # the shipped curvature/*.yaml start disabled
             pl.utilities.rank_zero_info(
                 "CurvatureMonitor: disabled (enabled=false), nothing is measured; set enabled=true "
@@ -423,6 +451,7 @@ class CurvatureMonitor(pl.Callback):
             if unused.setting in ("num_hvps", "rtol"):  # data_groups: said below; k: default
                 pl.utilities.rank_zero_info(f"CurvatureMonitor: {unused.reason}")
         self._log_data_groups(resolved, trainer.world_size)
+        self._check_budget(cls)
         self.check_model(pl_module)
         if self.hessian_batch_size < trainer.world_size:
             raise ConfigurationError(
@@ -450,6 +479,7 @@ class CurvatureMonitor(pl.Callback):
             if trainer.is_global_zero:
                 path = self.jsonl if log_dir is None else Path(log_dir or ".") / self.jsonl
                 self._writer = RecordWriter(path)
+        self._setup_seconds = time.perf_counter() - began  # charged to a time budget
 
     def _log_data_groups(self, resolved: Mapping[str, Mapping[str, Any]], world_size: int) -> None:
         """Say what the trace's interval covers, once at setup."""
@@ -467,6 +497,7 @@ class CurvatureMonitor(pl.Callback):
         """Check the training data before the first step (fail fast)."""
         if not self.enabled:
             return
+        began = time.perf_counter()
         dataset = train_loader(trainer).dataset
         size = len(dataset)
         if size < self.hessian_batch_size:
@@ -503,6 +534,9 @@ class CurvatureMonitor(pl.Callback):
                     "config: curvature.batch_fn=package.module:function)."
                 ) from exc
             self.check_batch(pl_module, batch)  # one forward + loss, under the state guard
+        spent = self._setup_seconds + time.perf_counter() - began
+        self._start_budget(trainer, pl_module, size, spent)
+        self._restart_clock(pl_module)
 
     # ------------------------------------------------------------------------------ measuring
 
@@ -517,6 +551,7 @@ class CurvatureMonitor(pl.Callback):
             and self._last_step < 0
         ):
             self._measure(trainer, pl_module, 0)
+            self._restart_clock(pl_module)
 
     def on_train_batch_end(
         self,
@@ -529,9 +564,11 @@ class CurvatureMonitor(pl.Callback):
         """Measure after the optimiser step that brings ``global_step`` onto the cadence."""
         if not self.enabled:
             return
+        self._tick(pl_module)
         step = trainer.global_step
         if step > 0 and step > self._last_step and step % self.compute_every_n_steps == 0:
             self._measure(trainer, pl_module, step)
+            self._restart_clock(pl_module)
 
     def _curvature_batch(self, trainer: pl.Trainer, step: int) -> tuple[Any, torch.Tensor]:
         if self.batch_mode == "fixed" and self._batch is not None:
@@ -570,6 +607,7 @@ class CurvatureMonitor(pl.Callback):
             "batch_size": self.hessian_batch_size,
             "details": None,
             "error": None,
+            **self._sized_fields,
             **fields,
         }
         if self._writer is not None:
@@ -608,24 +646,41 @@ class CurvatureMonitor(pl.Callback):
             )
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        start = time.perf_counter()
+        size = self._sized(trainer, pl_module, step)
         self._last_step = step
+        if size is not None and size.skipped is not None:
+            self._skip(trainer, step, size)
+            return
+        try:
+            self._measure_sized(trainer, pl_module, step, size)
+        finally:
+            self._sized_fields = {}
+
+    def _measure_sized(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, size: Size | None
+    ) -> None:
+        start = time.perf_counter()
         self._count += 1
         try:
             # Under DDP every rank fails its preparation or none does, so no rank is left
             # waiting in the collectives of estimate() (which agrees on its own failures).
             with rank_agreement(pl_module.device, enabled=trainer.world_size > 1):
-                batch = self._curvature_batch(trainer, step)
+                if size is None:
+                    batch = self._curvature_batch(trainer, step)
+                else:
+                    batch = self._sized_batch(trainer, step, size.samples)
                 model = self._model(pl_module)
                 loss_fn = self._loss(pl_module)
         except Exception as exc:
             self._fail(trainer, step, exc, time.perf_counter() - start)
+            self._observe(pl_module, size, start, 0, None)
             return
         assert self.plan is not None  # setup() made it
         logged: dict[str, float] = {}
         n_hvp = 0
         succeeded = False
-        for call in self.plan.calls:
+        trace_details: Mapping[str, Any] | None = None
+        for call in self._sized_plan(size).calls:
             began = time.perf_counter()
             try:
                 result = estimate(
@@ -646,17 +701,23 @@ class CurvatureMonitor(pl.Callback):
                     self._record(trainer, step, quantity, seconds=seconds, error=reason)
                 self._after_failure(reason, step)
                 if self.on_error == "raise":
+                    self._observe(pl_module, size, start, n_hvp, trace_details)
                     raise
                 continue
             succeeded = True
             n_hvp += int(result.n_hvp)
+            if call.quantity == "trace":
+                trace_details = result.details
             for quantity in call.records[1:]:  # returned by the same call, in its `also`
                 other = self.joint_result(result, quantity)
+                if quantity == "trace":
+                    trace_details = other.details
                 self._record(trainer, step, quantity, **self._result_fields(other))
                 logged.update(self._scalars(other))
             self._record(trainer, step, call.quantity, **self._result_fields(result))
             logged.update(self._scalars(result))
             self._warn_target_missed(result, step)
+        self._observe(pl_module, size, start, n_hvp, trace_details)
         if succeeded:
             if self.metric_keys["n_hvp"]:
                 logged[self.metric_keys["n_hvp"]] = float(n_hvp)
@@ -664,6 +725,176 @@ class CurvatureMonitor(pl.Callback):
                 logged[self.metric_keys["seconds"]] = time.perf_counter() - start
         if self.log_metrics and logged:
             self._log(trainer, pl_module, step, logged)
+
+    # ------------------------------------------------------------------------------ time budget
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a time budget (``max_overhead`` or ``max_seconds``) sizes the measurements."""
+        return self.max_overhead is not None or self.max_seconds is not None
+
+    def budget_summary(self) -> dict[str, Any] | None:
+        """The time budget's account so far (``None`` without one): the target
+        (``max_overhead``, ``max_seconds``), the training and measuring seconds timed, the
+        achieved ``share``, and the sizes chosen (``chosen``: samples, products, seconds allowed,
+        and the reason of each skip). On rank 0 under DDP."""
+        return None if self._budget is None else self._budget.summary()
+
+    def _check_budget(self, cls: type[Backend]) -> None:
+        """With a time budget: refuse what it cannot size, and name the target at start-up."""
+        if not self.budgeted:
+            return
+        serves_trace = any(
+            q == "trace" or "trace" in cls.also_computes.get(q, ()) for q in self.quantities
+        )
+        if cls.budget_option("trace") is None or not serves_trace:
+            raise ConfigurationError(
+                f"CurvatureMonitor: max_overhead/max_seconds size the trace's products and "
+                f"samples, but backend {cls.name!r} has no probe budget for the trace or no "
+                f"monitored quantity measures one (quantities: {', '.join(self.quantities)}); "
+                "drop the time budget, or measure the trace with a stochastic backend."
+            )
+        parts = []
+        if self.max_overhead is not None:
+            parts.append(f"{self.max_overhead:.1%} of the training time")
+        if self.max_seconds is not None:
+            parts.append(f"{self.max_seconds:g} s per measurement")
+        pl.utilities.rank_zero_info(
+            f"CurvatureMonitor: time budget: measuring takes at most {' and '.join(parts)}"
+            f"{' (the tighter wins)' if len(parts) > 1 else ''}; each measurement's samples and "
+            "trace products are chosen to fit it from the timed steps and products (num_hvps "
+            "and hessian_batch_size no longer fix them; docs/time-budget.md)."
+        )
+
+    def _start_budget(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        dataset_size: int,
+        spent: float,
+    ) -> None:
+        """Build the budget's clock and limits at train start (a checkpoint's account kept, else
+        the ``spent`` seconds of set-up and start-up checks charged)."""
+        self._budget = None
+        self._sized_cache = None
+        if not self.budgeted:
+            return
+        cls = get_backend(self._backend_name)
+        option = cls.option_map()[cls.budget_option("trace")]
+        least_products = max(2, math.ceil(option.min or 0))
+        min_samples = max(2 * self.data_groups, trainer.world_size)
+        if dataset_size < min_samples:
+            raise ConfigurationError(
+                f"CurvatureMonitor: a time-budgeted measurement needs at least {min_samples} "
+                f"samples (2 per data group) and the training data set has {dataset_size}; "
+                "lower data_groups."
+            )
+        most = min(dataset_size, MAX_BATCH_FACTOR * self.hessian_batch_size)
+        # No more products than parameters: the trace is exact by then.
+        params = sum(p.numel() for p in self._model(pl_module).parameters() if p.requires_grad)
+        products = max(least_products, min(MAX_PRODUCTS, params))
+        limits = Limits(min_samples, max(min_samples, most), least_products, products)
+        # λ_max (from the same batch) has only data noise: its samples count with the trace's.
+        weight = 2.0 if "eigenvalues" in self.quantities else 1.0
+        self._budget = TimeBudget(self.max_overhead, self.max_seconds, limits, weight)
+        if self._budget_state is not None:
+            self._budget.load_state_dict(self._budget_state)
+            self._budget_state = None
+        else:
+            self._budget.charge(spent)
+
+    @staticmethod
+    def _now(pl_module: pl.LightningModule) -> float:
+        """The clock, after the device's queued work (CUDA runs asynchronously)."""
+        device = pl_module.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def _tick(self, pl_module: pl.LightningModule) -> None:
+        """Count the training time since the clock last started (a batch end, measuring
+        excluded) as one step."""
+        if self._budget is None:
+            return
+        now = self._now(pl_module)
+        if self._clock is not None:
+            self._budget.tick(now - self._clock)
+        self._clock = now
+
+    def _restart_clock(self, pl_module: pl.LightningModule) -> None:
+        if self._budget is not None:
+            self._clock = self._now(pl_module)
+
+    def _sized(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Size | None:
+        """The size of the measurement at ``step`` (rank 0's choice on every rank), and the record
+        fields that say it; ``None`` without a budget."""
+        if self._budget is None:
+            return None
+        size = self._budget.size() if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            size = trainer.strategy.broadcast(size, src=0)
+        self._sized_fields = {
+            "batch_size": size.samples,
+            "budget": self._budget.record_field(size),
+        }
+        return size
+
+    def _skip(self, trainer: pl.Trainer, step: int, size: Size) -> None:
+        """Record a measurement the budget cannot afford (``value: null``, ``skipped``: why)."""
+        self._budget.skipped(size)
+        for quantity in self.quantities:
+            self._record(trainer, step, quantity, skipped=size.skipped)
+        self._sized_fields = {}
+        if "budget skip" not in self._warned:
+            self._warned.add("budget skip")
+            pl.utilities.rank_zero_info(
+                f"CurvatureMonitor: step {step} not measured: {size.skipped}. The monitor "
+                "measures less often rather than over the budget (recorded with `skipped`; said "
+                "once)."
+            )
+
+    def _sized_batch(self, trainer: pl.Trainer, step: int, samples: int) -> Any:
+        """The first ``samples`` of the curvature draw (the fixed draw, or this step's): nested
+        batches, whose first ``hessian_batch_size`` are the unbudgeted batch."""
+        fixed = self.batch_mode == "fixed"
+        if fixed and self._sized_cache is not None and self._sized_cache[0] == samples:
+            return self._sized_cache[1]
+        loader = train_loader(trainer)
+        seed = mix_seed("batch", self.seed) if fixed else mix_seed("batch", self.seed, int(step))
+        gen = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(len(loader.dataset), generator=gen)[:samples].tolist()
+        batch = build_batch(trainer, loader, indices, self.batch_fn)
+        if fixed:
+            self._sized_cache = (samples, batch)
+        return batch
+
+    def _sized_plan(self, size: Size | None) -> Plan:
+        """The plan of this measurement: the setup's, or with a time budget the router's plan
+        for ``size.products`` as the trace's budget (the router is cheap and pure)."""
+        assert self.plan is not None  # setup() made it
+        if size is None:
+            return self.plan
+        return self.plan_for(get_backend(self._backend_name), num_hvps=size.products)
+
+    def _observe(
+        self,
+        pl_module: pl.LightningModule,
+        size: Size | None,
+        start: float,
+        n_hvp: int,
+        trace_details: Mapping[str, Any] | None,
+    ) -> None:
+        """Tell the budget what a measurement cost and the trace's noise components."""
+        if self._budget is None or size is None:
+            return
+        details = trace_details or {}
+        self._budget.observe(
+            size,
+            self._now(pl_module) - start,
+            n_hvp,
+            details.get("stderr_probe"),
+            details.get("stderr_data"),
+        )
 
     @staticmethod
     def _log(
@@ -741,6 +972,7 @@ class CurvatureMonitor(pl.Callback):
             "indices": None if self._indices is None else list(self._indices),
             "dataset_len": self._dataset_len,
             "warned": sorted(self._warned),
+            **({} if self._budget is None else {"budget": self._budget.state_dict()}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -763,6 +995,7 @@ class CurvatureMonitor(pl.Callback):
         self._dataset_len = state_dict.get("dataset_len") if same_batch else None
         self._warned = set(state_dict.get("warned", ()))
         self._batch = None
+        self._budget_state = state_dict.get("budget")
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

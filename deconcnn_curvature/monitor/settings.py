@@ -188,6 +188,8 @@ class MonitorSettings:
     enabled: bool
     log_metrics: bool
     eval_mode: bool
+    max_overhead: float | None = None
+    max_seconds: float | None = None
     num_samples: dataclasses.InitVar[int | None] = None
 
     def _set(self, name: str, value: Any) -> None:
@@ -251,6 +253,19 @@ class MonitorSettings:
         self._set("enabled", _check_bool("enabled", self.enabled))
         self._set("log_metrics", _check_bool("log_metrics", self.log_metrics))
         self._set("eval_mode", _check_bool("eval_mode", self.eval_mode))
+        self._set("max_overhead", _check_positive("max_overhead", self.max_overhead, most=1.0))
+        self._set("max_seconds", _check_positive("max_seconds", self.max_seconds))
+        if self.budgeted and self.data_groups < 2:
+            raise ConfigurationError(
+                "CurvatureMonitor: max_overhead/max_seconds split the budget between samples and "
+                f"products from the data noise, which needs data_groups >= 2 (got "
+                f"{self.data_groups}); raise data_groups or drop the time budget."
+            )
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a time budget sizes the measurements (``max_overhead`` or ``max_seconds``)."""
+        return self.max_overhead is not None or self.max_seconds is not None
 
 
 def _check_quantities(quantities: Any) -> tuple[str, ...]:
@@ -279,6 +294,25 @@ def _check_quantities(quantities: Any) -> tuple[str, ...]:
             "'layer_trace' instead."
         )
     return quantities
+
+
+def _check_positive(name: str, value: Any, most: float | None = None) -> float | None:
+    """A time budget: ``None``, or a finite number > 0 (and at most ``most``)."""
+    if value is None:
+        return None
+    bad = (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+        or (most is not None and value > most)
+    )
+    if bad:
+        upto = f" and <= {most:g} (a share: 0.05 is 5 %)" if most is not None else ""
+        raise ConfigurationError(
+            f"CurvatureMonitor: {name} must be a number > 0{upto}, or null; got {value!r}."
+        )
+    return float(value)
 
 
 def _check_rtol(rtol: Any) -> float | None:

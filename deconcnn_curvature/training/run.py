@@ -54,6 +54,7 @@ __all__ = [
     "compose_config",
     "compose_run_config",
     "default_config_dir",
+    "finish_composed_config",
     "plot_curvature",
     "read_training_loss",
     "run_training",
@@ -164,6 +165,15 @@ def compose_run_config(
             f"no config.yaml next to {cfg.resume}; resuming with the configuration this command "
             "composes (the checkpoint must fit it)."
         ]
+    return finish_composed_config(cfg, overrides)
+
+
+def finish_composed_config(
+    cfg: DictConfig, overrides: Sequence[str]
+) -> tuple[DictConfig, list[str]]:
+    """What a fresh run adds to the config Hydra composed from ``overrides`` (by the compose API,
+    or by Hydra's own launcher for a job of a sweep): ``$DECONCNN_CURVATURE_BACKEND``, and the
+    monitor's defaults for the unset ``curvature`` settings. Returns the config and notes."""
     notes = _env_backend(cfg, overrides)
     return _fill_monitor_defaults(cfg), notes
 

@@ -1,0 +1,445 @@
+"""A time budget against the fixed default: achieved overhead, and accuracy at the same overhead.
+
+Real training runs of the reference training code (``python -m deconcnn_curvature train``, the
+``small_cnn`` model on the synthetic CIFAR-shaped data, no augmentation so that the training set is
+a fixed population whose full-data Hessian is well defined), one subprocess per run, per seed:
+
+- ``start``: one training step, curvature off (the start-up cost: imports, data, model);
+- ``off``: ``--steps`` steps, curvature off;
+- ``fixed``: the same with the shipped ``curvature=hutchpp`` (fixed 10 products on 64 samples)
+  every ``--cadence`` steps;
+- ``budget``: the same with ``curvature.max_overhead=--target`` (the monitor sizes each
+  measurement);
+- ``matched``: the same with ``curvature.max_overhead`` set to the overhead the ``fixed`` run
+  achieved (measured from outside, this seed), so budget and fixed settings are compared at the
+  same realised overhead.
+
+**Overhead from outside**, in process CPU time (``resource.getrusage(RUSAGE_CHILDREN)`` around
+each subprocess; ``OMP_NUM_THREADS`` = ``--threads``): ``(CPU(run) − CPU(off)) / (CPU(off) −
+CPU(start))``. CPU time, not wall time, because the machine is shared (other processes inflate
+wall time, not our CPU time); the monitor itself times wall clock (what a user's budget means).
+The ``share`` the monitor accounted for itself is reported next to it.
+
+**Accuracy** against the full training set at the measured steps: the training run is replayed
+in-process (same config, same seed: the monitor does not change training, and the replay's final
+weights are checked against the subprocess's checkpoint), and at every measured step the trace
+of the whole set's Hessian is estimated by Hutch++ with ``--ref-hvps`` products on all of it and
+λ_max by Lanczos (``pyhessian``) to a tight tolerance. Per run: the relative error of each trace
+and λ_max, and whether the trace's interval covers the full-data trace. The comparison ``matched``
+− ``fixed`` is paired (same seed, same step, both measured): the mean of the paired differences of
+|relative error| with a 95 % bootstrap interval over the pairs; coverage with its Wilson bounds.
+
+    python benchmarks/time_budget.py           # 3 seeds, 1600 steps, cadence 200 (~30 min CPU)
+    python benchmarks/time_budget.py --quick   # smoke run (about a minute)
+
+Prints a table and writes ``--out`` (default ``benchmarks/results/time_budget.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("fixed", "budget", "matched")
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _common(args: argparse.Namespace, seed: int) -> list[str]:
+    return [
+        "model=small_cnn",
+        f"data.num_train={args.population}",
+        "data.num_val=128",
+        "data.augment=false",
+        f"data.synthetic_noise_std={args.noise}",
+        f"data.seed={seed}",
+        f"seed={seed}",
+        "trainer.max_epochs=-1",
+        "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu",
+        "+trainer.limit_val_batches=0",
+        "plot=false",
+        "if_exists=move_aside",
+        f"metrics_every_n_steps={args.cadence}",
+        "curvature=hutchpp",
+        f"curvature.compute_every_n_steps={args.cadence}",
+        f"curvature.seed={seed}",
+    ]
+
+
+def _run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """One training subprocess: its CPU and wall seconds and its curvature records."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, "-m", "deconcnn_curvature", "train", *overrides, f"run_dir={run_dir}"]
+    cpu, wall = _cpu(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    cpu, wall = _cpu() - cpu, time.perf_counter() - wall
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr}")
+    path = run_dir / "curvature.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {"cpu": cpu, "wall": wall, "records": records, "run_dir": str(run_dir)}
+
+
+def _replay(args: argparse.Namespace, seed: int, steps: set[int], ckpt: Path) -> dict[int, Any]:
+    """Model weights at ``steps`` of the same training run, replayed in this process; checks the
+    final weights against the subprocess's checkpoint."""
+    import copy
+
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from deconcnn_curvature.monitor.lightning_import import pl
+    from deconcnn_curvature.training.module import ClassificationModule
+    from deconcnn_curvature.training.run import compose_run_config
+
+    overrides = [*_common(args, seed), f"trainer.max_steps={args.steps}", "curvature.enabled=false"]
+    cfg, _ = compose_run_config(overrides)
+    saved: dict[int, Any] = {}
+
+    class Keep(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *_: Any) -> None:
+            if trainer.global_step in steps:
+                saved[trainer.global_step] = copy.deepcopy(pl_module.model.state_dict())
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    data = instantiate(cfg.data)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    module = ClassificationModule(
+        model_name=model_cfg.pop("name"),
+        model_kwargs=model_cfg,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+        **OmegaConf.to_container(cfg.lrsched, resolve=True),
+    )
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["enable_progress_bar"] = False
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            **trainer_kwargs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+            callbacks=[Keep()],
+        )
+        trainer.fit(module, datamodule=data)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    final = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    same = all(torch.equal(final[k], v) for k, v in module.model.state_dict().items())
+    data.setup("fit")
+    return {"states": saved, "module": module, "data": data, "replay_matches": same}
+
+
+def _reference(args: argparse.Namespace, replay: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """Full-training-set trace (Hutch++) and λ_max (Lanczos) at each replayed step."""
+    import torch
+
+    import deconcnn_curvature as dcc
+
+    data, module = replay["data"], replay["module"]
+    loader = data.train_dataloader()
+    dataset = loader.dataset
+    x, y = loader.collate_fn([dataset[i] for i in range(len(dataset))])
+    model = module.model
+    loss = torch.nn.CrossEntropyLoss()
+    out: dict[int, dict[str, float]] = {}
+    for step, state in sorted(replay["states"].items()):
+        model.load_state_dict(state)
+        tr = dcc.estimate(
+            model,
+            loss,
+            (x, y),
+            "trace",
+            "hutchpp",
+            seed=step,
+            num_hvps=args.ref_hvps,
+            data_groups=1,
+        )
+        eig = dcc.estimate(
+            model,
+            loss,
+            (x, y),
+            "eigenvalues",
+            "pyhessian",
+            seed=step,
+            tol=1e-6,
+            max_hvps=args.ref_eig_hvps,
+        )
+        out[step] = {
+            "trace": float(tr.value),
+            "trace_stderr": float(tr.stderr or 0.0),
+            "lambda_max": float(eig.value[0]),
+            "lambda_residual": float((eig.details.get("residuals") or [0.0])[0] or 0.0),
+        }
+    return out
+
+
+def _errors(records: list[dict[str, Any]], ref: dict[int, dict[str, float]]) -> dict[int, dict]:
+    """Per measured step: relative errors of trace and λ_max, whether the trace's ci covers."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in records:
+        step, value = int(r["step"]), r.get("value")
+        if value is None or step not in ref:
+            continue
+        row = out.setdefault(step, {})
+        f = ref[step]
+        if r["quantity"] == "trace":
+            row["trace_err"] = abs(value - f["trace"]) / abs(f["trace"])
+            ci = r.get("ci")
+            row["covered"] = bool(ci and ci[0] <= f["trace"] <= ci[1])
+            row["samples"] = r.get("batch_size")
+            row["products"] = (r.get("budget") or {}).get("products", r.get("n_hvp"))
+        elif r["quantity"] == "eigenvalues":
+            row["lambda_err"] = abs(value[0] - f["lambda_max"]) / abs(f["lambda_max"])
+    return out
+
+
+def _bootstrap(diffs: list[float], reps: int = 4000, seed: int = 0) -> list[float] | None:
+    if len(diffs) < 2:
+        return None
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choice(diffs) for _ in diffs) for _ in range(reps))
+    return [means[int(0.025 * reps)], means[int(0.975 * reps) - 1]]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _share(rec: list[dict[str, Any]]) -> float | None:
+    """The monitor's own account: measuring seconds over timed training seconds."""
+    budgeted = [r for r in rec if r.get("budget")]
+    if not budgeted:
+        return None
+    last = budgeted[-1]["budget"]
+    spent = sum(float(r.get("seconds") or 0.0) for r in rec)
+    return spent / last["train_seconds"] if last["train_seconds"] else None
+
+
+def _seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
+    base = [*_common(args, seed), "curvature.enabled=false"]
+    runs: dict[str, dict[str, Any]] = {}
+    runs["start"] = _run(args, [*base, "trainer.max_steps=1"], work / f"s{seed}-start")
+    steps = [f"trainer.max_steps={args.steps}"]
+    runs["off"] = _run(args, [*base, *steps], work / f"s{seed}-off")
+    on = [*_common(args, seed), *steps, "curvature.enabled=true"]
+    # One step with the monitor on and no measurement: its set-up (backend imports, checks).
+    first = [*_common(args, seed), "trainer.max_steps=1", "curvature.enabled=true"]
+    runs["start_on"] = _run(args, first, work / f"s{seed}-start-on")
+    runs["fixed"] = _run(args, on, work / f"s{seed}-fixed")
+    train_cpu = runs["off"]["cpu"] - runs["start"]["cpu"]
+
+    def overhead(name: str) -> float:
+        """All of the monitor's CPU time, set-up included, over the training's."""
+        return (runs[name]["cpu"] - runs["off"]["cpu"]) / train_cpu
+
+    def stretch(name: str) -> float:
+        """The monitor's CPU time in the training stretch (its one-time set-up left out)."""
+        return (runs[name]["cpu"] - runs["start_on"]["cpu"]) / train_cpu - 1.0
+
+    budget = [*on, f"curvature.max_overhead={args.target}"]
+    runs["budget"] = _run(args, budget, work / f"s{seed}-budget")
+    matched_target = min(1.0, max(1e-3, overhead("fixed")))
+    matched = [*on, f"curvature.max_overhead={matched_target:.4f}"]
+    runs["matched"] = _run(args, matched, work / f"s{seed}-matched")
+    measured = {
+        int(r["step"]) for v in VARIANTS for r in runs[v]["records"] if r.get("value") is not None
+    }
+    replay = _replay(args, seed, measured, Path(runs["off"]["run_dir"]) / "last.ckpt")
+    ref = _reference(args, replay)
+    result: dict[str, Any] = {
+        "seed": seed,
+        "train_cpu": train_cpu,
+        "start_cpu": runs["start"]["cpu"],
+        "setup_cpu": runs["start_on"]["cpu"] - runs["start"]["cpu"],
+        "replay_matches": replay["replay_matches"],
+        "matched_target": matched_target,
+        "reference": {str(k): v for k, v in ref.items()},
+    }
+    for v in VARIANTS:
+        recs = runs[v]["records"]
+        result[v] = {
+            "overhead_cpu": overhead(v),
+            "overhead_stretch_cpu": stretch(v),
+            "monitor_share": _share(recs),
+            "errors": {str(k): e for k, e in _errors(recs, ref).items()},
+            "measured_steps": len({int(r["step"]) for r in recs if r.get("value") is not None}),
+            "skipped_steps": len({int(r["step"]) for r in recs if r.get("skipped")}),
+            "cpu": runs[v]["cpu"],
+        }
+    return result
+
+
+def _pool(seeds: list[dict[str, Any]], variant: str) -> dict[str, Any]:
+    rows = [e for s in seeds for e in s[variant]["errors"].values()]
+    cov = [bool(r["covered"]) for r in rows if "covered" in r]
+    over = [s[variant]["overhead_cpu"] for s in seeds]
+    stretch = [s[variant]["overhead_stretch_cpu"] for s in seeds]
+    return {
+        "overhead_stretch_cpu_mean": statistics.fmean(stretch),
+        "overhead_stretch_cpu_per_seed": stretch,
+        "overhead_stretch_cpu_ci95": _bootstrap(stretch),
+        "overhead_cpu_mean": statistics.fmean(over),
+        "overhead_cpu_per_seed": over,
+        "overhead_cpu_ci95": _bootstrap(over),
+        "monitor_share": [s[variant]["monitor_share"] for s in seeds],
+        "trace_err_median": statistics.median([r["trace_err"] for r in rows if "trace_err" in r])
+        if rows
+        else None,
+        "lambda_err_median": statistics.median([r["lambda_err"] for r in rows if "lambda_err" in r])
+        if rows
+        else None,
+        "coverage": sum(cov) / len(cov) if cov else None,
+        "coverage_wilson95": wilson(sum(cov), len(cov)),
+        "measurements": len(rows),
+        "skipped": sum(s[variant]["skipped_steps"] for s in seeds),
+    }
+
+
+def _paired(seeds: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """``b − a`` of |relative error| over (seed, step) pairs both measured: negative = b better."""
+    out: dict[str, Any] = {}
+    for key in ("trace_err", "lambda_err"):
+        diffs = []
+        for s in seeds:
+            for step, ea in s[a]["errors"].items():
+                eb = s[b]["errors"].get(step)
+                if eb and key in ea and key in eb:
+                    diffs.append(eb[key] - ea[key])
+        out[key] = {
+            "pairs": len(diffs),
+            "mean_diff": statistics.fmean(diffs) if diffs else None,
+            "ci95": _bootstrap(diffs),
+            "b_better_share": sum(d < 0 for d in diffs) / len(diffs) if diffs else None,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--cadence", type=int, default=200)
+    parser.add_argument("--population", type=int, default=512)
+    parser.add_argument("--noise", type=float, default=1.0, help="synthetic_noise_std")
+    parser.add_argument("--target", type=float, default=0.05, help="max_overhead of `budget`")
+    parser.add_argument("--ref-hvps", type=int, default=80)
+    parser.add_argument("--ref-eig-hvps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, ...")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="pool the seeds of these result files (runs split over processes) into --out",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke sizes")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/time_budget.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.steps, args.cadence, args.population = 1, 30, 10, 64
+        args.ref_hvps, args.ref_eig_hvps = 8, 8
+    began = time.perf_counter()
+    seeds: list[dict[str, Any]] = []
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        for key in ("steps", "cadence", "population", "target", "noise"):
+            args.__dict__[key] = parts[0]["args"][key]
+        seeds = [s for part in parts for s in part["seeds"]]
+        args.seeds = len(seeds)
+        payload = _payload(args, seeds, sum(part["seconds"] for part in parts))
+        args.out.write_text(json.dumps(payload, indent=1, allow_nan=False))
+        _print(payload)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            seeds.append(_seed(args, seed, Path(tmp)))
+            print(f"seed {seed} done in {time.perf_counter() - began:.0f} s", flush=True)
+            payload = _payload(args, seeds, time.perf_counter() - began)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(payload, indent=1, allow_nan=False))
+    _print(payload)
+
+
+def _payload(args: argparse.Namespace, seeds: list[dict[str, Any]], seconds: float) -> dict:
+    def sizes(s: dict[str, Any], v: str) -> list[list[Any]]:
+        rows = sorted(s[v]["errors"].items(), key=lambda kv: int(kv[0]))
+        return [[int(step), e.get("samples"), e.get("products")] for step, e in rows]
+
+    return {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
+        "overhead_measure": "process CPU time of training subprocesses (shared machine)",
+        "pooled": {v: _pool(seeds, v) for v in VARIANTS},
+        "matched_vs_fixed": _paired(seeds, "fixed", "matched"),
+        "seeds": seeds,
+        "chosen_sizes": {
+            str(s["seed"]): {v: sizes(s, v) for v in ("budget", "matched")} for s in seeds
+        },
+        "seconds": seconds,
+    }
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.1%}" if pct else f"{x:.3g}"
+
+
+def _ci(row: dict[str, Any], key: str) -> str:
+    ci = row[f"{key}_ci95"]
+    return _fmt(row[f"{key}_mean"], True) + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "")
+
+
+def _print(p: dict[str, Any]) -> None:
+    a = p["args"]
+    print(
+        f"\nsmall_cnn, {a['steps']} steps, cadence {a['cadence']}, {a['seeds']} seeds; overhead in "
+        "process CPU time (shared machine), errors against the full training set"
+    )
+    print(
+        f"{'run':9} {'target':>8} {'overhead, all (CPU)':>22} {'in training':>22} "
+        f"{'meas/skip':>10} {'trace err':>10} {'λmax err':>10} {'coverage [Wilson 95%]':>22}"
+    )
+    for v, row in p["pooled"].items():
+        target = {"fixed": "-", "budget": _fmt(a["target"], True), "matched": "=fixed"}[v]
+        w = row["coverage_wilson95"]
+        print(
+            f"{v:9} {target:>8} {_ci(row, 'overhead_cpu'):>22} "
+            f"{_ci(row, 'overhead_stretch_cpu'):>22} {row['measurements']:>5}/{row['skipped']:<4} "
+            f"{_fmt(row['trace_err_median'], True):>10} {_fmt(row['lambda_err_median'], True):>10}"
+            f" {_fmt(row['coverage'], True):>8} [{w[0]:.0%}, {w[1]:.0%}]"
+        )
+    for key, d in p["matched_vs_fixed"].items():
+        ci = d["ci95"]
+        print(
+            f"matched − fixed, |{key}|: mean {_fmt(d['mean_diff'])} over {d['pairs']} pairs, 95 % "
+            f"bootstrap {ci and [round(c, 4) for c in ci]}; matched better in "
+            f"{_fmt(d['b_better_share'], True)} (negative = budget better)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The time budget's sizing rule, without Lightning: the cost fit, the allowed seconds (the tighter
+of two budgets, carry-over), the split between samples and products that the two-way error model
+calls best, the minimums, and skipping when nothing fits."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from deconcnn_curvature.monitor.budget import (
+    NOISE_FLOOR,
+    Limits,
+    Noise,
+    TimeBudget,
+    allowed_seconds,
+    choose_size,
+    fit_cost,
+    predicted_variance,
+)
+
+WIDE = Limits(min_samples=8, max_samples=10_000, min_products=2, max_products=10_000)
+
+
+def test_fit_cost_recovers_an_exact_line_and_is_safe_with_one_point() -> None:
+    points = [(w, 0.3 + 0.002 * w) for w in (100, 400, 900)]
+    c0, c1 = fit_cost(points)
+    assert c0 == pytest.approx(0.3) and c1 == pytest.approx(0.002)
+    # One point: through the origin (overstates a larger measurement's cost when c0 > 0).
+    assert fit_cost([(100, 0.5)]) == (0.0, pytest.approx(0.005))
+    # A decreasing cloud (timing noise) never gives a negative slope or intercept.
+    c0, c1 = fit_cost([(100, 1.0), (200, 0.5)])
+    assert c0 == 0.0 and c1 > 0
+    c0, c1 = fit_cost([(100, 0.1), (200, 0.5)])  # intercept would be negative
+    assert c0 == 0.0 and c1 == pytest.approx((100 * 0.1 + 200 * 0.5) / (100**2 + 200**2))
+    with pytest.raises(ValueError):
+        fit_cost([])
+
+
+@pytest.mark.parametrize(
+    ("probe", "data", "n", "m"),
+    [
+        (1.0, 1.0, 20, 20),  # equal per-unit variances: n = m = √K
+        (1.0, 16.0, 80, 5),  # data noise dominates: more samples, m = √(A·K/B)
+        (16.0, 1.0, 5, 80),  # probe noise dominates: more products
+    ],
+)
+def test_the_split_levels_the_two_noise_parts(probe: float, data: float, n: int, m: int) -> None:
+    """Cost c1·n·m ≤ 400 (c1 = 1): minimising A/m + B/n gives m = √(A·K/B), n = K/m."""
+    limits = Limits(min_samples=2, max_samples=10_000, min_products=2, max_products=10_000)
+    size = choose_size(400.0, (0.0, 1.0), Noise(probe, data), limits)
+    assert (size.samples, size.products) == (n, m)
+    assert size.skipped is None and size.predicted_seconds <= 400.0
+
+
+def test_the_choice_is_the_best_affordable_pair() -> None:
+    """No (n, m) within the budget has a smaller predicted variance (exhaustive check)."""
+    cost, noise, extra = (0.05, 0.001), Noise(probe=3.0, data=40.0), 7.0
+    limits = Limits(min_samples=8, max_samples=300, min_products=3, max_products=60)
+    size = choose_size(2.0, cost, noise, limits, extra_products=extra, data_weight=2.0)
+    best = predicted_variance(size.samples, size.products, noise, 2.0)
+    for n, m in itertools.product(range(8, 301), range(3, 61)):
+        if cost[0] + cost[1] * n * (m + extra) <= 2.0:
+            assert predicted_variance(n, m, noise, 2.0) >= best * (1 - 1e-9), (n, m)
+    assert cost[0] + cost[1] * size.samples * (size.products + extra) <= 2.0
+
+
+def test_the_minimum_fits_exactly_and_less_is_a_skip_with_a_reason() -> None:
+    cost = (0.1, 0.01)
+    least = 0.1 + 0.01 * 8 * 2
+    size = choose_size(least, cost, Noise(1.0, 1.0), WIDE)
+    assert (size.samples, size.products, size.skipped) == (8, 2, None)
+    skipped = choose_size(least * 0.99, cost, Noise(1.0, 1.0), WIDE)
+    assert skipped.skipped is not None and "8 samples x 2 products" in skipped.skipped
+    assert skipped.rule == "skip"
+
+
+def test_the_batch_never_exceeds_its_cap() -> None:
+    limits = Limits(min_samples=8, max_samples=64, min_products=2, max_products=50)
+    size = choose_size(1e9, (0.0, 1e-6), Noise(1.0, 1e6), limits)
+    assert (size.samples, size.products) == (64, 50)
+
+
+def test_without_a_noise_estimate_samples_come_first() -> None:
+    size = choose_size(100.0, (0.0, 1.0), None, WIDE)
+    assert (size.samples, size.products) == (50, 2)
+    assert "no noise estimate" in size.rule
+
+
+def test_allowed_seconds_tighter_budget_wins_and_carries_over() -> None:
+    # 100 s of training: 5 % is 5 s; max_seconds 2 s is tighter.
+    assert allowed_seconds(0.05, 2.0, 100.0, 0.0) == 2.0
+    assert allowed_seconds(0.05, 10.0, 100.0, 0.0) == pytest.approx(5.0)
+    assert allowed_seconds(None, 3.0, 100.0, 50.0) == 3.0  # per measurement only: no account
+    # Unspent budget carries over; overspent is paid back.
+    assert allowed_seconds(0.05, None, 100.0, 1.0) == pytest.approx(4.0)
+    assert allowed_seconds(0.05, None, 100.0, 7.0) == pytest.approx(-2.0)
+    assert allowed_seconds(None, None, 100.0, 7.0) == math.inf
+
+
+def test_noise_components_are_floored_and_scaled_per_unit() -> None:
+    noise = Noise.from_stderrs(stderr_probe=2.0, stderr_data=0.0, samples=16, products=5)
+    assert noise.probe == pytest.approx(4.0 * 5)
+    assert noise.data == pytest.approx(NOISE_FLOOR * 4.0 * 16)
+
+
+def test_the_time_budget_sizes_from_what_it_timed() -> None:
+    limits = Limits(min_samples=8, max_samples=512, min_products=2, max_products=200)
+    budget = TimeBudget(max_overhead=0.1, max_seconds=None, limits=limits)
+    for _ in range(10):
+        budget.tick(1.0)  # ten 1-second steps: 1 s of budget
+    first = budget.size()
+    assert (first.samples, first.products) == (16, 4) and first.rule.startswith("first")
+    # It took 0.2 s with 16 x 4 products, and 4 more (eigenvalue) products; data noise dominates.
+    budget.observe(first, 0.2, total_products=8, stderr_probe=0.1, stderr_data=1.0)
+    for _ in range(10):
+        budget.tick(1.0)
+    second = budget.size()
+    # 2 s of training at 10 % less 0.2 s spent: 1.8 s; cost 0.2/(16*8) s per sample-product.
+    assert second.seconds == pytest.approx(1.8)
+    assert second.predicted_seconds <= 1.8
+    # Probe part floored at 10 % of the variance: A = 0.101 * 4, B = 1 * 16; K = 1152
+    # sample-products: m = sqrt(A K / B) = 5.4 -> 5, n = K / (5 + 4) = 128: samples first.
+    assert (second.samples, second.products) == (128, 5)
+    budget.observe(second, second.predicted_seconds, second.products + 4, 0.1, 1.0)
+    summary = budget.summary()
+    assert summary["share"] == pytest.approx((0.2 + second.predicted_seconds) / 20.0)
+    assert [c["samples"] for c in summary["chosen"]] == [16, second.samples]
+    # The account survives a checkpoint.
+    again = TimeBudget(0.1, None, limits)
+    again.load_state_dict(budget.state_dict())
+    assert again.state_dict() == budget.state_dict()
+    assert again.size() == budget.size()
+
+
+def test_the_first_measurement_waits_for_a_positive_budget() -> None:
+    limits = Limits(min_samples=8, max_samples=64, min_products=2)
+    budget = TimeBudget(max_overhead=0.05, max_seconds=None, limits=limits)
+    budget.charge(1.0)  # set-up
+    budget.tick(10.0)  # 0.5 s of budget: not yet paid back
+    size = budget.size()
+    assert size.skipped is not None and "no budget left yet" in size.skipped
+    budget.tick(20.0)
+    assert budget.size().skipped is None
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError):
+        Limits(min_samples=10, max_samples=5, min_products=2)
+    with pytest.raises(ValueError):
+        Limits(min_samples=1, max_samples=5, min_products=0)
