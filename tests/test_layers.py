@@ -29,12 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("errors", "_seeds")),
-    ("contract", ("problem", "results", "backend", "monitor.records")),
+    ("contract", ("problem", "results", "backend", "losses", "monitor.records")),
     (
         "numerics",
         ("linalg", "linalg.*", "hvp", "distributed", "checkpoints.cifar", "checkpoints.data"),
     ),
-    ("extension", ("hookspecs", "plugins", "registry", "backends", "backends.*")),
+    # defaults: the table of defaults reads the built-in backends' declarations
+    ("extension", ("hookspecs", "plugins", "registry", "backends", "backends.*", "defaults")),
     ("api", ("api", "checkpoints", "checkpoints.*", "analysis", "analysis.*")),
     ("front", ("", "__main__", "present", "monitor", "monitor.*", "cli", "cli.*")),
     # `deconcnn-curv train` is the training run's command: the CLI loads it by name, like a plugin.
