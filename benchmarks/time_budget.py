@@ -305,11 +305,14 @@ def _valid(seeds: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
 
 def _pool(seeds: list[dict[str, Any]], variant: str) -> dict[str, Any]:
     seeds = _valid(seeds, variant)
+    if not seeds:
+        return {"seeds": 0}
     rows = [e for s in seeds for e in s[variant]["errors"].values()]
     cov = [bool(r["covered"]) for r in rows if "covered" in r]
     over = [s[variant]["overhead_cpu"] for s in seeds]
     stretch = [s[variant]["overhead_stretch_cpu"] for s in seeds]
     return {
+        "seeds": len(seeds),
         "overhead_stretch_cpu_mean": statistics.fmean(stretch),
         "overhead_stretch_cpu_per_seed": stretch,
         "overhead_stretch_cpu_ci95": _bootstrap(stretch),
@@ -408,7 +411,10 @@ def _payload(args: argparse.Namespace, seeds: list[dict[str, Any]], seconds: flo
         return [[int(step), e.get("samples"), e.get("products")] for step, e in rows]
 
     return {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "merge" and v else v)
+            for k, v in vars(args).items()
+        },
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
         "overhead_measure": "process CPU time of training subprocesses (shared machine)",
         "pooled": {v: _pool(seeds, v) for v in VARIANTS},
@@ -440,14 +446,17 @@ def _print(p: dict[str, Any]) -> None:
         "process CPU time (shared machine), errors against the full training set"
     )
     print(
-        f"{'run':9} {'target':>8} {'overhead, all (CPU)':>22} {'in training':>22} "
+        f"{'run':9} {'target':>8} {'seeds':>5} {'overhead, all (CPU)':>22} {'in training':>22} "
         f"{'meas/skip':>10} {'trace err':>10} {'λmax err':>10} {'coverage [Wilson 95%]':>22}"
     )
     for v, row in p["pooled"].items():
         target = {"fixed": "-", "budget": _fmt(a["target"], True), "matched": "=fixed"}[v]
+        if not row["seeds"]:
+            print(f"{v:9} {target:>8} (no valid seed)")
+            continue
         w = row["coverage_wilson95"]
         print(
-            f"{v:9} {target:>8} {_ci(row, 'overhead_cpu'):>22} "
+            f"{v:9} {target:>8} {row['seeds']:>5} {_ci(row, 'overhead_cpu'):>22} "
             f"{_ci(row, 'overhead_stretch_cpu'):>22} {row['measurements']:>5}/{row['skipped']:<4} "
             f"{_fmt(row['trace_err_median'], True):>10} {_fmt(row['lambda_err_median'], True):>10}"
             f" {_fmt(row['coverage'], True):>8} [{w[0]:.0%}, {w[1]:.0%}]"
