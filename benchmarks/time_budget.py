@@ -261,7 +261,12 @@ def _seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
 
     budget = [*on, f"curvature.max_overhead={args.target}"]
     runs["budget"] = _run(args, budget, work / f"s{seed}-budget")
-    matched_target = min(1.0, max(1e-3, overhead("fixed")))
+    # The fixed run's share on the monitor's own clock (wall time, as the budget counts it):
+    # its measuring seconds over the rest of its training. From outside, CPU differences of a few
+    # per cent between runs on a loaded machine can swamp it (it once came out <= 0).
+    fixed_spent = sum(float(r.get("seconds") or 0.0) for r in runs["fixed"]["records"])
+    fixed_train = runs["fixed"]["wall"] - runs["start_on"]["wall"] - fixed_spent
+    matched_target = min(1.0, max(1e-3, fixed_spent / fixed_train))
     matched = [*on, f"curvature.max_overhead={matched_target:.4f}"]
     runs["matched"] = _run(args, matched, work / f"s{seed}-matched")
     measured = {
@@ -292,12 +297,22 @@ def _seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     return result
 
 
+def _valid(seeds: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
+    """The seeds whose ``variant`` run counts (a ``matched`` run whose target collapsed does
+    not)."""
+    return [s for s in seeds if variant != "matched" or not s.get("matched_invalid")]
+
+
 def _pool(seeds: list[dict[str, Any]], variant: str) -> dict[str, Any]:
+    seeds = _valid(seeds, variant)
+    if not seeds:
+        return {"seeds": 0}
     rows = [e for s in seeds for e in s[variant]["errors"].values()]
     cov = [bool(r["covered"]) for r in rows if "covered" in r]
     over = [s[variant]["overhead_cpu"] for s in seeds]
     stretch = [s[variant]["overhead_stretch_cpu"] for s in seeds]
     return {
+        "seeds": len(seeds),
         "overhead_stretch_cpu_mean": statistics.fmean(stretch),
         "overhead_stretch_cpu_per_seed": stretch,
         "overhead_stretch_cpu_ci95": _bootstrap(stretch),
@@ -321,6 +336,7 @@ def _pool(seeds: list[dict[str, Any]], variant: str) -> dict[str, Any]:
 def _paired(seeds: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     """``b − a`` of |relative error| over (seed, step) pairs both measured: negative = b better."""
     out: dict[str, Any] = {}
+    seeds = _valid(_valid(seeds, a), b)
     for key in ("trace_err", "lambda_err"):
         diffs = []
         for s in seeds:
@@ -368,6 +384,12 @@ def main() -> None:
         for key in ("steps", "cadence", "population", "target", "noise"):
             args.__dict__[key] = parts[0]["args"][key]
         seeds = [s for part in parts for s in part["seeds"]]
+        for s in seeds:  # an early version took the fixed run's overhead from CPU differences
+            if s["matched_target"] <= 1.0001e-3:
+                s["matched_invalid"] = (
+                    "the fixed run's overhead measured from outside came out <= 0 (CPU noise "
+                    "of a loaded machine), so the matched target collapsed to 0.1 %"
+                )
         args.seeds = len(seeds)
         payload = _payload(args, seeds, sum(part["seconds"] for part in parts))
         args.out.write_text(json.dumps(payload, indent=1, allow_nan=False))
@@ -389,11 +411,15 @@ def _payload(args: argparse.Namespace, seeds: list[dict[str, Any]], seconds: flo
         return [[int(step), e.get("samples"), e.get("products")] for step, e in rows]
 
     return {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "merge" and v else v)
+            for k, v in vars(args).items()
+        },
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
         "overhead_measure": "process CPU time of training subprocesses (shared machine)",
         "pooled": {v: _pool(seeds, v) for v in VARIANTS},
         "matched_vs_fixed": _paired(seeds, "fixed", "matched"),
+        "budget_vs_fixed": _paired(seeds, "fixed", "budget"),
         "seeds": seeds,
         "chosen_sizes": {
             str(s["seed"]): {v: sizes(s, v) for v in ("budget", "matched")} for s in seeds
@@ -420,25 +446,29 @@ def _print(p: dict[str, Any]) -> None:
         "process CPU time (shared machine), errors against the full training set"
     )
     print(
-        f"{'run':9} {'target':>8} {'overhead, all (CPU)':>22} {'in training':>22} "
+        f"{'run':9} {'target':>8} {'seeds':>5} {'overhead, all (CPU)':>22} {'in training':>22} "
         f"{'meas/skip':>10} {'trace err':>10} {'λmax err':>10} {'coverage [Wilson 95%]':>22}"
     )
     for v, row in p["pooled"].items():
         target = {"fixed": "-", "budget": _fmt(a["target"], True), "matched": "=fixed"}[v]
+        if not row["seeds"]:
+            print(f"{v:9} {target:>8} (no valid seed)")
+            continue
         w = row["coverage_wilson95"]
         print(
-            f"{v:9} {target:>8} {_ci(row, 'overhead_cpu'):>22} "
+            f"{v:9} {target:>8} {row['seeds']:>5} {_ci(row, 'overhead_cpu'):>22} "
             f"{_ci(row, 'overhead_stretch_cpu'):>22} {row['measurements']:>5}/{row['skipped']:<4} "
             f"{_fmt(row['trace_err_median'], True):>10} {_fmt(row['lambda_err_median'], True):>10}"
             f" {_fmt(row['coverage'], True):>8} [{w[0]:.0%}, {w[1]:.0%}]"
         )
-    for key, d in p["matched_vs_fixed"].items():
-        ci = d["ci95"]
-        print(
-            f"matched − fixed, |{key}|: mean {_fmt(d['mean_diff'])} over {d['pairs']} pairs, 95 % "
-            f"bootstrap {ci and [round(c, 4) for c in ci]}; matched better in "
-            f"{_fmt(d['b_better_share'], True)} (negative = budget better)"
-        )
+    for name in ("matched", "budget"):
+        for key, d in p[f"{name}_vs_fixed"].items():
+            ci = d["ci95"]
+            print(
+                f"{name} − fixed, |{key}|: mean {_fmt(d['mean_diff'])} over {d['pairs']} pairs, "
+                f"95 % bootstrap {ci and [round(c, 4) for c in ci]}; {name} better in "
+                f"{_fmt(d['b_better_share'], True)} (negative = budget better)"
+            )
 
 
 if __name__ == "__main__":
