@@ -289,7 +289,7 @@ def test_record_content_and_logged_metrics(tmp_path: Path) -> None:
         num_hvps=7,
         k=2,
         hessian_batch_size=16,
-        backend_options={"max_hvps": 30},
+        backend_options={"max_hvps": 60},
         seed=5,
     )
     metrics = MetricsJSONL(tmp_path / "metrics.jsonl")

@@ -207,9 +207,23 @@ def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
             if key == "num_samples":
                 del node[key]
                 continue
-            value = defaults[key].default
+            value = _per_backend_default(key, node) or defaults[key].default
             node[key] = list(value) if isinstance(value, tuple) else value
     return cfg
+
+
+def _per_backend_default(key: str, node: Any) -> Any:
+    """The monitor's default of ``key`` for the group's backend where the defaults table gives
+    one per backend (``num_hvps``, ``hessian_batch_size``), so ``--cfg`` shows what the run
+    uses; ``None`` elsewhere (the signature's default then applies)."""
+    from deconcnn_curvature.defaults import MONITOR, default
+    from deconcnn_curvature.registry import default_backend_name
+
+    if key not in ("num_hvps", "hessian_batch_size"):
+        return None
+    backend = node.get("backend") or default_backend_name()
+    value = default(key, MONITOR, backend)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 # ------------------------------------------------------------------ resume
@@ -270,6 +284,7 @@ def resume_config(
         node = OmegaConf.select(merged, parent) if parent else merged
         if OmegaConf.is_dict(node) and leaf in node:
             del node[leaf]
+    merged = _fill_monitor_defaults(merged)  # a newly chosen curvature group's nulls
     _mirror_curvature(merged, override_keys(values))
     named = override_keys(overrides)
     resume = Path(str(merged.resume)).expanduser()
