@@ -7,7 +7,7 @@ A page marks a table's place with two lines::
 
 and this script writes the table between them:
 
-- ``monitor_settings``: every monitor setting with its comment, from ``configs/curvature/base.yaml``;
+- ``monitor_settings``: every monitor setting and its comment, from ``configs/curvature/base.yaml``;
 - any other ``NAME``: from ``docs/data/NAME.json``, a benchmark's JSON committed with the docs
   (``benchmarks/results/`` is not committed). Each table ends with the machine, the date and the
   command that measured it. Without the JSON the table's place says how to measure it.
@@ -16,7 +16,7 @@ Usage::
 
     python scripts/doc_tables.py --import benchmarks/results/monitor_overhead.json  # copy, stamped
     python scripts/doc_tables.py --write     # fill every marked place
-    python scripts/doc_tables.py --check     # exit 1 if a page differs (tests/test_docs.py does too)
+    python scripts/doc_tables.py --check     # exit 1 if a page is stale (as tests/test_docs.py)
 
 ``--import`` copies a benchmark's JSON to ``docs/data/`` and adds ``recorded`` (the file's
 modification time and this machine's name, processor and CPU count) unless the JSON has its own
