@@ -36,6 +36,7 @@ from deconcnn_curvature.present import (
     _plot,
     _show_density,
     _smooth,
+    density_title,
 )
 from deconcnn_curvature.registry import default_backend_name
 from deconcnn_curvature.results import Density
@@ -70,7 +71,7 @@ def _write_plot(
             log_scale=log_scale,
             nodes=density.nodes,
             dim=density.dim,
-            title=f"Hessian spectral density: {checkpoint.name}",
+            title=density_title(checkpoint),
             subtitle=(
                 f"{backend_name} SLQ, {density.num_runs} runs x {density.lanczos_steps} "
                 f"steps, σ = {width:.3g}; {_num_samples(loaded)} samples of "
