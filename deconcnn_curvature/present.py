@@ -654,7 +654,7 @@ def _curvature_panel(
     steps, values, low, high, failed, converged = _series(records, quantity)
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    notes = [f"{label}: error bars = {bars}"]
+    notes = [f"{label} bars: {bars}"]
     for step in failed:
         ax.axvline(step, color="tab:red", linestyle=":")
     if failed:
@@ -679,7 +679,7 @@ def _curvature_panel(
     if _clip_marks(ax, steps, values, low, high, (y0, y1)):
         notes.append("▲▼ interval beyond the axis")
     if scale != "linear":
-        notes.append(f"{scale} axis")
+        ax.set_ylabel(f"{label} ({scale} scale)")
     v, lo, hi = values[-1], low[-1], high[-1]
     if quantity == "trace":
         text = f"step {steps[-1]}: {v:.4g} [{v - lo:.4g}, {v + hi:.4g}]"
@@ -714,7 +714,7 @@ def _note_hidden_bars(fig: Any, drawn: Sequence[_Drawn]) -> None:
         if hidden == len(pixels):
             notes.insert(1, "bars smaller than the markers")
         elif hidden:
-            notes.insert(1, f"{hidden} of {len(pixels)} bars smaller than the markers")
+            notes.insert(1, f"{hidden}/{len(pixels)} bars smaller than the markers")
         ax.set_title("; ".join(notes), loc="left", fontsize="small")
 
 

@@ -133,7 +133,7 @@ def test_a_trace_falling_tenfold_gets_a_log_axis_so_the_late_trend_shows() -> No
     falling = [_trace(s, v, 0.9 * v, 1.1 * v) for s, v in ((0, 3000.0), (8, 900.0), (16, 300.0))]
     ax = figure(falling).axes[0]
     assert ax.get_yscale() == "log"
-    assert "log axis" in ax.get_title(loc="left")
+    assert ax.get_ylabel() == "Hessian trace (log scale)"
     flat = [_trace(s, v, 0.9 * v, 1.1 * v) for s, v in ((0, 500.0), (8, 300.0), (16, 101.0))]
     assert figure(flat).axes[0].get_yscale() == "linear"  # 4.95 times: linear
 
@@ -166,11 +166,11 @@ def test_the_lambda_max_bars_are_named_by_the_method_that_produced_them() -> Non
     lanczos = [{**_eig(0, 60.0), "method": "lanczos"}]
     sketch = [{**_eig(0, 60.0), "method": "rayleigh_ritz+lanczos"}]
     note = figure(lanczos).axes[0].get_title(loc="left")
-    assert "error bars = Ritz residual (Lanczos)" in note
+    assert "λ_max bars: Ritz residual (Lanczos)" in note
     note = figure(sketch).axes[0].get_title(loc="left")
     assert "Ritz residual (Hutch++ sketch + Lanczos)" in note
     bare = [{**_eig(0, 60.0), "details": {}}]
-    assert "error bars = none" in figure(bare).axes[0].get_title(loc="left")
+    assert "bars: none" in figure(bare).axes[0].get_title(loc="left")
 
 
 def test_the_density_title_is_the_checkpoint_path_as_given() -> None:
