@@ -232,3 +232,13 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+def test_the_readme_links_resolve() -> None:
+    """The README is read on the forge, outside the site: each relative link names a file."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert local, "the README links no page"
+    missing = [link for link in local if not (ROOT / link).is_file()]
+    assert not missing, missing
