@@ -6,7 +6,7 @@ For each setting (``--settings backend:num_hvps:hessian_batch_size ...``, or ``-
 
 - **cost**: the share of training time at deconCNN's cadence (``--cadence`` 500 steps), from a
   ratio measured in one run: seconds of one measurement (trace + λ_max, exactly the calls the
-  :class:`~deconcnn_curvature.lightning.CurvatureMonitor` makes) divided by the seconds of one
+  :class:`~deconcnn_curvature.monitor.CurvatureMonitor` makes) divided by the seconds of one
   training step (forward, backward, SGD step) of the same model on a batch of 128, the two
   timed in interleaved repetitions. Process CPU time with ``--threads 1`` is the primary figure
   (robust to other processes on a shared machine); wall time is reported too. A plain step
@@ -125,7 +125,7 @@ def _population(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _plan(backend: str, num_hvps: int, batch: int) -> tuple[list[tuple[str, dict]], Any]:
     """The monitor's own calls for this setting (trace + λ_max)."""
-    from deconcnn_curvature.lightning import CurvatureMonitor
+    from deconcnn_curvature.monitor import CurvatureMonitor
 
     mon = CurvatureMonitor(
         backend=backend,
@@ -223,7 +223,7 @@ def _reference(model: Any, loss_fn: Any, x: Any, y: Any, args: argparse.Namespac
     cpu = time.process_time() - cpu
     d = res.details
     residuals = d.get("residuals") or [d.get("lambda_max_residual")]
-    trace = res.also["trace"]  # the trace of the same products (issue 14: CurvatureResult.also)
+    trace = res.also["trace"]  # the trace of the same products (CurvatureResult.also)
     return {
         "trace": float(trace.value),
         "trace_stderr": float(trace.stderr),

@@ -49,7 +49,7 @@ def _fit(args: argparse.Namespace, backend: str | None, workdir: Path) -> dict[s
     """One training run; returns its wall time and (when monitored) the curvature records."""
     import lightning.pytorch as pl
 
-    from deconcnn_curvature.lightning import CurvatureMonitor, read_curvature_jsonl
+    from deconcnn_curvature.monitor import CurvatureMonitor, read_curvature_jsonl
     from deconcnn_curvature.training import CIFARDataModule, ClassificationModule
 
     pl.seed_everything(0, verbose=False)

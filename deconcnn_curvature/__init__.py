@@ -40,7 +40,7 @@ from deconcnn_curvature.problem import CurvatureProblem
 from deconcnn_curvature.results import CurvatureResult, Density
 
 if TYPE_CHECKING:
-    from deconcnn_curvature.lightning import CurvatureMonitor
+    from deconcnn_curvature.monitor import CurvatureMonitor
 
 try:
     __version__ = version("deconcnn-curvature")
@@ -83,7 +83,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Lightning is an optional extra: import the callback only when it is asked for.
     if name == "CurvatureMonitor":
-        from deconcnn_curvature.lightning import CurvatureMonitor
+        from deconcnn_curvature.monitor import CurvatureMonitor
 
         return CurvatureMonitor
     raise AttributeError(f"module 'deconcnn_curvature' has no attribute {name!r}")

@@ -31,6 +31,8 @@ from deconcnn_curvature.problem import (
     Batch,
     LossFn,
     build_problem,
+    check_vector_memory,
+    kept_vectors,
     preserve_state,
 )
 from deconcnn_curvature.registry import ENV_BACKEND, default_backend_name, get_registry
@@ -162,7 +164,7 @@ def estimate(
             "(the 'distributed' column of `deconcnn-curv list-backends`), or pass "
             "distributed=False to measure each rank's own data alone."
         )
-    # [issue 7] Under a process group every rank fails or none does (no rank left waiting in a
+    # Under a process group every rank fails or none does (no rank left waiting in a
     # collective): see deconcnn_curvature.distributed.rank_agreement.
     with rank_agreement(_first_param_device(model), enabled=world > 1) as agreement:
         seed = _check_seed(seed)  # a bad seed on one rank fails every rank, no hang
@@ -170,12 +172,14 @@ def estimate(
             seed = _rank0_seed(agreement, seed)
         cls.validate_model(model)
         problem = build_problem(model, loss_fn, data, eval_mode=eval_mode)
+        vectors, option = kept_vectors(cls, quantity, opts, problem.dim)
+        check_vector_memory(problem, vectors, option, backend=cls.name, quantity=quantity)
         cuda = problem.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(problem.device)
             base = torch.cuda.memory_allocated(problem.device)
         start = time.perf_counter()
-        with preserve_state(model, eval_mode=eval_mode):
+        with preserve_state(model, eval_mode=eval_mode, owner=_backend_owner(cls)):
             try:
                 result = cls().compute(problem, quantity, seed=seed, options=opts)
             except CurvatureError:
@@ -199,8 +203,14 @@ def estimate(
     return dataclasses.replace(result, **extra)
 
 
+def _backend_owner(cls: type[Backend]) -> str:
+    """How the state guard names the backend (and its plugin) if it changes the model."""
+    entry = get_registry().entries.get(cls.name)
+    return f"backend {cls.name!r} (plugin {entry.plugin if entry else 'unregistered'})"
+
+
 def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, problem: Any) -> Any:
-    """[issue 14] Fill the fields the host knows and a backend left at their defaults:
+    """Fill the fields the host knows and a backend left at their defaults:
     ``backend``, ``quantity``, ``seed`` (a stochastic backend's), ``device``, ``dim``; likewise in
     each result of ``also`` (whose ``seconds`` stay 0.0: the call's time is the main result's)."""
     if not isinstance(result, CurvatureResult):
@@ -225,7 +235,7 @@ def _host_filled(result: Any, cls: type[Backend], quantity: str, seed: int, prob
 
 
 def _validated(result: Any, cls: type[Backend], quantity: str, opts: dict[str, Any]) -> Any:
-    """[issue 10] Every result is checked (type, quantity, shape, finiteness) before anyone
+    """Every result is checked (type, quantity, shape, finiteness) before anyone
     uses it: see :func:`deconcnn_curvature.results.validate_result`."""
     entry = get_registry().entries.get(cls.name)
     return validate_result(

@@ -128,7 +128,7 @@ class Option:
         }
 
 
-#: [issue 14] Arguments of the host (:func:`deconcnn_curvature.estimate`), not of any backend:
+#: Arguments of the host (:func:`deconcnn_curvature.estimate`), not of any backend:
 #: the host applies them around the backend's call (``eval_mode``: the mode the model is measured
 #: in; besides it, ``seed`` and ``distributed`` are plain arguments of ``estimate``). A front end
 #: may pass them with the backend options (``-o eval_mode=false``, ``backend_options``): the one
@@ -145,7 +145,7 @@ HOST_OPTIONS: tuple[Option, ...] = (
 )
 HOST_OPTION_NAMES: frozenset[str] = frozenset(o.name for o in HOST_OPTIONS)
 
-#: [issue 14] Every argument of the host (:func:`deconcnn_curvature.estimate`) a backend option
+#: Every argument of the host (:func:`deconcnn_curvature.estimate`) a backend option
 #: could be mistaken for, with what a backend reads instead. A backend may not declare an option
 #: of these names (registration refuses it): the host applies them itself and never passes them
 #: to :meth:`Backend.compute` as options, so such an option would silently never arrive.

@@ -1,4 +1,4 @@
-"""Agreement among the ranks of a ``torch.distributed`` process group (issue 7).
+"""Agreement among the ranks of a ``torch.distributed`` process group.
 
 A curvature computation spans :func:`world_size` processes (1 without a process group or inside
 :func:`local_only`). Every collective a measurement makes goes through :func:`rank_agreement`, so a
@@ -19,7 +19,7 @@ from deconcnn_curvature.errors import BackendFailedError, InvalidProblemError
 __all__ = ["RankAgreement", "agree", "local_only", "rank_agreement", "world_size"]
 
 
-# == Distributed agreement (issue 7) ===========================================================
+# == Distributed agreement ===========================================================
 # Every collective of a distributed measurement is either a *status* — one all-reduce of the
 # fixed-shape ``[failed, value]`` — or a *payload* (the products), and a payload is only sent
 # after a status in which no rank failed. A rank that fails anywhere (preparing its data, in its
@@ -66,7 +66,7 @@ def local_only() -> Iterator[None]:
         _LOCAL.reset(token)
 
 
-def _check_backend_device(device: torch.device) -> None:
+def check_backend_device(device: torch.device) -> None:
     backend = str(dist.get_backend()).lower()
     if device.type == "cpu" and backend == "nccl":
         raise InvalidProblemError(
@@ -145,7 +145,7 @@ class RankAgreement:
         return out
 
 
-def _current_agreement(device: torch.device | None) -> RankAgreement | None:
+def current_agreement(device: torch.device | None) -> RankAgreement | None:
     """The active agreement (see :func:`rank_agreement`), a new one, or ``None`` (one process)."""
     if _world_size() <= 1:
         return None
@@ -172,7 +172,7 @@ def agree(
     failed. Without a process group of more than one rank it returns ``value`` (or raises
     ``failure``).
     """
-    agreement = _current_agreement(device)
+    agreement = current_agreement(device)
     if agreement is None:
         if failure is not None:
             raise failure

@@ -18,7 +18,7 @@ on every rank, so estimators built on them take the same branches and return bit
 everywhere. A failure on one rank never leaves the others waiting: see
 :func:`deconcnn_curvature.distributed.rank_agreement`.
 
-**How one product is computed** (issue 13) is the operator's ``hvp_path``:
+**How one product is computed** is the operator's ``hvp_path``:
 
 - ``"double_backward"`` (the default on every device): the second differentiation of the gradient
   graph described above, built once per batch and reused by every product;
@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from deconcnn_curvature.distributed import _check_backend_device, _current_agreement
+from deconcnn_curvature.distributed import check_backend_device, current_agreement
 from deconcnn_curvature.errors import (
     BackendFailedError,
     InvalidOptionError,
@@ -113,11 +113,11 @@ class HessianOperator:
         self._slices = list(problem.slices().values())
         self._shapes = [p.shape for p in problem.params]
         self._dim = problem.dim
-        # -- distributed (issue 7): the agreement of the enclosing estimate() call, or our own.
-        self._agreement = _current_agreement(problem.device) if distributed else None
+        # -- distributed: the agreement of the enclosing estimate() call, or our own.
+        self._agreement = current_agreement(problem.device) if distributed else None
         self._distributed = self._agreement is not None
         if self._distributed:
-            _check_backend_device(problem.device)
+            check_backend_device(problem.device)
         sizes = [_batch_size(x, y) for x, y in problem.batches]
         self._sizes = sizes
         local = float(sum(sizes))
@@ -192,7 +192,7 @@ class HessianOperator:
         """Free the retained gradient graphs."""
         self._graphs = None
 
-    # -- per-batch products (data-noise error bars, issue 13) ----------------------------------
+    # -- per-batch products (data-noise error bars) -------------------------------------------
     @property
     def group_sizes(self) -> list[int]:
         """Samples in each of this process's batches: the groups of :meth:`matmat_groups`."""

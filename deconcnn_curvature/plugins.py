@@ -80,7 +80,7 @@ def reraise_interrupt(exc: BaseException) -> None:
         raise exc
 
 
-def _describe_error(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
@@ -114,7 +114,7 @@ def load_plugins(extra: tuple[object, ...] = ()) -> LoadedPlugins:
             pm.register(plugin, name=name)
         except BaseException as exc:  # a third-party import failure must not take us down
             reraise_interrupt(exc)  # sys.exit() in a plugin is its failure; Ctrl-C is the user's
-            broken.append(BrokenPlugin(name, _describe_error(exc), "import"))
+            broken.append(BrokenPlugin(name, describe_error(exc), "import"))
 
     for i, plugin in enumerate(extra):
         name = getattr(plugin, "__name__", None) or f"extra-{i}"
@@ -122,7 +122,7 @@ def load_plugins(extra: tuple[object, ...] = ()) -> LoadedPlugins:
             pm.register(plugin, name=name)
         except BaseException as exc:
             reraise_interrupt(exc)
-            broken.append(BrokenPlugin(name, _describe_error(exc), "import"))
+            broken.append(BrokenPlugin(name, describe_error(exc), "import"))
 
     try:
         pm.check_pending()
@@ -139,7 +139,7 @@ def load_plugins(extra: tuple[object, ...] = ()) -> LoadedPlugins:
                 if name.startswith("builtin:"):
                     raise PluginError(f"built-in plugin {name} is invalid: {inner}") from exc
                 pm.unregister(plugin)
-                broken.append(BrokenPlugin(name, _describe_error(inner), "check"))
+                broken.append(BrokenPlugin(name, describe_error(inner), "check"))
 
     if os.environ.get(ENV_TRACE, "") not in ("", "0"):
         pm.trace.root.setwriter(lambda msg: sys.stderr.write(f"[deconcnn_curvature] {msg}"))

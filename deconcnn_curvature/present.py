@@ -1,10 +1,10 @@
 """The one presentation module: how results look in a terminal and in a figure.
 
 Tables (:func:`_table`, :func:`_value_rows`, number formatting) and the spectral-density figure
-(:func:`_density_figure`, :func:`_plot`) that ``deconcnn-curv estimate | compare | density``
-print and save, and what each of those commands shows (:func:`_show_estimate`,
-:func:`_show_compare`, :func:`_show_density`, :func:`_density_json`, the checkpoint header, the
-smoothed density :func:`_smooth`); the curvature-against-step figure (:func:`plot_curvature`)
+(:func:`_density_figure`, :func:`plot_density`) that ``deconcnn-curv estimate | compare | density``
+print and save, and what each of those commands shows (:func:`show_estimate`,
+:func:`show_compare`, :func:`show_density`, :func:`density_json`, the checkpoint header, the
+smoothed density :func:`smooth`); the curvature-against-step figure (:func:`plot_curvature`)
 and the run summary (:func:`summary_table`, of a ``training.run.RunResult``) that
 ``deconcnn-curv train`` shows.
 Nothing here computes curvature; it formats results the library returned.
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from deconcnn_curvature.checkpoints import LoadedCheckpoint
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
@@ -45,7 +45,7 @@ def _fmt_ci(result: CurvatureResult) -> str:
         return ""
     lo, hi = result.ci
     level = f" ({result.ci_level:.0%})" if result.ci_level is not None else ""
-    return f"[{_fmt(lo)}, {_fmt(hi)}]{level}"
+    return f"[{format_value(lo)}, {format_value(hi)}]{level}"
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -63,14 +63,14 @@ def _value_rows(result: CurvatureResult) -> list[tuple[str, str, str, str]]:
         rows = [
             (
                 "density",
-                f"{len(value.nodes)} nodes in [{_fmt(lo)}, {_fmt(hi)}]",
+                f"{len(value.nodes)} nodes in [{format_value(lo)}, {format_value(hi)}]",
                 "",
                 f"{value.num_runs} runs x {value.lanczos_steps} steps",
             )
         ]
         return rows  # no trace: SLQ gives one probe per run (deconcnn-curv estimate -q trace)
     if isinstance(value, list | tuple):
-        return [(f"λ{i + 1}", _fmt(float(v)), "", "") for i, v in enumerate(value)]
+        return [(f"λ{i + 1}", format_value(float(v)), "", "") for i, v in enumerate(value)]
     if isinstance(value, Mapping):
         rows = []
         total = 0.0
@@ -80,16 +80,19 @@ def _value_rows(result: CurvatureResult) -> list[tuple[str, str, str, str]]:
                 rows.append(
                     (
                         str(name),
-                        f"sum {_fmt(float(v.sum()))}",
+                        f"sum {format_value(float(v.sum()))}",
                         "",
-                        f"min {_fmt(float(v.min()))}, max {_fmt(float(v.max()))}",
+                        f"min {format_value(float(v.min()))}, max {format_value(float(v.max()))}",
                     )
                 )
             else:
                 total += float(v)
-                rows.append((str(name), _fmt(float(v)), "", ""))
-        return [(f"{q} (total)", _fmt(total), _fmt(result.stderr), _fmt_ci(result)), *rows]
-    return [(q, _fmt(value), _fmt(result.stderr), _fmt_ci(result))]
+                rows.append((str(name), format_value(float(v)), "", ""))
+        return [
+            (f"{q} (total)", format_value(total), format_value(result.stderr), _fmt_ci(result)),
+            *rows,
+        ]
+    return [(q, format_value(value), format_value(result.stderr), _fmt_ci(result))]
 
 
 def _short_value(result: CurvatureResult) -> str:
@@ -97,10 +100,10 @@ def _short_value(result: CurvatureResult) -> str:
     if isinstance(value, Density):
         return f"SLQ, {len(value.nodes)} nodes"
     if isinstance(value, list | tuple):
-        return ", ".join(_fmt(float(v)) for v in value)
+        return ", ".join(format_value(float(v)) for v in value)
     if isinstance(value, Mapping):
         return _value_rows(result)[0][1]
-    return _fmt(value)
+    return format_value(value)
 
 
 def _table(title: str, columns: list[tuple[str, str]]) -> Table:
@@ -118,7 +121,7 @@ def _table(title: str, columns: list[tuple[str, str]]) -> Table:
     return table
 
 
-def _default_sigma(density: Density) -> float:
+def default_sigma(density: Density) -> float:
     lo, hi = min(density.nodes), max(density.nodes)
     spread = hi - lo
     return spread / 100 if spread > 0 else max(abs(hi), 1.0) * 1e-3
@@ -131,7 +134,7 @@ def _grid(density: Density, eigenvalues: list[float], sigma: float, points: int)
     return np.linspace(min(values) - 5 * sigma, max(values) + 5 * sigma, points)
 
 
-def _check_plot_path(path: Path) -> None:
+def check_plot_path(path: Path) -> None:
     """Fail before any work if the plot cannot be written: folder, format, matplotlib."""
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
@@ -167,7 +170,7 @@ def density_title(checkpoint: str | os.PathLike[str]) -> str:
     return f"Hessian spectral density: {os.fspath(checkpoint)}"
 
 
-def _plot(
+def plot_density(
     path: Path,
     grid: Any,
     curve: Any,
@@ -298,7 +301,7 @@ def _compare_table(
         table.add_row(
             r["backend"],
             _short_value(res),
-            _fmt(res.stderr),
+            format_value(res.stderr),
             _fmt_ci(res),
             str(res.n_hvp),
             f"{res.seconds:.2f}",
@@ -312,7 +315,7 @@ def _compare_table(
 # the checkpoint commands (deconcnn-curv estimate | compare | density)
 
 
-def _header(out: Console, path: Path, loaded: LoadedCheckpoint, device: torch.device) -> None:
+def print_header(out: Console, path: Path, loaded: LoadedCheckpoint, device: torch.device) -> None:
     meta = loaded.metadata
     when = ", ".join(f"{k} {meta[k]}" for k in ("epoch", "global_step") if k in meta)
     out.print(f"[bold]checkpoint[/bold] {escape(str(path))}" + (f" ({when})" if when else ""))
@@ -339,7 +342,7 @@ def _warn_unconverged(out: Any, result: CurvatureResult | None) -> None:
         )
 
 
-def _smooth(
+def smooth(
     density: Density, eigenvalues: list[float], width: float, points: int
 ) -> tuple[str | None, Any, Any]:
     """The smoothed curve on its grid, or why ``width`` cannot give one (then ``None``s)."""
@@ -370,7 +373,7 @@ def _smooth(
     return None, grid, curve
 
 
-def _density_json(
+def density_json(
     checkpoint: Path,
     loaded: LoadedCheckpoint,
     dev: Any,
@@ -401,7 +404,7 @@ def _density_json(
     }
 
 
-def _show_density(
+def show_density(
     out: Console,
     checkpoint: Path,
     dens: CurvatureResult,
@@ -445,7 +448,7 @@ def _show_density(
         out.print(f"plot written to {escape(str(plot_path))} (σ = {width:.3g})")
 
 
-def _show_estimate(
+def show_estimate(
     out: Console, result: CurvatureResult, quantity: str, backend_name: str, quiet: bool
 ) -> None:
     """``deconcnn-curv estimate``'s table of one result, and what the result says about itself
@@ -483,7 +486,7 @@ def _show_estimate(
         out.print(f"peak CUDA memory {_fmt_bytes(result.peak_memory_bytes)}")
 
 
-def _show_compare(
+def show_compare(
     out: Console,
     rows: Sequence[Mapping[str, Any]],
     title: str,
@@ -718,7 +721,7 @@ def _note_hidden_bars(fig: Any, drawn: Sequence[_Drawn]) -> None:
         ax.set_title("; ".join(notes), loc="left", fontsize="small")
 
 
-def _curvature_figure(
+def curvature_figure(
     records: Sequence[Mapping[str, Any]],
     title: str = "",
     loss: Sequence[tuple[int, float]] = (),
@@ -770,7 +773,7 @@ def plot_curvature(
     reaching beyond the axis is clipped and marked with an arrow at the edge; the last value and
     its interval are written in the panel; failed measurements (``value`` null) are skipped and
     marked with a red line. Writes a PNG with matplotlib's Agg backend and returns its path."""
-    fig = _curvature_figure(records, title, loss)
+    fig = curvature_figure(records, title, loss)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -781,7 +784,7 @@ def _fmt_run(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
 
-def _curvature_time(result: Any) -> str:
+def curvature_time(result: Any) -> str:
     """Time spent measuring, as a share of the wall time of the same stretch of training: after a
     resume, the records of this segment (steps past the checkpoint's) over its wall time."""
     recs = [
@@ -828,14 +831,14 @@ def summary_table(result: Any) -> Table:
             table.add_row(key, _fmt_run(result.metrics[key]))
     recs = list(result.records)
     if recs:
-        ok = [r for r in recs if usable_record(r)]  # [issue 10] failed or unusable: skipped
+        ok = [r for r in recs if usable_record(r)]  # failed or unusable: skipped
         failed = [r for r in recs if not usable_record(r)]
         steps = sorted({int(r["step"]) for r in recs})
         table.add_row(
             "curvature records",
             f"{len(ok)} ok, {len(failed)} failed, at {len(steps)} steps ({steps[0]}…{steps[-1]})",
         )
-        table.add_row("curvature time", _curvature_time(result))
+        table.add_row("curvature time", curvature_time(result))
         last_trace = next((r for r in reversed(ok) if r["quantity"] == "trace"), None)
         if last_trace is not None:
             table.add_row(

@@ -23,7 +23,7 @@ from deconcnn_curvature.errors import (
 from deconcnn_curvature.plugins import (
     BUILTIN_PLUGINS,
     BrokenPlugin,
-    _describe_error,
+    describe_error,
     load_plugins,
     reraise_interrupt,
 )
@@ -39,6 +39,7 @@ __all__ = [
     "default_backend_name",
     "get_registry",
     "reset_registry",
+    "set_registry",
 ]
 
 ENV_BACKEND = "DECONCNN_CURVATURE_BACKEND"
@@ -127,7 +128,7 @@ class Registry:
                 reraise_interrupt(exc)
                 if pname.startswith("builtin:"):
                     raise
-                reg.broken.append(BrokenPlugin(pname, _describe_error(exc), "register_backends"))
+                reg.broken.append(BrokenPlugin(pname, describe_error(exc), "register_backends"))
                 continue
             if returned:  # pluggy collects the non-None return values
                 reg.broken.append(BrokenPlugin(pname, _returned(returned), "register_backends"))
@@ -189,7 +190,7 @@ class Registry:
 
 
 def _check_declared_options(cls: type[Backend], name: str, plugin: str) -> None:
-    """[issue 14] A backend's ``options`` are :class:`Option` values with distinct names, none
+    """A backend's ``options`` are :class:`Option` values with distinct names, none
     named like an argument of the host (``eval_mode``, ``seed``, ``distributed``): the host
     applies those itself and never hands them to ``compute`` as options, so a backend declaring
     one would be told it has an option that never arrives (or, for ``seed``, one no caller can
@@ -346,6 +347,14 @@ def get_registry() -> Registry:
         if _registry is None:
             _registry = Registry.build()
         return _registry
+
+
+def set_registry(registry: Registry) -> None:
+    """Make ``registry`` the process-wide one (e.g. one built with ``extra_plugins`` in a worker
+    process) until :func:`reset_registry`."""
+    global _registry
+    with _lock:
+        _registry = registry
 
 
 def reset_registry() -> None:

@@ -54,15 +54,15 @@ class Density:
         }
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Turn tensors, numpy scalars, tuples and nested dataclasses into JSON-friendly values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         to_dict = getattr(value, "to_dict", None)
-        return to_dict() if callable(to_dict) else _plain(dataclasses.asdict(value))
+        return to_dict() if callable(to_dict) else plain(dataclasses.asdict(value))
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if hasattr(value, "tolist"):  # torch.Tensor, numpy array/scalar
         return value.tolist()
     return value
@@ -110,11 +110,11 @@ class CurvatureResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dictionary of every field."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 # --------------------------------------------------------------------------------------------
-# [issue 10] the host checks every result a backend hands back before anyone uses it
+# the host checks every result a backend hands back before anyone uses it
 
 
 def _real(value: Any) -> bool:

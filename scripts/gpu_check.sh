@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 7): the card, the cuda-marked tests, and the benchmarks — HVP/gradient
+# The prepared GPU check: the card, the cuda-marked tests, and the benchmarks — HVP/gradient
 # time ratio with probe_batch 1 vs 8, peak memory vs raw PyHessian on the same batch (resnet18_cifar,
 # width 1.0, batch 128), and the monitoring overhead ratio (one monitor measurement in training steps,
 # in gpu_hvp.json; benchmarks/monitor_overhead.py too when it can target the GPU), every HVP path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from deconcnn_curvature.lightning import CurvatureMonitor
+from deconcnn_curvature.monitor import CurvatureMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -46,7 +46,7 @@ def with_missing(monkeypatch: pytest.MonkeyPatch) -> Registry:
     plugin = types.ModuleType("missing_plugin")
     plugin.register_backends = register_backends
     reg = Registry.build(extra_plugins=(plugin,))
-    monkeypatch.setattr(registry, "_registry", reg)
+    registry.set_registry(reg)
     return reg
 
 
@@ -60,7 +60,7 @@ def test_declared_attributes_are_readable_on_the_class() -> None:
     assert cls.availability() == Availability(True)
     defaults = {o.name: o.default for o in cls.option_map().values()}
     assert defaults["num_hvps"] == 100 and defaults["k"] == 1 and defaults["eval_mode"] is True
-    # [issue 14] eval_mode is the host's argument, declared once by the contract, not per backend.
+    # eval_mode is the host's argument, declared once by the contract, not per backend.
     assert "eval_mode" not in {o.name for o in cls.options}
     assert cls.option_map()["k"].quantities == frozenset({"eigenvalues"})
 
@@ -84,7 +84,7 @@ def test_describe_is_json_serialisable() -> None:
         "install",
         "distributed",
         "options",
-        "host_options",  # [issue 14] eval_mode: the host's, declared once by the contract
+        "host_options",  # eval_mode: the host's, declared once by the contract
     }
 
 
@@ -215,7 +215,7 @@ def _host_named(option: str) -> type[dcc.Backend]:
 def test_a_backend_option_named_like_a_host_argument_is_refused_at_registration(
     monkeypatch: pytest.MonkeyPatch, option: str, fix: str
 ) -> None:
-    """[issue 14] The host applies eval_mode/seed/distributed and never passes them to compute()
+    """The host applies eval_mode/seed/distributed and never passes them to compute()
     as options; a backend declaring one used to register and then silently never receive it
     (eval_mode), or crash the CLI (`-o seed=1`: estimate() got seed twice)."""
     cls = _host_named(option)
@@ -227,7 +227,7 @@ def test_a_backend_option_named_like_a_host_argument_is_refused_at_registration(
     plugin = types.ModuleType("host_named_plugin")
     plugin.register_backends = register_backends
     reg = Registry.build(extra_plugins=(plugin,))
-    monkeypatch.setattr(registry, "_registry", reg)
+    registry.set_registry(reg)
     (broken,) = [b for b in reg.broken if b.name == "host_named_plugin"]
     assert broken.where == "register_backends"
     assert (
@@ -259,7 +259,7 @@ def test_the_host_applies_eval_mode_and_the_backend_reads_it_from_the_problem(
         def register_backends(self, register):
             register(Reads)
 
-    monkeypatch.setattr(registry, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.1))
     batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
     for eval_mode in (True, False):

@@ -42,6 +42,7 @@ SMOKE: dict[str, list[str]] = {
     "hvp_paths": ["--quick", "--memory"],
     "trace_accuracy": ["--quick", "--seeds", "2", "--jobs", "1"],
     "cost_accuracy": ["--quick"],
+    "parameter_guard": ["--batch", "4", "--reps", "1"],
 }
 
 
@@ -91,6 +92,9 @@ def _check(name: str, data: dict[str, Any]) -> None:
             assert _positive(f["trace_stderr"]) and f["lambda_halfwidth"] >= 0
             assert isinstance(f["trace_decidable"], bool)
         assert data["frontier"] and set(data["frontier"]) <= {r["name"] for r in rows.values()}
+    elif name == "parameter_guard":
+        assert all(_positive(r["guard_over_hvp"]) for r in data["rows"])
+        assert all(_positive(r["fingerprint_over_hvp"]) for r in data["rows"])
     elif name == "trace_accuracy":
         assert set(data["accuracy"]) >= {"cnn_init", "cnn_trained"}
         assert all("met" in t for t in data["targets"])

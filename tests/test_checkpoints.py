@@ -31,7 +31,7 @@ from deconcnn_curvature.checkpoints import (
     parse_key_values,
     parse_value,
 )
-from deconcnn_curvature.data_sources import DataSpec, build_batches
+from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
 from deconcnn_curvature.registry import Registry
 
@@ -159,7 +159,7 @@ def _write(path: Path, kind: str) -> Path:
     ("kind", "match"),
     [
         ("truncated", r"is not a PyTorch checkpoint, or it is truncated \(.*zip"),
-        # weights-only unpickling (issue 10) reports a text file as IndexError, not
+        # weights-only unpickling reports a text file as IndexError, not
         # UnpicklingError; what matters is the one-line reason in parentheses.
         ("text", r"is not a PyTorch checkpoint, or it is truncated \(.*(Unpickling|Index)Error"),
         ("empty", r"is not a PyTorch checkpoint, or it is truncated"),

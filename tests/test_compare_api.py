@@ -1,4 +1,4 @@
-"""Issue 14 item 3: compare() is a library function; the CLI only presents its rows."""
+"""compare() is a library function; the CLI only presents its rows."""
 
 from __future__ import annotations
 

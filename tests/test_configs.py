@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import deconcnn_curvature as dcc
-from deconcnn_curvature import lightning as dcc_lightning
-from deconcnn_curvature.lightning import DEFAULT_METRIC_KEYS, CurvatureMonitor
+from deconcnn_curvature import monitor as dcc_monitor
+from deconcnn_curvature.monitor import DEFAULT_METRIC_KEYS, CurvatureMonitor
 
 CURVATURE_FILES = BACKEND_FILES
 
@@ -142,7 +142,7 @@ def test_every_setting_a_config_file_writes_reaches_the_monitor() -> None:
     file writes, which arrive as written (a setting dropped on the way would be silently ignored).
     """
     callback = OmegaConf.load(CONFIGS / "callbacks" / "curvature_monitor.yaml")
-    assert callback._target_ == "deconcnn_curvature.lightning.CurvatureMonitor.from_config"
+    assert callback._target_ == "deconcnn_curvature.monitor.CurvatureMonitor.from_config"
     for name in CURVATURE_FILES:
         listed = _listed(name)
         monitor = instantiate(_compose([f"curvature={name}", "curvature.enabled=false"]).callbacks)
@@ -247,7 +247,7 @@ def _fit_with_config(monitor: CurvatureMonitor, root: Path):  # type: ignore[no-
     ["curvature.loss_fn=cross_entropy", "curvature.loss_fn={_target_:torch.nn.CrossEntropyLoss}"],
 )
 def test_a_module_with_an_inline_loss_is_enabled_by_config_alone(tmp_path: Path, loss: str) -> None:
-    """[issue 12] The loss and the model come from the shipped callback YAML: no code change."""
+    """The loss and the model come from the shipped callback YAML: no code change."""
     from torch import nn
 
     overrides = [
@@ -260,7 +260,7 @@ def test_a_module_with_an_inline_loss_is_enabled_by_config_alone(tmp_path: Path,
     monitor = instantiate(_compose(overrides).callbacks, jsonl=str(tmp_path / "c.jsonl"))
     assert isinstance(monitor.loss_fn, nn.CrossEntropyLoss) and monitor.model_attr == "net"
     _fit_with_config(monitor, tmp_path)
-    recs = dcc_lightning.read_curvature_jsonl(tmp_path / "c.jsonl")
+    recs = dcc_monitor.read_curvature_jsonl(tmp_path / "c.jsonl")
     assert [(r["step"], r["error"]) for r in recs] == [(s, None) for s in (2, 2, 4, 4)]
     assert all(r["value"] is not None for r in recs)
 

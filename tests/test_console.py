@@ -1,7 +1,7 @@
 """What a user sees besides the results: no warnings from set-up, no advertising, epochs counted
 right.
 
-[issue 12, item 5] ``tasks.sh`` printed torch's "Failed to initialize NumPy" while writing the
+``tasks.sh`` printed torch's "Failed to initialize NumPy" while writing the
 constraints file (it imported torch before numpy was installed); Lightning printed its litlogger tip
 on every run; the progress bar of a 2-epoch run read "Epoch 1/1" (Lightning counts both numbers
 from 0).

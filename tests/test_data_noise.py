@@ -1,4 +1,4 @@
-"""Issue 13's acceptance: the data-aware trace interval of 128- and 256-sample draws covers the
+"""The data-aware trace interval of 128- and 256-sample draws covers the
 exact trace of the whole data set's Hessian in >= 90 % of 200 draws, where the probe-only interval
 (what the package reported before) does not. The experiment is benchmarks/data_noise.py's."""
 

@@ -1,4 +1,4 @@
-"""Models nobody here wrote, measured against dense Hessians (issue 11).
+"""Models nobody here wrote, measured against dense Hessians.
 
 Ground truth is a dense Hessian built by plain double-backward autograd, one row per gradient
 entry (:func:`autograd_hessian`) and checked by central finite differences of the gradient on a

@@ -1,4 +1,4 @@
-"""Every way of computing one Hessian-vector product (``HessianOperator(hvp_path=...)``, issue 13)
+"""Every way of computing one Hessian-vector product (``HessianOperator(hvp_path=...)``)
 gives the products of a dense Hessian built by plain double-backward autograd: BatchNorm in eval
 mode, frozen and unused parameters, a negative-curvature loss, several batches (graphs retained
 or rebuilt), probes one at a time and in blocks, Dropout in train mode, and the environment
@@ -193,7 +193,7 @@ def test_an_unknown_path_is_named_with_the_choices(monkeypatch: pytest.MonkeyPat
 
 
 def test_peak_memory_of_hutchpp_is_within_1_5x_of_pyhessian() -> None:
-    """Issue 13: hutchpp's peak memory against raw PyHessian's on the same batch, each measured
+    """Hutchpp's peak memory against raw PyHessian's on the same batch, each measured
     in a fresh process (peak resident memory above the level before the call, sampled every
     millisecond). The README's compare table read 449 vs 104 MiB because PyHessian ran second in
     the same process and reused the memory hutchpp's run had freed; measured apart, the rest of

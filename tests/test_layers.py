@@ -1,4 +1,4 @@
-"""The package's import layers (issue 14, item 2), read from the source with ``ast``.
+"""The package's import layers, read from the source with ``ast``.
 
 Layers, lowest first; a module may import its own layer and the layers below it, never above:
 
@@ -29,24 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("errors", "_seeds")),
-    ("contract", ("problem", "results", "backend", "_records")),
-    ("numerics", ("linalg", "linalg.*", "hvp", "distributed", "datasets", "data_sources")),
-    ("extension", ("hookspecs", "plugins", "registry", "backends", "backends.*")),
-    ("api", ("api", "checkpoints")),
+    ("contract", ("problem", "results", "backend", "monitor.records")),
     (
-        "front",
-        (
-            "",
-            "__main__",
-            "_lightning",
-            "_monitor_settings",
-            "_monitor_inputs",
-            "present",
-            "lightning",
-            "cli",
-            "cli.*",
-        ),
+        "numerics",
+        ("linalg", "linalg.*", "hvp", "distributed", "checkpoints.cifar", "checkpoints.data"),
     ),
+    ("extension", ("hookspecs", "plugins", "registry", "backends", "backends.*")),
+    ("api", ("api", "checkpoints", "checkpoints.*")),
+    ("front", ("", "__main__", "present", "monitor", "monitor.*", "cli", "cli.*")),
     # `deconcnn-curv train` is the training run's command: the CLI loads it by name, like a plugin.
     ("training", ("training", "training.*", "cli.train")),
 )
@@ -199,28 +189,28 @@ def test_training_is_a_leaf_nothing_in_the_core_imports() -> None:
 
 def test_the_checker_sees_upward_imports_and_circles() -> None:
     """The rules above can fail: a synthetic graph with each defect is caught."""
-    known = ["errors", "hvp", "registry", "checkpoints", "hookspecs", "training", "training.run"]
+    known = ["errors", "hvp", "registry", "api", "hookspecs", "training", "training.run"]
     _PACKAGE_INITS.add("training")
     function_level = "def f():\n    from deconcnn_curvature.registry import get_registry\n"
     graph = {
         "errors": set(),
         "hvp": _imports("hvp", function_level, known),  # numerics -> extension, in a function
-        "checkpoints": _imports("checkpoints", "from .hookspecs import hookimpl\n", known),
+        "api": _imports("api", "from .hookspecs import hookimpl\n", known),
         "hookspecs": _imports(
             "hookspecs",
             "from typing import TYPE_CHECKING\n"
-            "if TYPE_CHECKING:\n    from deconcnn_curvature.checkpoints import X\n",
+            "if TYPE_CHECKING:\n    from deconcnn_curvature.api import X\n",
             known,
         ),
         "registry": _imports("registry", "from deconcnn_curvature import training\n", known),
     }
     assert graph["hvp"] == {"registry"} and graph["registry"] == {"training"}
     assert _upward(graph) == [
-        "hookspecs (extension) imports checkpoints (api)",
+        "hookspecs (extension) imports api (api)",
         "hvp (numerics) imports registry (extension)",
         "registry (extension) imports training (training)",
     ]
-    assert _cycles(graph) == [["checkpoints", "hookspecs"]]
+    assert _cycles(graph) == [["api", "hookspecs"]]
     # a circle inside one layer, through an import in a module-level `__getattr__` (the shape
     # of the training.data <-> training.datamodule circle), is seen too
     known += ["training.data", "training.datamodule"]
@@ -237,6 +227,18 @@ def test_the_checker_sees_upward_imports_and_circles() -> None:
     }
     assert _upward(same_layer) == []
     assert _cycles(same_layer) == [["training.data", "training.datamodule"]]
+    # inside a sub-package: a relative import names the sibling module, and the records helpers
+    # (contract) importing the callback (front) are an upward import
+    known += ["monitor", "monitor.callback", "monitor.records"]
+    sub_package = {
+        "monitor.callback": _imports("monitor.callback", "from .records import R\n", known),
+        "monitor.records": _imports(
+            "monitor.records", "from deconcnn_curvature.monitor.callback import C\n", known
+        ),
+    }
+    assert sub_package["monitor.callback"] == {"monitor.records"}
+    assert _upward(sub_package) == ["monitor.records (contract) imports monitor.callback (front)"]
+    assert _cycles(sub_package) == [["monitor.callback", "monitor.records"]]
     with pytest.raises(AssertionError, match="has no layer"):
         _layer_of("brand_new_module")
 

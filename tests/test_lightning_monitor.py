@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature import registry as registry_module
-from deconcnn_curvature._monitor_settings import MonitorSettings
 from deconcnn_curvature.backend import Backend, Option
 from deconcnn_curvature.errors import (
     BackendFailedError,
@@ -36,11 +35,12 @@ from deconcnn_curvature.errors import (
     UnsupportedQuantityError,
 )
 from deconcnn_curvature.hookspecs import hookimpl
-from deconcnn_curvature.lightning import (
+from deconcnn_curvature.monitor import (
     CurvatureMonitor,
-    CurvatureRecordWriter,
     read_curvature_jsonl,
 )
+from deconcnn_curvature.monitor.records import RecordWriter
+from deconcnn_curvature.monitor.settings import MonitorSettings
 from deconcnn_curvature.registry import Registry
 from deconcnn_curvature.results import CurvatureResult
 
@@ -117,7 +117,7 @@ def comparable(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def use_plugin(monkeypatch: pytest.MonkeyPatch, plugin: object) -> None:
     """Make the process registry the built-ins plus ``plugin``."""
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(plugin,)))
+    registry_module.set_registry(Registry.build(extra_plugins=(plugin,)))
 
 
 _TRACE = frozenset({"trace"})
@@ -329,7 +329,7 @@ def test_record_content_and_logged_metrics(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("max_hvps", "expected"), [(1, 0.0), (60, 1.0)])
 def test_lambda_max_converged_is_logged(tmp_path: Path, max_hvps: int, expected: float) -> None:
-    # Issue 11: convergence was only in the JSONL details; a capped λ_max looked like any other.
+    # Guard: convergence was only in the JSONL details; a capped λ_max looked like any other.
     monitor = CurvatureMonitor(
         quantities="eigenvalues",
         compute_every_n_steps=2,
@@ -401,7 +401,7 @@ def test_the_start_up_lines_name_the_budget_and_host_arguments_apart(
 
 
 def test_record_writer_is_strict_json_and_readable_before_close(tmp_path: Path) -> None:
-    writer = CurvatureRecordWriter(tmp_path / "sub" / "c.jsonl")
+    writer = RecordWriter(tmp_path / "sub" / "c.jsonl")
     writer.write({"value": float("nan"), "ci": (1.0, float("inf")), "t": torch.tensor(2.5)})
     line = (tmp_path / "sub" / "c.jsonl").read_text()  # flushed before close
     assert json.loads(line) == {"value": None, "ci": [1.0, None], "t": 2.5}
@@ -439,7 +439,7 @@ def test_values_match_estimate_and_the_dense_hessian(tmp_path: Path) -> None:
         "trace",
         seed=monitor.probe_seed(6, "trace"),
         num_hvps=40,
-        data_groups=4,  # the monitor's default (issue 13): an interval for the data set's trace
+        data_groups=4,  # the monitor's default: an interval for the data set's trace
     )
     assert again.value == trace["value"] and again.stderr == trace["stderr"]
     top = dcc.estimate(
@@ -512,7 +512,7 @@ def test_hutchpp_measures_trace_and_eigenvalues_in_one_call(tmp_path: Path) -> N
         seed=eig["seed"],
         num_hvps=30,
         k=2,
-        data_groups=4,  # the monitor's default (issue 13)
+        data_groups=4,  # the monitor's default
     )
     assert again.value == eig["value"]
     assert again.also["trace"].value == trace["value"]
@@ -621,7 +621,7 @@ def test_a_loader_of_dicts_needs_batch_fn_and_says_so_before_training(tmp_path: 
         "trace",
         seed=mapped.probe_seed(4, "trace"),
         num_hvps=5,
-        data_groups=4,  # the monitor's default (issue 13)
+        data_groups=4,  # the monitor's default
     )
     assert again.value == recs[2]["value"]
 
@@ -884,14 +884,10 @@ def test_resuming_with_another_seed_keeps_the_checkpoints_batch_and_says_so(
     assert steps == [2, 4, 6]
 
 
-@pytest.mark.parametrize("saved_by", ["this release", "an earlier release"])
-def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(
-    tmp_path: Path, saved_by: str
-) -> None:
+def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(tmp_path: Path) -> None:
     """deconcnn-curv train gives the monitor an absolute records path; the state key held it, so
     a run folder moved (scratch to project space, renamed) resumed without the monitor's state
-    (count, seed, batch) and Lightning told the user to add the callback they had added. A
-    checkpoint keyed by the full path (earlier releases) is found by its file name too."""
+    (count, seed, batch) and Lightning told the user to add the callback they had added."""
 
     def monitor(folder: Path, seed: int) -> CurvatureMonitor:
         return CurvatureMonitor(
@@ -904,14 +900,6 @@ def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(
     trainer = make_trainer(tmp_path / "scratch", [first], max_steps=4)
     trainer.fit(Tiny(), tiny_data())
     trainer.save_checkpoint(tmp_path / "scratch" / "last.ckpt")
-    if saved_by == "an earlier release":
-        ckpt = torch.load(tmp_path / "scratch" / "last.ckpt", weights_only=False)
-        state = ckpt["callbacks"].pop(first.state_key)
-        old_key = "CurvatureMonitor" + repr(
-            {"backend": None, "quantities": ("trace",), "jsonl": str(first.jsonl)}
-        )
-        ckpt["callbacks"][old_key] = state
-        torch.save(ckpt, tmp_path / "scratch" / "last.ckpt")
     (tmp_path / "scratch").rename(tmp_path / "project")
 
     resumed = monitor(tmp_path / "project", 1)
@@ -922,8 +910,7 @@ def test_a_run_folder_moved_elsewhere_resumes_with_its_monitor_state(
         trainer.fit(Tiny(), tiny_data(), ckpt_path=tmp_path / "project" / "last.ckpt")
     said = [str(w.message) for w in caught]
     assert any("measured with seed=0, this monitor has seed=1" in m for m in said), said
-    if saved_by == "this release":
-        assert not any("callbacks used to create the checkpoint" in m for m in said), said
+    assert not any("callbacks used to create the checkpoint" in m for m in said), said
     assert resumed.seed == 0 and resumed.curvature_indices == first.curvature_indices
     assert resumed.measurements == 3
     assert [r["step"] for r in records(tmp_path / "project" / "curvature.jsonl")] == [2, 4, 6]
@@ -1058,7 +1045,7 @@ class TwoNets(NoForward):
 def test_a_module_without_forward_is_measured_through_its_only_model_child(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """[issue 12] Today every record of such a run is null ('missing the required forward
+    """Today every record of such a run is null ('missing the required forward
     function'); the monitor now measures pl_module.net, found by itself, and says so."""
     monitor = CurvatureMonitor(
         compute_every_n_steps=2,
@@ -1081,7 +1068,7 @@ def test_a_module_without_forward_is_measured_through_its_only_model_child(
     x, y = tiny_data().dataset[monitor.curvature_indices]
     again = dcc.estimate(
         module.net, nn.CrossEntropyLoss(), (x, y), "trace", seed=monitor.probe_seed(4, "trace"),
-        num_hvps=5, data_groups=4,  # the monitor's default (issue 13)
+        num_hvps=5, data_groups=4,  # the monitor's default
     )  # fmt: skip
     assert again.value == recs[2]["value"]
 

@@ -1,4 +1,4 @@
-"""The monitor's data groups (issue 13): the logged trace stderr is the total (probe and data
+"""The monitor's data groups: the logged trace stderr is the total (probe and data
 noise), its parts are in the JSONL record, and bad settings fail before training."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from test_lightning_monitor import Tiny, fit_tiny, make_trainer, records, tiny_d
 
 import deconcnn_curvature as dcc
 from deconcnn_curvature.errors import ConfigurationError
-from deconcnn_curvature.lightning import CurvatureMonitor
+from deconcnn_curvature.monitor import CurvatureMonitor
 
 
 def test_logged_stderr_is_the_total_and_the_record_has_its_parts(tmp_path: Path) -> None:

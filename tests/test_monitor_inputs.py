@@ -1,4 +1,4 @@
-"""What the monitor measures, found without a training run (issue 14, item 3: the callback's hooks
+"""What the monitor measures, found without a training run (the callback's hooks
 call these library functions; the real Trainer runs are in test_lightning_monitor.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from deconcnn_curvature._monitor_inputs import (
+from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.inputs import (
     auto_model_attr,
     build_batch,
     check_trial_loss,
@@ -20,7 +21,6 @@ from deconcnn_curvature._monitor_inputs import (
     measured_model,
     what_is_measured,
 )
-from deconcnn_curvature.errors import ConfigurationError
 
 
 class Wrapper(pl.LightningModule):

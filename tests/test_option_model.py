@@ -1,11 +1,11 @@
-"""Issue 14 item 1: one option model owned by the backend contract."""
+"""One option model, owned by the backend contract."""
 
 from __future__ import annotations
 
 import pytest
 
 from deconcnn_curvature.api import get_backend, list_backends
-from deconcnn_curvature.lightning import CurvatureMonitor
+from deconcnn_curvature.monitor import CurvatureMonitor
 
 
 def test_budget_option_is_declared_by_the_backend() -> None:
@@ -137,14 +137,14 @@ def test_a_declared_budget_option_takes_num_hvps_everywhere(monkeypatch) -> None
 
     import deconcnn_curvature as dcc
     from deconcnn_curvature import registry as registry_module
-    from deconcnn_curvature.cli._common import _backend_options
+    from deconcnn_curvature.cli._common import backend_options
     from deconcnn_curvature.registry import Registry
 
     cls = _probes_backend()
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(cls),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(_Plugin(cls),)))
     assert cls.budget_option("trace") == "num_probes"
     # the CLI's --num-hvps and the monitor's num_hvps both set num_probes
-    assert _backend_options(cls, "trace", {"--num-hvps": 7}, {})[0] == {"num_probes": 7}
+    assert backend_options(cls, "trace", {"--num-hvps": 7}, {})[0] == {"num_probes": 7}
     monitor = CurvatureMonitor(backend="probes", quantities=["trace", "eigenvalues"], num_hvps=7)
     resolved = monitor.check_config()
     assert resolved["trace"]["num_probes"] == 7
@@ -171,21 +171,21 @@ def test_also_may_hold_only_declared_quantities(monkeypatch) -> None:
 
     cls = _probes_backend()
     cls.also_computes = {}  # the eigenvalues result carries a trace it did not declare
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(cls),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(_Plugin(cls),)))
     batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
     with pytest.raises(dcc.PluginError, match="declares none there"):
         dcc.estimate(nn.Linear(3, 2), nn.CrossEntropyLoss(), batch, "eigenvalues", "probes")
 
 
 def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) -> None:
-    """[issue 14] One applicability rule: an option declared for the trace only applies to an
+    """One applicability rule: an option declared for the trace only applies to an
     eigenvalues call whose result also carries the trace (``also_computes``), for the resolver,
     the CLI and the monitor alike (the monitor used to drop it, and refuse it when only the
     eigenvalues were monitored)."""
     import deconcnn_curvature as dcc
     from deconcnn_curvature import registry as registry_module
     from deconcnn_curvature.backend import Option
-    from deconcnn_curvature.cli._common import _backend_options
+    from deconcnn_curvature.cli._common import backend_options
     from deconcnn_curvature.registry import Registry
 
     base = _probes_backend()
@@ -197,13 +197,11 @@ def test_monitor_takes_the_resolvers_options_for_a_joint_backend(monkeypatch) ->
             Option("shift", float, 0.0, "trace-only", quantities=frozenset({"trace"})),
         )
 
-    monkeypatch.setattr(
-        registry_module, "_registry", Registry.build(extra_plugins=(_Plugin(ShiftBackend),))
-    )
+    registry_module.set_registry(Registry.build(extra_plugins=(_Plugin(ShiftBackend),)))
     given = {"shift": 2.5}
     _, expected = dcc.resolve("eigenvalues", "shift", given)
     assert expected["shift"] == 2.5
-    assert _backend_options(ShiftBackend, "eigenvalues", {}, {"shift": 2.5})[0] == given
+    assert backend_options(ShiftBackend, "eigenvalues", {}, {"shift": 2.5})[0] == given
     for quantities in (["eigenvalues"], ["trace", "eigenvalues"]):
         monitor = CurvatureMonitor(backend="shift", quantities=quantities, backend_options=given)
         resolved = monitor.check_config()

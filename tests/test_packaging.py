@@ -1,5 +1,5 @@
 """The Hydra configs have one home, ``configs/``, and a built, non-editable install still finds
-them (issue 14, item 3): no copy inside the package, no copy script."""
+them: no copy inside the package, no copy script."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """curvature.png: each panel scaled to its points, wild intervals clipped and marked, the last value
 in the panel, invisible bars said, failed records skipped, the training loss underneath.
 
-[issue 12] The step-8 interval of the demo (-4,829 to 6,775) used to set the trace panel's y-range,
+The step-8 interval of the demo (-4,829 to 6,775) used to set the trace panel's y-range,
 so the later values (287 ± 44) sat flattened at zero, and the λ_max panel promised error bars too
 small to see.
 """
@@ -16,11 +16,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from deconcnn_curvature.training.run import (
-    _curvature_figure,
-    plot_curvature,
-    read_training_loss,
-)
+from deconcnn_curvature.present import curvature_figure
+from deconcnn_curvature.training.run import plot_curvature, read_training_loss
 
 
 def _trace(step: int, value: float | None, lo: float, hi: float) -> dict[str, Any]:
@@ -58,7 +55,7 @@ def _markers(ax: Any, symbol: str) -> list[tuple[float, float]]:
 
 
 def test_axis_limits_come_from_the_points_not_a_wild_interval() -> None:
-    fig = _curvature_figure(WILD)
+    fig = curvature_figure(WILD)
     trace_ax, eig_ax = fig.axes
     y0, y1 = trace_ax.get_ylim()
     assert trace_ax.get_yscale() == "linear"
@@ -76,7 +73,7 @@ def test_axis_limits_come_from_the_points_not_a_wild_interval() -> None:
 
 def test_narrow_intervals_widen_the_axis_instead_of_being_clipped() -> None:
     recs = [_trace(0, 100.0, 80.0, 125.0), _trace(8, 110.0, 100.0, 120.0)]
-    ax = _curvature_figure(recs).axes[0]
+    ax = curvature_figure(recs).axes[0]
     y0, y1 = ax.get_ylim()
     assert y0 < 80 and y1 > 125
     assert not _markers(ax, "v") and not _markers(ax, "^")
@@ -85,23 +82,23 @@ def test_narrow_intervals_widen_the_axis_instead_of_being_clipped() -> None:
 def test_values_spanning_decades_get_a_log_axis() -> None:
     recs = [_trace(0, 7908.0, -3173.0, 18990.0), _trace(8, 402.0, 131.0, 674.0)]
     recs += [_trace(16, 248.0, 187.0, 308.0)]
-    ax = _curvature_figure(recs).axes[0]
+    ax = curvature_figure(recs).axes[0]
     assert ax.get_yscale() == "log"
     y0, y1 = ax.get_ylim()
     assert 60 < y0 < 131 and 7908 < y1 < 30000  # 131: the lower end of a narrow bar
     assert _markers(ax, "v") == [(0.0, y0)]  # a negative lower end cannot be drawn on log
     signed = [_trace(0, -5.0, -6.0, -4.0), _trace(8, 20000.0, 19000.0, 21000.0)]
-    assert _curvature_figure(signed).axes[0].get_yscale() == "symlog"
+    assert curvature_figure(signed).axes[0].get_yscale() == "symlog"
 
 
 def test_failed_records_are_skipped_and_marked() -> None:
     recs = [*WILD, _trace(32, None, 0, 0), _eig(32, None)]
-    fig = _curvature_figure(recs)
+    fig = curvature_figure(recs)
     trace_ax, _ = fig.axes
     assert "red: 1 failed" in trace_ax.get_title(loc="left")
     assert trace_ax.get_title(loc="right") == "step 24: 287 [243, 331]"  # last *measured*
     assert 900 < trace_ax.get_ylim()[1] < 1400
-    only_failed = _curvature_figure([_trace(0, None, 0, 0), _trace(8, None, 0, 0)])
+    only_failed = curvature_figure([_trace(0, None, 0, 0), _trace(8, None, 0, 0)])
     assert "red: 2 failed" in only_failed.axes[0].get_title(loc="left")
 
 
@@ -116,7 +113,7 @@ def test_the_training_loss_is_drawn_under_the_curvature_on_the_same_steps(tmp_pa
     loss = read_training_loss(metrics)
     assert loss[0] == (1, 2.5) and len(loss) == 24
     assert read_training_loss(tmp_path / "missing.jsonl") == []
-    fig = _curvature_figure(WILD, title="t", loss=loss)
+    fig = curvature_figure(WILD, title="t", loss=loss)
     trace_ax, _, loss_ax = fig.axes
     assert loss_ax.get_ylabel() == "training loss"
     assert loss_ax.get_shared_x_axes().joined(loss_ax, trace_ax)
@@ -128,7 +125,7 @@ def test_the_training_loss_is_drawn_under_the_curvature_on_the_same_steps(tmp_pa
 def test_a_trace_falling_tenfold_gets_a_log_axis_so_the_late_trend_shows() -> None:
     """Positive values whose largest is more than 5 times their smallest: a log axis (on a
     linear one the late values, a tenth of the early ones, lie flat along the bottom)."""
-    from deconcnn_curvature.present import _curvature_figure as figure
+    figure = curvature_figure
 
     falling = [_trace(s, v, 0.9 * v, 1.1 * v) for s, v in ((0, 3000.0), (8, 900.0), (16, 300.0))]
     ax = figure(falling).axes[0]
@@ -139,7 +136,7 @@ def test_a_trace_falling_tenfold_gets_a_log_axis_so_the_late_trend_shows() -> No
 
 
 def test_an_unconverged_lambda_max_is_hollow_with_a_legend_entry() -> None:
-    from deconcnn_curvature.present import _curvature_figure as figure
+    figure = curvature_figure
 
     recs = [_eig(0, 60.0), _eig(8, 64.0), _eig(16, 70.0)]
     recs[1]["details"]["converged"] = False
@@ -161,7 +158,7 @@ def test_an_unconverged_lambda_max_is_hollow_with_a_legend_entry() -> None:
 def test_the_lambda_max_bars_are_named_by_the_method_that_produced_them() -> None:
     """pyhessian's values come from Lanczos; hutchpp's from Rayleigh–Ritz on its sketch, refined
     by Lanczos: the note says which, never "Lanczos" for a sketch value."""
-    from deconcnn_curvature.present import _curvature_figure as figure
+    figure = curvature_figure
 
     lanczos = [{**_eig(0, 60.0), "method": "lanczos"}]
     sketch = [{**_eig(0, 60.0), "method": "rayleigh_ritz+lanczos"}]

@@ -1,4 +1,4 @@
-"""[issue 10, item 6] A plugin cannot take the registry down: ``sys.exit()`` or any other
+"""A plugin cannot take the registry down: ``sys.exit()`` or any other
 ``BaseException`` (but the user's ``KeyboardInterrupt``) at import or in its hook makes it a broken
 plugin like any other, and a ``register_backends`` hook that returns something is reported.
 

@@ -108,7 +108,7 @@ def _use(monkeypatch: pytest.MonkeyPatch, plugins: str | None) -> Registry:
 def _install(monkeypatch: pytest.MonkeyPatch, *extra: object) -> Registry:
     """Make a registry built with in-process ``extra`` plugins the process-wide one."""
     reg = Registry.build(extra_plugins=extra)
-    monkeypatch.setattr(registry, "_registry", reg)
+    registry.set_registry(reg)
     return reg
 
 

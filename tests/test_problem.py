@@ -298,3 +298,27 @@ def test_losses_that_are_not_per_sample_means_refuse_several_batches() -> None:
     exact = torch.linalg.eigvalsh(dense_hessian(model, weighted, [(x, y)])).flip(0)[:1]
     one = dcc.estimate(model, weighted, (x, y), "eigenvalues", tol=1e-12, max_hvps=15)
     torch.testing.assert_close(torch.tensor(one.value, dtype=torch.float64), exact)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+@pytest.mark.parametrize("backend", ["pyhessian", "hutchpp", "backpack"])
+def test_a_dataloader_as_data_leaves_the_global_rngs_as_they_were(
+    backend: str, shuffle: bool
+) -> None:
+    """Iterating a DataLoader draws from the global torch RNG (a sampler's seed, a shuffle's
+    permutation) whether or not it shuffles: the batches must be read inside the RNG guard."""
+    if not dcc.get_backend(backend).availability().available:
+        pytest.skip(f"{backend} is not installed")
+    model, loss_fn, (x, y) = get_case("mlp").make()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=shuffle
+    )
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    before = snapshot(model)
+    expected_draw = torch.rand(3)  # what training would draw next
+    torch.set_rng_state(before.torch_rng)
+    dcc.estimate(model, loss_fn, loader, "trace", backend, seed=0)
+    assert_unchanged(before, model)
+    torch.testing.assert_close(torch.rand(3), expected_draw, rtol=0, atol=0)

@@ -106,7 +106,7 @@ def test_default_backend_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_process_registry_can_be_replaced_for_a_test(monkeypatch: pytest.MonkeyPatch) -> None:
     reg = Registry()
     reg._register(_backend("only", {"trace"}), "p")
-    monkeypatch.setattr(registry, "_registry", reg)
+    registry.set_registry(reg)
     assert [r["name"] for r in dcc.list_backends()] == ["only"]
     with pytest.raises(dcc.UnknownBackendError, match="Known backends: only"):
         dcc.get_backend("pyhessian")

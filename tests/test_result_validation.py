@@ -1,4 +1,4 @@
-"""[issue 10, item 4] The host checks every result a backend returns (type, quantity, shape,
+"""The host checks every result a backend returns (type, quantity, shape,
 finiteness) before anyone uses it.
 
 The misbehaving backends are third-party plugins installed the way a wheel is (a module plus
@@ -219,7 +219,7 @@ def test_a_training_run_records_the_error_and_never_logs_the_nan(bad_plugins: Pa
     plot used to crash with a TypeError on the NaN eigenvalue)."""
     pytest.importorskip("lightning")
     pytest.importorskip("hydra")
-    from deconcnn_curvature.lightning import read_curvature_jsonl
+    from deconcnn_curvature.monitor import read_curvature_jsonl
     from deconcnn_curvature.training.metrics import read_metrics_jsonl
 
     run = bad_plugins / "run"

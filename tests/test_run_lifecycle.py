@@ -1,5 +1,5 @@
 """The life of a ``deconcnn-curv train`` run folder: crashes mid-write, two runs at once, signals,
-failed starts and resumes (issue 10 items 2, 3, 5, 7, 8; issue 12 item 3). Real tiny runs."""
+failed starts and resumes. Real tiny runs."""
 
 from __future__ import annotations
 
@@ -17,19 +17,19 @@ import yaml
 from click.testing import CliRunner
 from test_train_cli import TINY
 
-from deconcnn_curvature._records import TornLineWarning, read_jsonl, supersede_after
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.lightning import read_curvature_jsonl
+from deconcnn_curvature.monitor import read_curvature_jsonl
+from deconcnn_curvature.monitor.records import TornLineWarning, read_jsonl, supersede_after
+from deconcnn_curvature.present import curvature_time
 from deconcnn_curvature.registry import ENV_BACKEND
 from deconcnn_curvature.training.metrics import read_metrics_jsonl
 from deconcnn_curvature.training.run import (
-    _RUN_DIR_ENV,
     LOCK_NAME,
+    RUN_DIR_ENV,
     RunResult,
-    _curvature_time,
-    _make_run_dir,
-    _secondary_rank,
     compose_config,
+    make_run_dir,
+    secondary_rank,
 )
 
 
@@ -46,7 +46,7 @@ def _tear_last_line(path: Path) -> str:
     return torn
 
 
-# ------------------------------------------------------------------ item 2: torn last line
+# ------------------------------------------------------------------ a torn last line
 
 
 def test_readers_skip_a_torn_line_and_name_it(tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def _wait_training(proc: subprocess.Popen[str], run: Path, timeout: float = 60.0
         time.sleep(0.1)
 
 
-# ------------------------------------------------------------------ items 3 and 5
+# ------------------------------------------------------------------ busy folders and signals
 
 
 @pytest.mark.slow
@@ -211,15 +211,15 @@ def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path: Path) -> None:
 
 def test_timestamped_folders_are_created_atomically(tmp_path: Path) -> None:
     stamp = tmp_path / "runs" / "20260101-120000"
-    first, created = _make_run_dir(stamp, timestamped=True)
+    first, created = make_run_dir(stamp, timestamped=True)
     assert (first, created) == (stamp, True)
     # Another run took the same second's folder between the choice and the creation.
-    second, _ = _make_run_dir(stamp, timestamped=True)
-    third, _ = _make_run_dir(stamp, timestamped=True)
+    second, _ = make_run_dir(stamp, timestamped=True)
+    third, _ = make_run_dir(stamp, timestamped=True)
     assert (second.name, third.name) == ("20260101-120000-2", "20260101-120000-3")
 
 
-# ------------------------------------------------------------------ item 7
+# ------------------------------------------------------------------ bad values, failed starts
 
 
 @pytest.mark.parametrize(
@@ -269,7 +269,7 @@ def test_a_run_that_fails_in_fit_before_training_leaves_no_folder(tmp_path: Path
     assert not run.exists()
 
 
-# ------------------------------------------------------------------ item 8 and issue 12 item 3
+# ------------------------------------------------------------------ resuming into a used folder
 
 
 def test_resume_takes_the_runs_own_config_and_keeps_it(tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ def test_curvature_share_after_a_resume_counts_this_segment() -> None:
         start_step=4,
     )
     # Before: 32 s of all segments over this segment's 4 s, "800 % of the wall time".
-    assert _curvature_time(result) == (
+    assert curvature_time(result) == (
         "2.0 s since the resume at step 4 (50% of this segment's wall time)"
     )
 
@@ -416,16 +416,16 @@ def test_help_readme_and_preset_agree_on_the_demos_duration() -> None:
 def test_only_the_first_rank_of_a_launcher_takes_the_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     """torchrun/SLURM start every rank with the same run_dir=: ranks > 0 must not wait on (or
     fail at) the lock rank 0 holds."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", _RUN_DIR_ENV):
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", RUN_DIR_ENV):
         monkeypatch.delenv(name, raising=False)
-    assert not _secondary_rank()
+    assert not secondary_rank()
     monkeypatch.setenv("RANK", "0")
-    assert not _secondary_rank()
+    assert not secondary_rank()
     monkeypatch.setenv("RANK", "1")
-    assert _secondary_rank()
+    assert secondary_rank()
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("SLURM_PROCID", "3")
-    assert _secondary_rank()
+    assert secondary_rank()
 
 
 class _Payload:

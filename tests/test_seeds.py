@@ -15,10 +15,11 @@ import torch
 import deconcnn_curvature as dcc
 from deconcnn_curvature._seeds import check_seed, integer_seed, tagged_seed
 from deconcnn_curvature.checkpoints import checkpoint_settings
-from deconcnn_curvature.data_sources import DataSpec
-from deconcnn_curvature.datasets import EpochShuffleSampler, RandomResizedCropFlip, SyntheticCIFAR
+from deconcnn_curvature.checkpoints.cifar import SyntheticCIFAR
+from deconcnn_curvature.checkpoints.data import DataSpec
 from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
-from deconcnn_curvature.lightning import CurvatureMonitor
+from deconcnn_curvature.monitor import CurvatureMonitor
+from deconcnn_curvature.training.augment import EpochShuffleSampler, RandomResizedCropFlip
 
 
 def test_the_monitors_mixer_keeps_its_outputs() -> None:

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.lightning import read_curvature_jsonl
+from deconcnn_curvature.monitor import read_curvature_jsonl
 from deconcnn_curvature.training.metrics import read_metrics_jsonl
 from deconcnn_curvature.training.run import ENV_CONFIG_DIR, compose_config, default_config_dir
 
@@ -185,7 +185,7 @@ def test_config_dir_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_summary_marks_an_unconverged_lambda_max(tmp_path: Path) -> None:
-    # Issue 11: the summary printed a capped λ_max like a converged one.
+    # A capped λ_max must not print like a converged one in the summary.
     from rich.console import Console
 
     from deconcnn_curvature.training.run import RunResult, summary_table

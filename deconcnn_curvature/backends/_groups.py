@@ -1,4 +1,4 @@
-"""Data groups for the trace's data-noise interval (issue 13), shared by the HVP backends.
+"""Data groups for the trace's data-noise interval, shared by the HVP backends.
 
 The groups are the batches of the problem (a shuffled loader's batches), or one batch split into
 ``data_groups`` near-equal parts along its first dimension (the Lightning monitor's random
@@ -16,7 +16,12 @@ import torch
 from deconcnn_curvature.backend import Option
 from deconcnn_curvature.distributed import world_size
 from deconcnn_curvature.errors import InvalidOptionError, InvalidProblemError
-from deconcnn_curvature.problem import CurvatureProblem, _batch_size, _check_per_sample_mean
+from deconcnn_curvature.problem import (
+    CurvatureProblem,
+    _batch_size,
+    _check_per_sample_mean,
+    rebuild_like,
+)
 
 __all__ = [
     "DATA_GROUP_OPTIONS",
@@ -86,16 +91,41 @@ class DataGroupsMixin:
         return resolved
 
 
-def _split(value: Any, parts: int) -> list[Any]:
-    if isinstance(value, torch.Tensor) and value.ndim > 0:
+def _unsplittable(parts: int, where: str, what: str) -> InvalidOptionError:
+    return InvalidOptionError(
+        f"option 'data_groups' ({parts}) cannot split the batch: {where} is {what}; pass "
+        "data_groups=1, or a batch whose inputs and targets are tensors (or mappings, tuples or "
+        "lists of tensors) with the samples along their first dimension."
+    )
+
+
+def _split(value: Any, parts: int, samples: int, where: str) -> list[Any]:
+    """``value`` (a batch's inputs or targets) cut into ``parts`` groups along the samples:
+    every tensor in it, however nested in mappings, tuples and lists, is split along its first
+    dimension, which must count the batch's ``samples``; the containers are rebuilt with their
+    own type (:func:`~deconcnn_curvature.problem.rebuild_like`); ``None`` (no data, such as an
+    absent mask) goes to every group. Anything else is refused (:class:`InvalidOptionError`
+    naming ``where`` it sits), never given whole to every group."""
+    if value is None:
+        return [None] * parts
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:
+            raise _unsplittable(parts, where, "a 0-dimensional tensor")
+        if value.shape[0] != samples:
+            raise InvalidOptionError(
+                f"option 'data_groups' ({parts}) cannot split the batch: {where} has "
+                f"{value.shape[0]} rows along its first dimension but the batch has {samples} "
+                "samples; give every tensor of the inputs and targets the samples along its "
+                "first dimension, or pass data_groups=1."
+            )
         return list(torch.tensor_split(value, parts, dim=0))
+    if isinstance(value, Mapping):
+        columns = {k: _split(v, parts, samples, f"{where}[{k!r}]") for k, v in value.items()}
+        return [rebuild_like(value, {k: c[i] for k, c in columns.items()}) for i in range(parts)]
     if isinstance(value, tuple | list):
-        columns = [_split(v, parts) for v in value]
-        return [type(value)(col[i] for col in columns) for i in range(parts)]
-    if isinstance(value, dict):
-        columns = {k: _split(v, parts) for k, v in value.items()}
-        return [{k: col[i] for k, col in columns.items()} for i in range(parts)]
-    return [value] * parts
+        cols = [_split(v, parts, samples, f"{where}[{j}]") for j, v in enumerate(value)]
+        return [rebuild_like(value, [c[i] for c in cols]) for i in range(parts)]
+    raise _unsplittable(parts, where, f"a {type(value).__name__}")
 
 
 def grouped_problem(problem: CurvatureProblem, data_groups: int | None) -> CurvatureProblem | None:
@@ -128,10 +158,13 @@ def grouped_problem(problem: CurvatureProblem, data_groups: int | None) -> Curva
             f"option 'data_groups' ({data_groups}) exceeds the {n} samples of the batch; pass at "
             f"most data_groups={n}, or a larger batch."
         )
-    groups = list(zip(_split(inputs, data_groups), _split(targets, data_groups), strict=True))
-    for i, (x, y) in enumerate(groups):
-        if _batch_size(x, y) == 0:  # inputs not split along their first dimension
-            raise InvalidOptionError(f"data group {i} came out empty; pass data_groups=1.")
+    groups = list(
+        zip(
+            _split(inputs, data_groups, n, "inputs"),
+            _split(targets, data_groups, n, "targets"),
+            strict=True,
+        )
+    )
     try:
         _check_per_sample_mean(problem.loss_fn, groups)
     except InvalidProblemError:

@@ -18,14 +18,24 @@ What this backend guarantees on top of BackPACK:
   of the model (frozen parameters stay frozen; the copy's ``.grad`` are its own), and to a copy
   of the loss module.
 - **Unsupported models are refused before any work**, naming the first unsupported module (its
-  dotted path and type) and pointing to ``pyhessian``/``hutchpp``. BackPACK's module→rule table
-  for ``DiagHessian`` is private, so support is decided by an explicit allow-list of layer types,
-  each verified here against a dense Hessian (see ``tests/backends/test_backpack.py``). The
-  forward is traced with ``torch.fx`` so that operations BackPACK cannot see — residual sums,
+  dotted path and type), the reason, and pointing to ``pyhessian``/``hutchpp``. Which layer and
+  loss types BackPACK handles is asked of BackPACK itself (:func:`has_diag_hessian_rule`, through
+  the public ``DiagHessian.set_module_extension``), so every type its ``DiagHessian`` maps —
+  ``ConvTranspose3d``, ``AvgPool3d``, its own ``Pad`` and ``Slicing`` modules,
+  ``BCEWithLogitsLoss`` — is accepted, and a bare layer may be the whole model. What BackPACK
+  maps but computes wrongly or not at all is refused with the reason, from one table
+  (:func:`_known_limitation`): average pooling in float64 (its rule builds float32 tensors and
+  fails), ``padding_mode`` other than ``"zeros"`` and ``divisor_override`` (its rules ignore them
+  and return a wrong diagonal), ``padding="same"``/``"valid"`` strings and transposed convolutions
+  with ``output_padding`` (its rules fail); soft cross-entropy targets must sum to 1 per sample
+  (:func:`_check_targets`). The forward is traced with ``torch.fx`` (every type
+  BackPACK maps is a leaf of the trace) so that operations BackPACK cannot see — residual sums,
   functional activations, tensor arithmetic, reused layers with parameters — are found
   statically, even inside custom modules; BatchNorm (in any mode) is refused with its own
   message. Calls to ``flatten`` and parameter-free layers used twice are handed to BackPACK's own
-  converter (``extend(..., use_converter=True)``), whose failures are reported, not hidden.
+  converter (``extend(..., use_converter=True)``), whose failures are reported, not hidden. Any
+  error BackPACK raises while backpropagating its quantities is reported as an unsupported model,
+  naming the layer it was working on.
 - When ``torch.fx`` cannot trace the forward (data-dependent control flow), the layers are still
   checked by type, and before measuring, BackPACK runs on one sample and its diagonal is compared
   with exact autograd Hessian-vector products on one coordinate of every parameter tensor; any
@@ -43,6 +53,7 @@ the backend is listed, as unavailable) without it.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import warnings
@@ -62,42 +73,109 @@ from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.problem import CurvatureProblem, _batch_size, check_finite_loss
 from deconcnn_curvature.results import CurvatureResult
 
-__all__ = ["SUPPORTED_LAYERS", "SUPPORTED_LOSSES", "BackpackBackend", "register_backends"]
+__all__ = [
+    "BackpackBackend",
+    "has_diag_hessian_rule",
+    "register_backends",
+    "supported_layers",
+    "supported_losses",
+]
 
-#: Layer types whose exact Hessian diagonal BackPACK 1.7.1 computes, each checked against a dense
-#: Hessian in the tests. BackPACK matches the exact class, so subclasses are not included.
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.ELU,
-    nn.SELU,
-    nn.LogSigmoid,
-    nn.Flatten,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
+#: Layers this backend removes from the traced copy before BackPACK sees it: they compute nothing
+#: (BackPACK has no rule for them).
+PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity,)
+
+#: Average pooling: BackPACK 1.7.1's rules build float32 tensors and fail on float64 inputs
+#: ("expected scalar type Double but found Float"); checked against BackPACK itself in the tests.
+_FLOAT32_ONLY = (
     nn.AvgPool1d,
     nn.AvgPool2d,
+    nn.AvgPool3d,
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
-    nn.Dropout,
-    nn.ZeroPad2d,
-    nn.Identity,  # removed from the traced copy: it computes nothing
+    nn.AdaptiveAvgPool3d,
 )
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_AVG_POOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
-#: Loss modules BackPACK's ``DiagHessian`` supports (mean reduction; no class weights).
-SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (nn.CrossEntropyLoss, nn.MSELoss)
 
-#: BackPACK 1.7.1's average-pooling Hessian rules build float32 tensors and fail in float64.
-_FLOAT32_ONLY = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+@functools.cache
+def has_diag_hessian_rule(module_type: type) -> bool:
+    """Whether BackPACK's ``DiagHessian`` extension maps ``module_type`` to a rule (exact class:
+    BackPACK does not look at base classes). Asked of BackPACK through its public API:
+    ``set_module_extension`` refuses (``ValueError``) a type that already has a rule; the probe is
+    a fresh extension object, thrown away. Needs BackPACK installed."""
+    from backpack.extensions import DiagHessian
+
+    try:
+        DiagHessian().set_module_extension(module_type, None)  # type: ignore[arg-type]
+    except ValueError:
+        return True
+    return False
+
+
+def _candidate_types() -> list[type[nn.Module]]:
+    import backpack.custom_module as custom
+
+    found: list[type[nn.Module]] = []
+    namespaces = [vars(nn)] + [
+        vars(getattr(custom, name)) for name in dir(custom) if not name.startswith("_")
+    ]
+    for namespace in namespaces:
+        for obj in namespace.values():
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj not in found:
+                found.append(obj)
+    return found
+
+
+def _is_loss_type(module_type: type) -> bool:
+    return module_type.__module__ == "torch.nn.modules.loss"
+
+
+def supported_layers() -> tuple[type[nn.Module], ...]:
+    """The layer types BackPACK's ``DiagHessian`` has rules for (``torch.nn`` and BackPACK's own
+    ``backpack.custom_module``), as BackPACK itself reports them, plus :data:`PASS_THROUGH`.
+    Limitations within these types are listed by :func:`_known_limitation`."""
+    found = [t for t in _candidate_types() if has_diag_hessian_rule(t) and not _is_loss_type(t)]
+    return tuple(sorted(found + list(PASS_THROUGH), key=lambda t: t.__name__))
+
+
+def supported_losses() -> tuple[type[nn.Module], ...]:
+    """The loss modules BackPACK's ``DiagHessian`` has rules for, as BackPACK itself reports."""
+    found = [t for t in _candidate_types() if _is_loss_type(t) and has_diag_hessian_rule(t)]
+    return tuple(sorted(found, key=lambda t: t.__name__))
+
+
+def _known_limitation(module: nn.Module, dtype: torch.dtype | None) -> str | None:
+    """Why BackPACK 1.7.1 cannot measure this layer exactly although it maps its type (None: it
+    can). Each entry was found by comparing BackPACK with a dense Hessian (see the tests)."""
+    name = type(module).__name__
+    if isinstance(module, _FLOAT32_ONLY) and dtype == torch.float64:
+        return (
+            f"BackPACK's {name} rule fails in float64 (it builds float32 tensors: \"expected "
+            'scalar type Double but found Float"); measure the model in float32'
+        )
+    if isinstance(module, _CONV + _CONV_TRANSPOSE):
+        if module.padding_mode != "zeros":
+            return (
+                f"padding_mode={module.padding_mode!r}: BackPACK's {name} rule assumes zero "
+                "padding and would return a wrong diagonal"
+            )
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r}: BackPACK's {name} rule needs numeric padding"
+    if isinstance(module, _CONV_TRANSPOSE) and any(module.output_padding):
+        return (
+            f"output_padding={tuple(module.output_padding)}: BackPACK's {name} rule fails on "
+            "it (its unfolded shapes disagree)"
+        )
+    if isinstance(module, _AVG_POOL) and getattr(module, "divisor_override", None) is not None:
+        return (
+            f"divisor_override={module.divisor_override}: BackPACK's {name} rule ignores it and "
+            "would return a wrong diagonal"
+        )
+    return None
+
 
 _NORM_LAYERS = (
     nn.modules.batchnorm._BatchNorm,
@@ -124,6 +202,7 @@ class _Plan:
     root: nn.Module  # the deep copy the graph refers to
     convert: bool  # needs BackPACK's converter (flatten calls, reused parameter-free layers)
     untraced_reason: str | None = None
+    static: bool = True  # checked completely before running (False: verify against autograd)
 
 
 def _describe(path: str, module: nn.Module) -> str:
@@ -145,16 +224,16 @@ def _check_layer(path: str, module: nn.Module, dtype: torch.dtype | None) -> Non
             "rule for it (BatchNorm is refused in train and in eval mode alike). deconCNN models "
             "qualify only with `norm_type: none`"
         )
-    if type(module) not in SUPPORTED_LAYERS:
+    if type(module) in PASS_THROUGH:
+        return
+    if not has_diag_hessian_rule(type(module)):
         raise _refuse(
-            f"{_describe(path, module)} is not a layer BackPACK's DiagHessian supports "
-            f"(supported: {', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))})"
+            f"{_describe(path, module)} has no rule in BackPACK's DiagHessian extension "
+            f"(it has rules for: {', '.join(t.__name__ for t in supported_layers())})"
         )
-    if dtype == torch.float64 and type(module) in _FLOAT32_ONLY:
-        raise _refuse(
-            f"{_describe(path, module)}: BackPACK 1.7.1's average-pooling rule fails in float64 "
-            "(it builds float32 tensors); measure the model in float32"
-        )
+    reason = _known_limitation(module, dtype)
+    if reason is not None:
+        raise _refuse(f"{_describe(path, module)}: {reason}")
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype | None:
@@ -200,6 +279,20 @@ def _is_flatten(node: fx.Node) -> bool:
     )
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with every layer type BackPACK maps kept as one call (BackPACK's own
+    ``Pad`` and ``Slicing`` live outside ``torch.nn`` and would otherwise be traced into)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return has_diag_hessian_rule(type(m)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _is_single_layer(model: nn.Module) -> bool:
+    """A model that is one layer (``nn.Linear(5, 3)``, a ``Pad``): checked as a layer, as fx
+    would trace into its forward and find its parameters used outside a layer."""
+    return not isinstance(model, _CONTAINERS) and not any(True for _ in model.children())
+
+
 def _deepcopy(model: nn.Module) -> nn.Module:
     try:
         return copy.deepcopy(model)
@@ -217,8 +310,13 @@ def _plan(model: nn.Module) -> _Plan:
     _check_shared_parameters(model)
     dtype = _param_dtype(model)
     root = _deepcopy(model)  # fx may add attributes to the module it traces
+    if _is_single_layer(root) and (
+        has_diag_hessian_rule(type(root)) or isinstance(root, _NORM_LAYERS)
+    ):
+        _check_layer("", root, dtype)
+        return _Plan(None, root, False)
     try:
-        graph = fx.Tracer().trace(root)
+        graph = _Tracer().trace(root)
     except Exception as exc:
         # Untraceable (e.g. data-dependent control flow): check every layer by type, in order.
         for path, module in root.named_modules():
@@ -232,14 +330,14 @@ def _plan(model: nn.Module) -> _Plan:
                         "are used"
                     ) from exc
                 continue
-            if type(module) is nn.Identity:
+            if type(module) in PASS_THROUGH:
                 raise _refuse(
                     f"{_describe(path, module)}: nn.Identity is supported only in models whose "
                     "forward torch.fx can trace (it is removed from the traced copy), and this "
                     f"one cannot be traced ({type(exc).__name__}: {exc})"
                 ) from exc
             _check_layer(path, module, dtype)
-        return _Plan(None, root, False, f"{type(exc).__name__}: {exc}".strip())
+        return _Plan(None, root, False, f"{type(exc).__name__}: {exc}".strip(), static=False)
 
     convert = False
     calls: dict[str, int] = {}
@@ -293,7 +391,7 @@ def _without_identities(plan: _Plan) -> nn.Module:
     assert plan.graph is not None
     gm = fx.GraphModule(plan.root, plan.graph)
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in PASS_THROUGH:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.graph.lint()
@@ -303,12 +401,13 @@ def _without_identities(plan: _Plan) -> nn.Module:
 
 
 def _check_loss(loss_fn: Any) -> None:
-    if type(loss_fn) not in SUPPORTED_LOSSES:
+    if not isinstance(loss_fn, nn.Module) or not has_diag_hessian_rule(type(loss_fn)):
         got = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else repr(loss_fn)
+        names = " or ".join(f"nn.{t.__name__}" for t in supported_losses())
         raise UnsupportedModelError(
-            f"backend 'backpack' needs the loss as an nn.CrossEntropyLoss or nn.MSELoss module "
-            f"(BackPACK extends the loss layer too); got {got}. Pass nn.CrossEntropyLoss() or "
-            f"nn.MSELoss(), or {_ALTERNATIVES[0].lower()}{_ALTERNATIVES[1:]}"
+            f"backend 'backpack' needs the loss as a module BackPACK's DiagHessian has a rule for "
+            f"({names}; BackPACK extends the loss layer too); got {got}. Pass one of those, or "
+            f"{_ALTERNATIVES[0].lower()}{_ALTERNATIVES[1:]}"
         )
     if isinstance(loss_fn, nn.CrossEntropyLoss) and (
         loss_fn.weight is not None or loss_fn.ignore_index != -100
@@ -318,6 +417,52 @@ def _check_loss(loss_fn: Any) -> None:
             f"the default ignore_index (-100); got weight={loss_fn.weight is not None}, "
             f"ignore_index={loss_fn.ignore_index}. {_ALTERNATIVES}"
         )
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) and (
+        loss_fn.weight is not None or loss_fn.pos_weight is not None
+    ):
+        raise UnsupportedModelError(
+            "backend 'backpack' supports nn.BCEWithLogitsLoss without weight and pos_weight "
+            f"(BackPACK's rule has neither); got weight={loss_fn.weight is not None}, "
+            f"pos_weight={loss_fn.pos_weight is not None}. {_ALTERNATIVES}"
+        )
+
+
+def _check_targets(loss: nn.Module, targets: Any, index: int) -> None:
+    """BackPACK's cross-entropy rule takes the Hessian of soft-label cross-entropy to be that of
+    one distribution per sample, i.e. targets summing to 1 over the classes; for other soft targets
+    it would return a wrong diagonal (the Hessian scales with the sum)."""
+    if not (
+        isinstance(loss, nn.CrossEntropyLoss)
+        and isinstance(targets, torch.Tensor)
+        and targets.is_floating_point()
+        and targets.ndim >= 2
+    ):
+        return
+    sums = targets.sum(1)
+    tol = 100 * torch.finfo(targets.dtype).eps
+    worst = float((sums - 1).abs().max()) if sums.numel() else 0.0
+    if worst > tol:
+        raise UnsupportedModelError(
+            f"backend 'backpack' needs soft cross-entropy targets that sum to 1 over the classes "
+            f"(BackPACK's rule assumes it and would return a wrong diagonal); batch {index} has a "
+            f"row whose sum is {worst:.3g} away from 1. Normalise the targets "
+            f"or {_ALTERNATIVES[0].lower()}{_ALTERNATIVES[1:]}"
+        )
+
+
+def _check_output(loss: nn.Module, out: torch.Tensor) -> None:
+    """The output shapes BackPACK's loss rules take: (batch, features) for MSE, (batch, 1) for
+    BCEWithLogitsLoss (BackPACK raises on anything else)."""
+    if isinstance(loss, nn.MSELoss) and out.ndim != 2:
+        need = "2-D outputs (batch, features)"
+    elif isinstance(loss, nn.BCEWithLogitsLoss) and (out.ndim != 2 or out.shape[1] != 1):
+        need = "outputs of shape (batch, 1): one logit per sample"
+    else:
+        return
+    raise UnsupportedModelError(
+        f"BackPACK's {type(loss).__name__} rule needs {need}; the model returned shape "
+        f"{tuple(out.shape)}. Reshape the output or {_ALTERNATIVES[0].lower()}{_ALTERNATIVES[1:]}"
+    )
 
 
 # -- running BackPACK ---------------------------------------------------------------------------
@@ -350,9 +495,10 @@ class _Tracker:
 def _translate(exc: Exception, tracker: _Tracker | None, converted: bool) -> UnsupportedModelError:
     where = f" at layer {tracker.current}" if tracker and tracker.current else ""
     how = " after BackPACK's converter (extend(..., use_converter=True))" if converted else ""
+    said = str(exc).rstrip(".")
     return UnsupportedModelError(
-        f"BackPACK's DiagHessian failed{where}{how}: {type(exc).__name__}: {exc}. The model uses "
-        f"something BackPACK does not support. {_ALTERNATIVES}"
+        f"BackPACK's DiagHessian failed{where}{how}: {type(exc).__name__}: {said}. The model "
+        f"uses something BackPACK does not support. {_ALTERNATIVES}"
     )
 
 
@@ -437,23 +583,16 @@ def _diag_of_batch(
         if trial:
             raise _translate(exc, ext.tracker, ext.converted) from exc
         raise
-    if isinstance(ext.loss, nn.MSELoss) and out.ndim != 2:
-        raise UnsupportedModelError(
-            f"BackPACK's MSELoss rule needs 2-D outputs (batch, features); the model returned "
-            f"shape {tuple(out.shape)}. Flatten the output or {_ALTERNATIVES[0].lower()}"
-            f"{_ALTERNATIVES[1:]}"
-        )
+    _check_output(ext.loss, out)
     loss = ext.loss(out, targets)
     check_finite_loss(loss, what)
     try:
         with backpack.backpack(DiagHessian()):
             loss.backward()
-    except (NotImplementedError, AssertionError, ValueError) as exc:
-        raise _translate(exc, ext.tracker, ext.converted) from exc
-    except RuntimeError as exc:
-        if trial:
-            raise _translate(exc, ext.tracker, ext.converted) from exc
+    except torch.OutOfMemoryError:
         raise
+    except Exception as exc:  # the forward ran: a failure here is one of BackPACK's rules
+        raise _translate(exc, ext.tracker, ext.converted) from exc
     diag: dict[str, torch.Tensor | None] = {}
     for name in names:
         p = ext.params.get(name)
@@ -519,10 +658,11 @@ def _verify(problem: CurvatureProblem, ext: _Extended) -> dict[str, Any]:
 class BackpackBackend(Backend):
     """The exact Hessian diagonal and trace through BackPACK's ``DiagHessian`` extension.
 
-    Supported models are chains of the layers in :data:`SUPPORTED_LAYERS` (possibly inside custom
-    modules, with ``flatten`` calls), with an :data:`SUPPORTED_LOSSES` loss. Everything else is
-    refused before any work by :meth:`validate_model` (or, for the loss, at the start of
-    :meth:`compute`) with the module's path and type.
+    Supported models are chains of the layers :func:`supported_layers` lists (possibly inside
+    custom modules, with ``flatten`` calls, or one such layer alone), with a loss
+    :func:`supported_losses` lists. Everything else is refused before any work by
+    :meth:`validate_model` (or, for the loss, at the start of :meth:`compute`) with the module's
+    path, type and the reason.
     """
 
     name = "backpack"
@@ -550,6 +690,10 @@ class BackpackBackend(Backend):
             UnsupportedModelError: naming the first unsupported module (dotted path and type) and
                 suggesting ``backend="pyhessian"`` or ``"hutchpp"``.
         """
+        from importlib.util import find_spec
+
+        if find_spec("backpack") is None:
+            return  # nothing to ask; the registry refuses the backend with the install command
         _plan(model)
 
     def compute(
@@ -562,7 +706,8 @@ class BackpackBackend(Backend):
     ) -> CurvatureResult:
         del seed  # exact: nothing random
         _check_loss(problem.loss_fn)
-        for i, (inputs, _) in enumerate(problem.batches):
+        for i, (inputs, targets) in enumerate(problem.batches):
+            _check_targets(problem.loss_fn, targets, i)
             if not isinstance(inputs, torch.Tensor):
                 raise UnsupportedModelError(
                     f"backend 'backpack' needs each batch's inputs as one tensor; batch {i} has "
@@ -586,7 +731,7 @@ class BackpackBackend(Backend):
         try:  # local, sample-weighted sums; every rank then agrees before any payload collective
             with _quiet_hooks():
                 ext = _extend(problem, plan)
-                if options["verify"] or plan.graph is None:
+                if options["verify"] or not plan.static:
                     details.update(_verify(problem, ext))
                 for b, ((inputs, targets), n_b) in enumerate(
                     zip(problem.batches, sizes, strict=True)
@@ -600,18 +745,8 @@ class BackpackBackend(Backend):
             failure = exc
         # Raises on every rank if any rank failed; otherwise the global sample count.
         total = agree(failure, float(sum(sizes)), device=problem.device)
-        distributed = world_size() > 1
-        if distributed:
-            flat = torch.cat([acc[n].reshape(-1) for n in problem.names])
-            comm = _comm_device(problem)
-            buf = flat.to(comm)
-            dist.all_reduce(buf)
-            flat = buf.to(problem.device)
-            start = 0
-            for n in problem.names:
-                k = acc[n].numel()
-                acc[n] = flat[start : start + k].view(shapes[n])
-                start += k
+        if world_size() > 1:
+            acc = _all_reduce(acc, problem)
             details["world_size"] = dist.get_world_size()
         for n in problem.names:
             acc[n] = acc[n] / total
@@ -641,6 +776,21 @@ class BackpackBackend(Backend):
         if quantity == "diagonal":
             return CurvatureResult(value=acc, details={**details, "trace": trace}, **common)
         raise AssertionError(f"unhandled quantity {quantity!r}")  # the registry checked it
+
+
+def _all_reduce(acc: dict[str, torch.Tensor], problem: CurvatureProblem) -> dict[str, torch.Tensor]:
+    """The per-parameter sums of every rank, in one all-reduce of the flattened diagonal."""
+    flat = torch.cat([acc[n].reshape(-1) for n in problem.names])
+    buf = flat.to(_comm_device(problem))
+    dist.all_reduce(buf)
+    flat = buf.to(problem.device)
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for n in problem.names:
+        k = acc[n].numel()
+        out[n] = flat[start : start + k].view(acc[n].shape)
+        start += k
+    return out
 
 
 def _comm_device(problem: CurvatureProblem) -> torch.device:

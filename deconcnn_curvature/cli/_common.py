@@ -1,8 +1,8 @@
 """What the checkpoint commands (``estimate``, ``compare``, ``density``) share: their load
 options (checkpoint, model, data, device, output), the estimator flags made from the backends'
 option declarations, ``--backend``, and the two shared steps, the settings and the loaded
-checkpoint (:func:`_settings`, :func:`_load`). Parsing only: nothing here computes or prints
-results.
+checkpoint (:func:`command_settings`, :func:`load_problem`). Parsing only: nothing here computes
+or prints results.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from deconcnn_curvature.checkpoints import (
     open_checkpoint,
     parse_key_values,
 )
-from deconcnn_curvature.data_sources import DATA_SOURCES
+from deconcnn_curvature.checkpoints.data import DATA_SOURCES
 from deconcnn_curvature.errors import (
     ConfigurationError,
     InvalidOptionError,
@@ -42,11 +42,11 @@ __all__ = ["resolve_device"]
 
 F = Callable[..., Any]
 
-#: [issue 14] The estimator flags (``--num-hvps``, ``--rtol``, ``-k``), made from the built-in
+#: The estimator flags (``--num-hvps``, ``--rtol``, ``-k``), made from the built-in
 #: backends' option declarations (:func:`deconcnn_curvature.registry.builtin_flags`): type, bounds
 #: and help come from the :class:`Option`; each flag sets the selected backend's option
 #: (:meth:`Flag.target`; ``--num-hvps`` its budget option). Any other option: ``-o name=value``.
-_FLAGS: Mapping[str, Flag] = builtin_flags()
+FLAGS: Mapping[str, Flag] = builtin_flags()
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,31 +97,31 @@ def _param(flag: Flag) -> str:
     return f"flag_{flag.dest}"
 
 
-def _estimator_values(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Take the estimator options (:func:`_estimator_options`) out of a command's ``params``:
+def estimator_values(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Take the estimator options (:func:`estimator_options`) out of a command's ``params``:
     ``{flag: value}`` for the flags the user gave, and the ``-o name=value`` options."""
-    values = {flag: params.pop(_param(spec)) for flag, spec in _FLAGS.items()}
+    values = {flag: params.pop(_param(spec)) for flag, spec in FLAGS.items()}
     extra = parse_key_values(params.pop("extra_options"), "-o/--option")
     return {flag: value for flag, value in values.items() if value is not None}, extra
 
 
-def _targets(
+def option_targets(
     cls: type[Backend], quantity: str, flags: Mapping[str, Any], extra: Mapping[str, Any]
 ) -> list[tuple[str, str, Any]]:
     """``(option name, how the user gave it, value)`` for ``cls`` and ``quantity``: each flag
     set on the option it maps to for this backend (``--num-hvps``: its budget option), each
     ``-o name=value`` on ``name``."""
-    given = [(_FLAGS[flag].target(cls, quantity), flag, value) for flag, value in flags.items()]
+    given = [(FLAGS[flag].target(cls, quantity), flag, value) for flag, value in flags.items()]
     return given + [(name, f"-o {name}", value) for name, value in extra.items()]
 
 
-def _host_argument(flag: str, name: str) -> str:
+def host_argument(flag: str, name: str) -> str:
     """What ``-o seed=...`` (a host argument given as a backend option) is told."""
     fix = "use --seed" if name == "seed" else "the command line measures in one process"
     return f"{flag}: {name!r} is not a backend option but an argument of the host; {fix}."
 
 
-def _backend_options(
+def backend_options(
     cls: type[Backend],
     quantity: str,
     flags: Mapping[str, Any],
@@ -137,13 +137,13 @@ def _backend_options(
     applicable = sorted(n for n in cls.option_map() if cls.applies(n, quantity))
     opts: dict[str, Any] = {}
     dropped: list[str] = []
-    for name, flag, value in _targets(cls, quantity, flags, extra):
+    for name, flag, value in option_targets(cls, quantity, flags, extra):
         if not cls.applies(name, quantity):
             if not strict:
                 dropped.append(flag)
                 continue
             if name in HOST_ARGUMENTS:
-                raise InvalidOptionError(_host_argument(flag, name))
+                raise InvalidOptionError(host_argument(flag, name))
             raise InvalidOptionError(
                 f"{flag} does not apply to quantity {quantity!r} with backend {cls.name!r}; its "
                 f"options for {quantity} are: {', '.join(applicable) or '(none)'} (set them with "
@@ -155,7 +155,7 @@ def _backend_options(
     return opts, dropped
 
 
-def _load_options(func: F) -> F:
+def load_options(func: F) -> F:
     """The options every checkpoint command shares (model, data, device, output)."""
     options = [
         click.argument("checkpoint", type=click.Path(path_type=Path)),
@@ -266,9 +266,9 @@ def _flag_option(flag: Flag) -> Callable[[F], F]:
     )
 
 
-def _estimator_options(func: F) -> F:
+def estimator_options(func: F) -> F:
     options = [
-        *(_flag_option(flag) for flag in _FLAGS.values()),
+        *(_flag_option(flag) for flag in FLAGS.values()),
         click.option(
             "-o",
             "--option",
@@ -295,7 +295,7 @@ def _backend_from_env(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
-def _backend_option(func: F) -> F:
+def backend_option(func: F) -> F:
     return click.option(
         "-b",
         "--backend",
@@ -310,7 +310,7 @@ def _backend_option(func: F) -> F:
 # shared steps
 
 
-def _settings(
+def command_settings(
     *,
     model: str | None,
     model_args: tuple[str, ...],
@@ -339,7 +339,7 @@ def _settings(
     )
 
 
-def _load(
+def load_problem(
     path: Path, settings: Mapping[str, Any], device: torch.device, trust: bool = False
 ) -> LoadedCheckpoint:
     if trust:  # the one-line warning; the library's own warning is not repeated
@@ -361,7 +361,7 @@ def _load(
     return loaded
 
 
-def _check_quantity_known(quantity: str) -> None:
+def check_quantity_known(quantity: str) -> None:
     registry = get_registry()
     if not registry.supporting(quantity):
         known = sorted({q for n in registry.names() for q in registry.entries[n].cls.quantities})

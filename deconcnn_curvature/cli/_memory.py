@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 
-class _Progress:
+class ProgressDisplay:
     """A transient rich progress display on stderr; silent with --quiet or when stderr is not a
     terminal (pipes, CI logs, tests)."""
 
@@ -23,7 +23,7 @@ class _Progress:
         self._progress: Any = None
         self._task: Any = None
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> ProgressDisplay:
         if self.enabled:
             from rich.progress import (
                 BarColumn,
@@ -64,7 +64,7 @@ def _rss_bytes() -> int | None:
         return None
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory of one backend run.
 
     On CUDA the number comes from :func:`deconcnn_curvature.estimate` (``torch.cuda.
@@ -100,7 +100,7 @@ class _PeakMemory:
             rss = _rss_bytes() or 0
             self._max = max(self._max, rss)
 
-    def __enter__(self) -> _PeakMemory:
+    def __enter__(self) -> PeakMemory:
         if self.kind == "rss_sampled":
             self._base = self._max = _rss_bytes() or 0
             self._thread = threading.Thread(target=self._sample, daemon=True)

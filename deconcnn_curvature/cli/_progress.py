@@ -1,8 +1,8 @@
 """A running ``estimate``'s progress and what an interrupted one leaves.
 
-:class:`_RunningTrace` receives the estimator's progress reports (products done, ETA, the value so
-far); :func:`_signals_interrupt` turns SIGTERM into ``KeyboardInterrupt`` so the model's state is
-restored; :func:`_print_partial` shows the trace from the products already made, marked PARTIAL.
+:class:`RunningTrace` receives the estimator's progress reports (products done, ETA, the value so
+far); :func:`signals_interrupt` turns SIGTERM into ``KeyboardInterrupt`` so the model's state is
+restored; :func:`print_partial` shows the trace from the products already made, marked PARTIAL.
 """
 
 from __future__ import annotations
@@ -20,30 +20,30 @@ import click
 import torch
 
 from deconcnn_curvature.cli import print_json
-from deconcnn_curvature.cli._memory import _Progress
+from deconcnn_curvature.cli._memory import ProgressDisplay
 from deconcnn_curvature.linalg.hutchinson import TraceProgress
-from deconcnn_curvature.present import _fmt
+from deconcnn_curvature.present import format_value
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so every ``finally`` runs (the model's state is restored)."""
 
 
-def _exit_code(exc: BaseException) -> int:
+def exit_code(exc: BaseException) -> int:
     """128 + the signal number, as shells report a process killed by it: 130 or 143."""
-    return 128 + int(signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+    return 128 + int(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM raises :class:`_Terminated` while the block runs (SIGINT already raises
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while the block runs (SIGINT already raises
     ``KeyboardInterrupt``); the previous handler is restored afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum: int, frame: Any) -> None:
-        raise _Terminated
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
@@ -53,29 +53,29 @@ def _signals_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _interruptible(command: str) -> Iterator[None]:
+def interruptible(command: str) -> Iterator[None]:
     """Ctrl-C or SIGTERM while the block runs ends ``deconcnn-curv COMMAND`` with one line and
     exit code 130 / 143 (Click's own answer, "Aborted!" and 1, reads as an ordinary failure)."""
     try:
-        with _signals_interrupt():
+        with signals_interrupt():
             yield
     except KeyboardInterrupt as exc:
-        name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
         click.echo(
             f"deconcnn-curv {command}: interrupted by {name} before it finished; nothing to show.",
             err=True,
         )
-        raise click.exceptions.Exit(_exit_code(exc)) from None
+        raise click.exceptions.Exit(exit_code(exc)) from None
 
 
-class _RunningTrace:
+class RunningTrace:
     """Receives the estimator's :class:`TraceProgress` reports: shows products done / budget and
     an ETA on the progress display, and keeps the last report for a partial result."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.last: TraceProgress | None = None
-        self.progress: _Progress | None = None
+        self.progress: ProgressDisplay | None = None
         self._first: tuple[float, int] | None = None
         self._shown = 0.0
 
@@ -93,7 +93,7 @@ class _RunningTrace:
         eta = f"ETA {_fmt_seconds(left / rate)}" if rate > 0 else "ETA —"
         self.progress.step(
             f"{self.label}: {report.n_matvecs}/{report.budget} products, {eta}, "
-            f"{report.method} so far {_fmt(report.value)} ± {_fmt(report.stderr)}"
+            f"{report.method} so far {format_value(report.value)} ± {format_value(report.stderr)}"
         )
 
 
@@ -108,9 +108,9 @@ def _fmt_seconds(value: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def _print_partial(
+def print_partial(
     exc: BaseException,
-    running: _RunningTrace,
+    running: RunningTrace,
     quantity: str,
     backend: str,
     settings: Mapping[str, Any],
@@ -120,7 +120,7 @@ def _print_partial(
 ) -> None:
     """What an interrupted ``estimate`` leaves: the trace from the products already made,
     marked PARTIAL (stdout), or one line saying there is none (stderr)."""
-    name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+    name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
     report = running.last if quantity == "trace" else None
     usable = report is not None and math.isfinite(report.value)
     if as_json:
@@ -156,7 +156,8 @@ def _print_partial(
     assert report is not None
     click.echo(
         f"PARTIAL {quantity} (interrupted by {name} after {report.n_matvecs}/{report.budget} "
-        f"products): {_fmt(report.value)} ± {_fmt(report.stderr)} ({report.method}, backend "
-        f"{backend}, seed {settings['seed']}, {report.n_probes} probes). Not the requested "
-        "estimate: its error bar is wider; rerun to finish, or lower --num-hvps."
+        f"products): {format_value(report.value)} ± {format_value(report.stderr)} "
+        f"({report.method}, backend {backend}, seed {settings['seed']}, {report.n_probes} "
+        "probes). Not the requested estimate: its error bar is wider; rerun to finish, or lower "
+        "--num-hvps."
     )

@@ -18,21 +18,21 @@ import deconcnn_curvature as dcc
 from deconcnn_curvature.backend import HOST_ARGUMENTS, Backend
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
 from deconcnn_curvature.cli._common import (
-    _backend_options,
-    _check_quantity_known,
-    _estimator_options,
-    _estimator_values,
-    _host_argument,
-    _load,
-    _load_options,
-    _settings,
-    _targets,
+    backend_options,
+    check_quantity_known,
+    command_settings,
+    estimator_options,
+    estimator_values,
+    host_argument,
+    load_options,
+    load_problem,
+    option_targets,
     resolve_device,
 )
-from deconcnn_curvature.cli._memory import _PeakMemory, _Progress
-from deconcnn_curvature.cli._progress import _interruptible
+from deconcnn_curvature.cli._memory import PeakMemory, ProgressDisplay
+from deconcnn_curvature.cli._progress import interruptible
 from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
-from deconcnn_curvature.present import _header, _show_compare
+from deconcnn_curvature.present import print_header, show_compare
 from deconcnn_curvature.registry import get_registry
 
 __all__ = ["compare_cmd"]
@@ -55,14 +55,14 @@ def _check_compare_options(
     taken = {
         label
         for cls in classes
-        for name, label, _ in _targets(cls, quantity, flags, extra)
+        for name, label, _ in option_targets(cls, quantity, flags, extra)
         if cls.applies(name, quantity)
     }
-    unknown = [label for _, label, _ in _targets(classes[0], quantity, flags, extra)]
+    unknown = [label for _, label, _ in option_targets(classes[0], quantity, flags, extra)]
     unknown = [label for label in unknown if label not in taken]
     host = [name for name in extra if name in HOST_ARGUMENTS and f"-o {name}" in unknown]
     if host:
-        raise InvalidOptionError(_host_argument(f"-o {host[0]}", host[0]))
+        raise InvalidOptionError(host_argument(f"-o {host[0]}", host[0]))
     if unknown:
         raise InvalidOptionError(
             f"{', '.join(unknown)}: no compared backend ({', '.join(names)}) takes this option "
@@ -70,7 +70,7 @@ def _check_compare_options(
         )
     refused: list[str] = []
     for cls in classes:
-        opts, _ = _backend_options(cls, quantity, flags, extra, strict=False)
+        opts, _ = backend_options(cls, quantity, flags, extra, strict=False)
         try:
             cls.resolve_options(quantity, opts)
         except InvalidOptionError as exc:
@@ -83,7 +83,7 @@ def _backend_names(backends: str | None, quantity: str) -> list[str]:
     """The backends to compare: those named by ``--backends`` (each must exist: a typo fails
     before any work), else every registered backend that computes ``quantity``."""
     registry = get_registry()
-    _check_quantity_known(quantity)
+    check_quantity_known(quantity)
     if backends is None:
         return registry.supporting(quantity)
     names = list(dict.fromkeys(n.strip() for n in backends.split(",") if n.strip()))
@@ -97,7 +97,7 @@ def _backend_names(backends: str | None, quantity: str) -> list[str]:
 def _rows(
     found: list[dict[str, Any]],
     dropped: Mapping[str, list[str]],
-    meters: Mapping[str, _PeakMemory],
+    meters: Mapping[str, PeakMemory],
     dev: torch.device,
 ) -> list[dict[str, Any]]:
     """One row per backend of :func:`deconcnn_curvature.compare`'s answer, with the flags it
@@ -121,14 +121,14 @@ def _rows(
 
 
 @cli.command("compare")
-@_load_options
+@load_options
 @click.option(
     "--backends",
     metavar="NAME[,NAME...]",
     help="Comma-separated backends (default: every registered backend that computes the quantity).",
 )
 @click.option("-q", "--quantity", default="trace", show_default=True)
-@_estimator_options
+@estimator_options
 @user_errors
 def compare_cmd(
     checkpoint: Path,
@@ -149,31 +149,31 @@ def compare_cmd(
     """
     dev = resolve_device(device)
     trust = load.pop("trust_checkpoint")
-    flags, extra = _estimator_values(load)
-    settings = _settings(device=dev, **load)
+    flags, extra = estimator_values(load)
+    settings = command_settings(device=dev, **load)
     names = _backend_names(backends, quantity)
     _check_compare_options(names, quantity, flags, extra)
 
-    memory_kind = _PeakMemory(dev).kind
-    meters: dict[str, _PeakMemory] = {}
+    memory_kind = PeakMemory(dev).kind
+    meters: dict[str, PeakMemory] = {}
     dropped: dict[str, list[str]] = {}
 
     def options_for(cls: type[Backend]) -> dict[str, Any]:
-        opts, dropped[cls.name] = _backend_options(cls, quantity, flags, extra, strict=False)
+        opts, dropped[cls.name] = backend_options(cls, quantity, flags, extra, strict=False)
         return opts
 
-    def started(progress: _Progress, name: str) -> None:
+    def started(progress: ProgressDisplay, name: str) -> None:
         if name != names[0]:
             progress.advance()  # the previous backend is done
         progress.step(f"{name}: {quantity}")
 
-    def measure(name: str) -> _PeakMemory:
-        meters[name] = _PeakMemory(dev)
+    def measure(name: str) -> PeakMemory:
+        meters[name] = PeakMemory(dev)
         return meters[name]
 
-    with _interruptible("compare"), _Progress(quiet, total=len(names)) as progress:
+    with interruptible("compare"), ProgressDisplay(quiet, total=len(names)) as progress:
         progress.step(f"loading {checkpoint.name}")
-        loaded = _load(checkpoint, settings, dev, trust)
+        loaded = load_problem(checkpoint, settings, dev, trust)
         found = dcc.compare(
             loaded.model,
             loaded.loss_fn,
@@ -189,7 +189,7 @@ def compare_cmd(
             progress.advance()
     rows = _rows(found, dropped, meters, dev)
     ok = [r for r in rows if r["status"] == "ok"]
-    explain = _PeakMemory(dev).explain()
+    explain = PeakMemory(dev).explain()
     if as_json:
         print_json(
             {
@@ -205,8 +205,8 @@ def compare_cmd(
     else:
         out = console()
         if not quiet:
-            _header(out, checkpoint, loaded, dev)
-        _show_compare(
+            print_header(out, checkpoint, loaded, dev)
+        show_compare(
             out,
             rows,
             f"{quantity}: same model, data and seed ({settings['seed']})",

@@ -18,25 +18,25 @@ from deconcnn_curvature.api import density_options
 from deconcnn_curvature.checkpoints import LoadedCheckpoint, parse_key_values
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
 from deconcnn_curvature.cli._common import (
-    _FLAGS,
-    _backend_option,
-    _load,
-    _load_options,
-    _settings,
+    FLAGS,
+    backend_option,
+    command_settings,
+    load_options,
+    load_problem,
     resolve_device,
 )
-from deconcnn_curvature.cli._memory import _Progress
-from deconcnn_curvature.cli._progress import _interruptible
+from deconcnn_curvature.cli._memory import ProgressDisplay
+from deconcnn_curvature.cli._progress import interruptible
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.present import (
-    _check_plot_path,
-    _default_sigma,
-    _density_json,
-    _header,
-    _plot,
-    _show_density,
-    _smooth,
+    check_plot_path,
+    default_sigma,
+    density_json,
     density_title,
+    plot_density,
+    print_header,
+    show_density,
+    smooth,
 )
 from deconcnn_curvature.registry import default_backend_name
 from deconcnn_curvature.results import Density
@@ -63,7 +63,7 @@ def _write_plot(
 ) -> str | None:
     """Write the figure to ``path``; why it could not be written, or None."""
     try:
-        _plot(
+        plot_density(
             path,
             grid,
             curve,
@@ -84,8 +84,8 @@ def _write_plot(
 
 
 @cli.command("density")
-@_load_options
-@_backend_option
+@load_options
+@backend_option
 @click.option(
     "--plot",
     "plot_path",
@@ -104,10 +104,10 @@ def _write_plot(
 @click.option(
     "-k",
     "k",
-    type=click.IntRange(min=0, max=_FLAGS["-k"].option.max),
+    type=click.IntRange(min=0, max=FLAGS["-k"].option.max),
     default=5,
     show_default=True,
-    help=f"Top eigenvalues to mark, 0: none ({_FLAGS['-k'].option.help}; backend option k).",
+    help=f"Top eigenvalues to mark, 0: none ({FLAGS['-k'].option.help}; backend option k).",
 )
 @click.option(
     "-o",
@@ -140,17 +140,17 @@ def density_cmd(
     """
     dev = resolve_device(device)
     trust = load.pop("trust_checkpoint")
-    settings = _settings(device=dev, **load)
+    settings = command_settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     extra = parse_key_values(extra_options, "-o/--option")
     _, density_opts, _ = density_options(backend_name, k, extra, label=lambda name: f"-o {name}")
     _, density_full = dcc.resolve("density", backend_name, density_opts)
     if plot_path is not None:
-        _check_plot_path(plot_path.expanduser())
+        check_plot_path(plot_path.expanduser())
 
-    with _interruptible("density"), _Progress(quiet) as progress:
+    with interruptible("density"), ProgressDisplay(quiet) as progress:
         progress.step(f"loading {checkpoint.name}")
-        loaded = _load(checkpoint, settings, dev, trust)
+        loaded = load_problem(checkpoint, settings, dev, trust)
         steps = {
             "density": f"density with {backend_name} on {dev}",
             "eigenvalues": f"top-{k} eigenvalues with {backend_name} on {dev}",
@@ -168,10 +168,10 @@ def density_cmd(
 
     density: Density = dens.value
     eigenvalues = [float(v) for v in eig.value] if eig is not None else []
-    width = sigma if sigma is not None else _default_sigma(density)
+    width = sigma if sigma is not None else default_sigma(density)
     # The computed numbers are always shown; a smoothing width that cannot work, or a plot that
     # cannot be written, is reported after them (exit 1), never instead of them.
-    problem, grid, curve = _smooth(density, eigenvalues, width, grid_points)
+    problem, grid, curve = smooth(density, eigenvalues, width, grid_points)
     plot_problem = None
     if plot_path is not None and problem is None:
         plot_problem = _write_plot(
@@ -183,15 +183,15 @@ def density_cmd(
     try:
         if as_json:
             print_json(
-                _density_json(
+                density_json(
                     checkpoint, loaded, dev, density_full, dens, eig, width, grid, curve, shown
                 )
             )
         else:
             out = console()
             if not quiet:
-                _header(out, checkpoint, loaded, dev)
-            _show_density(out, checkpoint, dens, eig, backend_name, settings["seed"], width, shown)
+                print_header(out, checkpoint, loaded, dev)
+            show_density(out, checkpoint, dens, eig, backend_name, settings["seed"], width, shown)
     finally:
         if failure:
             raise ConfigurationError(failure)

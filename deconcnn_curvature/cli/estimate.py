@@ -19,32 +19,32 @@ import click
 import deconcnn_curvature as dcc
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
 from deconcnn_curvature.cli._common import (
-    _backend_option,
-    _backend_options,
-    _estimator_options,
-    _estimator_values,
-    _load,
-    _load_options,
-    _settings,
+    backend_option,
+    backend_options,
+    command_settings,
+    estimator_options,
+    estimator_values,
+    load_options,
+    load_problem,
     resolve_device,
 )
-from deconcnn_curvature.cli._memory import _Progress
+from deconcnn_curvature.cli._memory import ProgressDisplay
 from deconcnn_curvature.cli._progress import (
-    _exit_code,
-    _print_partial,
-    _RunningTrace,
-    _signals_interrupt,
+    RunningTrace,
+    exit_code,
+    print_partial,
+    signals_interrupt,
 )
 from deconcnn_curvature.linalg.hutchinson import trace_progress
-from deconcnn_curvature.present import _header, _show_estimate
+from deconcnn_curvature.present import print_header, show_estimate
 from deconcnn_curvature.registry import default_backend_name
 
 __all__ = ["estimate_cmd", "resolve_device"]
 
 
 @cli.command("estimate")
-@_load_options
-@_backend_option
+@load_options
+@backend_option
 @click.option(
     "-q",
     "--quantity",
@@ -52,7 +52,7 @@ __all__ = ["estimate_cmd", "resolve_device"]
     show_default=True,
     help="trace, eigenvalues, density, layer_trace, diagonal (what the backend computes).",
 )
-@_estimator_options
+@estimator_options
 @user_errors
 def estimate_cmd(
     checkpoint: Path,
@@ -72,18 +72,18 @@ def estimate_cmd(
     """
     dev = resolve_device(device)
     trust = load.pop("trust_checkpoint")
-    flags, extra = _estimator_values(load)
-    settings = _settings(device=dev, **load)
+    flags, extra = estimator_values(load)
+    settings = command_settings(device=dev, **load)
     backend_name = backend or default_backend_name()
     cls, _ = dcc.resolve(quantity, backend_name, {})  # unknown / unsupported / unavailable
-    opts, _ = _backend_options(cls, quantity, flags, extra)
+    opts, _ = backend_options(cls, quantity, flags, extra)
     _, full = dcc.resolve(quantity, backend_name, opts)  # option values
 
-    running = _RunningTrace(f"{quantity} with {backend_name} on {dev}")
+    running = RunningTrace(f"{quantity} with {backend_name} on {dev}")
     try:
-        with _signals_interrupt(), _Progress(quiet) as progress:
+        with signals_interrupt(), ProgressDisplay(quiet) as progress:
             progress.step(f"loading {checkpoint.name}")
-            loaded = _load(checkpoint, settings, dev, trust)
+            loaded = load_problem(checkpoint, settings, dev, trust)
             running.progress = progress
             progress.step(running.label)
             with trace_progress(running.update):
@@ -96,9 +96,9 @@ def estimate_cmd(
                     seed=settings["seed"],
                     **opts,
                 )
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through _signals_interrupt
-        _print_partial(exc, running, quantity, backend_name, settings, as_json, checkpoint, dev)
-        raise click.exceptions.Exit(_exit_code(exc)) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through signals_interrupt
+        print_partial(exc, running, quantity, backend_name, settings, as_json, checkpoint, dev)
+        raise click.exceptions.Exit(exit_code(exc)) from None
 
     if as_json:
         print_json(
@@ -113,5 +113,5 @@ def estimate_cmd(
         return
     out = console()
     if not quiet:
-        _header(out, checkpoint, loaded, dev)
-    _show_estimate(out, result, quantity, backend_name, quiet)
+        print_header(out, checkpoint, loaded, dev)
+    show_estimate(out, result, quantity, backend_name, quiet)

@@ -35,7 +35,7 @@ def _check_training_extra() -> None:
             f"deconcnn-curv train needs the lightning extra ({', '.join(missing)} not installed): "
             "pip install 'deconcnn-curvature[lightning]' (with your torch pinned, see the README)."
         )
-    from deconcnn_curvature._lightning import check_lightning_importable
+    from deconcnn_curvature.monitor.lightning_import import check_lightning_importable
 
     check_lightning_importable()
 

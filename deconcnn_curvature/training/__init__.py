@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deconcnn_curvature._lightning import LightningUnavailableError
+    from deconcnn_curvature.monitor.lightning_import import LightningUnavailableError
     from deconcnn_curvature.training.data import (
         CIFAR10_MEAN,
         CIFAR10_STD,
@@ -65,7 +65,7 @@ _EXPORTS: dict[str, str] = {
     "warmup_cosine_factor": "module",
     "MetricsJSONL": "metrics",
     "read_metrics_jsonl": "metrics",
-    "LightningUnavailableError": "._lightning",  # the core module ../_lightning.py
+    "LightningUnavailableError": ".monitor.lightning_import",  # the core module
 }
 
 __all__ = [

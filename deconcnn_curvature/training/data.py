@@ -1,5 +1,7 @@
-"""The reference run's data: the core's torch-only data sets (:mod:`deconcnn_curvature.datasets`,
-shared with the command line's data sources) plus the Lightning data module.
+"""The reference run's data: the core's torch-only data sets
+(:mod:`deconcnn_curvature.checkpoints.cifar`, shared with the command line's data sources), the
+training run's augmentation and sampler (:mod:`deconcnn_curvature.training.augment`), plus the
+Lightning data module.
 
 ``deconcnn_curvature.training.data.CIFARDataModule`` (the name the configs use) is imported only
 when asked for, so the data sets need no Lightning.
@@ -9,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from deconcnn_curvature.datasets import *  # noqa: F403  (this module re-exports them)
-from deconcnn_curvature.datasets import __all__ as _datasets_all
+from deconcnn_curvature.checkpoints.cifar import *  # noqa: F403  (this module re-exports them)
+from deconcnn_curvature.checkpoints.cifar import __all__ as _cifar_all
+from deconcnn_curvature.training.augment import EpochShuffleSampler, RandomResizedCropFlip
 
-__all__ = list(_datasets_all)  # and CIFARDataModule, on demand
+__all__ = [*_cifar_all, "EpochShuffleSampler", "RandomResizedCropFlip"]  # and CIFARDataModule
 
 
 def __getattr__(name: str) -> Any:

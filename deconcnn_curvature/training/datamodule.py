@@ -1,8 +1,9 @@
 """The Lightning data module of the reference run: CIFAR-10 or its synthetic stand-in.
 
-It needs the ``lightning`` extra; the data sets it wraps (:mod:`deconcnn_curvature.datasets`,
-re-exported by :mod:`deconcnn_curvature.training.data`) need only torch. It imports them from the
-core, not from ``training.data``, which names this class on demand
+It needs the ``lightning`` extra; the data sets it wraps (re-exported by
+:mod:`deconcnn_curvature.training.data`, they live in :mod:`deconcnn_curvature.checkpoints.cifar`)
+and the augmentation (:mod:`deconcnn_curvature.training.augment`) need only torch. It imports them
+from where they live, not from ``training.data``, which names this class on demand
 (``deconcnn_curvature.training.data.CIFARDataModule``, the configs' target): one direction only.
 """
 
@@ -15,20 +16,19 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from deconcnn_curvature._lightning import pl
 from deconcnn_curvature._seeds import check_seed as _check_seed
 from deconcnn_curvature._seeds import integer_seed as _mix_seed
-from deconcnn_curvature.datasets import (
+from deconcnn_curvature.checkpoints.cifar import (
     DATA_SOURCES,
-    EpochShuffleSampler,
     ImageTensorDataset,
-    RandomResizedCropFlip,
     SyntheticCIFAR,
-    _check_count,
+    check_count,
     find_cifar10_folder,
     load_cifar10,
 )
 from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.lightning_import import pl
+from deconcnn_curvature.training.augment import EpochShuffleSampler, RandomResizedCropFlip
 
 __all__ = ["CIFARDataModule"]
 
@@ -84,11 +84,11 @@ class CIFARDataModule(pl.LightningDataModule):
                 "source='cifar10' needs root, the folder holding cifar-10-batches-py (set "
                 "data.root=/path/to/folder), or use source='synthetic'."
             )
-        _check_count("batch_size", batch_size)
+        check_count("batch_size", batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigurationError(f"num_workers must be an integer >= 0; got {num_workers!r}.")
-        _check_count("num_train", num_train, allow_none=True)
-        _check_count("num_val", num_val, allow_none=True)
+        check_count("num_train", num_train, allow_none=True)
+        check_count("num_val", num_val, allow_none=True)
         self.source = source
         self.root = None if root is None else Path(root)
         self.batch_size = batch_size

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deconcnn_curvature._lightning import pl
-from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
 from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.lightning_import import pl
+from deconcnn_curvature.monitor.records import RecordWriter, read_jsonl, supersede_after
 
 __all__ = ["MetricsJSONL", "read_metrics_jsonl"]
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deconcnn_curvature._lightning import pl
 from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.lightning_import import pl
 from deconcnn_curvature.training.resnet_cifar import build_model
 
 __all__ = ["ClassificationModule", "WarmupCosine", "warmup_cosine_factor"]

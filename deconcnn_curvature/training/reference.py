@@ -18,13 +18,13 @@ from typing import Any
 
 from torch import nn
 
-from deconcnn_curvature.checkpoints import (
-    CheckpointError,
-    _call_repr,
-    _load_weights,
+from deconcnn_curvature.checkpoints.loading import (
+    call_repr,
+    load_weights,
     loaded_checkpoint,
     reference_checkpoint,
 )
+from deconcnn_curvature.checkpoints.reading import CheckpointError
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.problem import LoadedCheckpoint
@@ -46,7 +46,7 @@ def _reference_model(hparams: Mapping[str, Any], path: Path) -> tuple[nn.Module,
             f"cannot rebuild the model of {path} from its hyper-parameters: {exc} Pass "
             "--model package.module:factory (and --model-arg key=value) to build it yourself."
         ) from exc
-    return model, _call_repr(str(name), kwargs)
+    return model, call_repr(str(name), kwargs)
 
 
 @hookimpl
@@ -64,7 +64,7 @@ def load_checkpoint(
             "checkpoint's own hyper-parameters."
         )
     model, description = _reference_model(checkpoint["hyper_parameters"], path)
-    _load_weights(
+    load_weights(
         model,
         checkpoint["state_dict"],
         f"{path} ('state_dict' entry)",

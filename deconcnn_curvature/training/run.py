@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
-from deconcnn_curvature.present import _curvature_figure as _curvature_figure
-from deconcnn_curvature.present import _curvature_time as _curvature_time
 from deconcnn_curvature.present import plot_curvature, summary_table
 from deconcnn_curvature.results import usable_record
 
@@ -124,8 +122,8 @@ def _check_curvature_keys(overrides: Sequence[str]) -> None:
     override ``curvature.<name>=...`` whose name is no monitor setting."""
     import inspect
 
-    from deconcnn_curvature._monitor_settings import settings_kwargs
-    from deconcnn_curvature.lightning import CurvatureMonitor
+    from deconcnn_curvature.monitor import CurvatureMonitor
+    from deconcnn_curvature.monitor.settings import settings_kwargs
 
     accepted = [p for p in inspect.signature(CurvatureMonitor.__init__).parameters if p != "self"]
     for override in overrides:
@@ -171,7 +169,7 @@ def compose_run_config(
 
 
 def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
-    """Set each unset (``null``, or ``???`` in an older config) ``curvature`` setting to the
+    """Set each unset (``null``) ``curvature`` setting to the
     default of ``CurvatureMonitor``'s signature (where the defaults are written, once); an unset
     deprecated ``num_samples`` is dropped. A config without a ``curvature`` group is returned as
     it is."""
@@ -179,8 +177,8 @@ def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
 
     from omegaconf import OmegaConf, open_dict
 
-    from deconcnn_curvature._monitor_settings import is_unset
-    from deconcnn_curvature.lightning import CurvatureMonitor
+    from deconcnn_curvature.monitor import CurvatureMonitor
+    from deconcnn_curvature.monitor.settings import is_unset
 
     node = OmegaConf.select(cfg, "curvature", default=None)
     if not OmegaConf.is_dict(node):
@@ -190,7 +188,7 @@ def _fill_monitor_defaults(cfg: DictConfig) -> DictConfig:
         for key in list(node.keys()):
             if key not in defaults:
                 continue
-            if not OmegaConf.is_missing(node, key) and not is_unset(key, node[key]):
+            if OmegaConf.is_missing(node, key) or not is_unset(key, node[key]):
                 continue
             if key == "num_samples":
                 del node[key]
@@ -246,16 +244,14 @@ def _resume_config(
 
     def put(key: str, value: Any) -> None:
         OmegaConf.update(saved, key, value, merge=False, force_add=True)
-        # The saved callbacks node holds resolved copies of the curvature.* values: in its
-        # `settings` (this release), or as its own keys (a run saved by an earlier release).
+        # The saved callbacks node holds resolved copies of the curvature.* values in its
+        # `settings`.
         name = key.removeprefix("curvature.")
         if not key.startswith("curvature."):
             return
         if OmegaConf.is_dict(OmegaConf.select(saved, "callbacks.settings", default=None)):
             mirror = "callbacks.settings." + name
             OmegaConf.update(saved, mirror, value, merge=False, force_add=True)
-        elif OmegaConf.select(saved, "callbacks." + name, default=absent) is not absent:
-            OmegaConf.update(saved, "callbacks." + name, value, merge=False)
 
     plain, rest = [], []
     for override in overrides:
@@ -366,15 +362,15 @@ class RunResult:
 
 #: Set by the first process of a run for the rank processes Lightning launches from it (they run
 #: this command again and must write to the same folder, whatever the clock says by then).
-_RUN_DIR_ENV = "DECONCNN_CURVATURE_RUN_DIR_OF_RANK0"
+RUN_DIR_ENV = "DECONCNN_CURVATURE_RUN_DIR_OF_RANK0"
 
 
 def _launched_rank() -> bool:
     """This process is a rank > 0 that Lightning's DDP launcher started from rank 0's command."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" and _RUN_DIR_ENV in os.environ
+    return os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_ENV in os.environ
 
 
-def _secondary_rank() -> bool:
+def secondary_rank() -> bool:
     """A process other than the first of a distributed run: launched by Lightning from rank 0,
     or given a non-zero rank by torchrun / SLURM. Rank 0 alone locks the folder, checks it and
     writes the config; the other ranks write into it."""
@@ -385,7 +381,7 @@ def _secondary_rank() -> bool:
 
 def _run_dir(cfg: DictConfig) -> Path:
     if _launched_rank():
-        return Path(os.environ[_RUN_DIR_ENV])
+        return Path(os.environ[RUN_DIR_ENV])
     if cfg.get("run_dir"):
         return Path(cfg.run_dir).expanduser()
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -408,7 +404,7 @@ def _run_dir(cfg: DictConfig) -> Path:
 LOCK_NAME = ".run.lock"
 
 
-def _make_run_dir(path: Path, timestamped: bool) -> tuple[Path, bool]:
+def make_run_dir(path: Path, timestamped: bool) -> tuple[Path, bool]:
     """Create the run folder; return it and whether this call created it.
 
     A timestamped folder is created atomically (``mkdir`` without ``exist_ok``): two runs started
@@ -569,7 +565,7 @@ def _make_trainer(settings: dict[str, Any], **kwargs: Any) -> Any:
     """``lightning.pytorch.Trainer(**settings, **kwargs)``, its refusals as one-line errors."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from deconcnn_curvature._lightning import pl
+    from deconcnn_curvature.monitor.lightning_import import pl
 
     try:
         return pl.Trainer(**settings, **kwargs)
@@ -637,7 +633,7 @@ def _checkpoint_on_sigterm(path: Path) -> Any:
     ``SIGTERMException`` after the current optimiser step, so the saved state is consistent)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from deconcnn_curvature._lightning import pl
+    from deconcnn_curvature.monitor.lightning_import import pl
 
     class _CheckpointOnSigterm(pl.Callback):
         def on_exception(
@@ -694,8 +690,8 @@ def run_training(cfg: DictConfig) -> RunResult:
     from deconcnn_curvature.checkpoints import check_resume_checkpoint
 
     _require(cfg, "model", "optim", "lrsched", "data", "trainer")
-    try:  # an unset (???) curvature setting takes the monitor's default (curvature/base.yaml)
-        kept = [key for key in cfg if key not in ("curvature", "callbacks")]
+    try:  # `???` (Hydra's "must be given") anywhere but in the callbacks' resolved copies
+        kept = [key for key in cfg if key != "callbacks"]
         OmegaConf.to_container(
             OmegaConf.masked_copy(cfg, kept), resolve=True, throw_on_missing=True
         )
@@ -715,9 +711,9 @@ def run_training(cfg: DictConfig) -> RunResult:
     if if_exists not in ("refuse", "move_aside"):
         raise ConfigurationError(f"if_exists must be refuse or move_aside; got {if_exists!r}.")
     moving = if_exists == "move_aside"
-    launched = _secondary_rank()
+    launched = secondary_rank()
     timestamped = not _launched_rank() and not cfg.get("run_dir") and not cfg.get("name")
-    run_dir, created = _make_run_dir(_run_dir(cfg), timestamped)
+    run_dir, created = make_run_dir(_run_dir(cfg), timestamped)
     lock = None if launched else _lock_run_dir(run_dir)
     before = _listing(run_dir)
     written: list[Path] = []
@@ -743,9 +739,9 @@ def _train_in(
     """The run itself, in its created and locked folder (see :func:`run_training`)."""
     from omegaconf import OmegaConf
 
-    from deconcnn_curvature._lightning import pl
     from deconcnn_curvature.checkpoints import allowed_checkpoint_globals
-    from deconcnn_curvature.lightning import read_curvature_jsonl
+    from deconcnn_curvature.monitor import read_curvature_jsonl
+    from deconcnn_curvature.monitor.lightning_import import pl
     from deconcnn_curvature.training._console import no_logger_tip, progress_bar
     from deconcnn_curvature.training.metrics import MetricsJSONL
     from deconcnn_curvature.training.module import ClassificationModule
@@ -804,7 +800,7 @@ def _train_in(
             )
         written.append(config_path)
         OmegaConf.save(cfg, config_path, resolve=True)
-        os.environ[_RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP rank processes
+        os.environ[RUN_DIR_ENV] = str(run_dir.resolve())  # inherited by DDP rank processes
 
     import torch.distributed as dist
     from lightning.pytorch.utilities.exceptions import SIGTERMException

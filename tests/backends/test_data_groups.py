@@ -1,4 +1,4 @@
-"""Data groups (issue 13): per-batch products of the Hessian operator and the ``pyhessian``
+"""Data groups: per-batch products of the Hessian operator and the ``pyhessian``
 backend's data-aware trace interval, against dense Hessians built by plain double backward."""
 
 from __future__ import annotations

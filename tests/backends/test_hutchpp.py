@@ -91,7 +91,7 @@ def test_registered_as_a_builtin_with_its_declared_capabilities() -> None:
         assert name in options
     for name in ("probe_batch", "retain_graphs"):  # COMMON_OPTIONS
         assert name in options
-    assert "eval_mode" not in options  # [issue 14] a host argument, in row["host_options"]
+    assert "eval_mode" not in options  # a host argument, in row["host_options"]
     out = CliRunner().invoke(cli, ["list-backends"], prog_name="deconcnn-curv")
     assert out.exit_code == 0 and "hutchpp" in out.output
 
@@ -301,7 +301,7 @@ def test_eigenvalues_are_largest_algebraic_not_largest_magnitude() -> None:
 
 
 def test_refinement_always_checks_the_sketch_and_reports_the_cap() -> None:
-    # Behaviour changed (issue 11): a loose eig_rtol used to return the sketch's Ritz value with
+    # Behaviour changed: a loose eig_rtol used to return the sketch's Ritz value with
     # no refinement; an independent Lanczos run now always confirms it (a few HVPs here).
     case = get_case("cnn")
     loose = _est(case, "eigenvalues", seed=0, num_hvps=30, eig_rtol=0.9)
@@ -456,7 +456,7 @@ def test_k_is_checked_against_the_dimension_and_the_cap(counting, opts, match) -
     assert counting.columns == 0
 
 
-# -- close gaps and convergence on networks (issue 11) ------------------------------------------
+# -- close gaps and convergence on networks ------------------------------------------
 def _double_backward_hessian(model: torch.nn.Module, loss_fn, x, y) -> torch.Tensor:
     """The dense Hessian by plain double backward, one row per gradient entry."""
     params = [p for p in model.parameters() if p.requires_grad]

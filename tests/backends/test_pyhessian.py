@@ -260,7 +260,7 @@ def test_density_weights_nodes_and_trace_moment(case: Case) -> None:
     assert min(d.weights) >= 0
     assert lo - slack <= min(d.nodes) and max(d.nodes) <= hi + slack
     # dim·Σ w θ is the mean of the runs' zᵀHz: one Hutchinson probe per run, so the density
-    # reports no trace (issue 11: 3 runs gave 35.4 ± 9.0 for a trace of 102-111).
+    # reports no trace (3 runs gave 35.4 ± 9.0 for a trace of 102-111).
     quad = r.details["probe_quadratic_forms"]
     assert len(quad) == 12
     assert d.trace_estimate() == pytest.approx(math.fsum(quad) / 12, rel=1e-9, abs=1e-12)
@@ -313,7 +313,7 @@ def test_multi_batch_equals_concatenated_batch(case: Case, retain_graphs: bool) 
     one = dcc.estimate(model, loss_fn, batch, "trace", seed=2, num_hvps=12)
     many = dcc.estimate(model, loss_fn, parts, "trace", num_hvps=12, **kw)
     torch.testing.assert_close(many.value, one.value, rtol=1e-10, atol=1e-12)
-    # Several batches are data groups (issue 13): the probe part of the stderr is the one batch's.
+    # Several batches are data groups: the probe part of the stderr is the one batch's.
     torch.testing.assert_close(many.details["stderr_probe"], one.stderr, rtol=1e-8, atol=1e-12)
     probe_only = dcc.estimate(model, loss_fn, parts, "trace", num_hvps=12, data_groups=1, **kw)
     torch.testing.assert_close(probe_only.stderr, one.stderr, rtol=1e-8, atol=1e-12)

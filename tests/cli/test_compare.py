@@ -21,9 +21,9 @@ from torch import nn
 
 from deconcnn_curvature import Backend, CurvatureResult, UnsupportedModelError, hookimpl
 from deconcnn_curvature import registry as registry_module
+from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.cli._memory import _PeakMemory
-from deconcnn_curvature.data_sources import DataSpec, build_batches
+from deconcnn_curvature.cli._memory import PeakMemory
 from deconcnn_curvature.registry import Registry
 
 
@@ -93,7 +93,7 @@ class Plugin:
 @pytest.fixture
 def workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The shared working folder (tests/conftest.py) with this file's test plugin registered."""
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     return workdir
 
 
@@ -209,7 +209,7 @@ def test_missing_checkpoint(workdir: Path) -> None:
 
 
 def test_rss_meter_sees_a_transient_allocation() -> None:
-    meter = _PeakMemory(torch.device("cpu"))
+    meter = PeakMemory(torch.device("cpu"))
     if meter.kind != "rss_sampled":
         pytest.skip("needs /proc/self/statm")
     with meter:
@@ -217,7 +217,7 @@ def test_rss_meter_sees_a_transient_allocation() -> None:
         time.sleep(0.05)
         del block
     assert meter.peak_bytes is not None and meter.peak_bytes >= 48 * 2**20
-    with _PeakMemory(torch.device("cpu")) as idle:
+    with PeakMemory(torch.device("cpu")) as idle:
         time.sleep(0.01)
     assert idle.peak_bytes is not None and idle.peak_bytes < 16 * 2**20
 
@@ -240,7 +240,7 @@ def test_a_mistyped_or_bad_option_fails_before_any_work(
 
 
 def test_a_value_only_some_backends_refuse_gives_them_a_row(workdir: Path) -> None:
-    """[issue 12] `compare --num-hvps 3` failed as a whole (Hutch++ needs at least 5) although
+    """`compare --num-hvps 3` failed as a whole (Hutch++ needs at least 5) although
     the help promises a row with the reason for a backend that cannot run."""
     path = save_state_dict(workdir / "w.pt")
     args = ("compare", path, *GENERIC_ARGS, "--backends", "pyhessian,hutchpp", "--batch-size", 8)

@@ -21,8 +21,8 @@ from torch import nn
 
 from deconcnn_curvature import Backend, CurvatureResult, Density, hookimpl
 from deconcnn_curvature import registry as registry_module
+from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.data_sources import DataSpec, build_batches
 from deconcnn_curvature.registry import Registry
 
 
@@ -52,7 +52,7 @@ class Plugin:
 @pytest.fixture
 def workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The shared working folder (tests/conftest.py) with this file's test plugin registered."""
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     return workdir
 
 
@@ -82,7 +82,7 @@ def test_density_and_eigenvalues_match_the_dense_hessian(workdir: Path) -> None:
     tol = 1e-8 * max(abs(lo), abs(hi))
     assert all(lo - tol <= x <= hi + tol for x in density["nodes"])  # Ritz values lie inside
     torch.testing.assert_close(max(density["nodes"]), hi, rtol=1e-6, atol=0)  # λmax converges
-    details = out["density"]["details"]  # no trace from SLQ: one probe per run (issue 11)
+    details = out["density"]["details"]  # no trace from SLQ: one probe per run
     assert "trace_estimate" not in details and len(details["probe_quadratic_forms"]) == 8
 
     top = torch.tensor(out["eigenvalues"]["value"], dtype=torch.float64)
@@ -113,7 +113,7 @@ def test_human_output_log_scale_and_sigma(workdir: Path) -> None:
     for label in ("density", "λ1", "λ2", "3 runs x 10 steps"):
         assert label in text
     assert "λ3" not in text
-    assert "trace (from SLQ)" not in text  # issue 11: it disagreed with estimate's trace
+    assert "trace (from SLQ)" not in text  # it disagreed with estimate's trace
     assert "no trace from SLQ" in text and "deconcnn-curv estimate w.pt -q trace" in text
     assert f"plot written to {plot} (σ = 0.05)" in text
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -122,7 +122,7 @@ def test_human_output_log_scale_and_sigma(workdir: Path) -> None:
 def test_the_plot_marks_eigenvalues_beside_the_curve_and_keeps_the_legend_off_it(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Issue 11: full-height lines marked λ2, λ3 where the curve shows no mass (each outlier holds
+    # Guard: full-height lines marked λ2, λ3 where the curve shows no mass (each outlier holds
     # 1/dim of it), and the legend covered the peak.
     from matplotlib.figure import Figure
 
@@ -215,7 +215,7 @@ def test_backend_without_density(workdir: Path, monkeypatch: pytest.MonkeyPatch)
         def register_backends(self, register):
             register(TraceOnly)
 
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Other(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Other(),)))
     path = save_state_dict(workdir / "w.pt")
     result = run("density", path, *GENERIC_ARGS, "-b", "trace-only")
     assert result.exit_code == 1

@@ -27,8 +27,8 @@ from torch import nn
 import deconcnn_curvature as dcc
 from deconcnn_curvature import Backend, hookimpl
 from deconcnn_curvature import registry as registry_module
+from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.data_sources import DataSpec, build_batches
 from deconcnn_curvature.registry import Registry
 
 
@@ -333,7 +333,7 @@ def test_unavailable_backend(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> 
         def register_backends(self, register):
             register(Missing)
 
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     path = save_state_dict(workdir / "w.pt")
     assert_error(
         run("estimate", path, *GENERIC_ARGS, "-b", "needs-gpu-lib"),
@@ -434,9 +434,9 @@ def test_a_single_output_model_is_not_a_classifier_and_the_message_says_what_to_
 
 
 def test_missing_cifar_points_to_the_data_flag_not_a_train_override(workdir: Path) -> None:
-    """[issue 12] The message suggested `data=synthetic`, a `train` override, on a command line
+    """The message suggested `data=synthetic`, a `train` override, on a command line
     whose option is `--data`."""
-    from deconcnn_curvature.data_sources import DataSpec, build_batches
+    from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
     from deconcnn_curvature.errors import CurvatureError
 
     spec = DataSpec("cifar10", 4, 1, (3, 32, 32), num_classes=10, root=workdir / "no-cifar")

@@ -1,4 +1,4 @@
-"""[issue 10, item 5] Ctrl-C or SIGTERM during a long ``deconcnn-curv estimate`` prints the trace
+"""Ctrl-C or SIGTERM during a long ``deconcnn-curv estimate`` prints the trace
 from the products already made, marked partial, and exits 130 / 143; on a terminal a long
 estimate shows products done / budget and an ETA.
 

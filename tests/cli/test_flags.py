@@ -1,4 +1,4 @@
-"""[issue 14] The estimator flags (``--num-hvps``, ``--rtol``, ``-k``) are made from the built-in
+"""The estimator flags (``--num-hvps``, ``--rtol``, ``-k``) are made from the built-in
 backends' ``Option`` declarations: help, type and bounds come from them, each flag sets the selected
 backend's option (``--num-hvps`` its budget option), and ``list-backends --json`` names the flag of
 every option."""
@@ -130,7 +130,7 @@ class ProbesPlugin:
 @pytest.fixture
 def probes(monkeypatch: pytest.MonkeyPatch) -> None:
     reg = Registry.build(extra_plugins=(ProbesPlugin(),))
-    monkeypatch.setattr(registry_module, "_registry", reg)
+    registry_module.set_registry(reg)
 
 
 def test_a_plugin_backend_gets_the_flags_mapped_onto_its_declarations(

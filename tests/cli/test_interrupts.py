@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import deconcnn_curvature
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.cli._progress import _Terminated
+from deconcnn_curvature.cli._progress import Terminated
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def workdir(workdir: Path) -> Path:
 
 
 @pytest.mark.parametrize("command", ["compare", "density"])
-@pytest.mark.parametrize(("signal", "code"), [(KeyboardInterrupt, 130), (_Terminated, 143)])
+@pytest.mark.parametrize(("signal", "code"), [(KeyboardInterrupt, 130), (Terminated, 143)])
 def test_an_interrupted_command_says_so_and_exits_with_the_signals_code(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, command: str, signal: type, code: int
 ) -> None:

@@ -1,4 +1,4 @@
-"""Issue 14 item 3: thin front ends. Each checkpoint command is its own module holding its
+"""Thin front ends. Each checkpoint command is its own module holding its
 parsing and presentation calls; what they share is in ``cli._common``, how results look in
 ``deconcnn_curvature.present``."""
 

@@ -71,7 +71,7 @@ def test_env_var_changes_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
 
     plugin = types.ModuleType("other_plugin")
     plugin.register_backends = register_backends
-    monkeypatch.setattr(registry, "_registry", Registry.build(extra_plugins=(plugin,)))
+    registry.set_registry(Registry.build(extra_plugins=(plugin,)))
     monkeypatch.setenv("DECONCNN_CURVATURE_BACKEND", "other")
 
     table = _invoke("list-backends")
@@ -100,7 +100,7 @@ def test_unavailable_backend_row_says_why_and_what_to_install(
 
     plugin = types.ModuleType("missing_plugin")
     plugin.register_backends = register_backends
-    monkeypatch.setattr(registry, "_registry", Registry.build(extra_plugins=(plugin,)))
+    registry.set_registry(Registry.build(extra_plugins=(plugin,)))
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps cells to the terminal width
     result = _invoke("list-backends")
     row = _rows(result.output)["missing"]

@@ -130,9 +130,8 @@ def _plugin_backends() -> tuple[type, ...]:
 
 
 def _use_test_backends() -> None:
-    from deconcnn_curvature import registry as registry_module
     from deconcnn_curvature.hookspecs import hookimpl
-    from deconcnn_curvature.registry import Registry
+    from deconcnn_curvature.registry import Registry, set_registry
 
     backends = _plugin_backends()
 
@@ -142,7 +141,7 @@ def _use_test_backends() -> None:
             for cls in backends:
                 register(cls)
 
-    registry_module._registry = Registry.build(extra_plugins=(Plugin(),))
+    set_registry(Registry.build(extra_plugins=(Plugin(),)))
 
 
 # ----------------------------------------------------------------------------- scenarios

@@ -22,11 +22,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from deconcnn_curvature import registry as registry_module
 from deconcnn_curvature.backends.pyhessian import PyHessianBackend
 from deconcnn_curvature.hookspecs import hookimpl
-from deconcnn_curvature.lightning import CurvatureMonitor
-from deconcnn_curvature.registry import Registry
+from deconcnn_curvature.monitor import CurvatureMonitor
+from deconcnn_curvature.registry import Registry, set_registry
 
 N_SAMPLES = 64
 MEASURE_EVERY = 2
@@ -136,7 +135,7 @@ class SaveParams(pl.Callback):
 
 
 def main(out: Path) -> None:
-    registry_module._registry = Registry.build(extra_plugins=(_Plugin(),))
+    set_registry(Registry.build(extra_plugins=(_Plugin(),)))
     good, failing = CurvatureMonitor(**GOOD), CurvatureMonitor(**FAILING)
     module = Tiny()
     trainer = pl.Trainer(

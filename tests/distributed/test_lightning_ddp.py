@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 import deconcnn_curvature as dcc
-from deconcnn_curvature.lightning import read_curvature_jsonl
+from deconcnn_curvature.monitor import read_curvature_jsonl
 from tests.distributed import _ranks
 
 pytestmark = [
@@ -190,7 +190,7 @@ def test_a_backend_without_distributed_support_is_refused_at_setup(
     from deconcnn_curvature.backends.pyhessian import PyHessianBackend
     from deconcnn_curvature.errors import ConfigurationError
     from deconcnn_curvature.hookspecs import hookimpl
-    from deconcnn_curvature.lightning import CurvatureMonitor
+    from deconcnn_curvature.monitor import CurvatureMonitor
     from deconcnn_curvature.registry import Registry
 
     class LocalOnly(PyHessianBackend):
@@ -202,7 +202,7 @@ def test_a_backend_without_distributed_support_is_refused_at_setup(
         def register_backends(self, register: Any) -> None:
             register(LocalOnly)
 
-    monkeypatch.setattr(registry_module, "_registry", Registry.build(extra_plugins=(Plugin(),)))
+    registry_module.set_registry(Registry.build(extra_plugins=(Plugin(),)))
     monitor = CurvatureMonitor(backend="local_only", quantities=("trace",))
     trainer = SimpleNamespace(world_size=2, is_global_zero=True, log_dir=None)
     with pytest.raises(ConfigurationError, match=r"'local_only' does not support .* 2 processes"):

@@ -18,7 +18,7 @@ import pytest
 import torch.distributed as dist
 from test_train_cli import TINY as TRAIN_TINY
 
-from deconcnn_curvature.lightning import read_curvature_jsonl
+from deconcnn_curvature.monitor import read_curvature_jsonl
 from deconcnn_curvature.training.metrics import read_metrics_jsonl
 from tests.distributed import _ranks
 

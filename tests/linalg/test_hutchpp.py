@@ -393,7 +393,7 @@ def test_refinement_improves_on_a_rough_sketch():
 
 
 def test_a_converged_sketch_is_still_checked_by_an_independent_run():
-    # Behaviour changed (issue 11): a sketch whose residual meets rtol used to be returned with no
+    # Behaviour changed: a sketch whose residual meets rtol used to be returned with no
     # matvecs, which passed λ₂ off as λ_max. Now an independent Lanczos run must agree first.
     eigs = _spectrum("outliers", 300)
     op = DenseOperator(_with_spectrum(eigs))
@@ -454,7 +454,7 @@ def _close_gap_case(seed: int) -> tuple[torch.Tensor, float, float]:
 
 @pytest.mark.slow
 def test_close_gaps_never_pass_the_second_eigenvalue_off_as_converged_lambda_max():
-    # Issue 11: Rayleigh–Ritz on the sketch (or Lanczos from its top Ritz vector) converged to λ₂
+    # Guard: Rayleigh–Ritz on the sketch (or Lanczos from its top Ritz vector) converged to λ₂
     # with a small residual and was reported as λ_max: 29 of these 500 seeds before the fix.
     rtol, wrong, converged, gaps_resolved = 1e-3, [], 0, 0
     for seed in range(500):

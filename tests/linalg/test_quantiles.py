@@ -1,4 +1,4 @@
-"""The normal and Student-t quantiles that replaced ``scipy.stats`` (issue 13: importing it for
+"""The normal and Student-t quantiles that replaced ``scipy.stats`` (importing it for
 two quantiles cost ~60 MiB of resident memory in the first measurement of a process)."""
 
 from __future__ import annotations

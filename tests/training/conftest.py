@@ -6,4 +6,4 @@ torchvision (installed next to a torch it was not built for) into one readable e
 
 from __future__ import annotations
 
-import deconcnn_curvature._lightning  # noqa: F401  (raises LightningUnavailableError)
+import deconcnn_curvature.monitor.lightning_import  # noqa: F401  (raises LightningUnavailableError)

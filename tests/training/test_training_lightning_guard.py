@@ -7,8 +7,8 @@ import importlib.util
 
 import pytest
 
-from deconcnn_curvature import _lightning
 from deconcnn_curvature.errors import CurvatureError
+from deconcnn_curvature.monitor import lightning_import
 
 
 def test_broken_torchvision_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,8 +25,8 @@ def test_broken_torchvision_is_explained(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(importlib, "import_module", import_module)
-    with pytest.raises(_lightning.LightningUnavailableError) as info:
-        _lightning.check_lightning_importable()
+    with pytest.raises(lightning_import.LightningUnavailableError) as info:
+        lightning_import.check_lightning_importable()
     message = str(info.value)
     assert "torchvision::nms" in message and "pip uninstall -y torchvision" in message
     assert isinstance(info.value, CurvatureError) and isinstance(info.value, ImportError)
@@ -39,8 +39,8 @@ def test_missing_lightning_is_explained(monkeypatch: pytest.MonkeyPatch) -> None
         "find_spec",
         lambda name, *a: None if name == "lightning" else real_find_spec(name, *a),
     )
-    with pytest.raises(_lightning.LightningUnavailableError, match=r"\[lightning\]"):
-        _lightning.check_lightning_importable()
+    with pytest.raises(lightning_import.LightningUnavailableError, match=r"\[lightning\]"):
+        lightning_import.check_lightning_importable()
 
 
 def test_lazy_exports() -> None:

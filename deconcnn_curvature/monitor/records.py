@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from deconcnn_curvature.results import _plain
+from deconcnn_curvature.results import plain
 
 __all__ = [
     "RecordWriter",
@@ -157,7 +157,7 @@ def supersede_after(path: str | os.PathLike[str], step: int) -> tuple[int, Path 
 
 def _json_safe(value: Any) -> Any:
     """Plain JSON values; non-finite floats become ``None`` so every line is strict JSON."""
-    value = _plain(value)
+    value = plain(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

@@ -1,18 +1,16 @@
-"""CIFAR-shaped data without torchvision: a synthetic stand-in, a CIFAR-10 reader, augmentation.
+"""CIFAR-shaped data without torchvision: a synthetic stand-in and a CIFAR-10 reader.
 
 * :class:`SyntheticCIFAR` makes a learnable, seed-determined data set of CIFAR-shaped images
   (class-dependent smooth colour patterns plus noise), for demos and tests without a download.
 * :func:`load_cifar10` reads the python-format CIFAR-10 batches (``data_batch_1`` ...
   ``data_batch_5``, ``test_batch``) from a local folder, with a restricted unpickler.
-* :class:`RandomResizedCropFlip` is the Inception-style random resized crop (Szegedy et al.,
-  "Going Deeper with Convolutions", CVPR 2015) plus a horizontal flip, written with torch ops and
-  driven by an explicit ``torch.Generator``.
 * :class:`~deconcnn_curvature.training.datamodule.CIFARDataModule` (the reference run's; it needs
   Lightning, this module does not) wraps either source for Lightning, with seeded shuffling and
-  seeded, per-worker augmentation, and normalises with the CIFAR-10 channel mean and std.
+  seeded, per-worker augmentation (:mod:`deconcnn_curvature.training.augment`), and normalises
+  with the CIFAR-10 channel mean and std.
 
 This module is part of the core (torch only): the command line's ``--data synthetic-cifar`` and
-``--data cifar10`` (:mod:`deconcnn_curvature.data_sources`) and the reference training run
+``--data cifar10`` (:mod:`deconcnn_curvature.checkpoints.data`) and the reference training run
 (:mod:`deconcnn_curvature.training.data`, which re-exports it) share it.
 
 Images are stored as ``uint8`` tensors ``(N, 3, H, W)``; each item comes out as a normalised
@@ -20,12 +18,13 @@ Images are stored as ``uint8`` tensors ``(N, 3, H, W)``; each item comes out as 
 loop, a curvature measurement) sees the same inputs.
 
 Reproducibility: the training loader of the data module draws its order and its augmentation from
-:class:`EpochShuffleSampler`, which yields ``(epoch, index)`` pairs: the order is a function of
-``(seed, epoch)`` and each image's augmentation of ``(seed, epoch, index)``. The same configuration
-gives the same batches on every run, for any ``num_workers``, and a run resumed at an epoch
-boundary sees exactly the data an uninterrupted run would (Lightning calls ``set_epoch`` at every
-epoch start). Indexing a data set with a plain ``int`` draws augmentation from a per-process stream
-seeded by ``seed`` (and the worker's seed inside a DataLoader worker).
+:class:`~deconcnn_curvature.training.augment.EpochShuffleSampler`, which yields ``(epoch, index)``
+pairs: the order is a function of ``(seed, epoch)`` and each image's augmentation of
+``(seed, epoch, index)``. The same configuration gives the same batches on every run, for any
+``num_workers``, and a run resumed at an epoch boundary sees exactly the data an uninterrupted run
+would (Lightning calls ``set_epoch`` at every epoch start). Indexing a data set with a plain
+``int`` draws augmentation from a per-process stream seeded by ``seed`` (and the worker's seed
+inside a DataLoader worker).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import codecs
 import math
 import os
 import pickle
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
 from deconcnn_curvature._seeds import check_seed as _check_seed
 from deconcnn_curvature._seeds import integer_seed as _mix_seed
@@ -57,10 +56,9 @@ __all__ = [
     "DATA_SOURCES",
     "DatasetFormatError",
     "DatasetNotFoundError",
-    "EpochShuffleSampler",
     "ImageTensorDataset",
-    "RandomResizedCropFlip",
     "SyntheticCIFAR",
+    "check_count",
     "find_cifar10_folder",
     "load_cifar10",
     "normalize",
@@ -96,7 +94,7 @@ class DatasetFormatError(CurvatureError, ValueError):
 # counts
 
 
-def _check_count(name: str, value: int | None, allow_none: bool = False) -> int | None:
+def check_count(name: str, value: int | None, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,7 +104,7 @@ def _check_count(name: str, value: int | None, allow_none: bool = False) -> int 
 
 
 # --------------------------------------------------------------------------------------------
-# normalisation and augmentation
+# normalisation
 
 
 def normalize(
@@ -118,105 +116,6 @@ def normalize(
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     return (images - mean_t) / std_t
-
-
-class RandomResizedCropFlip:
-    """Random resized crop followed by a random horizontal flip, for one ``(C, H, W)`` image.
-
-    The crop covers a fraction of the image area drawn uniformly from ``scale`` with an aspect
-    ratio drawn log-uniformly from ``ratio`` (up to 10 tries, then the largest centred crop
-    within ``ratio``), and is resized to ``size x size`` with bilinear interpolation, the recipe
-    of Szegedy et al. (2015) that torchvision's ``RandomResizedCrop`` also follows. Every random
-    number comes from the generator passed to :meth:`__call__`, so the result is a function of
-    the image and the generator's state.
-
-    Args:
-        size: Output height and width.
-        scale: Range of the crop's fraction of the image area, ``0 < low <= high <= 1``.
-        ratio: Range of the crop's width/height, ``0 < low <= high``.
-        flip_prob: Probability of a horizontal flip, in [0, 1].
-    """
-
-    def __init__(
-        self,
-        size: int = 32,
-        scale: Sequence[float] = (0.08, 1.0),
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        flip_prob: float = 0.5,
-    ) -> None:
-        _check_count("size", size)
-        scale = tuple(float(s) for s in scale)
-        ratio = tuple(float(r) for r in ratio)
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ConfigurationError(
-                f"scale must be two numbers (low, high) with 0 < low <= high <= 1, e.g. "
-                f"(0.08, 1.0); got {scale!r}."
-            )
-        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-            raise ConfigurationError(
-                f"ratio must be two numbers (low, high) with 0 < low <= high, e.g. (0.75, 1.333); "
-                f"got {ratio!r}."
-            )
-        if not 0.0 <= float(flip_prob) <= 1.0:
-            raise ConfigurationError(f"flip_prob must be in [0, 1]; got {flip_prob!r}.")
-        self.size = size
-        self.scale: tuple[float, float] = (scale[0], scale[1])
-        self.ratio: tuple[float, float] = (ratio[0], ratio[1])
-        self.flip_prob = float(flip_prob)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-            f"flip_prob={self.flip_prob})"
-        )
-
-    @staticmethod
-    def _uniform(low: float, high: float, generator: torch.Generator) -> float:
-        return low + (high - low) * float(torch.rand((), generator=generator))
-
-    def crop_box(
-        self, height: int, width: int, generator: torch.Generator
-    ) -> tuple[int, int, int, int]:
-        """Draw ``(top, left, crop_height, crop_width)`` inside a ``height x width`` image."""
-        area = height * width
-        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for _ in range(10):
-            target_area = area * self._uniform(self.scale[0], self.scale[1], generator)
-            aspect = math.exp(self._uniform(log_low, log_high, generator))
-            crop_w = round(math.sqrt(target_area * aspect))
-            crop_h = round(math.sqrt(target_area / aspect))
-            if 0 < crop_w <= width and 0 < crop_h <= height:
-                top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
-                left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
-                return top, left, crop_h, crop_w
-        # Fallback: the whole image, trimmed to the allowed aspect ratios, centred.
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            crop_w, crop_h = width, round(width / self.ratio[0])
-        elif in_ratio > self.ratio[1]:
-            crop_h, crop_w = height, round(height * self.ratio[1])
-        else:
-            crop_w, crop_h = width, height
-        return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
-
-    def __call__(self, image: Tensor, generator: torch.Generator) -> Tensor:
-        """Crop, resize and maybe flip one float image ``(C, H, W)``; return ``(C, size, size)``."""
-        if image.dim() != 3:
-            raise ConfigurationError(
-                f"RandomResizedCropFlip takes one image of shape (C, H, W); got shape "
-                f"{tuple(image.shape)}."
-            )
-        if not image.is_floating_point():
-            image = image.float()
-        top, left, crop_h, crop_w = self.crop_box(image.shape[-2], image.shape[-1], generator)
-        crop = image[:, top : top + crop_h, left : left + crop_w]
-        if (crop_h, crop_w) != (self.size, self.size):
-            crop = F.interpolate(
-                crop.unsqueeze(0), size=(self.size, self.size), mode="bilinear", align_corners=False
-            ).squeeze(0)
-        if float(torch.rand((), generator=generator)) < self.flip_prob:
-            crop = crop.flip(-1)
-        return crop.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +134,8 @@ class ImageTensorDataset(Dataset[tuple[Tensor, int]]):
         images: ``uint8`` tensor ``(N, C, H, W)``.
         labels: Integer tensor ``(N,)``.
         transform: Random augmentation called as ``transform(image, generator)``, e.g. a
-            :class:`RandomResizedCropFlip`; ``None`` for none (validation).
+            :class:`~deconcnn_curvature.training.augment.RandomResizedCropFlip`; ``None`` for
+            none (validation).
         mean: Per-channel mean used to normalise; ``None`` leaves images in [0, 1].
         std: Per-channel std used to normalise (ignored when ``mean`` is ``None``).
         seed: Seeds the augmentation generator (combined with the worker seed in a worker).
@@ -309,41 +209,6 @@ class ImageTensorDataset(Dataset[tuple[Tensor, int]]):
         return image, int(self.labels[index])
 
 
-class EpochShuffleSampler(Sampler[tuple[int, int]]):
-    """Yields ``(epoch, index)`` for every index of a data set of ``num_samples`` items: a
-    permutation determined by ``(seed, epoch)`` (or ascending order with ``shuffle=False``).
-
-    :class:`ImageTensorDataset` seeds each item's augmentation from the pair, so the data of an
-    epoch depends only on the seed and the epoch number: not on worker processes, not on how many
-    epochs this process has already iterated. Lightning calls :meth:`set_epoch` at the start of
-    every epoch (a resumed run included); a loop that never calls it gets the next epoch number
-    on each pass, so repeated passes still see new orders.
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
-        _check_count("num_samples", num_samples)
-        self.num_samples = int(num_samples)
-        self.seed = _check_seed(seed)
-        self.shuffle = bool(shuffle)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass that of ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = range(self.num_samples)
-        return iter([(epoch, i) for i in order])
-
-
 class SyntheticCIFAR(ImageTensorDataset):
     """A learnable, CIFAR-shaped synthetic data set, fully determined by ``seed`` and ``split``.
 
@@ -382,8 +247,8 @@ class SyntheticCIFAR(ImageTensorDataset):
         mean: Sequence[float] | None = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
     ) -> None:
-        _check_count("num_samples", num_samples)
-        _check_count("image_size", image_size)
+        check_count("num_samples", num_samples)
+        check_count("image_size", image_size)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigurationError(f"num_classes must be an integer >= 2; got {num_classes!r}.")
         if split not in self.SPLITS:

@@ -4,8 +4,8 @@ the module's ``loss_fn``/``criterion``), the start-up line that says so, the tri
 curvature batch, and the curvature batch itself, read through a private view of the training data
 set and collated as training does.
 
-Split from :mod:`deconcnn_curvature.lightning` (issue 14) so that the callback's hooks only call
-these; every message is the one the callback raised before.
+Apart from :mod:`deconcnn_curvature.monitor.callback` so that the callback's hooks only call
+these functions, which need no running ``Trainer`` to test.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deconcnn_curvature._lightning import pl
-from deconcnn_curvature._monitor_settings import _LOSS_ATTRS, LOSS_NAMES, _short_repr
 from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.lightning_import import pl
+from deconcnn_curvature.monitor.settings import LOSS_ATTRS, LOSS_NAMES, short_repr
 from deconcnn_curvature.problem import (
     _to_device,
     check_mean_reduced,
@@ -96,7 +96,7 @@ def measured_model(pl_module: nn.Module, model_attr: str | None) -> nn.Module:
 def measured_loss(pl_module: nn.Module, loss_fn: Any) -> Callable[..., torch.Tensor]:
     """The loss to measure: ``loss_fn`` (the checked setting), else the module's ``loss_fn`` or
     ``criterion`` attribute; it must be mean-reduced."""
-    for attr in _LOSS_ATTRS if loss_fn is None else ():
+    for attr in LOSS_ATTRS if loss_fn is None else ():
         loss_fn = getattr(pl_module, attr, None)
         if callable(loss_fn):
             break
@@ -131,9 +131,9 @@ def what_is_measured(pl_module: nn.Module, model_attr: str | None, loss_fn: Any)
     source = (
         "loss_fn"
         if loss_fn is not None
-        else next((f"{owner}.{a}" for a in _LOSS_ATTRS if getattr(pl_module, a, None) is loss), "?")
+        else next((f"{owner}.{a}" for a in LOSS_ATTRS if getattr(pl_module, a, None) is loss), "?")
     )
-    return f"CurvatureMonitor: measuring loss {_short_repr(loss)} ({source}) of model {model}"
+    return f"CurvatureMonitor: measuring loss {short_repr(loss)} ({source}) of model {model}"
 
 
 def check_trial_loss(
@@ -175,7 +175,7 @@ def check_trial_loss(
     example = children[0] if children else "net"
     raise ConfigurationError(
         f"CurvatureMonitor: a trial measurement before training failed: loss_fn(model(inputs), "
-        f"targets) with model={name}, loss_fn={_short_repr(loss_fn)} on the curvature batch: "
+        f"targets) with model={name}, loss_fn={short_repr(loss_fn)} on the curvature batch: "
         f"{problem}. Set model_attr={example!r} (the submodule mapping inputs to outputs"
         f"{'; candidates: ' + ', '.join(children) if children else ''}), loss_fn=... (a loss "
         f"object or {', '.join(LOSS_NAMES)}) or batch_fn=... (a training batch -> (inputs, "

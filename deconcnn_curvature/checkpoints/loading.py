@@ -27,18 +27,12 @@ shape, batch size and count, seed, model factory and arguments, loss.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import contextvars
 import importlib
 import os
-import pickle
-import re
 import sys
-import traceback
-import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -47,7 +41,13 @@ import torch
 from torch import nn
 
 from deconcnn_curvature._seeds import check_seed
-from deconcnn_curvature.data_sources import DATA_SOURCES, DataSpec, build_batches
+from deconcnn_curvature.checkpoints.data import DATA_SOURCES, DataSpec, build_batches
+from deconcnn_curvature.checkpoints.reading import (
+    CheckpointError,
+    UntrustedCheckpointError,
+    describe_error,
+    read_torch_file,
+)
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError, PluginError
 from deconcnn_curvature.hookspecs import hookimpl
 from deconcnn_curvature.plugins import reraise_interrupt
@@ -56,21 +56,16 @@ from deconcnn_curvature.problem import LoadedCheckpoint, preserve_state
 __all__ = [
     "DEFAULT_SETTINGS",
     "LOSSES",
-    "TRUST_FLAG",
-    "CheckpointError",
     "LoadedCheckpoint",
-    "UntrustedCheckpointError",
-    "UntrustedCheckpointWarning",
-    "allowed_checkpoint_globals",
-    "check_resume_checkpoint",
+    "call_repr",
     "checkpoint_settings",
     "import_factory",
     "load_checkpoint",
+    "load_weights",
     "loaded_checkpoint",
     "open_checkpoint",
     "parse_key_values",
     "parse_value",
-    "read_checkpoint",
     "reference_checkpoint",
 ]
 
@@ -85,7 +80,7 @@ DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
     {
         "batch_size": 128,
         "num_batches": 1,
-        "data": None,  # one of data_sources.DATA_SOURCES
+        "data": None,  # one of checkpoints.data.DATA_SOURCES
         "data_root": None,  # CIFAR-10 folder
         "seed": 0,
         "model": None,  # "package.module:factory"
@@ -101,10 +96,6 @@ _DATA_HINT = (
     "--data synthetic-cifar (the reference run's synthetic images), --data cifar10 --data-root "
     "DIR, or --data synthetic (random inputs)"
 )
-
-
-class CheckpointError(ConfigurationError):
-    """A checkpoint file is missing, unreadable, or does not describe a model we can rebuild."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,237 +158,6 @@ def checkpoint_settings(**given: Any) -> dict[str, Any]:
     return s
 
 
-# --------------------------------------------------------------------------------------------
-# reading the file
-
-
-def _describe_error(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
-
-
-class UntrustedCheckpointError(CheckpointError):
-    """The file is a torch checkpoint whose unpickling would import or call something beyond
-    tensors and plain containers (code could run); it is opened only with ``trust=True``."""
-
-
-class UntrustedCheckpointWarning(UserWarning):
-    """A checkpoint is being opened with ``trust=True``: any code pickled in it runs."""
-
-
-#: What the command line calls the opt-in (named in the refusal message).
-TRUST_FLAG = "--trust-checkpoint"
-
-
-def _allowed_globals() -> list[Any]:
-    """Classes and functions a checkpoint may name and still be opened without trust.
-
-    Besides what ``torch.load(weights_only=True)`` accepts by default (tensors, dicts, lists,
-    ``OrderedDict``...), Lightning checkpoints carry the run's hyper-parameters, where paths
-    (``pathlib``) and numpy scalars are common. Each of these only rebuilds a value; none calls
-    anything the file chooses.
-    """
-    import pathlib
-
-    allowed: list[Any] = [
-        pathlib.PosixPath,
-        pathlib.PurePosixPath,
-        pathlib.WindowsPath,
-        pathlib.PureWindowsPath,
-    ]
-    allowed += _omegaconf_globals()
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return allowed
-    # numpy scalars pickle as (scalar-constructor, dtype, bytes); take the constructor from a
-    # scalar's own __reduce__ rather than from a private numpy module.
-    allowed += [np.float64(0).__reduce__()[0], np.dtype]
-    # numpy >= 1.25 restores a dtype through its own class (numpy.dtypes.Float64DType...).
-    allowed += list(dict.fromkeys(type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGUS"))
-    return allowed
-
-
-def _omegaconf_globals() -> list[Any]:
-    """What ``save_hyperparameters(cfg)`` of an OmegaConf ``DictConfig`` (Hydra's config) pickles
-    into a Lightning checkpoint, when omegaconf is installed; nothing otherwise.
-
-    The config objects and their metadata are rebuilt by ``object.__new__`` and omegaconf's own
-    ``__setstate__`` (a ``__dict__`` update plus type bookkeeping); the metadata names the types
-    ``dict``, ``list``, ``int`` and ``typing.Any``. Its resolver cache, a
-    ``collections.defaultdict(dict)`` (Hydra fills the root's with ``${now:...}``), is read as a
-    plain dict (torch fills no other mapping) and made a ``defaultdict`` again by
-    :func:`_restore_resolver_caches`. None of these calls anything the file chooses: a config that
-    holds any other object (a user's class, a function) is still refused. Interpolations such as
-    ``${a}`` stay text until read.
-    """
-    try:
-        from omegaconf import DictConfig, ListConfig
-        from omegaconf.base import ContainerMetadata, Metadata
-        from omegaconf.nodes import AnyNode
-    except ImportError:
-        return []
-    import typing
-
-    allowed: list[Any] = [
-        DictConfig,
-        ListConfig,
-        ContainerMetadata,
-        Metadata,
-        AnyNode,
-        dict,
-        list,
-        int,
-        typing.Any,
-    ]
-    if torch.__version__ >= "2.6":  # older torch takes no (object, name) pairs: cache refused
-        allowed.append((_plain_dict, "collections.defaultdict"))
-    return allowed
-
-
-def _plain_dict(*_factory: Any) -> dict[Any, Any]:
-    """Stands in for ``collections.defaultdict`` while unpickling: an empty plain dict."""
-    return {}
-
-
-def _restore_resolver_caches(contents: Any) -> None:
-    """Give the OmegaConf configs of ``contents`` (the file's top level or one of its entries,
-    such as ``hyper_parameters``) their resolver cache back as a ``defaultdict(dict)`` (see
-    :func:`_omegaconf_globals`); only a config's root cache is ever used."""
-    omegaconf = sys.modules.get("omegaconf")
-    if omegaconf is None:
-        return
-    candidates = [contents, *contents.values()] if isinstance(contents, dict) else [contents]
-    for config in candidates:
-        if isinstance(config, omegaconf.Container):
-            cache = omegaconf.OmegaConf.get_cache(config)
-            if not isinstance(cache, collections.defaultdict):
-                omegaconf.OmegaConf.set_cache(config, collections.defaultdict(dict, cache))
-
-
-@contextlib.contextmanager
-def allowed_checkpoint_globals() -> Iterator[None]:
-    """Within this block, ``torch.load(weights_only=True)`` also accepts
-    :func:`_allowed_globals` (scoped: torch's allow-list is restored afterwards). Used around
-    every checkpoint read of this package, and around the training run's ``resume=``."""
-    scoped = getattr(torch.serialization, "safe_globals", None)
-    if scoped is None:  # torch < 2.5: only torch's own allow-list
-        yield
-        return
-    with scoped(_allowed_globals()):
-        yield
-
-
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>")
-
-
-def _refusal(path: Path, exc: BaseException) -> str:
-    found = _UNSAFE_GLOBAL.search(str(exc))
-    what = f" ({found.group(1) or found.group(2)})" if found else ""
-    return (
-        f"{path} holds pickled Python objects{what} beyond tensors and plain values; opening it "
-        f"could run code from the file, so it is refused. Only if you trust its source, pass "
-        f"{TRUST_FLAG} (trust=True from Python)."
-    )
-
-
-#: How torch's weights-only unpickler says "this names a class or function I will not load" (as
-#: opposed to "this is not a pickle at all").
-_REFUSED = re.compile(r"GLOBAL|allowlisted|unrecognized function", re.IGNORECASE)
-
-
-def _is_refusal(exc: BaseException) -> bool:
-    text = str(exc)
-    return (
-        isinstance(exc, pickle.UnpicklingError)
-        and "Weights only load failed" in text
-        and _REFUSED.search(text) is not None
-    )
-
-
-def _load_error(exc: BaseException) -> str:
-    """One line for a failed ``torch.load``: torch's weights-only message spans several lines
-    of advice around the actual error (after ``WeightsUnpickler error:``); keep that error."""
-    text = str(exc)
-    if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
-        return f"{type(exc).__name__}: {' '.join(detail.split())}"
-    return _describe_error(exc)
-
-
-@dataclass(frozen=True)
-class _ReadFailure:
-    reason: str
-    refused: bool  # the weights-only unpickler refused a global: a torch file, untrusted
-
-
-def _read(path: Path, trust: bool) -> tuple[Any | None, _ReadFailure | None]:
-    """One ``torch.load`` of ``path``; never a second one (a failed unpickling may already have
-    run code, with ``trust``)."""
-    if path.is_dir():
-        return None, _ReadFailure("it is a directory", refused=False)
-    if trust:
-        warnings.warn(
-            f"{path} is opened with trust: any code pickled in it runs ({TRUST_FLAG}).",
-            UntrustedCheckpointWarning,
-            stacklevel=3,
-        )
-    try:
-        if trust:
-            return torch.load(path, map_location="cpu", weights_only=False), None
-        with allowed_checkpoint_globals():
-            contents = torch.load(path, map_location="cpu", weights_only=True)
-        _restore_resolver_caches(contents)
-        return contents, None
-    except Exception as exc:  # any failure to unpickle means "not a readable torch file"
-        if not trust and _is_refusal(exc):
-            return None, _ReadFailure(_refusal(path, exc), refused=True)
-        return None, _ReadFailure(_load_error(exc), refused=False)
-
-
-def read_checkpoint(
-    path: str | os.PathLike[str], *, trust: bool = False
-) -> tuple[Any | None, str | None]:
-    """``(contents, None)``, or ``(None, reason)`` when ``path`` cannot be read as a torch file.
-
-    Reads the file once with ``torch.load(map_location="cpu", weights_only=True)``: tensors,
-    containers, plain values, paths and numpy scalars only, so nothing in the file can run code.
-    A checkpoint that pickles other objects (a whole ``nn.Module``, a custom class) is refused
-    with a reason naming ``--trust-checkpoint``; ``trust=True`` unpickles it in full
-    (``weights_only=False``, any code in it runs) and warns with
-    :class:`UntrustedCheckpointWarning`. Use it only for files you trust.
-    """
-    contents, failure = _read(Path(path), trust)
-    return contents, None if failure is None else failure.reason
-
-
-def check_resume_checkpoint(path: str | os.PathLike[str]) -> None:
-    """Refuse, before training starts, a ``resume=`` checkpoint that pickles objects beyond
-    what :func:`allowed_checkpoint_globals` accepts (its unpickling could run code).
-
-    Reads only the file's pickle opcodes (``torch.serialization.
-    get_unsafe_globals_in_checkpoint``); nothing in it is executed. Raises
-    :class:`UntrustedCheckpointError` (one line).
-    """
-    path = Path(path)
-    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if scan is None:  # torch < 2.5: Lightning's own weights-only load is the guard
-        return
-    try:
-        with allowed_checkpoint_globals():
-            unsafe = sorted(scan(path))
-    except Exception as exc:
-        raise CheckpointError(
-            f"resume={path}: not a checkpoint written by torch.save or Lightning "
-            f"({_describe_error(exc)})."
-        ) from exc
-    if unsafe:
-        raise UntrustedCheckpointError(
-            f"resume={path}: the checkpoint holds pickled Python objects ({', '.join(unsafe)}) "
-            "beyond tensors and plain values; loading it could run code from the file, so "
-            "training refuses it. Resume from a checkpoint written by deconcnn-curv train."
-        )
-
-
 #: Why open_checkpoint could not read the file it hands to the hook (the built-in loader's
 #: message says it without reading the file again).
 _READ_FAILURE: contextvars.ContextVar[tuple[Path, str] | None] = contextvars.ContextVar(
@@ -433,9 +193,11 @@ def open_checkpoint(
     resolved = checkpoint_settings(**dict(settings or {}))
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist.")
-    checkpoint, failure = _read(path, trust)
+    checkpoint, failure = read_torch_file(path, trust)
     if failure is not None and failure.refused:
         raise UntrustedCheckpointError(failure.reason)
+    if failure is not None and failure.oversized:
+        raise CheckpointError(failure.reason)
     hook = _hook_caller(manager)
     token = _READ_FAILURE.set((path, failure.reason) if failure is not None else None)
     try:
@@ -447,7 +209,7 @@ def open_checkpoint(
         implementers = [impl.plugin_name for impl in hook.get_hookimpls()]
         raise PluginError(
             f"loading {path} failed inside a load_checkpoint hook (implemented by "
-            f"{', '.join(implementers)}): {_describe_error(exc)}"
+            f"{', '.join(implementers)}): {describe_error(exc)}"
         ) from exc
     finally:
         _READ_FAILURE.reset(token)
@@ -491,7 +253,7 @@ def import_factory(spec: str) -> Callable[..., Any]:
             obj: Any = importlib.import_module(module_name)
     except Exception as exc:
         raise ConfigurationError(
-            f"--model {spec}: cannot import module {module_name!r} ({_describe_error(exc)}); "
+            f"--model {spec}: cannot import module {module_name!r} ({describe_error(exc)}); "
             "check the name, and that it is installed or in the current directory."
         ) from exc
     for part in attr.split("."):
@@ -506,7 +268,7 @@ def import_factory(spec: str) -> Callable[..., Any]:
     return obj
 
 
-def _call_repr(name: str, kwargs: Mapping[str, Any]) -> str:
+def call_repr(name: str, kwargs: Mapping[str, Any]) -> str:
     return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
 
 
@@ -516,11 +278,11 @@ def _build_from_factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
         model = factory(**kwargs)
     except Exception as exc:
         raise CheckpointError(
-            f"{_call_repr(spec, kwargs)} failed: {_describe_error(exc)}; fix --model-arg."
+            f"{call_repr(spec, kwargs)} failed: {describe_error(exc)}; fix --model-arg."
         ) from exc
     if not isinstance(model, nn.Module):
         raise CheckpointError(
-            f"{_call_repr(spec, kwargs)} returned {type(model).__name__}, not a torch.nn.Module."
+            f"{call_repr(spec, kwargs)} returned {type(model).__name__}, not a torch.nn.Module."
         )
     return model
 
@@ -565,7 +327,7 @@ def _few(names: Any, n: int = 4) -> str:
     return ", ".join(names[:n]) + more
 
 
-def _load_weights(
+def load_weights(
     model: nn.Module, state: Mapping[str, Any], where: str, prefixes: tuple[str, ...], fix: str
 ) -> str:
     """Load ``state`` into ``model`` strictly, after stripping the first prefix that fits."""
@@ -588,7 +350,7 @@ def _load_weights(
                 model.load_state_dict(sub, strict=True)
             except Exception as exc:
                 raise CheckpointError(
-                    f"loading the weights of {where} failed: {_describe_error(exc)}; {fix}."
+                    f"loading the weights of {where} failed: {describe_error(exc)}; {fix}."
                 ) from exc
             return prefix
         overlap = len(set(sub) & set(expected))
@@ -694,7 +456,7 @@ def _output_width(model: nn.Module, input_shape: tuple[int, ...], what: str) -> 
     except Exception as exc:
         raise CheckpointError(
             f"{what} fails on inputs of shape {','.join(map(str, input_shape))}: "
-            f"{_describe_error(exc)}; pass --input-shape (e.g. 3,32,32) matching the model."
+            f"{describe_error(exc)}; pass --input-shape (e.g. 3,32,32) matching the model."
         ) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -766,7 +528,7 @@ def load_checkpoint(
     model_args: Mapping[str, Any] = settings["model_args"]
     model = _build_from_factory(model_spec, model_args)
     state, kind = _find_state_dict(checkpoint, path)
-    _load_weights(
+    load_weights(
         model,
         state,
         f"{path} ({kind})",
@@ -778,7 +540,7 @@ def load_checkpoint(
         checkpoint,
         settings,
         model=model,
-        description=_call_repr(model_spec, model_args),
+        description=call_repr(model_spec, model_args),
         loader="builtin:factory",
     )
 

@@ -6,7 +6,8 @@ can build it from YAML, see ``configs/callbacks/curvature_monitor.yaml``). Every
 the training loss on a curvature batch drawn from the training data, through
 :func:`deconcnn_curvature.estimate` (which restores modes, ``.grad``, ``requires_grad``, buffers
 and RNG states), logs them with deconCNN's metric names and appends one JSON line per quantity to
-``curvature.jsonl`` (:class:`CurvatureRecordWriter`), flushed and fsync'd at each write.
+``curvature.jsonl`` (:class:`~deconcnn_curvature.monitor.records.RecordWriter`), flushed and
+fsync'd at each write.
 
 Guarantees (each has a test with a real ``Trainer``):
 
@@ -33,7 +34,6 @@ Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021), Lanczos for the top eigenva
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 import os
@@ -45,8 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from deconcnn_curvature._lightning import pl
-from deconcnn_curvature._monitor_inputs import (
+from deconcnn_curvature.api import estimate, get_backend, resolve
+from deconcnn_curvature.backend import HOST_OPTION_NAMES, Backend
+from deconcnn_curvature.distributed import rank_agreement
+from deconcnn_curvature.errors import ConfigurationError
+from deconcnn_curvature.monitor.inputs import (
     build_batch,
     check_trial_loss,
     measured_loss,
@@ -54,20 +57,17 @@ from deconcnn_curvature._monitor_inputs import (
     train_loader,
     what_is_measured,
 )
-from deconcnn_curvature._monitor_settings import (
+from deconcnn_curvature.monitor.lightning_import import pl
+from deconcnn_curvature.monitor.records import RecordWriter, read_jsonl, supersede_after
+from deconcnn_curvature.monitor.settings import (
     BATCH_MODES,
     DEFAULT_METRIC_KEYS,
     LOSS_NAMES,
     ON_ERROR,
     MonitorSettings,
-    _mix_seed,
+    mix_seed,
     settings_kwargs,
 )
-from deconcnn_curvature._records import RecordWriter, read_jsonl, supersede_after
-from deconcnn_curvature.api import estimate, get_backend, resolve
-from deconcnn_curvature.backend import HOST_OPTION_NAMES, Backend
-from deconcnn_curvature.distributed import rank_agreement
-from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.results import CurvatureResult
 
 __all__ = [
@@ -76,16 +76,10 @@ __all__ = [
     "LOSS_NAMES",
     "ON_ERROR",
     "CurvatureMonitor",
-    "CurvatureRecordWriter",
     "read_curvature_jsonl",
 ]
 
 # ------------------------------------------------------------------------------------- records
-
-
-#: The records file's writer: :class:`deconcnn_curvature._records.RecordWriter` (one writer for
-#: ``curvature.jsonl`` and ``metrics.jsonl``), under its historical name.
-CurvatureRecordWriter = RecordWriter
 
 
 def read_curvature_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -169,7 +163,8 @@ class CurvatureMonitor(pl.Callback):
             else raises, asking for ``model_attr``).
         enabled: ``False`` makes the callback do nothing (one flag in a config turns it off).
         log_metrics: Log through ``pl_module.log`` (the JSONL is written either way).
-        num_samples: Deprecated alias of ``num_hvps`` (kept for one release; warns).
+        num_samples: deconCNN's own name for ``num_hvps`` (its configs' ``curvature.num_samples``),
+            accepted with a ``DeprecationWarning``.
 
     Every measurement writes one line per quantity to the JSONL file: ``timestamp``, ``step``,
     ``epoch``, ``backend``, ``quantity``, ``value`` (a float for the trace, a list for
@@ -235,7 +230,7 @@ class CurvatureMonitor(pl.Callback):
         self._backend_name: str | None = None
         self._plan: list[tuple[str, dict[str, Any]]] = []
         self._joint = False
-        self._writer: CurvatureRecordWriter | None = None
+        self._writer: RecordWriter | None = None
         # Checkpointed state.
         self._last_step = -1
         self._count = 0
@@ -251,8 +246,8 @@ class CurvatureMonitor(pl.Callback):
         ``configs/callbacks/curvature_monitor.yaml`` passes as ``settings``), keyword arguments on
         top (``instantiate(cfg.callbacks, jsonl=...)``).
 
-        A setting left unset (``null``, as ``configs/curvature/base.yaml`` lists every one; or
-        OmegaConf's ``???``) takes the default of :meth:`__init__`, where each default is written
+        A setting left unset (``null``, as ``configs/curvature/base.yaml`` lists every one) takes
+        the default of :meth:`__init__`, where each default is written
         once; ``jsonl: null`` stays ``None`` (no records file). An unknown key raises
         :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid keys;
         ``num_samples`` is the deprecated alias of ``num_hvps`` (a ``DeprecationWarning``); in a
@@ -286,34 +281,6 @@ class CurvatureMonitor(pl.Callback):
         path = Path(jsonl)
         return path.name if path.is_absolute() else str(path)
 
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Find this monitor's state in a checkpoint that keyed it by the full records path
-        (earlier releases; the run folder since moved): the one monitor state of the same
-        backend and quantities whose records file has the same name."""
-        states = checkpoint.get("callbacks")
-        if not isinstance(states, dict) or self.state_key in states:
-            return
-        prefix = type(self).__qualname__ + "{"
-        found = []
-        for key, state in states.items():
-            if not (isinstance(key, str) and key.startswith(prefix)):
-                continue
-            try:
-                saved = ast.literal_eval(key[len(type(self).__qualname__) :])
-            except (ValueError, SyntaxError):
-                continue
-            if (
-                isinstance(saved, dict)
-                and saved.get("backend") == self.backend
-                and tuple(saved.get("quantities") or ()) == self.quantities
-                and self._jsonl_key(saved.get("jsonl")) == self._jsonl_key(self.jsonl)
-            ):
-                found.append(state)
-        if len(found) == 1:
-            self.load_state_dict(found[0])
-
     @property
     def backend_name(self) -> str | None:
         """The backend measurements use (known after ``setup``)."""
@@ -331,16 +298,16 @@ class CurvatureMonitor(pl.Callback):
 
     def probe_seed(self, step: int, quantity: str) -> int:
         """The seed :func:`~deconcnn_curvature.estimate` gets for ``quantity`` at ``step``."""
-        return _mix_seed("probes", self.seed, int(step), quantity)
+        return mix_seed("probes", self.seed, int(step), quantity)
 
     def batch_indices(self, step: int, dataset_len: int) -> list[int]:
         """The training-set indices of the curvature batch measured at ``step`` (all ranks)."""
         if self.batch_mode == "fixed":
             if self._indices is not None:
                 return list(self._indices)
-            seed = _mix_seed("batch", self.seed)
+            seed = mix_seed("batch", self.seed)
         else:
-            seed = _mix_seed("batch", self.seed, int(step))
+            seed = mix_seed("batch", self.seed, int(step))
         gen = torch.Generator().manual_seed(seed)
         return torch.randperm(dataset_len, generator=gen)[: self.hessian_batch_size].tolist()
 
@@ -502,7 +469,7 @@ class CurvatureMonitor(pl.Callback):
                 f"the number of processes ({trainer.world_size}); every rank needs at least one "
                 "sample."
             )
-        # [issue 7] DDP: a backend without distributed support would fail every measurement.
+        # DDP: a backend without distributed support would fail every measurement.
         if trainer.world_size > 1 and not get_backend(self._backend_name).supports_distributed:
             raise ConfigurationError(
                 f"CurvatureMonitor: backend {self._backend_name!r} does not support "
@@ -516,15 +483,15 @@ class CurvatureMonitor(pl.Callback):
         self._warned = set()
         self._batch = None
         if self.jsonl is not None:
-            # [issue 7] trainer.log_dir is a collective under DDP (a broadcast): every rank asks,
+            # trainer.log_dir is a collective under DDP (a broadcast): every rank asks,
             # rank 0 alone writes.
             log_dir = None if self.jsonl.is_absolute() else trainer.log_dir
             if trainer.is_global_zero:
                 path = self.jsonl if log_dir is None else Path(log_dir or ".") / self.jsonl
-                self._writer = CurvatureRecordWriter(path)
+                self._writer = RecordWriter(path)
 
     def _log_data_groups(self, resolved: Mapping[str, Mapping[str, Any]], world_size: int) -> None:
-        """Say what the trace's interval covers (issue 13), once at setup."""
+        """Say what the trace's interval covers, once at setup."""
         trace = resolved.get("trace")
         if trace is None or self.data_groups < 2:
             return
@@ -684,7 +651,7 @@ class CurvatureMonitor(pl.Callback):
         self._last_step = step
         self._count += 1
         try:
-            # [issue 7] Under DDP every rank fails its preparation or none does, so no rank is left
+            # Under DDP every rank fails its preparation or none does, so no rank is left
             # waiting in the collectives of estimate() (which agrees on its own failures).
             with rank_agreement(pl_module.device, enabled=trainer.world_size > 1):
                 batch = self._curvature_batch(trainer, step)

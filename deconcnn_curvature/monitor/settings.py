@@ -2,9 +2,9 @@
 arguments, checked), argument validators, the loss and function settings a config may give as
 names, the settings of a config's ``curvature`` group, and the monitor's seed mixer (defined in
 :mod:`deconcnn_curvature._seeds`). What the settings select (the model, the loss, the curvature
-batch) is found by :mod:`deconcnn_curvature._monitor_inputs`.
+batch) is found by :mod:`deconcnn_curvature.monitor.inputs`.
 
-Split from :mod:`deconcnn_curvature.lightning` (issue 14) so that module holds the callback only.
+Apart from :mod:`deconcnn_curvature.monitor.callback` so that module holds the callback only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from deconcnn_curvature._seeds import check_seed
-from deconcnn_curvature._seeds import tagged_seed as _mix_seed  # noqa: F401  (the monitor's mixer)
+from deconcnn_curvature._seeds import tagged_seed as mix_seed  # noqa: F401  (the monitor's mixer)
 from deconcnn_curvature.errors import ConfigurationError
 
 #: Short loss names ``loss_fn`` accepts (e.g. from a config: ``curvature.loss_fn=cross_entropy``);
@@ -33,7 +33,7 @@ LOSS_NAMES: Mapping[str, Callable[[], nn.Module]] = {
     "bce_with_logits": nn.BCEWithLogitsLoss,
 }
 #: Attributes of the LightningModule read as the loss when ``loss_fn`` is not given, in order.
-_LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
+LOSS_ATTRS: tuple[str, ...] = ("loss_fn", "criterion")
 #: Allowed values of ``batch_mode``.
 BATCH_MODES: tuple[str, ...] = ("fixed", "refresh")
 #: Allowed values of ``on_error``.
@@ -80,7 +80,7 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def _check_data_groups(value: Any, batch_size: int) -> int:
-    """``data_groups`` (issue 13): at least 1, at most the curvature batch's samples."""
+    """``data_groups``: at least 1, at most the curvature batch's samples."""
     groups = _check_int("data_groups", value, 1)
     if groups > batch_size:
         raise ConfigurationError(
@@ -145,7 +145,7 @@ def _callable_from_setting(name: str, value: Any) -> Any:
     return value
 
 
-def _short_repr(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """``repr`` of a loss on one line, shortened (a module's repr can span lines)."""
     text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
@@ -164,8 +164,9 @@ class MonitorSettings:
     float, ``metric_keys`` the full mapping with the defaults filled in, ``jsonl`` a ``Path``,
     ``loss_fn`` and ``batch_fn`` built from their names).
 
-    ``num_samples`` is the deprecated alias of ``num_hvps``: it warns (``DeprecationWarning``,
-    attributed to the code that built the monitor) and becomes ``num_hvps``.
+    ``num_samples`` is deconCNN's own name for ``num_hvps`` (its configs' ``curvature.num_samples``,
+    which its users already write): it warns (``DeprecationWarning``, attributed to the code that
+    built the monitor) and becomes ``num_hvps``.
     """
 
     backend: str | None
@@ -309,10 +310,6 @@ def _check_metric_keys(metric_keys: Any) -> dict[str, str | None]:
 
 # ------------------------------------------------------------------------------ config settings
 
-#: OmegaConf's "no value" marker, read as unset (the monitor's own default applies) for configs
-#: written before ``curvature/base.yaml`` switched to ``null``: ``???`` means "must be given" to
-#: Hydra, so a project's own ``to_container(cfg, throw_on_missing=True)`` failed on it.
-UNSET = "???"
 #: Settings whose ``null`` in a config is a value, not "unset" (``jsonl: null``: no records file).
 #: For every other setting ``null`` means the monitor's default, as ``curvature/base.yaml`` lists.
 NULL_IS_A_VALUE: frozenset[str] = frozenset({"jsonl"})
@@ -320,13 +317,11 @@ NULL_IS_A_VALUE: frozenset[str] = frozenset({"jsonl"})
 
 def is_unset(key: str, value: Any) -> bool:
     """Whether a config's ``curvature.<key>`` leaves the monitor's default in place."""
-    if isinstance(value, str):
-        return value == UNSET
     return value is None and key not in NULL_IS_A_VALUE
 
 
 def _plain_settings(value: Any) -> dict[str, Any]:
-    """A config's ``curvature`` group as a plain dict, unset settings kept as ``"???"``."""
+    """A config's ``curvature`` group as a plain dict."""
     if value is None:
         return {}
     if type(value).__module__.startswith("omegaconf"):  # a DictConfig given directly
@@ -355,8 +350,8 @@ def settings_kwargs(
     accepted: Sequence[str], settings: Any, overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The keyword arguments ``CurvatureMonitor.from_config`` passes on: the settings of a config's
-    ``curvature`` group with ``overrides`` on top, unset ones (``null``, but for ``jsonl``; or
-    ``???``: :func:`is_unset`) dropped so the signature's default applies, ``{_target_: ...}``
+    ``curvature`` group with ``overrides`` on top, unset ones (``null``, but for ``jsonl``:
+    :func:`is_unset`) dropped so the signature's default applies, ``{_target_: ...}``
     values built. An unknown key is a
     :class:`~deconcnn_curvature.errors.ConfigurationError` naming it and the valid ones."""
     merged = {**_plain_settings(settings), **{str(k): v for k, v in overrides.items()}}

@@ -8,13 +8,13 @@ Three sources, named as on the command line (``deconcnn-curv estimate --data ...
     but torch; for smoke tests and timings (the curvature of a loss on noise says little about
     training).
 ``synthetic-cifar``
-    :class:`deconcnn_curvature.datasets.SyntheticCIFAR`, the learnable stand-in data the
+    :class:`deconcnn_curvature.checkpoints.cifar.SyntheticCIFAR`, the learnable stand-in data the
     reference run trains on (split ``"train"``, no augmentation). Its class patterns depend on
     its seed, so use the training run's data seed.
 ``cifar10``
     The first ``batch_size * num_batches`` images of CIFAR-10's training batches, read from a
-    local folder by :func:`deconcnn_curvature.datasets.load_cifar10` and normalised with the
-    CIFAR-10 channel statistics, without augmentation.
+    local folder by :func:`deconcnn_curvature.checkpoints.cifar.load_cifar10` and normalised with
+    the CIFAR-10 channel statistics, without augmentation.
 
 The last two reuse the training package's data sets and reader, which need only torch (no
 Lightning). Batches always live on the CPU; the curvature problem moves them to the model's
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from deconcnn_curvature import datasets
 from deconcnn_curvature._seeds import check_seed
+from deconcnn_curvature.checkpoints import cifar
 from deconcnn_curvature.errors import ConfigurationError, CurvatureError
 
 __all__ = ["DATA_SOURCES", "DataSpec", "build_batches"]
@@ -156,7 +156,7 @@ def build_batches(spec: DataSpec) -> list[tuple[Any, Any]]:
     if spec.source == "synthetic-cifar":
         size = spec.input_shape[-1]
         _require_cifar_shape(spec, (3, size, size))
-        data = datasets
+        data = cifar
         dataset = data.SyntheticCIFAR(
             spec.num_samples,
             num_classes=spec.num_classes,
@@ -184,7 +184,7 @@ def build_batches(spec: DataSpec) -> list[tuple[Any, Any]]:
             f"batch_size x num_batches = {spec.num_samples} exceeds the {_CIFAR_TRAIN_SIZE} "
             "CIFAR-10 training images; lower --batch-size or --num-batches."
         )
-    data = datasets
+    data = cifar
     try:
         images, labels = data.load_cifar10(spec.root, train=True)
     except CurvatureError as exc:
