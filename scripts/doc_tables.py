@@ -119,8 +119,10 @@ def monitor_overhead(data: dict[str, Any]) -> str:
                 "; ".join(e[:80] for e in b["errors"]) or "",
             ]
         )
+    skipped = []
     for name, reason in data["skipped"].items():
-        rows.append([f"`{name}`", "", "", "", "", "", reason.split("; ")[0].replace("|", "\\|")])
+        rows.append([f"`{name}`", "", "", "", "", "", "not measured, below"])
+        skipped.append(f"- `{name}`: {reason.split('; ')[0]}.")
     header = [
         "backend",
         "HVPs trace/λ_max",
@@ -134,12 +136,15 @@ def monitor_overhead(data: dict[str, Any]) -> str:
     caption = (
         f"{model}, training batch {s['batch']}, curvature batch {s['hessian_batch_size']}, "
         f"{s['num_samples']} trace products, {s['steps']} steps measured every {s['every']}, "
-        f"{s['rounds']} interleaved round(s)."
+        f"{s['rounds']} interleaved round(s). `hutchpp` measures both quantities in one call, so "
+        "its λ_max count includes the trace's products. Shares are CPU time against training "
+        "steps of the same run with the monitor off."
     )
     command = "python benchmarks/monitor_overhead.py " + _args(
         {k: s[k] for k in ("steps", "every", "rounds", "threads", "quick") if k in s}
     )
-    return "\n\n".join([_table(header, rows, "lrrrrrl"), caption, _provenance(data, command)])
+    parts = [_table(header, rows, "lrrrrrl"), *(["\n".join(skipped)] if skipped else [])]
+    return "\n\n".join([*parts, caption, _provenance(data, command)])
 
 
 def data_noise(data: dict[str, Any]) -> str:
