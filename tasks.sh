@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for people and CI. Each task sets up what it needs, idempotently:
 #   bash tasks.sh demo [hydra overrides...]   the main job: a small deconCNN-shaped training run with curvature on
-#   bash tasks.sh test [pytest args...]       lint + the whole test suite
+#   bash tasks.sh test [pytest args...]       lint + the whole test suite (it builds the docs strictly too)
+#   bash tasks.sh docs [serve]                build the docs site into site/ (mkdocs build --strict), or serve it
 #   bash tasks.sh setup                       only create/refresh the virtual environment
 # Environment: VENV (default .venv), PYTHON (default python3.11 or python3),
 #   TORCH_SPEC (default torch==2.13.0; ignored when the venv already has a torch, e.g. your CUDA build).
@@ -55,8 +56,16 @@ case "$task" in
     "$VENV/bin/ruff" format --check .
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  docs)
+    setup
+    if [ "${1:-}" = serve ]; then
+      shift
+      NO_MKDOCS_2_WARNING=1 exec "$VENV/bin/mkdocs" serve --strict "$@"
+    fi
+    NO_MKDOCS_2_WARNING=1 exec "$VENV/bin/mkdocs" build --strict "$@"
+    ;;
   *)
-    sed -n '2,8p' "$0"
+    sed -n '2,9p' "$0"
     exit 2
     ;;
 esac

@@ -23,11 +23,13 @@ Reported per backend:
 Prints a table and writes ``benchmarks/results/monitor_overhead.json``.
 
     python benchmarks/monitor_overhead.py [--steps 100] [--every 50] [--rounds 2] [--threads 1]
+    python benchmarks/monitor_overhead.py --quick     # smoke size: runs end to end in seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -125,7 +127,17 @@ def _backends(wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
     return usable, skipped
 
 
-def main() -> None:
+QUICK = {
+    "steps": 6,
+    "every": 3,
+    "rounds": 1,
+    "num_samples": 6,
+    "hessian_batch_size": 16,
+    "threads": 1,
+}
+
+
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps per run")
     parser.add_argument("--every", type=int, default=50, help="measurement cadence (steps)")
@@ -146,82 +158,105 @@ def main() -> None:
         help="torch threads (default: torch's choice); 1 makes CPU-time ratios robust to other "
         "processes on a shared machine",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke-sized run in well under a minute (sets "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+        + "); its ratios are not meaningful",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON path")
     args = parser.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     if args.steps < args.every:
         parser.error("--steps must be at least --every (no measurement would run)")
+    return args
 
-    import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    warnings.filterwarnings("ignore", message=r".*CurvatureMonitor: measurement at step.*")
-    backends, skipped = _backends(args.backends)
+def _measure(
+    args: argparse.Namespace, backends: list[str], skipped: dict[str, str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Interleaved rounds of every configuration. A backend that refuses the model (the monitor
+    stops the run at setup with a CurvatureError) is moved to ``skipped`` with its reason."""
+    from deconcnn_curvature import CurvatureError
+
     configs: list[str | None] = [None, *backends]
-    load_before = os.getloadavg()
+    runs: dict[str, list[dict[str, Any]]] = {str(c): [] for c in configs}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         args_warm = argparse.Namespace(**{**vars(args), "steps": 4})
         _fit(args_warm, None, workdir)  # one-time costs (allocator, first convolutions)
-        runs: dict[str, list[dict[str, Any]]] = {str(c): [] for c in configs}
         for r in range(args.rounds):
             for config in configs:
-                result = _fit(args, config, workdir)
+                if config is not None and config in skipped:
+                    continue
+                try:
+                    result = _fit(args, config, workdir)
+                except CurvatureError as err:
+                    skipped[str(config)] = f"refused: {err}"
+                    print(f"round {r + 1}/{args.rounds} {config}: refused ({err})")
+                    continue
                 runs[str(config)].append(result)
                 print(f"round {r + 1}/{args.rounds} {config or 'off'}: {result['seconds']:.1f} s")
-    load_after = os.getloadavg()
+    for name in skipped:
+        backends_run = runs.pop(name, None)
+        assert not backends_run, name  # refused at setup: no timing is mixed in
+        if name in backends:
+            backends.remove(name)
+    return runs
 
-    off = runs["None"]
-    step_seconds = statistics.median(o["seconds"] / o["steps"] for o in off)
-    step_cpu = statistics.median(o["cpu"] / o["steps"] for o in off)
-    rows = []
-    for backend in backends:
-        on = runs[backend]
-        measurements = len({rec["step"] for rec in on[0]["records"]})
-        n = max(1, measurements)
-        ratios = [b["seconds"] / a["seconds"] for a, b in zip(off, on, strict=True)]
-        cpu_ratios = [b["cpu"] / a["cpu"] for a, b in zip(off, on, strict=True)]
-        pairs = list(zip(off, on, strict=True))
-        per_meas = statistics.median(b["seconds"] - a["seconds"] for a, b in pairs) / n
-        per_meas_cpu = statistics.median(b["cpu"] - a["cpu"] for a, b in pairs) / n
-        in_loop = statistics.median(
-            sum(rec["seconds"] or 0.0 for rec in run["records"]) / n for run in on
-        )
-        per_quantity = {}
-        for quantity in _quantities(backend):
-            recs = [r for run in on for r in run["records"] if r["quantity"] == quantity]
-            done = [r for r in recs if r["value"] is not None]
-            per_quantity[quantity] = {
-                "n_hvp": [r["n_hvp"] for r in done],
-                "seconds_median": statistics.median(r["seconds"] or 0.0 for r in recs)
-                if recs
-                else None,
-            }
-        failures = sorted({rec["error"] for rec in on[0]["records"] if rec["error"]})
-        rows.append(
-            {
-                "backend": backend,
-                "quantities": _quantities(backend),
-                "measurements_per_run": measurements,
-                "ratio_on_off": statistics.median(ratios),
-                "ratios_per_round": ratios,
-                "cpu_ratio_on_off": statistics.median(cpu_ratios),
-                "cpu_ratios_per_round": cpu_ratios,
-                "overhead": statistics.median(ratios) - 1.0,
-                "seconds_per_measurement": per_meas,
-                "cpu_seconds_per_measurement": per_meas_cpu,
-                "in_loop_seconds_per_measurement": in_loop,
-                "cost_in_training_steps": per_meas / step_seconds,
-                "cpu_cost_in_training_steps": per_meas_cpu / step_cpu,
-                "overhead_at_500": per_meas / step_seconds / DECONCNN_CADENCE,
-                "cpu_overhead_at_500": per_meas_cpu / step_cpu / DECONCNN_CADENCE,
-                "per_quantity": per_quantity,
-                "errors": failures,
-            }
-        )
 
+def _row(
+    backend: str, off: list[dict[str, Any]], on: list[dict[str, Any]], step: tuple[float, float]
+) -> dict[str, Any]:
+    """The JSON row of one backend: ratios per round and their medians."""
+    step_seconds, step_cpu = step
+    measurements = len({rec["step"] for rec in on[0]["records"]})
+    n = max(1, measurements)
+    pairs = list(zip(off, on, strict=True))
+    ratios = [b["seconds"] / a["seconds"] for a, b in pairs]
+    cpu_ratios = [b["cpu"] / a["cpu"] for a, b in pairs]
+    per_meas = statistics.median(b["seconds"] - a["seconds"] for a, b in pairs) / n
+    per_meas_cpu = statistics.median(b["cpu"] - a["cpu"] for a, b in pairs) / n
+    in_loop = statistics.median(
+        sum(rec["seconds"] or 0.0 for rec in run["records"]) / n for run in on
+    )
+    per_quantity = {}
+    for quantity in _quantities(backend):
+        recs = [r for run in on for r in run["records"] if r["quantity"] == quantity]
+        done = [r for r in recs if r["value"] is not None]
+        per_quantity[quantity] = {
+            "n_hvp": [r["n_hvp"] for r in done],
+            "seconds_median": statistics.median(r["seconds"] or 0.0 for r in recs)
+            if recs
+            else None,
+        }
+    return {
+        "backend": backend,
+        "quantities": _quantities(backend),
+        "measurements_per_run": measurements,
+        "ratio_on_off": statistics.median(ratios),
+        "ratios_per_round": ratios,
+        "cpu_ratio_on_off": statistics.median(cpu_ratios),
+        "cpu_ratios_per_round": cpu_ratios,
+        "overhead": statistics.median(ratios) - 1.0,
+        "seconds_per_measurement": per_meas,
+        "cpu_seconds_per_measurement": per_meas_cpu,
+        "in_loop_seconds_per_measurement": in_loop,
+        "cost_in_training_steps": per_meas / step_seconds,
+        "cpu_cost_in_training_steps": per_meas_cpu / step_cpu,
+        "overhead_at_500": per_meas / step_seconds / DECONCNN_CADENCE,
+        "cpu_overhead_at_500": per_meas_cpu / step_cpu / DECONCNN_CADENCE,
+        "per_quantity": per_quantity,
+        "errors": sorted({rec["error"] for rec in on[0]["records"] if rec["error"]}),
+    }
+
+
+def _print_table(
+    args: argparse.Namespace, rows: list[dict[str, Any]], skipped: dict[str, str]
+) -> Any:
     from rich.console import Console
     from rich.table import Table
 
@@ -234,17 +269,11 @@ def main() -> None:
             f"{args.rounds} rounds"
         )
     )
-    for col in (
-        "backend",
-        "HVPs trace/λ",
-        "on/off wall",
-        "on/off CPU",
-        "s/meas",
-        "steps/meas (wall, CPU)",
-        "@500 wall",
-        "@500 CPU",
-        "note",
-    ):
+    columns = (
+        "backend", "HVPs trace/λ", "on/off wall", "on/off CPU", "s/meas",
+        "steps/meas (wall, CPU)", "@500 wall", "@500 CPU", "note",
+    )  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="left" if col in ("backend", "note") else "right")
     for row in rows:
         hvps = "/".join(
@@ -266,9 +295,34 @@ def main() -> None:
             note,
         )
     for name, reason in skipped.items():
-        table.add_row(name, "", "", "", "", "", "", "", reason)  # 9 columns
+        # The first clause of the reason (the JSON keeps all of it).
+        table.add_row(name, "", "", "", "", "", "", "", reason.split("; ")[0])  # 9 columns
     console = Console(width=160)
     console.print(table)
+    return console
+
+
+def main() -> None:
+    args = _parse_args()
+
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*CurvatureMonitor: measurement at step.*")
+    backends, skipped = _backends(args.backends)
+    load_before = os.getloadavg()
+    started = datetime.datetime.now(datetime.UTC)
+    runs = _measure(args, backends, skipped)
+    load_after = os.getloadavg()
+
+    off = runs["None"]
+    step_seconds = statistics.median(o["seconds"] / o["steps"] for o in off)
+    step_cpu = statistics.median(o["cpu"] / o["steps"] for o in off)
+    rows = [_row(b, off, runs[b], (step_seconds, step_cpu)) for b in backends]
+    console = _print_table(args, rows, skipped)
     console.print(
         f"off: {statistics.median(o['seconds'] for o in off):.1f} s for {off[0]['steps']} steps "
         f"({step_seconds * 1000:.0f} ms/step, {step_cpu * 1000:.0f} ms CPU); "
@@ -284,6 +338,9 @@ def main() -> None:
             "deconcnn_cadence": DECONCNN_CADENCE,
         },
         "environment": {
+            "date": started.isoformat(timespec="seconds"),
+            "machine": platform.node(),
+            "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),

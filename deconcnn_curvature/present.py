@@ -164,6 +164,12 @@ def check_plot_path(path: Path) -> None:
         path.unlink()
 
 
+def density_title(checkpoint: str | os.PathLike[str]) -> str:
+    """The density plot's title: the checkpoint's path as the user gave it (``runs/a/last.ckpt``,
+    not ``last.ckpt``: every run folder holds a ``last.ckpt``)."""
+    return f"Hessian spectral density: {os.fspath(checkpoint)}"
+
+
 def plot_density(
     path: Path,
     grid: Any,
@@ -507,9 +513,10 @@ def show_compare(
 
 def _series(
     records: Sequence[Mapping[str, Any]], quantity: str
-) -> tuple[list[int], list[float], list[float], list[float], list[int]]:
-    """Steps, values and lower/upper error-bar lengths of ``quantity``; failed steps apart."""
-    steps, values, low, high, failed = [], [], [], [], []
+) -> tuple[list[int], list[float], list[float], list[float], list[int], list[bool]]:
+    """Steps, values, lower/upper error-bar lengths and converged flags of ``quantity`` (a flag
+    is ``False`` only where the record's ``details["converged"]`` says so); failed steps apart."""
+    steps, values, low, high, failed, converged = [], [], [], [], [], []
     for rec in records:
         if rec.get("quantity") != quantity:
             continue
@@ -535,11 +542,34 @@ def _series(
         values.append(float(value))
         low.append(max(0.0, float(lo)))
         high.append(max(0.0, float(hi)))
-    return steps, values, low, high, failed
+        converged.append((rec.get("details") or {}).get("converged") is not False)
+    return steps, values, low, high, failed, converged
 
 
-#: Values spanning more than this ratio get a logarithmic (or symmetric-log) axis.
-_DECADES_RATIO = 20.0
+#: How each eigenvalue method of a record's ``method`` ("rayleigh_ritz+lanczos") is named.
+_EIGEN_METHODS = {"lanczos": "Lanczos", "rayleigh_ritz": "Hutch++ sketch"}
+
+
+def _eigen_bar_label(records: Sequence[Mapping[str, Any]]) -> str:
+    """What the λ_max error bars are, from the records themselves: each value's Ritz residual
+    ``‖Hv − θv‖`` (some eigenvalue lies within it), named with the methods that produced the
+    values (Lanczos for pyhessian; the Hutch++ sketch, refined by Lanczos, for hutchpp)."""
+    eig = [r for r in records if r.get("quantity") == "eigenvalues" and r.get("value") is not None]
+    if not any((r.get("details") or {}).get("residuals") for r in eig):
+        return "none (no residuals recorded)"
+    names: list[str] = []
+    for rec in eig:
+        for part in str(rec.get("method") or "").split("+"):
+            name = _EIGEN_METHODS.get(part, part)
+            if name and name not in names:
+                names.append(name)
+    return "Ritz residual" + (f" ({' + '.join(names)})" if names else "")
+
+
+#: Positive values whose largest is more than this many times their smallest get a logarithmic
+#: axis (so a late trend stays visible under early values ten times larger); values of both signs
+#: spanning 100 times this in magnitude get a symmetric-log one.
+_LOG_RATIO = 5.0
 #: An error bar may widen the axis by this fraction of the points' span (or twice the median bar,
 #: if more); a longer one is clipped at the edge and marked with an arrow.
 _BAR_ROOM = 0.3
@@ -549,16 +579,16 @@ def _scale_and_limits(
     values: Sequence[float], bar_ends: Sequence[float] = ()
 ) -> tuple[str, float, float]:
     """The y-axis for ``values``: ``"log"`` when all are positive and span more than
-    :data:`_DECADES_RATIO`, ``"symlog"`` when they change sign and span decades in magnitude,
+    :data:`_LOG_RATIO`, ``"symlog"`` when they change sign and span decades in magnitude,
     else ``"linear"``. The limits come from the points (padded); an error-bar end widens them only
     within :data:`_BAR_ROOM` of the points' span or twice the median bar, so one wild interval
     cannot flatten the rest. ``bar_ends``: the lower ends, then the upper ends, of ``values``."""
     lo, hi = min(values), max(values)
     nonzero = [abs(v) for v in values if v != 0.0]
     spread = max(nonzero) / min(nonzero) if nonzero else 1.0
-    if lo > 0 and spread > _DECADES_RATIO:
+    if lo > 0 and spread > _LOG_RATIO:
         scale = "log"
-    elif lo < 0 < hi and spread > 100 * _DECADES_RATIO:
+    elif lo < 0 < hi and spread > 100 * _LOG_RATIO:
         scale = "symlog"
     else:
         scale = "linear"
@@ -582,6 +612,115 @@ def _scale_and_limits(
     return scale, back(t0 - pad), back(t1 + pad)
 
 
+def _mark_unconverged(
+    ax: Any, steps: Sequence[int], values: Sequence[float], converged: Sequence[bool], size: float
+) -> None:
+    """Draw the values whose solver stopped unconverged as hollow markers, with a legend entry:
+    such a value is the top Ritz value, a lower bound of λ_max, not λ_max."""
+    points = [(s, v) for s, v, ok in zip(steps, values, converged, strict=True) if not ok]
+    if not points:
+        return
+    xs, ys = zip(*points, strict=True)
+    ax.plot(
+        xs, ys, linestyle="none", marker="o", markersize=size * 1.8, markerfacecolor="white",
+        markeredgecolor="tab:blue", markeredgewidth=1.5, zorder=3,
+        label=f"not converged ({len(points)}): a lower bound of λ_max",
+    )  # fmt: skip
+    ax.legend(loc="best", fontsize="small", framealpha=0.8)
+
+
+_MARKER = 4.0  # marker size in points of the curvature panels
+
+#: A drawn curvature panel: its axes, its notes (completed after layout), steps, values, upper bars.
+_Drawn = tuple[Any, list[str], list[int], list[float], list[float]]
+
+
+def _clip_marks(ax: Any, steps: Sequence[int], values: Sequence[float], low: Sequence[float],
+                high: Sequence[float], limits: tuple[float, float]) -> bool:  # fmt: skip
+    """Mark intervals beyond the axis with an arrow at the edge; whether there were any."""
+    y0, y1 = limits
+    up = [(s, y1) for s, v, h in zip(steps, values, high, strict=True) if v + h > y1]
+    down = [(s, y0) for s, v, d in zip(steps, values, low, strict=True) if v - d < y0]
+    for pts, sym in ((up, "^"), (down, "v")):
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, linestyle="none", marker=sym, color="tab:orange", markersize=7,
+                    clip_on=False)  # fmt: skip
+    return bool(up or down)
+
+
+def _curvature_panel(
+    ax: Any, records: Sequence[Mapping[str, Any]], quantity: str, label: str, bars: str
+) -> _Drawn | None:
+    """One quantity's panel: points with error bars on an axis scaled to them, failed steps as
+    red lines, unconverged values hollow, the last value written at the right."""
+    steps, values, low, high, failed, converged = _series(records, quantity)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    notes = [f"{label} bars: {bars}"]
+    for step in failed:
+        ax.axvline(step, color="tab:red", linestyle=":")
+    if failed:
+        notes.append(f"red: {len(failed)} failed")
+    if not steps:
+        ax.text(0.5, 0.5, "every measurement failed", transform=ax.transAxes, ha="center")
+        ax.set_title("; ".join(notes), loc="left", fontsize="small")
+        return None
+    ends = [v - d for v, d in zip(values, low, strict=True)]
+    ends += [v + d for v, d in zip(values, high, strict=True)]
+    scale, y0, y1 = _scale_and_limits(values, ends)
+    if scale == "symlog":
+        ax.set_yscale("symlog", linthresh=min(abs(v) for v in values if v != 0.0))
+    else:
+        ax.set_yscale(scale)
+    ax.set_ylim(y0, y1)
+    ax.errorbar(
+        steps, values, yerr=[low, high], fmt="o-", markersize=_MARKER, capsize=3,
+        linewidth=1.2, color="tab:blue",
+    )  # fmt: skip
+    _mark_unconverged(ax, steps, values, converged, _MARKER)
+    if _clip_marks(ax, steps, values, low, high, (y0, y1)):
+        notes.append("▲▼ interval beyond the axis")
+    if scale != "linear":
+        ax.set_ylabel(f"{label} ({scale} scale)")
+    v, lo, hi = values[-1], low[-1], high[-1]
+    if quantity == "trace":
+        text = f"step {steps[-1]}: {v:.4g} [{v - lo:.4g}, {v + hi:.4g}]"
+    else:
+        text = f"step {steps[-1]}: {v:.4g} ± {hi:.2g}"
+    ax.set_title(text, loc="right", fontsize="small")
+    return ax, notes, steps, values, high
+
+
+def _loss_panel(ax: Any, loss: Sequence[tuple[int, float]]) -> None:
+    loss_steps, loss_values = zip(*loss, strict=True)
+    ax.plot(loss_steps, loss_values, color="tab:green", linewidth=1.0)
+    scale, y0, y1 = _scale_and_limits(loss_values)
+    ax.set_yscale("log" if scale == "log" else "linear")
+    ax.set_ylim(y0, y1)
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.set_title("training loss (train/loss, metrics.jsonl)", loc="left", fontsize="small")
+    ax.set_title(f"step {loss_steps[-1]}: {loss_values[-1]:.4g}", loc="right", fontsize="small")
+
+
+def _note_hidden_bars(fig: Any, drawn: Sequence[_Drawn]) -> None:
+    """A bar shorter than the marker's radius on screen cannot be seen: say so in the note."""
+    fig.draw_without_rendering()
+    radius = _MARKER / 2 * fig.dpi / 72
+    for ax, notes, steps, values, high in drawn:
+        pixels = [
+            abs(ax.transData.transform((s, v + h))[1] - ax.transData.transform((s, v))[1])
+            for s, v, h in zip(steps, values, high, strict=True)
+        ]
+        hidden = sum(p < radius for p in pixels)
+        if hidden == len(pixels):
+            notes.insert(1, "bars smaller than the markers")
+        elif hidden:
+            notes.insert(1, f"{hidden}/{len(pixels)} bars smaller than the markers")
+        ax.set_title("; ".join(notes), loc="left", fontsize="small")
+
+
 def curvature_figure(
     records: Sequence[Mapping[str, Any]],
     title: str = "",
@@ -595,7 +734,7 @@ def curvature_figure(
 
     panels = [
         ("trace", "Hessian trace", "95 % confidence interval"),
-        ("eigenvalues", "λ_max", "Lanczos residual bound"),
+        ("eigenvalues", "λ_max", _eigen_bar_label(records)),
     ]
     present = [p for p in panels if any(r.get("quantity") == p[0] for r in records)]
     if not present:
@@ -605,82 +744,17 @@ def curvature_figure(
     fig = Figure(figsize=(8, 1.0 + 2.6 * len(present) + (1.8 if loss else 0)), dpi=120)
     fig.set_layout_engine("constrained")
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0]
-    marker = 4.0
-    drawn: list[tuple[Any, list[str], list[int], list[float], list[float]]] = []
-    for ax, (quantity, label, bars) in zip(axes, present, strict=False):
-        steps, values, low, high, failed = _series(records, quantity)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        notes = [f"{label}: error bars = {bars}"]
-        for step in failed:
-            ax.axvline(step, color="tab:red", linestyle=":")
-        if failed:
-            notes.append(f"red: {len(failed)} failed")
-        if not steps:
-            ax.text(0.5, 0.5, "every measurement failed", transform=ax.transAxes, ha="center")
-            ax.set_title("; ".join(notes), loc="left", fontsize="small")
-            continue
-        ends = [v - d for v, d in zip(values, low, strict=True)]
-        ends += [v + d for v, d in zip(values, high, strict=True)]
-        scale, y0, y1 = _scale_and_limits(values, ends)
-        if scale == "symlog":
-            ax.set_yscale("symlog", linthresh=min(abs(v) for v in values if v != 0.0))
-        else:
-            ax.set_yscale(scale)
-        ax.set_ylim(y0, y1)
-        ax.errorbar(
-            steps, values, yerr=[low, high], fmt="o-", markersize=marker, capsize=3,
-            linewidth=1.2, color="tab:blue",
-        )  # fmt: skip
-        # Intervals beyond the axis are clipped there and marked with an arrow at the edge.
-        up = [(s, y1) for s, v, h in zip(steps, values, high, strict=True) if v + h > y1]
-        down = [(s, y0) for s, v, d in zip(steps, values, low, strict=True) if v - d < y0]
-        for pts, sym in ((up, "^"), (down, "v")):
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, linestyle="none", marker=sym, color="tab:orange", markersize=7,
-                        clip_on=False)  # fmt: skip
-        if up or down:
-            notes.append("▲▼ interval beyond the axis")
-        last = len(steps) - 1
-        if quantity == "trace":
-            text = (
-                f"step {steps[last]}: {values[last]:.4g} "
-                f"[{values[last] - low[last]:.4g}, {values[last] + high[last]:.4g}]"
-            )
-        else:
-            text = f"step {steps[last]}: {values[last]:.4g} ± {high[last]:.2g}"
-        ax.set_title(text, loc="right", fontsize="small")
-        drawn.append((ax, notes, steps, values, high))
+    drawn = [
+        d
+        for ax, (quantity, label, bars) in zip(axes, present, strict=False)
+        if (d := _curvature_panel(ax, records, quantity, label, bars)) is not None
+    ]
     if loss:
-        ax = axes[-1]
-        loss_steps, loss_values = zip(*loss, strict=True)
-        ax.plot(loss_steps, loss_values, color="tab:green", linewidth=1.0)
-        scale, y0, y1 = _scale_and_limits(loss_values)
-        ax.set_yscale("log" if scale == "log" else "linear")
-        ax.set_ylim(y0, y1)
-        ax.set_ylabel("training loss")
-        ax.grid(alpha=0.3)
-        ax.set_title("training loss (train/loss, metrics.jsonl)", loc="left", fontsize="small")
-        ax.set_title(f"step {loss_steps[-1]}: {loss_values[-1]:.4g}", loc="right",
-                     fontsize="small")  # fmt: skip
+        _loss_panel(axes[-1], loss)
     axes[-1].set_xlabel("optimiser step")
     if title:
         fig.suptitle(title, fontsize="medium")
-    # A bar shorter than the marker's radius on screen cannot be seen: say so.
-    fig.draw_without_rendering()
-    radius = marker / 2 * fig.dpi / 72
-    for ax, notes, steps, values, high in drawn:
-        pixels = [
-            abs(ax.transData.transform((s, v + h))[1] - ax.transData.transform((s, v))[1])
-            for s, v, h in zip(steps, values, high, strict=True)
-        ]
-        hidden = sum(p < radius for p in pixels)
-        if hidden == len(pixels):
-            notes.insert(1, "bars smaller than the markers")
-        elif hidden:
-            notes.insert(1, f"{hidden} of {len(pixels)} bars smaller than the markers")
-        ax.set_title("; ".join(notes), loc="left", fontsize="small")
+    _note_hidden_bars(fig, drawn)
     return fig
 
 
@@ -690,10 +764,12 @@ def plot_curvature(
     title: str = "",
     loss: Sequence[tuple[int, float]] = (),
 ) -> Path:
-    """Draw the trace (error bars: its confidence interval) and λ_max (error bars: the Lanczos
-    residual, which bounds the distance to an eigenvalue) against step, and the training
-    ``loss`` (``(step, value)`` pairs, e.g. :func:`read_training_loss`) under them on the same
-    axis. Each panel is scaled to its points (a log axis where they span decades); an interval
+    """Draw the trace (error bars: its confidence interval) and λ_max (error bars: the Ritz
+    residual, which bounds the distance to an eigenvalue; the panel names the method; a value
+    whose solver did not converge is a hollow marker with a legend entry) against step, and the
+    training ``loss`` (``(step, value)`` pairs, e.g. :func:`read_training_loss`) under them on the
+    same axis. Each panel is scaled to its points (a log axis where positive values span more than
+    :data:`_LOG_RATIO` times); an interval
     reaching beyond the axis is clipped and marked with an arrow at the edge; the last value and
     its interval are written in the panel; failed measurements (``value`` null) are skipped and
     marked with a red line. Writes a PNG with matplotlib's Agg backend and returns its path."""

@@ -179,3 +179,21 @@ def test_cost_accuracy_judges_with_the_references_uncertainty() -> None:
     # 17 surely and 19 possibly of 20: the reference cannot tell
     mixed = ca._share([(True, True)] * 17 + [(False, True)] * 2 + [(False, False)])
     assert mixed["share"] == [0.85, 0.95] and mixed["verdict"] == "undecided"
+
+
+def test_monitor_overhead_reports_a_backend_that_refuses_the_model(tmp_path: Path) -> None:
+    """--quick on the BatchNorm ResNet: backpack refuses the model at setup, and the run ends
+    with a table and JSON holding that backend's reason instead of a traceback."""
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "monitor_overhead.py"), "--quick",
+         "--out", str(out)],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["settings"]["quick"] is True and data["environment"]["date"]
+    assert data["skipped"]["backpack"].startswith("refused: backend 'backpack'")
+    assert "BatchNorm" in data["skipped"]["backpack"]
+    assert {b["backend"] for b in data["backends"]} == {"pyhessian", "hutchpp"}

@@ -120,3 +120,57 @@ def test_the_training_loss_is_drawn_under_the_curvature_on_the_same_steps(tmp_pa
     assert list(loss_ax.get_lines()[0].get_xdata()) == list(range(1, 25))
     out = plot_curvature(WILD, tmp_path / "p" / "curvature.png", title="t", loss=loss)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_trace_falling_tenfold_gets_a_log_axis_so_the_late_trend_shows() -> None:
+    """Positive values whose largest is more than 5 times their smallest: a log axis (on a
+    linear one the late values, a tenth of the early ones, lie flat along the bottom)."""
+    figure = curvature_figure
+
+    falling = [_trace(s, v, 0.9 * v, 1.1 * v) for s, v in ((0, 3000.0), (8, 900.0), (16, 300.0))]
+    ax = figure(falling).axes[0]
+    assert ax.get_yscale() == "log"
+    assert ax.get_ylabel() == "Hessian trace (log scale)"
+    flat = [_trace(s, v, 0.9 * v, 1.1 * v) for s, v in ((0, 500.0), (8, 300.0), (16, 101.0))]
+    assert figure(flat).axes[0].get_yscale() == "linear"  # 4.95 times: linear
+
+
+def test_an_unconverged_lambda_max_is_hollow_with_a_legend_entry() -> None:
+    figure = curvature_figure
+
+    recs = [_eig(0, 60.0), _eig(8, 64.0), _eig(16, 70.0)]
+    recs[1]["details"]["converged"] = False
+    recs[0]["details"]["converged"] = True
+    ax = figure(recs).axes[0]
+    white = ("white", (1.0, 1.0, 1.0, 1.0))
+    hollow = [
+        line for line in ax.get_lines()
+        if line.get_marker() == "o" and line.get_markerfacecolor() in white
+    ]  # fmt: skip
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [8]
+    legend = ax.get_legend()
+    assert legend is not None and "not converged (1)" in legend.get_texts()[0].get_text()
+    # All converged (or no flag recorded): no hollow marker, no legend.
+    recs[1]["details"]["converged"] = True
+    assert figure(recs).axes[0].get_legend() is None
+
+
+def test_the_lambda_max_bars_are_named_by_the_method_that_produced_them() -> None:
+    """pyhessian's values come from Lanczos; hutchpp's from Rayleigh–Ritz on its sketch, refined
+    by Lanczos: the note says which, never "Lanczos" for a sketch value."""
+    figure = curvature_figure
+
+    lanczos = [{**_eig(0, 60.0), "method": "lanczos"}]
+    sketch = [{**_eig(0, 60.0), "method": "rayleigh_ritz+lanczos"}]
+    note = figure(lanczos).axes[0].get_title(loc="left")
+    assert "λ_max bars: Ritz residual (Lanczos)" in note
+    note = figure(sketch).axes[0].get_title(loc="left")
+    assert "Ritz residual (Hutch++ sketch + Lanczos)" in note
+    bare = [{**_eig(0, 60.0), "details": {}}]
+    assert "bars: none" in figure(bare).axes[0].get_title(loc="left")
+
+
+def test_the_density_title_is_the_checkpoint_path_as_given() -> None:
+    from deconcnn_curvature.present import density_title
+
+    assert density_title(Path("runs/demo/last.ckpt")).endswith(": runs/demo/last.ckpt")

@@ -33,6 +33,7 @@ from deconcnn_curvature.present import (
     check_plot_path,
     default_sigma,
     density_json,
+    density_title,
     plot_density,
     print_header,
     show_density,
@@ -71,7 +72,7 @@ def _write_plot(
             log_scale=log_scale,
             nodes=density.nodes,
             dim=density.dim,
-            title=f"Hessian spectral density: {checkpoint}",
+            title=density_title(checkpoint),
             subtitle=(
                 f"{backend_name} SLQ, {density.num_runs} runs x {density.lanczos_steps} "
                 f"steps, σ = {width:.3g}; {_num_samples(loaded)} samples of "
