@@ -63,10 +63,6 @@ KNOWN: dict[tuple[str, str, str], str] = {
         "(0.124 of 0.161, skewed probe values): 51 of seeds 0-59 cover at the nominal 95 %, "
         "1 of seeds 0-3"
     ),
-    ("kf-single-shared-reduce-mse", "pyhessian", "eigenvalues"): (
-        "top eigenvalue of multiplicity 3: pyhessian returns [λ1, λ1, λ2] marked converged, "
-        "neither distinct values (as its result states) nor values counted with multiplicity"
-    ),
 }
 
 
@@ -180,14 +176,6 @@ def test_trace_intervals_cover_the_exact_trace(case_id: str, backend: str) -> No
 
 
 # -- top eigenvalues ----------------------------------------------------------------------------
-def _distinct(values: torch.Tensor, tol: float) -> list[float]:
-    out: list[float] = []
-    for v in values.tolist():
-        if not out or out[-1] - v > tol:
-            out.append(v)
-    return out
-
-
 def _close(got: list[float], want: list[float], tol: float) -> bool:
     return len(got) <= len(want) and all(abs(g - w) <= tol for g, w in zip(got, want, strict=False))
 
@@ -208,10 +196,4 @@ def test_converged_top_eigenvalues_equal_the_dense_ones(case_id: str, backend: s
     with_multiplicity = spectrum[:k].tolist()
     if _close(got, with_multiplicity, tol):
         return
-    distinct = _distinct(spectrum, tol)
-    if _close(got, distinct, tol) and "distinct" in str(r.details.get("multiplicity", "")):
-        pytest.xfail(
-            f"repeated top eigenvalue: this backend reports distinct values {got}, the dense "
-            f"spectrum counted with multiplicity is {with_multiplicity}"
-        )
     pytest.fail(f"converged {got} but dense top-{k} is {with_multiplicity}")
