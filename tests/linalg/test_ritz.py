@@ -7,6 +7,10 @@ import math
 
 import pytest
 import torch
+from spectra import F64
+from spectra import gen as _gen
+from spectra import spectrum as _spectrum
+from spectra import with_spectrum as _with_spectrum
 
 from deconcnn_curvature.linalg.hutchpp import LowRankSketch, hutchpp_with_sketch
 from deconcnn_curvature.linalg.operator import DenseOperator, make_generator
@@ -17,49 +21,6 @@ from deconcnn_curvature.linalg.ritz import (
     refined_top_eigenvalues,
     sketch_top_eigenvalues,
 )
-
-F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small dense matrices: one BLAS thread is fastest and immune to a busy machine's contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _with_spectrum(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    n = eigs.numel()
-    u, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(seed), dtype=F64))
-    a = (u * eigs) @ u.T
-    return (a + a.T) / 2
-
-
-def _spectrum(kind: str, n: int) -> torch.Tensor:
-    g = _gen(1234)
-    if kind == "flat":  # indefinite, no structure to deflate
-        return -1 + 2.5 * torch.rand(n, generator=g, dtype=F64)
-    if kind == "outliers":  # ~10 large outliers over a small PSD bulk
-        return torch.cat(
-            [torch.linspace(10, 100, 10, dtype=F64), torch.rand(n - 10, generator=g, dtype=F64)]
-        )
-    if kind == "decaying":
-        return 1 / torch.arange(1, n + 1, dtype=F64)
-    if kind == "indefinite_outliers":
-        bulk = 0.5 * torch.randn(n - 6, generator=g, dtype=F64)
-        return torch.cat([torch.tensor([40.0, 25.0, 12.0, -30.0, -15.0, -8.0], dtype=F64), bulk])
-    if kind == "rank_deficient":
-        return torch.cat(
-            [torch.tensor([5.0, 3.0, 2.0, -1.0, 0.5], dtype=F64), torch.zeros(n - 5, dtype=F64)]
-        )
-    raise ValueError(kind)
-
 
 # ------------------------------------------------------------------------------------------------
 # Eigenvalues from the sketch
