@@ -377,30 +377,25 @@ def test_a_forward_of_several_arguments_is_named_with_the_supported_form() -> No
         assert "forward(inputs) returns net(*inputs)" in message and "[((x1, x2), y)]" in message
 
 
-def test_the_readme_example_of_both_forms_gives_the_dense_hessians_numbers() -> None:
-    """The README's Python paragraph on several arguments and tuple outputs, run as written."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "Unpack" in b)
-    several, tuple_out = block.split("# a model returning (logits, aux):")
-    demo, _, data = _demo_transformer_problem()
-    (src, tgt), _ = data[0]
-    model, (x, y) = _tuple_problem(False)
-    namespace = {
-        "dcc": dcc,
-        "net": demo.net,
-        "src": src,
-        "tgt": tgt,
-        "model": model,
-        "x": x,
-        "y": y,
-    }
-    exec(several, namespace)
+def test_the_documented_forms_of_both_shapes_give_the_dense_hessians_numbers() -> None:
+    """The Python guide's ``Unpack`` wrapper (a forward of several arguments) and its loss that
+    picks the logits out of a tuple output, on Lightning's demo Transformer and a tuple model."""
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in pages)
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "Unpack" in b)
+    namespace: dict[str, Any] = {"nn": nn, "F": F, "torch": torch, "dcc": dcc}
+    exec(block.split("src, tgt = torch.randn")[0], namespace)  # the classes, as written
+    demo, loss_fn, data = _demo_transformer_problem()
+    r = dcc.estimate(namespace["Unpack"](demo.net), loss_fn, data, "eigenvalues")
     top = _top(_demo_transformer_exact(), 1)
-    torch.testing.assert_close(namespace["r"].value[0], float(top[0]), rtol=1e-6, atol=0)
-    exec(tuple_out, namespace)
+    torch.testing.assert_close(r.value[0], float(top[0]), rtol=1e-6, atol=0)
+
+    model, (x, y) = _tuple_problem(False)
 
     def pick(out: Any, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out[0], y)
 
+    r = dcc.estimate(model, pick, (x, y), "eigenvalues")
     top = _top(autograd_hessian(model.eval(), pick, x, y), 1)
-    torch.testing.assert_close(namespace["r"].value[0], float(top[0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(r.value[0], float(top[0]), rtol=1e-6, atol=0)

@@ -109,7 +109,7 @@ def train_cmd(
     OVERRIDES are Hydra overrides, for example:
 
     \b
-      deconcnn-curv train +preset=demo                  # small: about a minute on 2 idle CPU cores
+      deconcnn-curv train +preset=demo                  # small: a few minutes on 2 idle CPU cores
       deconcnn-curv train model.width_mult=0.25 trainer.max_epochs=5 name=w025
       deconcnn-curv train curvature=hutchpp curvature.compute_every_n_steps=200
       deconcnn-curv train data=cifar10 data.root=/data/cifar trainer.accelerator=gpu
