@@ -19,7 +19,20 @@ probe's quadratic form) and a data part ``V_data = S²_t / n`` (``S²_t`` the va
 trace). The previous measurement's ``stderr_probe`` and ``stderr_data`` (of ``m0`` products on
 ``n0`` samples) give ``A = stderr_probe² · m0`` and ``B = stderr_data² · n0``, so
 ``V(n, m) = A / m + B / n`` (:func:`predicted_variance`). Minimising it under ``n · p ≤ K`` puts
-the two parts level (``n / m = √(B / A)`` scaled by the budget), as in two-stage sampling.
+the two parts level (``n / m = √(B / A)`` scaled by the budget), as in two-stage sampling. Fewer
+products than the measurement the noise came from are counted at ``1/m²`` (Hutch++'s rate, the
+faster one), more at ``1/m`` (Hutchinson's, the slower): the rule never counts on a product being
+worth more than it may be.
+
+**Where the size starts.** Without a noise estimate the measurement has the fixed shape
+(``hessian_batch_size`` samples, ``num_hvps`` products), scaled down only if it does not fit; the
+first one's cost is predicted from the timed training steps (:data:`FIRST_COST_RATIO`). With
+λ_max measured, the batch stays at ``hessian_batch_size`` samples or more whenever that fits
+(λ_max of a small batch is biased upwards; its error is not in the trace's model).
+
+**Spending.** The next measurement may take what this interval's training earned plus a quarter
+(:data:`PAYBACK_INTERVALS`) of the balance carried from before: an overspent or underspent
+measurement is evened out over the next few, never paid back at once by one tiny measurement.
 
 **Minimums.** A measurement keeps its interval: at least ``min_products`` products (2, or the
 backend's minimum) and at least 2 samples per data group (``data_groups ≥ 2``). When even the
@@ -30,14 +43,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "FIRST_COST_RATIO",
     "FIRST_PRODUCTS",
     "FIRST_SAMPLES_PER_GROUP",
     "MAX_BATCH_FACTOR",
     "MAX_PRODUCTS",
+    "PAYBACK_INTERVALS",
     "Limits",
     "Noise",
     "Size",
@@ -48,10 +63,18 @@ __all__ = [
     "predicted_variance",
 ]
 
-#: Samples per data group of the first measurement (no cost known yet): 4 per group.
+#: Samples per data group of the first measurement when not even the training step's cost is
+#: known (no training batch size): 4 per group.
 FIRST_SAMPLES_PER_GROUP = 4
-#: Trace products of the first measurement (no noise known yet), raised to a backend's minimum.
+#: Trace products of that first measurement, raised to a backend's minimum.
 FIRST_PRODUCTS = 4
+#: The first measurement's predicted seconds per sample and product, in units of a timed training
+#: step's seconds per training sample: a Hessian-vector product costs about two to three gradients
+#: (``benchmarks/hvp_cost.py``), a training step about one gradient and an optimiser update; 4
+#: errs towards a smaller first measurement.
+FIRST_COST_RATIO = 4.0
+#: An overspent or underspent balance is evened out over about this many measurements.
+PAYBACK_INTERVALS = 4
 #: The budget's curvature batch is at most this many times ``hessian_batch_size`` (memory bound).
 MAX_BATCH_FACTOR = 8
 #: Most trace products one measurement may be given.
@@ -67,12 +90,16 @@ EWMA_WEIGHT = 0.5
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What a measurement may be: samples in ``[min_samples, max_samples]``, trace products in
-    ``[min_products, max_products]``."""
+    ``[min_products, max_products]``. ``start`` is the fixed shape ``(samples, products)`` a
+    measurement without a noise estimate takes (scaled down to fit; default: the minimums);
+    ``floor_samples`` the batch kept whenever it fits (λ_max measured: ``hessian_batch_size``)."""
 
     min_samples: int
     max_samples: int
     min_products: int
     max_products: int = MAX_PRODUCTS
+    start: tuple[int, int] | None = None
+    floor_samples: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_samples <= self.max_samples:
@@ -80,14 +107,25 @@ class Limits:
         if not 1 <= self.min_products <= self.max_products:
             raise ValueError(f"need 1 <= min_products <= max_products, got {self}")
 
+    @property
+    def start_shape(self) -> tuple[int, int]:
+        """``start`` within the limits."""
+        n, m = self.start or (self.min_samples, self.min_products)
+        return (
+            min(self.max_samples, max(self.min_samples, n)),
+            min(self.max_products, max(self.min_products, m)),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Noise:
     """Per-unit variances: ``probe`` = ``stderr_probe² · m`` (one product's), ``data`` =
-    ``stderr_data² · n`` (one sample's)."""
+    ``stderr_data² · n`` (one sample's), from a measurement of ``products`` trace products
+    (``0``: unknown)."""
 
     probe: float
     data: float
+    products: float = 0.0
 
     @classmethod
     def from_stderrs(
@@ -98,7 +136,7 @@ class Noise:
         total = stderr_probe**2 + stderr_data**2
         probe = max(stderr_probe**2, NOISE_FLOOR * total)
         data = max(stderr_data**2, NOISE_FLOOR * total)
-        return cls(probe=probe * products, data=data * samples)
+        return cls(probe=probe * products, data=data * samples, products=float(products))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +182,10 @@ def predicted_variance(
     """``V(n, m) = noise.probe / m + data_weight · noise.data / n``: the two-way model's variance
     of the trace of the data set's Hessian from ``m`` products on ``n`` samples (``data_weight``
     1), with the data part counted ``data_weight`` times when λ_max, which only samples improve,
-    is measured from the same batch (see ``docs/time-budget.md``)."""
-    return noise.probe / products + data_weight * noise.data / samples
+    is measured from the same batch (see ``docs/time-budget.md``). Below the ``noise.products``
+    the noise was measured with, the probe part grows as ``1/m²`` (Hutch++'s rate) instead."""
+    fewer = max(1.0, noise.products / products)
+    return noise.probe / products * fewer + data_weight * noise.data / samples
 
 
 def choose_size(
@@ -157,12 +197,11 @@ def choose_size(
     data_weight: float = 1.0,
 ) -> Size:
     """The ``(n, m)`` of least :func:`predicted_variance` with predicted seconds
-    ``c0 + c1 · n · (m + extra_products)`` at most ``allowed``. Without a noise estimate the
-    products stay at their minimum and the samples take the rest (data noise dominated every
-    measurement so far: ``benchmarks/cost_accuracy.py``). When even the minimum does not fit, a
-    :class:`Size` with ``skipped`` set."""
+    ``c0 + c1 · n · (m + extra_products)`` at most ``allowed``, with ``n`` at least
+    ``limits.floor_samples`` whenever that fits. Without a noise estimate, the fixed shape
+    ``limits.start`` (scaled down to fit). When even the minimum does not fit, a :class:`Size`
+    with ``skipped`` set."""
     c0, c1 = cost
-    model = noise if noise is not None else Noise(probe=0.0, data=1.0)
 
     def seconds(n: int, m: int) -> float:
         return c0 + c1 * n * (m + extra_products)
@@ -181,19 +220,42 @@ def choose_size(
                 f"budget allows now ({allowed:.3g} s)"
             ),
         )
+    if noise is None:
+        n, m = _scaled_start(allowed, seconds, limits)
+        return Size(n, m, allowed, seconds(n, m), "fixed shape (no noise estimate yet)")
+    low = limits.min_samples
+    if limits.floor_samples is not None:
+        floor = min(max(limits.floor_samples, low), limits.max_samples)
+        if seconds(floor, limits.min_products) <= allowed:
+            low = floor
     best: tuple[float, int, int] | None = None
     for m in range(limits.min_products, limits.max_products + 1):
         room = (allowed - c0) / (c1 * (m + extra_products)) if c1 > 0 else math.inf
         n = limits.max_samples if room >= limits.max_samples else math.floor(room)
-        if n < limits.min_samples:
+        if n < low:
             break  # more products leave even fewer samples
-        var = predicted_variance(n, m, model, data_weight)
+        var = predicted_variance(n, m, noise, data_weight)
         if best is None or var < best[0] * (1 - 1e-12):
             best = (var, n, m)
-    assert best is not None  # the minimum fits
+    assert best is not None  # the minimum (or the floor, checked) fits
     _, n, m = best
-    rule = "balanced" if noise is not None else "samples first (no noise estimate yet)"
+    rule = "balanced" if low == limits.min_samples else "balanced, λ_max's batch kept"
     return Size(n, m, allowed, seconds(n, m), rule)
+
+
+def _scaled_start(
+    allowed: float, seconds: Callable[[int, int], float], limits: Limits
+) -> tuple[int, int]:
+    """The fixed shape, both sizes scaled down by the same factor until it fits (the minimum
+    fits: checked by the caller)."""
+    n0, m0 = limits.start_shape
+    scale = 1.0
+    while True:
+        n = max(limits.min_samples, math.floor(n0 * scale))
+        m = max(limits.min_products, math.floor(m0 * scale))
+        if seconds(n, m) <= allowed or (n, m) == (limits.min_samples, limits.min_products):
+            return n, m
+        scale *= 0.9
 
 
 def allowed_seconds(
@@ -201,14 +263,20 @@ def allowed_seconds(
     max_seconds: float | None,
     train_seconds: float,
     spent_seconds: float,
+    since_last: float | None = None,
 ) -> float:
-    """Seconds the next measurement may take: ``max_overhead`` of the training time so far less
-    what measuring has spent (so unspent budget carries over to later measurements and an
-    overspent one is paid back by skipping: the cumulative share tracks the target), and at most
-    ``max_seconds``; with both, the tighter wins."""
+    """Seconds the next measurement may take, at most ``max_seconds``; with both budgets the
+    tighter wins. With ``max_overhead``: the balance ``max_overhead · train_seconds −
+    spent_seconds`` (unspent budget carries over, overspent is paid back, so the cumulative
+    share tracks the target); given ``since_last`` (training seconds since the last
+    measurement), what they earned plus ``1 /`` :data:`PAYBACK_INTERVALS` of the balance carried
+    from before, so a surplus or a debt is evened out over the next few measurements."""
     limit = math.inf
     if max_overhead is not None:
         limit = max_overhead * train_seconds - spent_seconds
+        if since_last is not None:
+            earned = max_overhead * since_last
+            limit = earned + (limit - earned) / PAYBACK_INTERVALS
     if max_seconds is not None:
         limit = min(limit, max_seconds)
     return limit
@@ -228,13 +296,18 @@ class TimeBudget:
         max_seconds: float | None,
         limits: Limits,
         data_weight: float = 1.0,
+        train_batch_size: int | None = None,
+        first_extra_products: float = 0.0,
     ) -> None:
         self.max_overhead = max_overhead
         self.max_seconds = max_seconds
         self.limits = limits
         self.data_weight = data_weight
+        self.train_batch_size = train_batch_size
+        self.first_extra_products = first_extra_products
         self.step_seconds: float | None = None  # EWMA of one training step
         self.train_seconds = 0.0
+        self.train_at_last = 0.0  # training seconds at the last measurement
         self.spent_seconds = 0.0
         self.steps = 0
         self.first_point: tuple[float, float] | None = None  # (samples x products, seconds)
@@ -266,6 +339,7 @@ class TimeBudget:
         and spent ``total_products`` products in all; the trace's noise components (``None``:
         not reported, e.g. a failed trace, keep the last estimate)."""
         self.spent_seconds += max(0.0, float(seconds))
+        self.train_at_last = self.train_seconds
         if total_products > 0:
             point = (float(size.samples * total_products), float(seconds))
             # The first measurement pays one-time costs (imports, the first graph): it sizes the
@@ -300,31 +374,53 @@ class TimeBudget:
     def allowed(self) -> float:
         """Seconds the next measurement may take (:func:`allowed_seconds`)."""
         return allowed_seconds(
-            self.max_overhead, self.max_seconds, self.train_seconds, self.spent_seconds
+            self.max_overhead,
+            self.max_seconds,
+            self.train_seconds,
+            self.spent_seconds,
+            since_last=self.train_seconds - self.train_at_last,
         )
 
     def first_size(self) -> Size:
-        """The first measurement's size (no cost known): :data:`FIRST_SAMPLES_PER_GROUP` samples
-        per group (``min_samples`` is 2 per group) and :data:`FIRST_PRODUCTS` products, within the
+        """The first measurement's size (no measurement timed yet): the fixed shape scaled to
+        fit, its cost predicted as :data:`FIRST_COST_RATIO` × the timed training step's seconds
+        per training sample. Without a timed step or the training batch size, or when even the
+        minimum would not fit that guess: :data:`FIRST_SAMPLES_PER_GROUP` samples per group
+        (``min_samples`` is 2 per group) and :data:`FIRST_PRODUCTS` products, within the
         limits."""
-        lim = self.limits
+        lim, allowed = self.limits, self.allowed()
+        if self.step_seconds and self.train_batch_size:
+            per = FIRST_COST_RATIO * self.step_seconds / self.train_batch_size
+            size = choose_size(
+                allowed, (0.0, per), None, lim, extra_products=self.first_extra_products
+            )
+            if size.skipped is None:
+                return dataclasses.replace(size, rule="first: fixed shape, cost from the steps")
+            # The step-based guess can be far off (a step dominated by data loading or a slow
+            # optimiser): measure small rather than never learn the real cost.
         n = min(lim.max_samples, FIRST_SAMPLES_PER_GROUP // 2 * lim.min_samples)
         m = min(lim.max_products, max(lim.min_products, FIRST_PRODUCTS))
-        return Size(n, m, self.allowed(), None, "first (no cost measured yet)")
+        return Size(n, m, allowed, None, "first (no cost measured yet)")
 
     def size(self) -> Size:
         """The next measurement's size (see :func:`choose_size`), remembered for the summary."""
         if self.first_point is None:
-            size = self.first_size()
-            if size.seconds is not None and size.seconds <= 0:
-                size = dataclasses.replace(
-                    size,
-                    rule="skip",
+            allowed = self.allowed()
+            if allowed <= 0:
+                lim = self.limits
+                size = Size(
+                    lim.min_samples,
+                    lim.min_products,
+                    allowed,
+                    None,
+                    "skip",
                     skipped=(
-                        f"no budget left yet ({size.seconds:.3g} s: the monitor's set-up and "
+                        f"no budget left yet ({allowed:.3g} s: the monitor's set-up and "
                         "earlier measurements are not yet paid for by training time)"
                     ),
                 )
+            else:
+                size = self.first_size()
         else:
             size = choose_size(
                 self.allowed(),
@@ -377,6 +473,7 @@ class TimeBudget:
             "step_seconds": self.step_seconds,
             "train_seconds": self.train_seconds,
             "spent_seconds": self.spent_seconds,
+            "train_at_last": self.train_at_last,
             "steps": self.steps,
             "first_point": None if self.first_point is None else list(self.first_point),
             "points": [list(p) for p in self.points],
@@ -388,6 +485,7 @@ class TimeBudget:
         self.step_seconds = state.get("step_seconds")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.spent_seconds = float(state.get("spent_seconds", 0.0))
+        self.train_at_last = float(state.get("train_at_last", 0.0))
         self.steps = int(state.get("steps", 0))
         first = state.get("first_point")
         self.first_point = None if first is None else (float(first[0]), float(first[1]))

@@ -784,8 +784,8 @@ class CurvatureMonitor(pl.Callback):
         pl.utilities.rank_zero_info(
             f"CurvatureMonitor: time budget: measuring takes at most {' and '.join(parts)}"
             f"{' (the tighter wins)' if len(parts) > 1 else ''}; each measurement's samples and "
-            "trace products are chosen to fit it from the timed steps and products (num_hvps "
-            "and hessian_batch_size no longer fix them; docs/time-budget.md)."
+            "trace products are chosen to fit it from the timed steps and products, starting "
+            "from hessian_batch_size x num_hvps (docs/time-budget.md)."
         )
 
     def _start_budget(
@@ -815,10 +815,27 @@ class CurvatureMonitor(pl.Callback):
         # No more products than parameters: the trace is exact by then.
         params = sum(p.numel() for p in self._model(pl_module).parameters() if p.requires_grad)
         products = max(least_products, min(MAX_PRODUCTS, params))
-        limits = Limits(min_samples, max(min_samples, most), least_products, products)
-        # λ_max (from the same batch) has only data noise: its samples count with the trace's.
-        weight = 2.0 if "eigenvalues" in self.quantities else 1.0
-        self._budget = TimeBudget(self.max_overhead, self.max_seconds, limits, weight)
+        # Without a noise estimate: the fixed shape (hessian_batch_size x num_hvps). λ_max (from
+        # the same batch) has only data noise, biased upwards on a small batch: its samples count
+        # twice in the split, and the batch stays at hessian_batch_size whenever that fits.
+        eig = "eigenvalues" in self.quantities
+        shape = (self.hessian_batch_size, self.num_hvps or option.default or least_products)
+        limits = Limits(
+            min_samples,
+            max(min_samples, most),
+            least_products,
+            products,
+            start=shape,
+            floor_samples=self.hessian_batch_size if eig else None,
+        )
+        self._budget = TimeBudget(
+            self.max_overhead,
+            self.max_seconds,
+            limits,
+            data_weight=2.0 if eig else 1.0,
+            train_batch_size=getattr(train_loader(trainer), "batch_size", None),
+            first_extra_products=float(shape[1]) if eig else 0.0,
+        )
         if self._budget_state is not None:
             self._budget.load_state_dict(self._budget_state)
             self._budget_state = None

@@ -4,6 +4,7 @@ calls best, the minimums, and skipping when nothing fits."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -82,10 +83,34 @@ def test_the_batch_never_exceeds_its_cap() -> None:
     assert (size.samples, size.products) == (64, 50)
 
 
-def test_without_a_noise_estimate_samples_come_first() -> None:
-    size = choose_size(100.0, (0.0, 1.0), None, WIDE)
-    assert (size.samples, size.products) == (50, 2)
+def test_without_a_noise_estimate_the_fixed_shape_is_scaled_down_to_fit() -> None:
+    limits = dataclasses.replace(WIDE, start=(64, 10))
+    size = choose_size(1000.0, (0.0, 1.0), None, limits)
+    assert (size.samples, size.products) == (64, 10)  # 640 fits: the fixed shape as it is
     assert "no noise estimate" in size.rule
+    size = choose_size(100.0, (0.0, 1.0), None, limits)
+    # Both scaled by 0.9^k until n*m <= 100: 0.9^6 = 0.53 -> (34, 5) = 170; 0.9^9 -> (24, 3).
+    assert size.samples * size.products <= 100
+    assert (size.samples, size.products) == (24, 3)
+    # Never below the minimums (8 x 2 = 16 fits).
+    assert (choose_size(16.0, (0.0, 1.0), None, limits).samples, 2) == (8, 2)
+
+
+def test_fewer_products_than_measured_are_counted_at_one_over_m_squared() -> None:
+    noise = Noise(probe=10.0, data=0.0, products=10)
+    assert predicted_variance(8, 20, noise) == pytest.approx(10.0 / 20)  # more: 1/m
+    assert predicted_variance(8, 5, noise) == pytest.approx(10.0 / 5 * 2)  # fewer: 1/m^2
+
+
+def test_the_lambda_batch_is_kept_whenever_it_fits() -> None:
+    """Data noise would be happy with 8 samples x many products; with λ_max measured the batch
+    stays at floor_samples = 64 while 64 x 2 products fit, and drops below only when not."""
+    limits = dataclasses.replace(WIDE, floor_samples=64)
+    noise = Noise(probe=1e6, data=1.0, products=2)
+    size = choose_size(640.0, (0.0, 1.0), noise, limits)
+    assert (size.samples, size.products) == (64, 10) and "kept" in size.rule
+    size = choose_size(100.0, (0.0, 1.0), noise, limits)  # 64 x 2 = 128 does not fit
+    assert size.samples < 64 and size.rule == "balanced"
 
 
 def test_allowed_seconds_tighter_budget_wins_and_carries_over() -> None:
@@ -97,6 +122,11 @@ def test_allowed_seconds_tighter_budget_wins_and_carries_over() -> None:
     assert allowed_seconds(0.05, None, 100.0, 1.0) == pytest.approx(4.0)
     assert allowed_seconds(0.05, None, 100.0, 7.0) == pytest.approx(-2.0)
     assert allowed_seconds(None, None, 100.0, 7.0) == math.inf
+    # Spread: 20 s since the last measurement earned 1 s; a 2 s debt from before is paid back a
+    # quarter at a time; a 2 s surplus spent a quarter at a time.
+    assert allowed_seconds(0.05, None, 100.0, 7.0, since_last=20.0) == pytest.approx(1 - 3 / 4)
+    assert allowed_seconds(0.05, None, 100.0, 3.0, since_last=20.0) == pytest.approx(1 + 1 / 4)
+    assert allowed_seconds(0.05, None, 100.0, 4.0, since_last=20.0) == pytest.approx(1.0)
 
 
 def test_noise_components_are_floored_and_scaled_per_unit() -> None:
@@ -110,22 +140,25 @@ def test_the_time_budget_sizes_from_what_it_timed() -> None:
     budget = TimeBudget(max_overhead=0.1, max_seconds=None, limits=limits)
     for _ in range(10):
         budget.tick(1.0)  # ten 1-second steps: 1 s of budget
-    first = budget.size()
+    first = budget.size()  # no training batch size: the small first size
     assert (first.samples, first.products) == (16, 4) and first.rule.startswith("first")
     # It took 0.2 s with 16 x 4 products, and 4 more (eigenvalue) products; data noise dominates.
     budget.observe(first, 0.2, total_products=8, stderr_probe=0.1, stderr_data=1.0)
     for _ in range(10):
         budget.tick(1.0)
     second = budget.size()
-    # 2 s of training at 10 % less 0.2 s spent: 1.8 s; cost 0.2/(16*8) s per sample-product.
-    assert second.seconds == pytest.approx(1.8)
-    assert second.predicted_seconds <= 1.8
-    # Probe part floored at 10 % of the variance: A = 0.101 * 4, B = 1 * 16; K = 1152
-    # sample-products: m = sqrt(A K / B) = 5.4 -> 5, n = K / (5 + 4) = 128: samples first.
-    assert (second.samples, second.products) == (128, 5)
+    # 10 s of training since: 1 s earned, plus a quarter of the 0.8 s carried: 1.2 s; cost
+    # 0.2/(16*8) s per sample-product.
+    assert second.seconds == pytest.approx(1.2)
+    assert second.predicted_seconds <= 1.2
+    # Probe part floored at 10 % of the variance: A = 0.101 * 4, B = 1 * 16; K = 768
+    # sample-products: m = sqrt(A K / B) = 4.4; n = K / (m + 4). Integer pairs: (85, 5) gives
+    # 0.2690, (95, 4) 0.2694 (96 x 8 is a hair over K in floating point): samples first.
+    assert (second.samples, second.products) == (85, 5)
     budget.observe(second, second.predicted_seconds, second.products + 4, 0.1, 1.0)
     summary = budget.summary()
     assert summary["share"] == pytest.approx((0.2 + second.predicted_seconds) / 20.0)
+    assert summary["chosen"][0]["samples"] == 16
     assert [c["samples"] for c in summary["chosen"]] == [16, second.samples]
     # The account survives a checkpoint.
     again = TimeBudget(0.1, None, limits)
@@ -138,11 +171,31 @@ def test_the_first_measurement_waits_for_a_positive_budget() -> None:
     limits = Limits(min_samples=8, max_samples=64, min_products=2)
     budget = TimeBudget(max_overhead=0.05, max_seconds=None, limits=limits)
     budget.charge(1.0)  # set-up
-    budget.tick(10.0)  # 0.5 s of budget: not yet paid back
+    budget.tick(4.0)  # 0.2 s earned, a quarter of the 1 s set-up due: not yet
     size = budget.size()
     assert size.skipped is not None and "no budget left yet" in size.skipped
     budget.tick(20.0)
     assert budget.size().skipped is None
+
+
+def test_the_first_size_is_the_fixed_shape_priced_from_the_steps() -> None:
+    """Steps of 0.1 s on 32 samples: a sample-product priced 4 x 0.1 / 32 = 12.5 ms. 400 s of
+    training at 5 % allow 20 s: the fixed 64 x 10 (with 10 λ_max products: 15.6 s) fits."""
+    limits = Limits(min_samples=8, max_samples=512, min_products=2, start=(64, 10))
+    budget = TimeBudget(0.05, None, limits, train_batch_size=32, first_extra_products=10.0)
+    for _ in range(4000):
+        budget.tick(0.1)
+    first = budget.size()
+    assert (first.samples, first.products) == (64, 10)
+    assert first.predicted_seconds == pytest.approx(64 * 20 * 0.0125)
+    assert first.rule == "first: fixed shape, cost from the steps"
+    # A guess that fits nothing (a step of 1 ms would allow 0.2 s, the minimum costs more at
+    # a badly wrong price) still measures small rather than never.
+    slow = TimeBudget(0.05, None, limits, train_batch_size=1, first_extra_products=10.0)
+    for _ in range(100):
+        slow.tick(1.0)
+    size = slow.size()
+    assert size.skipped is None and (size.samples, size.products) == (16, 4)
 
 
 def test_limits_are_checked() -> None:

@@ -182,7 +182,8 @@ def test_a_budget_needs_a_trace_to_size(tmp_path: Path) -> None:
 
 def test_hutchpp_spends_the_chosen_products_in_its_joint_call(tmp_path: Path) -> None:
     """Hutch++ measures trace and λ_max in one call: the chosen products are its sketch's, the
-    trace record says so, and the first size is raised to Hutch++'s minimum of 5 products."""
+    trace record says so, and the first size is the fixed shape (64 samples x 10 products),
+    which fits 30 s."""
     path = tmp_path / "c.jsonl"
     monitor = CurvatureMonitor(
         backend="hutchpp", compute_every_n_steps=2, max_seconds=30.0, jsonl=path
@@ -190,7 +191,8 @@ def test_hutchpp_spends_the_chosen_products_in_its_joint_call(tmp_path: Path) ->
     fit(tmp_path, monitor, steps=6)
     traces = [r for r in read_curvature_jsonl(path) if r["quantity"] == "trace"]
     assert [r["step"] for r in traces] == [2, 4, 6]
-    assert (traces[0]["batch_size"], traces[0]["budget"]["products"]) == (16, 5)
+    assert (traces[0]["batch_size"], traces[0]["budget"]["products"]) == (64, 10)
+    assert traces[0]["budget"]["rule"] == "first: fixed shape, cost from the steps"
     for r in traces:
         assert r["value"] is not None and r["details"]["measured_with"] == "eigenvalues"
         # At most as many products as parameters (83): Hutch++ is exact there.
