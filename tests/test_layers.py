@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("api", ("api", "checkpoints", "checkpoints.*", "analysis", "analysis.*")),
     ("front", ("", "__main__", "present", "monitor", "monitor.*", "cli", "cli.*")),
     # `deconcnn-curv train` is the training run's command: the CLI loads it by name, like a plugin.
-    ("training", ("training", "training.*", "cli.train", "cli._multirun")),
+    ("training", ("training", "training.*", "cli.train", "cli.multirun")),
 )
 
 

@@ -75,7 +75,7 @@ def test_hookspec_is_exercised_by_a_test(hook: str) -> None:
         "deconcnn_curvature.linalg.operator",
         "deconcnn_curvature.backends.pyhessian",
         "deconcnn_curvature.backends.hutchpp",
-        "deconcnn_curvature.backends._common",
+        "deconcnn_curvature.backends.common",
         "deconcnn_curvature.cli",
     ],
 )

@@ -144,7 +144,7 @@ def test_a_declared_budget_option_takes_num_hvps_everywhere(monkeypatch) -> None
 
     import deconcnn_curvature as dcc
     from deconcnn_curvature import registry as registry_module
-    from deconcnn_curvature.cli._common import plan_options
+    from deconcnn_curvature.cli.common import plan_options
     from deconcnn_curvature.registry import Registry
 
     cls = _probes_backend()

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deconcnn_curvature.backend import Backend, Option
-from deconcnn_curvature.backends._common import (
+from deconcnn_curvature.backends.common import (
     COMMON_OPTIONS,
     PYHESSIAN_INSTALL,
     PYHESSIAN_REQUIRES,
@@ -36,7 +36,7 @@ from deconcnn_curvature.backends._common import (
     ci_level_option,
     krylov_setup,
 )
-from deconcnn_curvature.backends._groups import (
+from deconcnn_curvature.backends.groups import (
     DATA_GROUP_OPTIONS,
     DataGroupsMixin,
     check_population,

@@ -1,6 +1,6 @@
 """``deconcnn-curv compare``: several backends on the same checkpoint, batch and seed.
 
-The checkpoint is loaded once (:func:`deconcnn_curvature.cli._common.load_problem`);
+The checkpoint is loaded once (:func:`deconcnn_curvature.cli.common.load_problem`);
 :func:`deconcnn_curvature.compare` runs the backends; this module checks the options up front,
 samples peak memory per backend and presents the rows.
 """
@@ -17,7 +17,7 @@ import torch
 import deconcnn_curvature as dcc
 from deconcnn_curvature.backend import Backend
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
-from deconcnn_curvature.cli._common import (
+from deconcnn_curvature.cli.common import (
     check_quantity_known,
     command_settings,
     estimator_options,
@@ -27,8 +27,8 @@ from deconcnn_curvature.cli._common import (
     plan_options,
     resolve_device,
 )
-from deconcnn_curvature.cli._memory import PeakMemory, ProgressDisplay
-from deconcnn_curvature.cli._progress import interruptible
+from deconcnn_curvature.cli.memory import PeakMemory, ProgressDisplay
+from deconcnn_curvature.cli.progress import interruptible
 from deconcnn_curvature.errors import ConfigurationError, InvalidOptionError
 from deconcnn_curvature.present import print_header, show_compare
 from deconcnn_curvature.registry import get_registry

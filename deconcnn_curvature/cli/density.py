@@ -17,7 +17,7 @@ import deconcnn_curvature as dcc
 from deconcnn_curvature.api import density_plan
 from deconcnn_curvature.checkpoints import LoadedCheckpoint, parse_key_values
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
-from deconcnn_curvature.cli._common import (
+from deconcnn_curvature.cli.common import (
     LABELS,
     backend_option,
     cli_host_hint,
@@ -26,8 +26,8 @@ from deconcnn_curvature.cli._common import (
     load_problem,
     resolve_device,
 )
-from deconcnn_curvature.cli._memory import ProgressDisplay
-from deconcnn_curvature.cli._progress import interruptible
+from deconcnn_curvature.cli.memory import ProgressDisplay
+from deconcnn_curvature.cli.progress import interruptible
 from deconcnn_curvature.errors import ConfigurationError
 from deconcnn_curvature.present import (
     check_plot_path,

@@ -2,11 +2,11 @@
 
 The checkpoint is loaded once through :func:`deconcnn_curvature.checkpoints.open_checkpoint`
 (plugins' ``load_checkpoint`` hooks first, then the built-in loaders; see
-:mod:`deconcnn_curvature.cli._common`, shared with ``compare`` and ``density``), the model moved
+:mod:`deconcnn_curvature.cli.common`, shared with ``compare`` and ``density``), the model moved
 to ``--device``, and :func:`deconcnn_curvature.estimate` called; nothing here computes curvature
 itself. Package errors become one ``Error: ...`` line and exit code 1; Click's own checks
 (out-of-range numbers, unknown choices) exit with 2. Interrupted (Ctrl-C, SIGTERM), a trace
-shows what the products already made give, marked PARTIAL (:mod:`deconcnn_curvature.cli._progress`).
+shows what the products already made give, marked PARTIAL (:mod:`deconcnn_curvature.cli.progress`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import click
 import deconcnn_curvature as dcc
 from deconcnn_curvature.backends.progress import trace_progress
 from deconcnn_curvature.cli import cli, console, print_json, user_errors
-from deconcnn_curvature.cli._common import (
+from deconcnn_curvature.cli.common import (
     backend_option,
     command_settings,
     estimator_options,
@@ -29,8 +29,8 @@ from deconcnn_curvature.cli._common import (
     plan_options,
     resolve_device,
 )
-from deconcnn_curvature.cli._memory import ProgressDisplay
-from deconcnn_curvature.cli._progress import (
+from deconcnn_curvature.cli.memory import ProgressDisplay
+from deconcnn_curvature.cli.progress import (
     RunningTrace,
     exit_code,
     print_partial,

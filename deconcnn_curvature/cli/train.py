@@ -138,7 +138,7 @@ def train_cmd(
             f"unknown option {bad[0]!r}; overrides look like key=value (see --help)."
         )
     if multirun:
-        from deconcnn_curvature.cli._multirun import train_multirun
+        from deconcnn_curvature.cli.multirun import train_multirun
 
         return train_multirun(overrides, config_dir, show_cfg=show_cfg, as_json=as_json)
     cfg, notes = compose_run_config(overrides, config_dir, trust_config=trust_config)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from test_problem import assert_unchanged, snapshot
 
 import deconcnn_curvature as dcc
-from deconcnn_curvature.backends import _common as common_module
+from deconcnn_curvature.backends import common as common_module
 from deconcnn_curvature.backends.progress import trace_progress
 from deconcnn_curvature.cli import cli
 from deconcnn_curvature.errors import InvalidOptionError
@@ -76,7 +76,7 @@ class _CountingOperator(HessianOperator):
 @pytest.fixture
 def counting(monkeypatch: pytest.MonkeyPatch) -> type[_CountingOperator]:
     monkeypatch.setattr(_CountingOperator, "columns", 0)
-    # the HVP backends build their operator in backends._common.krylov_setup
+    # the HVP backends build their operator in backends.common.krylov_setup
     monkeypatch.setattr(common_module, "HessianOperator", _CountingOperator)
     return _CountingOperator
 

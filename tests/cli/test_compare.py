@@ -23,7 +23,7 @@ from deconcnn_curvature import Backend, CurvatureResult, UnsupportedModelError, 
 from deconcnn_curvature import registry as registry_module
 from deconcnn_curvature.checkpoints.data import DataSpec, build_batches
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.cli._memory import PeakMemory
+from deconcnn_curvature.cli.memory import PeakMemory
 from deconcnn_curvature.registry import Registry
 
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import deconcnn_curvature
 from deconcnn_curvature.cli import cli
-from deconcnn_curvature.cli._progress import Terminated
+from deconcnn_curvature.cli.progress import Terminated
 
 
 @pytest.fixture

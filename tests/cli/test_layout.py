@@ -1,5 +1,5 @@
 """Thin front ends. Each checkpoint command is its own module holding its
-parsing and presentation calls; what they share is in ``cli._common``, how results look in
+parsing and presentation calls; what they share is in ``cli.common``, how results look in
 ``deconcnn_curvature.present``."""
 
 from __future__ import annotations

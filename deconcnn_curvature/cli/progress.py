@@ -20,7 +20,7 @@ import click
 import torch
 
 from deconcnn_curvature.cli import print_json
-from deconcnn_curvature.cli._memory import ProgressDisplay
+from deconcnn_curvature.cli.memory import ProgressDisplay
 from deconcnn_curvature.linalg.probes import TraceProgress
 from deconcnn_curvature.present import format_value
 
