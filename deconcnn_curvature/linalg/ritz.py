@@ -311,19 +311,23 @@ class _Sequences:
         return self.op.n_matvecs - self.before
 
     def union_top(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per index the larger of the union's and the sketch's own Rayleigh–Ritz values (both
-        at most λ_i): in exact arithmetic the union's, but in float32 its coefficients can round
-        it a few ulps below the sketch's. Residuals: the smallest certificate (class docstring)."""
+        """Per index the largest of the union's, each sequence's own and the sketch's own
+        Rayleigh–Ritz values (each at most λ_i, Cauchy interlacing on its subspace): in exact
+        arithmetic the union's, but its coefficients amplify the products' rounding where
+        sequences overlap (in float32 the union lost λ₂ and λ₃ of a distinct spectrum while
+        every sequence held them). Residuals: the smallest certificate (class docstring)."""
         values, residuals = self.union.top(self.k)
         self.methods[:] = ["lanczos"] * len(values)
         if not values:
             return values, residuals
         vals, ress = list(values), list(residuals)
-        for i, (v, r) in enumerate(zip(*self.sketch_own(), strict=True)):
-            if v > vals[i] + 8 * self.eps * abs(v):  # beyond a few ulps of rounding
-                vals[i], ress[i], self.methods[i] = v, r, "rayleigh_ritz"
-        for i in range(len(self.runs)):
-            own_values, own_residuals, _ = self.own_pairs(i)
+        owns = [self.own_pairs(i)[:2] for i in range(len(self.runs))]
+        for source, method in (*((o, "lanczos") for o in owns), (self.sketch_own(), None)):
+            for i, (v, r) in enumerate(zip(*source, strict=True)):
+                if v > vals[i] + 8 * self.eps * abs(v):  # beyond a few ulps of rounding
+                    vals[i], ress[i] = v, r
+                    self.methods[i] = method or "rayleigh_ritz"
+        for own_values, own_residuals in owns:
             for t, r in zip(own_values, own_residuals, strict=True):
                 for j, v in enumerate(vals):
                     ress[j] = min(ress[j], r + abs(v - t))
@@ -387,8 +391,11 @@ class _Sequences:
         """Step until converged (``True``), out of matvecs or at the rounding floor (``False``)."""
         while True:
             lagging = self.lagging()
-            if self.union.whole or lagging == []:
+            if lagging == []:
                 return True
+            if self.union.whole:  # exact for exact products; rounded ones must meet the test
+                tol = self.tolerance(self.values, self.union.scale)
+                return all(r <= t for r, t in zip(self.residuals, tol, strict=True))
             if lagging is None:
                 pick = self.refining()
             else:  # confirming: the one furthest from the union's top
