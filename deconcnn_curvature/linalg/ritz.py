@@ -414,11 +414,14 @@ class _Sequences:
         if self.floor is None:
             return None
         dtype = str(self.op.dtype).removeprefix("torch.")
+        wider = "" if self.op.dtype == torch.float64 else (
+            ", or measure in float64 (model.double() and float64 inputs)"
+        )  # fmt: skip
         return (
             f"stopped at the rounding floor of {dtype} products: a Ritz residual stopped "
             f"decreasing at {self.floor:.1e} of the spectral scale max|θ|, above the tolerance "
             "asked; a tolerance above it (the pyhessian backend's tol is relative to max|θ|) "
-            "converges, or measure in float64 (model.double() and float64 inputs)"
+            f"converges{wider}"
         )
 
     def sequence(self, pick: int) -> _Run:
