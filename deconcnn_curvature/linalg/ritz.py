@@ -420,8 +420,7 @@ class _Sequences:
         return (
             f"stopped at the rounding floor of {dtype} products: a Ritz residual stopped "
             f"decreasing at {self.floor:.1e} of the spectral scale max|θ|, above the tolerance "
-            "asked; a tolerance above it (the pyhessian backend's tol is relative to max|θ|) "
-            f"converges{wider}"
+            f"asked: a larger tolerance converges{wider}"
         )
 
     def sequence(self, pick: int) -> _Run:

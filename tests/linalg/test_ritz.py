@@ -331,3 +331,18 @@ def test_a_tol_below_the_rounding_of_the_products_stops_early_and_says_so(k: int
         DenseOperator(a), k, generator=make_generator(0, "cpu"), tol=1e-8, max_matvecs=300
     )
     assert exact_products.converged is True and exact_products.note is None
+
+
+def test_the_refined_sketch_stops_at_the_rounding_floor_too() -> None:
+    """The Hutch++ refinement shares the stopping rule: rtol 1e-9 under products rounded at 1e-5
+    of ‖A‖ stops well inside the cap with the note; rtol 1e-3 converges to the true top."""
+    a, eigs = _distinct()
+    gen = make_generator(0, "cpu")
+    op = _RoundedOperator(a, 1e-5)
+    sketch = hutchpp_with_sketch(op, 30, generator=gen).sketch
+    stuck = refined_top_eigenvalues(op, sketch, 2, rtol=1e-9, generator=gen, max_matvecs=300)
+    assert stuck.converged is False and stuck.n_matvecs < 100, stuck
+    assert stuck.note is not None and "rounding floor" in stuck.note
+    fine = refined_top_eigenvalues(op, sketch, 2, rtol=1e-3, generator=gen, max_matvecs=300)
+    assert fine.converged is True and fine.note is None
+    torch.testing.assert_close(torch.tensor(fine.values, dtype=F64), eigs[:2], rtol=1e-3, atol=0)
