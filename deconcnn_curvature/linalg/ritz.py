@@ -322,11 +322,12 @@ class _Sequences:
             return values, residuals
         vals, ress = list(values), list(residuals)
         owns = [self.own_pairs(i)[:2] for i in range(len(self.runs))]
-        for source, method in (*((o, "lanczos") for o in owns), (self.sketch_own(), None)):
+        started = [o for o, run in zip(owns, self.runs, strict=True) if run is not None]
+        for source, method in ((self.sketch_own(), "rayleigh_ritz"),
+                               *((o, "lanczos") for o in started)):  # fmt: skip
             for i, (v, r) in enumerate(zip(*source, strict=True)):
                 if v > vals[i] + 8 * self.eps * abs(v):  # beyond a few ulps of rounding
-                    vals[i], ress[i] = v, r
-                    self.methods[i] = method or "rayleigh_ritz"
+                    vals[i], ress[i], self.methods[i] = v, r, method
         for own_values, own_residuals in owns:
             for t, r in zip(own_values, own_residuals, strict=True):
                 for j, v in enumerate(vals):
