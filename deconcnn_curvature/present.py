@@ -295,7 +295,7 @@ def _compare_table(
         res: CurvatureResult = r["_result"]
         note = res.method + (" (exact)" if res.exact else "")
         if res.quantity == "eigenvalues" and (res.details or {}).get("converged") is False:
-            note += "; NOT converged (raise -o max_hvps)"
+            note += f"; NOT converged ({unconverged_advice(res.details)})"
         if r.get("ignored_options"):
             note += f"; ignored {', '.join(r['ignored_options'])}"
         table.add_row(
@@ -324,6 +324,13 @@ def print_header(out: Console, path: Path, loaded: LoadedCheckpoint, device: tor
     out.print(f"[bold]device[/bold]     {device}")
 
 
+def unconverged_advice(details: Mapping[str, Any] | None) -> str:
+    """What to do about unconverged eigenvalues: the solver's own ``note`` where it stopped at
+    the rounding floor of the products (more products would not help), else more products."""
+    note = (details or {}).get("note")
+    return str(note) if note else "raise -o max_hvps"
+
+
 def _warn_unconverged(out: Any, result: CurvatureResult | None) -> None:
     """Eigenvalues whose Lanczos/Ritz residuals missed the tolerance are not shown as plain
     numbers without saying so (part of the result: printed even with --quiet)."""
@@ -335,7 +342,7 @@ def _warn_unconverged(out: Any, result: CurvatureResult | None) -> None:
         worst = f" (largest residual {max(residuals):.3g})" if residuals else ""
         out.print(
             f"eigenvalues NOT converged{worst} after {result.n_hvp} HVPs: they are estimates "
-            "only; raise -o max_hvps.",
+            f"only; {unconverged_advice(details)}.",
             markup=False,
             highlight=False,
             soft_wrap=True,

@@ -45,6 +45,7 @@ SMOKE: dict[str, list[str]] = {
     "parameter_guard": ["--batch", "4", "--reps", "1"],
     "time_budget": ["--quick"],
     "eig_wrong_converged": ["--networks", "6"],
+    "eig_tolerance": ["--quick", "--no-mlp"],
 }
 
 
@@ -117,6 +118,10 @@ def _check(name: str, data: dict[str, Any]) -> None:
         assert data["seeds"][0]["replay_matches"] is True  # the reference saw the same weights
         sizes = data["chosen_sizes"]["0"]["matched"]
         assert sizes and all(n >= 8 and m >= 5 for _, n, m in sizes)  # Hutch++'s minimum: 5
+    elif name == "eig_tolerance":
+        default = data["lambda_max"]["float32"]["default"]
+        assert default["converged"] is True and default["note"] is None
+        assert 0 < max(default["rel_errors"]) < 1e-3, default
     elif name == "trace_accuracy":
         assert set(data["accuracy"]) >= {"cnn_init", "cnn_trained"}
         assert all("met" in t for t in data["targets"])

@@ -281,6 +281,7 @@ def _eigenvalues(
             "target": "largest algebraic",
             "multiplicity": MULTIPLICITY,
             "sequences": eig.sequences,
+            **({} if eig.note is None else {"note": eig.note}),  # stopped at the rounding floor
         },
         # The trace of the same sketch: its products are part of this call's n_hvp.
         also={

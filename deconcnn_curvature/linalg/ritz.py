@@ -61,7 +61,8 @@ class RitzEstimate:
     :func:`krylov_top_eigenvalues`, the stricter rule of :class:`_Sequences` (residuals,
     independent sequences agreeing on the top, multiplicities seen by fewer sequences than took
     part). ``sequences``: how many independent Krylov sequences took part (the sketch counts as
-    one).
+    one). ``note``: why the runs stopped short of the tolerance when the products' rounding, not
+    the budget, stopped them (:meth:`_Sequences.floor_note`); ``None`` otherwise.
 
     **Contract.** ``values`` are the ``k`` largest algebraic eigenvalues *counted with
     multiplicity*, as ``torch.linalg.eigvalsh(A).flip(0)[:k]`` lists them: an eigenvalue of
@@ -75,6 +76,7 @@ class RitzEstimate:
     converged: bool | None
     rtol: float | None = None
     sequences: int = 1
+    note: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -172,7 +174,7 @@ def krylov_top_eigenvalues(
     k: int = 1,
     *,
     generator: torch.Generator,
-    tol: float = 1e-5,
+    tol: float,
     max_matvecs: int = 200,
 ) -> RitzEstimate:
     """The ``k`` largest algebraic eigenvalues, counted with multiplicity, by Lanczos runs from
@@ -182,7 +184,9 @@ def krylov_top_eigenvalues(
     ``tol · max|θ|`` (the spectral scale, as in
     :func:`~deconcnn_curvature.linalg.lanczos.lanczos_top_eigenvalues`), at least two sequences
     reached the same top on their own, and each repeated value was seen by fewer sequences than
-    took part. ``methods`` are all ``"lanczos"``.
+    took part. ``methods`` are all ``"lanczos"``. ``tol`` has no default here: the pyhessian
+    backend's ``tol`` option declares it. Relative to the spectral scale, not to each value: the
+    rounding of a float32 product is a share of ``‖A‖``, so that is the residual it can reach.
     """
     if not tol > 0:
         raise InvalidOptionError(f"tol must be > 0, got {tol}")
@@ -242,13 +246,29 @@ def copies_needed(values: tuple[float, ...], width: float) -> int:
     return need
 
 
+_STALLED = 0.1
+"""A sequence's own Ritz pair has reached the products' rounding floor when Lanczos'
+exact-arithmetic estimate ``|β s|`` is within the tolerance and below this share of the residual
+measured from the stored products, while that residual still misses the tolerance: more steps of
+the sequence only shrink the part of the residual it can reach (``|β s|``); the rest is the
+rounding of the products (``A q`` computed in the operator's dtype is off by a share of ``‖A‖``)."""
+
+
 class _Sequences:
     """Independent Krylov sequences feeding one Rayleigh–Ritz union; what ``converged`` means.
 
     Sequence 0 is the sketch (its own Ritz values until it is continued by Lanczos from its top
     Ritz vector) when there is one; the others start from fresh random vectors. One matvec per
-    step, for one sequence: while the union's residuals miss the test, the sequence nearest its
-    top (it is converging there); then whichever lags the union's top, to confirm it.
+    step, for one sequence: while the top ``k`` miss the test, the sequence nearest the top among
+    those not yet converged on their own (a sequence converged on its own top ``k`` is never
+    stepped again: it would only add rounding; when all have, another is started); then whichever
+    lags the union's top, to confirm it.
+
+    Each value ``θ_i`` of the union is certified by the smallest of its union residual and, for
+    every own Ritz pair ``(t, r)`` of every sequence, ``r + |θ_i − t|`` (some eigenvalue lies
+    within ``r`` of ``t``): a sequence's own basis is orthonormal, so its residuals carry the
+    products' rounding once, while the union's coefficients amplify it where sequences overlap.
+    Own residuals are measured from the stored products, never Lanczos' ``|β s|``.
 
     ``converged`` means, for the top ``k`` of the union:
 
@@ -261,8 +281,9 @@ class _Sequences:
     3. every repeated value but the last was seen by fewer sequences than took part
        (:func:`copies_needed`; more sequences are started until it holds).
 
-    The runs stop when all hold, when the union spans the whole space (exact), or after
-    ``max_matvecs``.
+    The runs stop when all hold, when the union spans the whole space (exact), after
+    ``max_matvecs``, or when a sequence reached the rounding floor of the products above the
+    tolerance (:data:`_STALLED`; not converged, :meth:`floor_note` says why).
     """
 
     def __init__(
@@ -282,6 +303,7 @@ class _Sequences:
         self.runs: list[_Run | None] = [None] * MIN_SEQUENCES
         self.before = op.n_matvecs
         self.methods: list[str] = []
+        self.floor: float | None = None  # the residual share of max|θ| where rounding stopped it
         self.values, self.residuals = self.union_top()
 
     @property
@@ -289,39 +311,62 @@ class _Sequences:
         return self.op.n_matvecs - self.before
 
     def union_top(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per index the larger of the union's and the sketch's own Rayleigh–Ritz values (both
-        at most λ_i): in exact arithmetic the union's, but in float32 its coefficients can round
-        it a few ulps below the sketch's."""
+        """Per index the largest of the union's, each sequence's own and the sketch's own
+        Rayleigh–Ritz values (each at most λ_i, Cauchy interlacing on its subspace): in exact
+        arithmetic the union's, but its coefficients amplify the products' rounding where
+        sequences overlap (in float32 the union lost λ₂ and λ₃ of a distinct spectrum while
+        every sequence held them). Residuals: the smallest certificate (class docstring)."""
         values, residuals = self.union.top(self.k)
         self.methods[:] = ["lanczos"] * len(values)
         if not values:
             return values, residuals
         vals, ress = list(values), list(residuals)
-        for i, (v, r) in enumerate(zip(*self.sketch_own(), strict=True)):
-            if v > vals[i] + 8 * self.eps * abs(v):  # beyond a few ulps of rounding
-                vals[i], ress[i], self.methods[i] = v, r, "rayleigh_ritz"
-        # The union's residuals carry the rounding of its coefficients (in float32 they grew to
-        # twice the target while both sequences had converged); a sequence's own top pair
-        # certifies θ₁ too: some eigenvalue lies within its residual of its value.
-        for t, r in (self.own_top(i) for i in range(len(self.runs))):
-            ress[0] = min(ress[0], r + abs(vals[0] - t))
+        owns = [self.own_pairs(i)[:2] for i in range(len(self.runs))]
+        started = [o for o, run in zip(owns, self.runs, strict=True) if run is not None]
+        for source, method in ((self.sketch_own(), "rayleigh_ritz"),
+                               *((o, "lanczos") for o in started)):  # fmt: skip
+            for i, (v, r) in enumerate(zip(*source, strict=True)):
+                if v > vals[i] + 8 * self.eps * abs(v):  # beyond a few ulps of rounding
+                    vals[i], ress[i], self.methods[i] = v, r, method
+        for own_values, own_residuals in owns:
+            for t, r in zip(own_values, own_residuals, strict=True):
+                for j, v in enumerate(vals):
+                    ress[j] = min(ress[j], r + abs(v - t))
         return tuple(vals), tuple(ress)
 
     def sketch_own(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return ((), ()) if self.own is None else (self.own.values, self.own.residuals)
 
-    def own_top(self, i: int) -> tuple[float, float]:
-        """Sequence ``i``'s own top Ritz value and its residual (``-inf``: not started)."""
+    def own_pairs(self, i: int) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+        """Sequence ``i``'s own top-``k`` Ritz values, residuals and Lanczos estimates (the
+        sketch's residuals are exact, so they are their own estimates; empty: not started)."""
         run = self.runs[i]
         if run is not None:
-            return run.top()
+            return run.pairs(self.k)
         if i == 0 and self.own is not None:
-            return self.own.values[0], self.own.residuals[0]
-        return -math.inf, math.inf
+            return self.own.values, self.own.residuals, self.own.residuals
+        return (), (), ()
+
+    def own_top(self, i: int) -> tuple[float, float]:
+        """Sequence ``i``'s own top Ritz value and its residual (``-inf``: not started)."""
+        values, residuals, _ = self.own_pairs(i)
+        return (values[0], residuals[0]) if values else (-math.inf, math.inf)
+
+    def settled(self, i: int) -> bool:
+        """Whether sequence ``i`` has converged on its own top ``k`` (stepping it adds nothing);
+        records the rounding floor when one of its pairs reached it above the tolerance."""
+        values, residuals, estimates = self.own_pairs(i)
+        if self.runs[i] is None or len(values) < self.k:
+            return False
+        tol = self.tolerance(values, self.union.scale)
+        for r, e, t in zip(residuals, estimates, tol, strict=True):
+            if r > t and e <= min(t, _STALLED * r):
+                self.floor = max(self.floor or 0.0, r / max(self.union.scale, 1e-300))
+        return self.floor is not None or all(r <= t for r, t in zip(residuals, tol, strict=True))
 
     def lagging(self) -> list[int] | None:
         """The sequences still to step (``[]``: converged); ``None`` while the union's residuals
-        miss the test (then the one nearest its top is stepped)."""
+        miss the test (then :meth:`refining` picks one)."""
         if not self.values:
             return None
         tol = self.tolerance(self.values, self.union.scale)
@@ -333,23 +378,51 @@ class _Sequences:
         tops = [self.own_top(i) for i in range(len(self.runs))]
         return [i for i, (t, r) in enumerate(tops) if t < self.values[0] - width or r > width]
 
+    def refining(self) -> int:
+        """The sequence to step while the top ``k`` miss the test: the one nearest its top among
+        those not converged on their own (it is converging there); a new one when all have."""
+        open_ = [i for i in range(len(self.runs)) if not self.settled(i)]
+        if not open_:
+            self.runs.append(None)
+            return len(self.runs) - 1
+        tops = [self.own_top(i)[0] for i in range(len(self.runs))]
+        return max(open_, key=lambda i: (tops[i], -i))
+
     def run(self) -> bool:
-        """Step until converged (``True``) or out of matvecs (``False``)."""
+        """Step until converged (``True``), out of matvecs or at the rounding floor (``False``)."""
         while True:
             lagging = self.lagging()
-            if self.union.whole or lagging == []:
+            if lagging == []:
                 return True
-            if self.used >= self.max_matvecs:
-                return False
-            tops = [self.own_top(i)[0] for i in range(len(self.runs))]
-            if lagging is None:  # refining: the sequence nearest the top is converging there
-                pick = max(range(len(tops)), key=lambda i: (tops[i], -i))
+            if self.union.whole:  # exact for exact products; rounded ones must meet the test
+                tol = self.tolerance(self.values, self.union.scale)
+                return all(r <= t for r, t in zip(self.residuals, tol, strict=True))
+            if lagging is None:
+                pick = self.refining()
             else:  # confirming: the one furthest from the union's top
+                tops = [self.own_top(i)[0] for i in range(len(self.runs))]
                 pick = min(lagging, key=lambda i: (tops[i], -i))
+                self.settled(pick)  # a lagging sequence at the floor stops the runs too
+            if self.used >= self.max_matvecs or self.floor is not None:
+                return False
             run = self.sequence(pick)
             aq = self.op.matmat(run.q)
             run.step(aq, self.union.add(run.q, aq))
             self.values, self.residuals = self.union_top()
+
+    def floor_note(self) -> str | None:
+        """Why the runs stopped short of the tolerance when the rounding floor stopped them."""
+        if self.floor is None:
+            return None
+        dtype = str(self.op.dtype).removeprefix("torch.")
+        wider = "" if self.op.dtype == torch.float64 else (
+            ", or measure in float64 (model.double() and float64 inputs)"
+        )  # fmt: skip
+        return (
+            f"stopped at the rounding floor of {dtype} products: a Ritz residual stopped "
+            f"decreasing at {self.floor:.1e} of the spectral scale max|θ|, above the tolerance "
+            f"asked: a larger tolerance converges{wider}"
+        )
 
     def sequence(self, pick: int) -> _Run:
         """The sequence ``pick``, started on first use."""
@@ -379,6 +452,7 @@ class _Sequences:
                 run is not None or (i == 0 and self.own is not None)
                 for i, run in enumerate(self.runs)
             ),
+            note=None if done else self.floor_note(),
         )
 
 
@@ -469,16 +543,20 @@ class _Union:
         theta, u = torch.linalg.eigh((small + small.T) / 2)
         self.scale = float(theta.abs().max())
         g = self.coef @ u.flip(1)[:, :k]
+        theta, res = self.rayleigh(g)
+        order = torch.argsort(theta, descending=True)
+        return tuple(float(theta[i]) for i in order), tuple(float(res[i]) for i in order)
+
+    def rayleigh(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the vectors ``y = raw @ g``: Rayleigh quotients and residual norms per unit ``y``,
+        from the vectors and the stored products themselves (a Rayleigh quotient is never above
+        λ₁, however ``g`` was rounded)."""
         y = self._raw_mul(g)
         ay = self._raw_mul(g, products=True)
-        # Values and residuals from the vectors themselves: a Rayleigh quotient is never above
-        # λ₁, however the coefficients were rounded.
         yy = (y * y).to(torch.float64).sum(dim=0)
         theta = (y * ay).to(torch.float64).sum(dim=0) / yy
         res = torch.linalg.vector_norm((ay - y * theta.to(y.dtype)).to(torch.float64), dim=0)
-        res = res / yy.sqrt()
-        order = torch.argsort(theta, descending=True)
-        return tuple(float(theta[i]) for i in order), tuple(float(res[i]) for i in order)
+        return theta, res / yy.sqrt()
 
 
 class _Run:
@@ -498,6 +576,7 @@ class _Run:
         self.betas: list[float] = []
         self.scale = 0.0
         self.q = self._fresh() if start is None else start / torch.linalg.vector_norm(start)
+        self._pairs: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None
 
     def _fresh(self) -> torch.Tensor:
         w = rademacher(self.op.dim, 1, generator=self.generator, dtype=self.op.dtype,
@@ -509,6 +588,7 @@ class _Run:
     def step(self, aq: torch.Tensor, column: int) -> None:
         """Record ``A q`` for the current ``q`` (already in the union as ``column``), move on."""
         self.columns.append(column)
+        self._pairs = None
         w = aq
         for _ in range(2):
             w = self.union.deflate(w, self.columns)
@@ -525,7 +605,25 @@ class _Run:
         else:
             self.q = w / beta
 
-    def top(self) -> tuple[float, float]:
-        """This sequence's own top Ritz value and its residual ``|β_m s_{m,1}|``."""
-        theta, _, residuals = ritz(LanczosState(self.union.new[:, :0], self.alphas, self.betas))
-        return float(theta[-1]), float(residuals[-1])
+    def pairs(self, k: int) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+        """This sequence's own top-``k`` Ritz values (descending; fewer while it has fewer
+        vectors), their residuals ``‖(AL)u − θ Lu‖`` from the stored products, and Lanczos'
+        exact-arithmetic estimates ``|β s|`` of them. Rayleigh–Ritz on the sequence's own
+        orthonormal vectors ``L``: the products' rounding enters its residuals once."""
+        if self._pairs is None:
+            union, m = self.union, len(self.columns)
+            at = torch.tensor([union.r + c for c in self.columns], device=union.coef.device)
+            small = union.projected_raw[at][:, at]
+            _, u = torch.linalg.eigh((small + small.T) / 2)
+            g = torch.zeros(union.r + union.count, min(k, m), dtype=torch.float64,
+                            device=union.coef.device)  # fmt: skip
+            g[at] = u.flip(1)[:, : g.shape[1]]
+            theta, res = union.rayleigh(g)
+            estimates = ritz(LanczosState(union.new[:, :0], self.alphas, self.betas))[2]
+            order = torch.argsort(theta, descending=True)
+            self._pairs = (
+                tuple(float(theta[i]) for i in order),
+                tuple(float(res[i]) for i in order),
+                tuple(float(e) for e in estimates.flip(0)[: g.shape[1]]),
+            )
+        return self._pairs

@@ -629,7 +629,11 @@ def test_repeated_eigenvalues_are_counted_with_multiplicity(backend, case, seed)
     r = dcc.estimate(model, loss_fn, [(x, y)], "eigenvalues", backend, seed=seed, k=k)
     assert r.details["multiplicity"] == MULTIPLICITY and "counted with multiplicity" in MULTIPLICITY
     assert r.details["converged"] is True
-    torch.testing.assert_close(torch.tensor(r.value, dtype=F64), dense, rtol=1e-6, atol=1e-12)
+    # pyhessian's residuals meet its tol·max|θ| (1e-3 by default): a repeated value's last copy
+    # converges like a cluster, to that bound, not quadratically.
+    tol = dcc.get_backend(backend).option_map().get("tol")
+    rtol = 1e-6 if tol is None else tol.default
+    torch.testing.assert_close(torch.tensor(r.value, dtype=F64), dense, rtol=rtol, atol=1e-12)
 
 
 # -- low-rank Hessians: the adaptive sketch finds a rank well inside the budget ------------------

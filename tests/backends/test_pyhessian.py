@@ -472,3 +472,114 @@ def test_both_pyhessian_hvp_backends_share_the_install_rule_and_the_ci_level_rul
         assert r.ci_level == 0.9
         with pytest.raises(dcc.InvalidOptionError, match=rf"'ci_level' of backend '{backend}'"):
             dcc.estimate(model, loss_fn, batch, "trace", ci_level=0.4, **kwargs)
+
+
+def _hvp_top(model: nn.Module, loss_fn, batch, k: int) -> torch.Tensor:
+    """The ``k`` largest algebraic eigenvalues of the float64 Hessian (descending), by ARPACK
+    (``scipy.sparse.linalg.eigsh``, ``tol=1e-12``) on plain double-backward products: a reference
+    independent of the package's Lanczos, for models too large for a dense Hessian."""
+    from scipy.sparse.linalg import LinearOperator as ScipyOperator
+    from scipy.sparse.linalg import eigsh
+
+    model = copy.deepcopy(model).double().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = batch
+    grads = torch.autograd.grad(loss_fn(model(x.double()), y), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+
+    def matvec(v):
+        v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+        hv = torch.autograd.grad(flat @ v, params, retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]).numpy()
+
+    n = flat.numel()
+    op = ScipyOperator((n, n), matvec=matvec, dtype="float64")
+    start = torch.ones(n, dtype=torch.float64).numpy()
+    values = eigsh(op, k=k, which="LA", tol=1e-12, v0=start, return_eigenvectors=False)
+    return torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
+
+
+def _declared_tol() -> float:
+    return dcc.get_backend("pyhessian").option_map()["tol"].default
+
+
+def test_top3_of_a_distinct_spectrum_converges_at_the_defaults() -> None:
+    """Top 3 of a float32 MLP (197k parameters): the sequences' own Ritz pairs certify values
+    2..3 (the union's residuals for them grow with the products' rounding as sequences overlap),
+    and a sequence converged on its own is not stepped again. It once spent all 400 products
+    unconverged; the values must be the float64 Hessian's within tol·λ₁."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.Tanh(), nn.Linear(64, 10))
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    loss_fn = nn.CrossEntropyLoss()
+    top = dcc.estimate(model, loss_fn, (x, y), quantity="eigenvalues", k=3, max_hvps=400)
+    assert top.details["converged"] is True and "note" not in top.details
+    assert top.n_hvp <= 150 and top.details["sequences"] >= 2
+    expected = _hvp_top(model, loss_fn, (x, y), 3)
+    assert float(expected[2]) < float(expected[1]) < float(expected[0])  # a distinct top 3
+    torch.testing.assert_close(
+        _f64(top.value), expected, rtol=0, atol=_declared_tol() * float(expected[0])
+    )
+
+
+class _TinyResNet(nn.Module):
+    """Conv–BN–ReLU, one residual block of two conv–BN, pooling, a linear head (1,506 parameters):
+    the shape of the demo's ResNet, small enough for a dense Hessian."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(h + self.block(h)))
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet() -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor], float]:
+    """The float32 model (BatchNorm in eval with running statistics from a few training
+    batches), its loss and batch, and λ_max of its float64 dense Hessian."""
+    torch.manual_seed(0)
+    model = _TinyResNet()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 6, 6, generator=g) * 2 + 1)
+    model.eval()
+    x, y = torch.randn(16, 3, 6, 6, generator=g), torch.randint(0, 10, (16,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    h = dense_hessian(copy.deepcopy(model).double(), loss_fn, [(x.double(), y)])
+    return model, loss_fn, (x, y), float(torch.linalg.eigvalsh(h)[-1])
+
+
+def test_float32_conv_net_lambda_max_converges_at_the_default_tol(tiny_resnet) -> None:
+    """A float32 conv net with BatchNorm in eval: λ_max converges at the declared tol within a
+    few dozen products and is the float64 dense Hessian's within tol·λ_max."""
+    model, loss_fn, batch, lam = tiny_resnet
+    r = dcc.estimate(model, loss_fn, batch, "eigenvalues", k=1)
+    assert r.details["converged"] is True and "note" not in r.details
+    assert r.n_hvp <= 40, r.n_hvp
+    assert abs(r.value[0] - lam) <= _declared_tol() * lam
+
+
+def test_a_tol_below_float32_rounding_stops_early_with_a_note(tiny_resnet) -> None:
+    """A tol of 1e-9 is below what float32 products can certify (their rounding is ~1e-7 of
+    ‖H‖): the measurement stops once the residual stops decreasing, unconverged, and the note
+    says so and how to get further; the same model in float64 converges at that tol."""
+    model, loss_fn, batch, lam = tiny_resnet
+    r = dcc.estimate(model, loss_fn, batch, "eigenvalues", k=1, tol=1e-9, max_hvps=200)
+    assert r.details["converged"] is False
+    assert r.n_hvp < 100, r.n_hvp
+    note = r.details["note"]
+    assert "rounding floor of float32" in note and "float64" in note, note
+    assert abs(r.value[0] - lam) <= r.details["residuals"][0] + 1e-6 * lam
+    x, y = batch
+    double = dcc.estimate(copy.deepcopy(model).double(), loss_fn, (x.double(), y),
+                          "eigenvalues", k=1, tol=1e-9, max_hvps=200)  # fmt: skip
+    assert double.details["converged"] is True and "note" not in double.details
+    assert abs(double.value[0] - lam) <= 1e-8 * lam

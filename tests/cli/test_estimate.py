@@ -427,6 +427,24 @@ def test_unconverged_eigenvalues_are_flagged_in_the_table(workdir: Path) -> None
     assert "NOT converged" not in converged.stdout
 
 
+def test_eigenvalues_stopped_at_the_rounding_floor_say_so_instead_of_more_products(
+    workdir: Path,
+) -> None:
+    """A tol below what the products can certify (1e-18 of max|θ| for the helper's float64 MLP)
+    stops early; the warning gives the note (a larger tol), not "raise -o max_hvps", which would
+    not help."""
+    path = save_state_dict(workdir / "w.pt", seed=2)
+    args = ["-q", "eigenvalues", "-o", "tol=1e-18", "-o", "max_hvps=200", "--json"]
+    result = run("estimate", path, *GENERIC_ARGS, *args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)["result"]
+    assert out["details"]["converged"] is False and out["n_hvp"] < 60
+    assert "rounding floor of float64" in out["details"]["note"]
+    shown = run("estimate", path, *GENERIC_ARGS, *args[:-1], "--quiet").stdout
+    assert "eigenvalues NOT converged" in shown and "rounding floor of float64" in shown
+    assert "raise -o max_hvps" not in shown and "measure in float64" not in shown
+
+
 def test_a_printing_model_factory_leaves_json_clean(workdir: Path) -> None:
     (workdir / "chatty.py").write_text(
         f"from {HELPER_MODULE} import factory as _f\n"

@@ -266,3 +266,83 @@ def test_a_cap_too_small_to_see_every_copy_is_not_called_converged() -> None:
         )
         right = torch.allclose(torch.tensor(est.values, dtype=F64), eigs[:4], rtol=1e-6, atol=0)
         assert right or est.converged is False, (cap, est)
+
+
+# ------------------------------------------------------------------------------------------------
+# Products with rounding (a float32 network's Hessian-vector products, emulated in float64)
+
+
+class _RoundedOperator(DenseOperator):
+    """A dense matrix whose every product is off by ``noise · ‖A‖₂ · ‖v‖`` in a random direction,
+    as a float32 product of a real network is off by a share of ``‖H‖``: no residual measured from
+    these products gets much below ``noise · ‖A‖₂``."""
+
+    def __init__(self, matrix: torch.Tensor, noise: float, seed: int = 0) -> None:
+        super().__init__(matrix)
+        self.noise = noise * float(torch.linalg.matrix_norm(matrix, 2))
+        self.g = _gen(seed)
+
+    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+        e = torch.randn(v.shape, generator=self.g, dtype=v.dtype)
+        e = e / torch.linalg.vector_norm(e, dim=0) * torch.linalg.vector_norm(v, dim=0)
+        return super().matmat(v) + self.noise * e
+
+
+def _distinct(n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    eigs = torch.cat([torch.tensor([10.0, 8.0, 7.0, 6.5], dtype=F64),
+                      3 * torch.rand(n - 4, generator=_gen(5), dtype=F64)])  # fmt: skip
+    return _with_spectrum(eigs, 3), eigs.sort(descending=True).values
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top3_with_rounded_products_converges_without_stepping_a_converged_sequence(
+    seed: int,
+) -> None:
+    """With products rounded at 1e-5 of ‖A‖, the union's residuals for values 2..k grow as
+    sequences overlap; the sequences' own pairs still certify them, so a tol above the rounding
+    converges well inside the cap (it once spent the whole cap, stepping a converged sequence)."""
+    a, eigs = _distinct()
+    op = _RoundedOperator(a, 1e-5, seed)
+    est = krylov_top_eigenvalues(op, 3, generator=make_generator(seed, "cpu"), tol=1e-4,
+                                 max_matvecs=400)  # fmt: skip
+    assert est.converged is True and est.note is None
+    assert est.n_matvecs <= 150, est
+    assert est.sequences >= MIN_SEQUENCES
+    torch.testing.assert_close(torch.tensor(est.values, dtype=F64), eigs[:3], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_tol_below_the_rounding_of_the_products_stops_early_and_says_so(k: int) -> None:
+    """Residuals stop decreasing at the products' rounding (1e-5 of ‖A‖): a tol of 1e-8 can never
+    be met, so the runs stop once Lanczos' own estimate shows it, unconverged, with a note; the
+    values are still within their residuals of the true ones."""
+    a, eigs = _distinct()
+    op = _RoundedOperator(a, 1e-5)
+    est = krylov_top_eigenvalues(op, k, generator=make_generator(0, "cpu"), tol=1e-8,
+                                 max_matvecs=300)  # fmt: skip
+    assert est.converged is False
+    assert est.n_matvecs < 100, est
+    assert est.note is not None and "rounding floor" in est.note and "float64" in est.note
+    floor = float(est.note.split("decreasing at ")[1].split(" ")[0])
+    assert 1e-6 <= floor <= 1e-3, est.note
+    for value, residual, exact in zip(est.values, est.residuals, eigs[:k], strict=True):
+        assert abs(value - float(exact)) <= residual + 1e-12
+    exact_products = krylov_top_eigenvalues(
+        DenseOperator(a), k, generator=make_generator(0, "cpu"), tol=1e-8, max_matvecs=300
+    )
+    assert exact_products.converged is True and exact_products.note is None
+
+
+def test_the_refined_sketch_stops_at_the_rounding_floor_too() -> None:
+    """The Hutch++ refinement shares the stopping rule: rtol 1e-9 under products rounded at 1e-5
+    of ‖A‖ stops well inside the cap with the note; rtol 1e-3 converges to the true top."""
+    a, eigs = _distinct()
+    gen = make_generator(0, "cpu")
+    op = _RoundedOperator(a, 1e-5)
+    sketch = hutchpp_with_sketch(op, 30, generator=gen).sketch
+    stuck = refined_top_eigenvalues(op, sketch, 2, rtol=1e-9, generator=gen, max_matvecs=300)
+    assert stuck.converged is False and stuck.n_matvecs < 100, stuck
+    assert stuck.note is not None and "rounding floor" in stuck.note
+    fine = refined_top_eigenvalues(op, sketch, 2, rtol=1e-3, generator=gen, max_matvecs=300)
+    assert fine.converged is True and fine.note is None
+    torch.testing.assert_close(torch.tensor(fine.values, dtype=F64), eigs[:2], rtol=1e-3, atol=0)
