@@ -194,8 +194,9 @@ class CurvatureMonitor(pl.Callback):
             (e.g. ``0.05``). The monitor times training steps and its own products and sizes each
             measurement (curvature-batch samples and trace products) to fit, splitting the budget
             where the trace's error is (``docs/time-budget.md``); ``num_hvps`` and
-            ``hessian_batch_size`` then no longer fix the size (``hessian_batch_size`` scales
-            the largest batch). ``None``: no budget, fixed sizes.
+            ``hessian_batch_size`` then give the first measurement's shape, λ_max's least batch
+            (when it fits) and the largest batch (8 x ``hessian_batch_size``), no longer every
+            measurement's size. ``None``: no budget, fixed sizes.
         max_seconds: A time budget per measurement in seconds; with ``max_overhead`` the tighter
             of the two applies.
         num_samples: deconCNN's own name for ``num_hvps`` (its configs' ``curvature.num_samples``),
