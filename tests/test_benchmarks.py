@@ -114,7 +114,8 @@ def _check(name: str, data: dict[str, Any]) -> None:
             lo, hi = row["coverage_wilson95"]
             assert 0 <= lo <= hi <= 1
         fixed = data["pooled"]["fixed"]
-        assert fixed["measurements"] >= 1 and fixed["trace_err_median"] is not None
+        assert fixed["measurements"] >= 1 and fixed["trace_err_mean"] is not None
+        assert fixed["draws"] == 2 * fixed["measurements"]  # --quick: 2 draws per step
         assert data["seeds"][0]["replay_matches"] is True  # the reference saw the same weights
         sizes = data["chosen_sizes"]["0"]["matched"]
         assert sizes and all(n >= 8 and m >= 5 for _, n, m in sizes)  # Hutch++'s minimum: 5

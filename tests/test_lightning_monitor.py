@@ -336,7 +336,11 @@ def test_lambda_max_converged_is_logged(tmp_path: Path, max_hvps: int, expected:
         hessian_batch_size=8,
         backend_options={"max_hvps": max_hvps},
     )
-    _, trainer = fit_tiny(tmp_path, monitor, max_steps=2)
+    if expected:
+        _, trainer = fit_tiny(tmp_path, monitor, max_steps=2)
+    else:
+        with pytest.warns(UserWarning, match="did not converge within 1 products"):
+            _, trainer = fit_tiny(tmp_path, monitor, max_steps=2)
     (eig,) = records(tmp_path / "curvature.jsonl")
     assert eig["details"]["converged"] is bool(expected)
     assert float(trainer.callback_metrics["curvature/lambda_max_converged"]) == expected
@@ -972,6 +976,22 @@ def test_an_unreachable_rtol_is_reported_once(tmp_path: Path) -> None:
     recs = records(tmp_path / "curvature.jsonl")
     assert [r["target_met"] for r in recs] == [False, False, False]
     assert all(r["n_hvp"] == 4 and r["value"] is not None for r in recs)
+
+
+def test_unconverged_eigenvalues_are_reported_once_with_what_to_do(tmp_path: Path) -> None:
+    monitor = CurvatureMonitor(
+        quantities="eigenvalues",
+        compute_every_n_steps=2,
+        hessian_batch_size=8,
+        backend_options={"max_hvps": 2},
+    )
+    with pytest.warns(UserWarning, match="did not converge within 2 products") as caught:
+        fit_tiny(tmp_path, monitor, max_steps=6)
+    said = [str(w.message) for w in caught if "did not converge" in str(w.message)]
+    assert len(said) == 1 and "raise the backend's max_hvps" in said[0]
+    recs = records(tmp_path / "curvature.jsonl")
+    assert [r["details"]["converged"] for r in recs] == [False, False, False]
+    assert all(r["value"] is not None for r in recs)  # logged, marked, never dropped
 
 
 def test_two_monitors_keep_separate_state(tmp_path: Path) -> None:

@@ -656,6 +656,23 @@ class CurvatureMonitor(pl.Callback):
             "once). The value is logged with its larger error; raise num_hvps or rtol."
         )
 
+    def _warn_unconverged(self, result: CurvatureResult, step: int) -> None:
+        """Eigenvalues a backend reports unconverged are said once, with the solver's note (e.g.
+        a tolerance below the rounding of float32 products) when it gives one."""
+        key = "eigenvalues unconverged"
+        if result.quantity != "eigenvalues" or key in self._warned:
+            return
+        if result.details.get("converged") is not False:
+            return
+        self._warned.add(key)
+        note = result.details.get("note")
+        advice = note if isinstance(note, str) and note else "raise the backend's max_hvps"
+        pl.utilities.rank_zero_warn(
+            f"CurvatureMonitor: at step {step} the eigenvalues did not converge within "
+            f"{result.n_hvp} products; they are logged with converged=false "
+            f"(curvature/eigenvalues_converged 0; reported once). {advice}"
+        )
+
     def _after_failure(self, reason: str, step: int) -> None:
         if self.on_error == "warn" and reason not in self._warned:
             self._warned.add(reason)
@@ -740,6 +757,7 @@ class CurvatureMonitor(pl.Callback):
             self._record(trainer, step, call.quantity, **self._result_fields(result))
             logged.update(self._scalars(result))
             self._warn_target_missed(result, step)
+            self._warn_unconverged(result, step)
         self._observe(pl_module, size, start, n_hvp, trace_details)
         if succeeded:
             if self.metric_keys["n_hvp"]:
