@@ -358,7 +358,7 @@ class TimeBudget:
                 self.noise = (
                     new
                     if old is None
-                    else Noise(_ewma(old.probe, new.probe), _ewma(old.data, new.data))
+                    else Noise(_ewma(old.probe, new.probe), _ewma(old.data, new.data), new.products)
                 )
 
     def charge(self, seconds: float) -> None:

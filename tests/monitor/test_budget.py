@@ -14,6 +14,7 @@ from deconcnn_curvature.monitor.budget import (
     NOISE_FLOOR,
     Limits,
     Noise,
+    Size,
     TimeBudget,
     allowed_seconds,
     choose_size,
@@ -100,6 +101,14 @@ def test_fewer_products_than_measured_are_counted_at_one_over_m_squared() -> Non
     noise = Noise(probe=10.0, data=0.0, products=10)
     assert predicted_variance(8, 20, noise) == pytest.approx(10.0 / 20)  # more: 1/m
     assert predicted_variance(8, 5, noise) == pytest.approx(10.0 / 5 * 2)  # fewer: 1/m^2
+
+
+def test_smoothed_noise_keeps_the_products_it_was_last_measured_with() -> None:
+    limits = Limits(min_samples=8, max_samples=512, min_products=2)
+    budget = TimeBudget(0.1, None, limits)
+    budget.observe(Size(64, 10, 1.0, None, "first"), 1.0, 10, 0.1, 1.0)
+    budget.observe(Size(64, 6, 1.0, None, "balanced"), 1.0, 6, 0.1, 1.0)
+    assert budget.noise is not None and budget.noise.products == 6
 
 
 def test_the_lambda_batch_is_kept_whenever_it_fits() -> None:
