@@ -324,11 +324,14 @@ def print_header(out: Console, path: Path, loaded: LoadedCheckpoint, device: tor
     out.print(f"[bold]device[/bold]     {device}")
 
 
-def unconverged_advice(details: Mapping[str, Any] | None) -> str:
+def unconverged_advice(
+    details: Mapping[str, Any] | None, more_products: str = "raise -o max_hvps"
+) -> str:
     """What to do about unconverged eigenvalues: the solver's own ``note`` where it stopped at
-    the rounding floor of the products (more products would not help), else more products."""
+    the rounding floor of the products (more products would not help), else ``more_products``
+    (how this front end raises the backend's max_hvps)."""
     note = (details or {}).get("note")
-    return str(note) if note else "raise -o max_hvps"
+    return str(note) if note else more_products
 
 
 def _warn_unconverged(out: Any, result: CurvatureResult | None) -> None:

@@ -28,9 +28,9 @@ the replicates' plateau epochs at ``level`` (widened to hold the measured platea
 
 What it covers: the measurement error the records report, nothing else. The run-to-run spread of
 SGD (another seed, another batch order) is not in it: compare seeds of a sweep for that. With
-``batch_mode=fixed`` λ_max is measured on one batch, and its Lanczos residual is tiny (about
-1e-5 of λ), so the interval is usually zero wide: the rule's answer does not depend on the
-measurement noise.
+``batch_mode=fixed`` λ_max is measured on one batch, and its Lanczos residual is small (at most
+the tolerance, 1e-3 of the spectral scale by default; 1e-5 to 4e-5 measured on the demo), so the
+interval is usually zero wide: the rule's answer does not depend on the measurement noise.
 """
 
 from __future__ import annotations

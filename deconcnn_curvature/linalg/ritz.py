@@ -273,11 +273,12 @@ class _Sequences:
     ``converged`` means, for the top ``k`` of the union:
 
     1. every residual meets ``tolerance`` (a bound on each value's distance to *an* eigenvalue);
-    2. at least :data:`MIN_SEQUENCES` sequences have each converged on their own (own top Ritz
-       residual within the agreement width ``w = tolerance₁ / share``) to a top within ``w`` of
-       the union's ``θ₁``: independent starts reached the same top of the spectrum. A residual
-       cannot tell λ₂ from λ₁; a sequence misses λ₁ only if its start had almost no weight on
-       it, and all of them doing so is the product of their (small, independent) chances;
+    2. at least :data:`MIN_SEQUENCES` sequences have each converged on their own to every value
+       of the union's top ``k`` (:meth:`confirms`: an own Ritz pair within the agreement width
+       ``w_j = tolerance_j / share`` of ``θ_j``, with residual within ``w_j``): independent
+       starts reached the same top of the spectrum. A residual cannot tell λ₂ from λ₁ (nor
+       λ_{j+1} from λ_j); a sequence misses λ_j only if its start had almost no weight on it,
+       and all of them doing so is the product of their (small, independent) chances;
     3. every repeated value but the last was seen by fewer sequences than took part
        (:func:`copies_needed`; more sequences are started until it holds).
 
@@ -375,8 +376,22 @@ class _Sequences:
             self.runs.append(None)
         if not all(r <= t for r, t in zip(self.residuals, tol, strict=True)):
             return None
-        tops = [self.own_top(i) for i in range(len(self.runs))]
-        return [i for i, (t, r) in enumerate(tops) if t < self.values[0] - width or r > width]
+        return [i for i in range(len(self.runs)) if not self.confirms(i, tol)]
+
+    def confirms(self, i: int, tol: list[float]) -> bool:
+        """Whether sequence ``i`` reached every value of the union's top ``k`` on its own: for
+        each ``θ_j`` an own Ritz pair within the agreement width ``w_j = tol_j / share`` of it,
+        with a residual at most ``w_j``. A residual alone cannot tell ``λ_{j+1}`` (or a mixture
+        of the two) from a missed ``λ_j``; independent sequences converged on the same values
+        all missed it only with the product of their small chances. (Each sees one direction of
+        a repeated eigenvalue: one pair confirms every copy; :func:`copies_needed` counts them.)
+        """
+        values, residuals, _ = self.own_pairs(i)
+        for v, t in zip(self.values, tol, strict=True):
+            w = t / _RESIDUAL_SHARE
+            if not any(abs(v - x) <= w and r <= w for x, r in zip(values, residuals, strict=True)):
+                return False
+        return True
 
     def refining(self) -> int:
         """The sequence to step while the top ``k`` miss the test: the one nearest its top among
@@ -621,9 +636,10 @@ class _Run:
             theta, res = union.rayleigh(g)
             estimates = ritz(LanczosState(union.new[:, :0], self.alphas, self.betas))[2]
             order = torch.argsort(theta, descending=True)
+            est = estimates.flip(0)[: g.shape[1]]  # in the columns' order, as theta and res
             self._pairs = (
                 tuple(float(theta[i]) for i in order),
                 tuple(float(res[i]) for i in order),
-                tuple(float(e) for e in estimates.flip(0)[: g.shape[1]]),
+                tuple(float(est[i]) for i in order),
             )
         return self._pairs

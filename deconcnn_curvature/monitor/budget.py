@@ -220,18 +220,20 @@ def choose_size(
                 f"budget allows now ({allowed:.3g} s)"
             ),
         )
-    if noise is None:
-        n, m = _scaled_start(allowed, seconds, limits)
-        return Size(n, m, allowed, seconds(n, m), "fixed shape (no noise estimate yet)")
     low = limits.min_samples
     if limits.floor_samples is not None:
         floor = min(max(limits.floor_samples, low), limits.max_samples)
         if seconds(floor, limits.min_products) <= allowed:
             low = floor
+    if noise is None:
+        n, m = _scaled_start(allowed, seconds, limits, low)
+        return Size(n, m, allowed, seconds(n, m), "fixed shape (no noise estimate yet)")
     best: tuple[float, int, int] | None = None
     for m in range(limits.min_products, limits.max_products + 1):
         room = (allowed - c0) / (c1 * (m + extra_products)) if c1 > 0 else math.inf
         n = limits.max_samples if room >= limits.max_samples else math.floor(room)
+        if m == limits.min_products:
+            n = max(n, low)  # it fits (checked above); the division may round a hair below
         if n < low:
             break  # more products leave even fewer samples
         var = predicted_variance(n, m, noise, data_weight)
@@ -244,16 +246,17 @@ def choose_size(
 
 
 def _scaled_start(
-    allowed: float, seconds: Callable[[int, int], float], limits: Limits
+    allowed: float, seconds: Callable[[int, int], float], limits: Limits, low: int
 ) -> tuple[int, int]:
-    """The fixed shape, both sizes scaled down by the same factor until it fits (the minimum
-    fits: checked by the caller)."""
+    """The fixed shape, both sizes scaled down by the same factor until it fits, the samples
+    never below ``low`` (λ_max's batch, when it fits with the least products; the caller checked
+    that ``(low, min_products)`` fits)."""
     n0, m0 = limits.start_shape
     scale = 1.0
     while True:
-        n = max(limits.min_samples, math.floor(n0 * scale))
+        n = max(low, math.floor(n0 * scale))
         m = max(limits.min_products, math.floor(m0 * scale))
-        if seconds(n, m) <= allowed or (n, m) == (limits.min_samples, limits.min_products):
+        if seconds(n, m) <= allowed or (n, m) == (low, limits.min_products):
             return n, m
         scale *= 0.9
 
@@ -358,6 +361,8 @@ class TimeBudget:
                 self.noise = (
                     new
                     if old is None
+                    # Per-product variances measured at different m are averaged as if the
+                    # 1/m rate held between them; the latest m is the reference for fewer.
                     else Noise(_ewma(old.probe, new.probe), _ewma(old.data, new.data), new.products)
                 )
 
@@ -485,7 +490,9 @@ class TimeBudget:
         self.step_seconds = state.get("step_seconds")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.spent_seconds = float(state.get("spent_seconds", 0.0))
-        self.train_at_last = float(state.get("train_at_last", 0.0))
+        # A checkpoint from before the field: as if it had just measured (never one huge
+        # allowance for the whole run so far).
+        self.train_at_last = float(state.get("train_at_last", self.train_seconds))
         self.steps = int(state.get("steps", 0))
         first = state.get("first_point")
         self.first_point = None if first is None else (float(first[0]), float(first[1]))

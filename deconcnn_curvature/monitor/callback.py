@@ -78,6 +78,7 @@ from deconcnn_curvature.monitor.settings import (
     mix_seed,
     settings_kwargs,
 )
+from deconcnn_curvature.present import unconverged_advice
 from deconcnn_curvature.results import CurvatureResult
 
 __all__ = [
@@ -665,12 +666,15 @@ class CurvatureMonitor(pl.Callback):
         if result.details.get("converged") is not False:
             return
         self._warned.add(key)
-        note = result.details.get("note")
-        advice = note if isinstance(note, str) and note else "raise the backend's max_hvps"
+        advice = unconverged_advice(
+            result.details, "raise the backend's max_hvps (backend_options={max_hvps: ...})"
+        )
+        metric = self.metric_keys["eigenvalues_converged"]
+        logged = f", and {metric} is 0" if metric else ""
         pl.utilities.rank_zero_warn(
             f"CurvatureMonitor: at step {step} the eigenvalues did not converge within "
-            f"{result.n_hvp} products; they are logged with converged=false "
-            f"(curvature/eigenvalues_converged 0; reported once). {advice}"
+            f"{result.n_hvp} products; they are recorded with converged: false{logged} "
+            f"(reported once). {advice}."
         )
 
     def _after_failure(self, reason: str, step: int) -> None:

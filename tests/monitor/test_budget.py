@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import random
 
 import pytest
 
@@ -94,7 +95,29 @@ def test_without_a_noise_estimate_the_fixed_shape_is_scaled_down_to_fit() -> Non
     assert size.samples * size.products <= 100
     assert (size.samples, size.products) == (24, 3)
     # Never below the minimums (8 x 2 = 16 fits).
-    assert (choose_size(16.0, (0.0, 1.0), None, limits).samples, 2) == (8, 2)
+    size = choose_size(16.0, (0.0, 1.0), None, limits)
+    assert (size.samples, size.products) == (8, 2)
+
+
+def test_the_first_shape_keeps_the_lambda_batch_and_gives_up_products_first() -> None:
+    """64 x (2 + 10 λ_max products) = 768 fits: the batch stays at 64, products shrink."""
+    limits = Limits(8, 512, 2, start=(64, 10), floor_samples=64)
+    size = choose_size(768.0, (0.0, 1.0), None, limits, extra_products=10.0)
+    assert size.samples == 64 and size.predicted_seconds <= 768.0
+    assert size.products < 10
+
+
+def test_a_budget_exactly_at_the_floor_is_never_lost_to_rounding() -> None:
+    """allowed = seconds(floor, least products) exactly: the division inside the search may land
+    a hair below the floor; the choice is still made (it used to assert)."""
+    rng = random.Random(0)
+    for _ in range(20_000):
+        c0, c1, extra = rng.uniform(0, 1), rng.uniform(1e-4, 1e-2), rng.uniform(0, 20)
+        floor = rng.randint(8, 300)
+        limits = Limits(5, 512, 2, floor_samples=floor)
+        allowed = c0 + c1 * floor * (2 + extra)
+        size = choose_size(allowed, (c0, c1), Noise(1.0, 1.0, 2), limits, extra_products=extra)
+        assert size.skipped is None and size.samples >= floor
 
 
 def test_fewer_products_than_measured_are_counted_at_one_over_m_squared() -> None:
@@ -169,7 +192,12 @@ def test_the_time_budget_sizes_from_what_it_timed() -> None:
     assert summary["share"] == pytest.approx((0.2 + second.predicted_seconds) / 20.0)
     assert summary["chosen"][0]["samples"] == 16
     assert [c["samples"] for c in summary["chosen"]] == [16, second.samples]
-    # The account survives a checkpoint.
+    # The account survives a checkpoint; one saved before train_at_last existed resumes as if it
+    # had just measured, not with the whole run as this interval's earnings.
+    old = {k: v for k, v in budget.state_dict().items() if k != "train_at_last"}
+    resumed = TimeBudget(0.1, None, limits)
+    resumed.load_state_dict(old)
+    assert resumed.allowed() == pytest.approx(0.25 * (0.1 * 20.0 - resumed.spent_seconds))
     again = TimeBudget(0.1, None, limits)
     again.load_state_dict(budget.state_dict())
     assert again.state_dict() == budget.state_dict()
