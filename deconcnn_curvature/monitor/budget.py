@@ -69,10 +69,10 @@ FIRST_SAMPLES_PER_GROUP = 4
 #: Trace products of that first measurement, raised to a backend's minimum.
 FIRST_PRODUCTS = 4
 #: The first measurement's predicted seconds per sample and product, in units of a timed training
-#: step's seconds per training sample: a Hessian-vector product costs about two to three gradients
-#: (``benchmarks/hvp_cost.py``), a training step about one gradient and an optimiser update; 4
-#: errs towards a smaller first measurement.
-FIRST_COST_RATIO = 4.0
+#: step's seconds per training sample: a Hessian-vector product costs about two gradients (a
+#: double backward), a training step about one gradient and an optimiser update; measured 1.1 on
+#: ``small_cnn`` (``benchmarks/time_budget.py``); 2 errs towards a smaller first measurement.
+FIRST_COST_RATIO = 2.0
 #: An overspent or underspent balance is evened out over about this many measurements.
 PAYBACK_INTERVALS = 4
 #: The budget's curvature batch is at most this many times ``hessian_batch_size`` (memory bound).
@@ -196,11 +196,16 @@ def choose_size(
     extra_products: float = 0.0,
     data_weight: float = 1.0,
 ) -> Size:
-    """The ``(n, m)`` of least :func:`predicted_variance` with predicted seconds
-    ``c0 + c1 · n · (m + extra_products)`` at most ``allowed``, with ``n`` at least
-    ``limits.floor_samples`` whenever that fits. Without a noise estimate, the fixed shape
-    ``limits.start`` (scaled down to fit). When even the minimum does not fit, a :class:`Size`
-    with ``skipped`` set."""
+    """The size of a measurement whose predicted seconds ``c0 + c1 · n · (m + extra_products)``
+    are at most ``allowed``.
+
+    When the fixed shape ``limits.start`` fits and the noise is known: the ``(n, m)`` of least
+    :func:`predicted_variance` with at least the shape's samples and products (the rest of the
+    budget goes where the predicted error falls most). Otherwise the fixed shape scaled down to
+    fit (:func:`_scaled_start`: with ``limits.floor_samples`` the batch is kept while it fits
+    and the products give way first): below the shape the error model is not trusted, since
+    Hutch++ loses its deflation (its probe variance grew 25-35x from 10 to 5 products) and
+    λ_max its batch. When even the minimum does not fit, a :class:`Size` with ``skipped`` set."""
     c0, c1 = cost
 
     def seconds(n: int, m: int) -> float:
@@ -225,14 +230,18 @@ def choose_size(
         floor = min(max(limits.floor_samples, low), limits.max_samples)
         if seconds(floor, limits.min_products) <= allowed:
             low = floor
-    if noise is None:
+    n0, m0 = limits.start_shape
+    if noise is None or seconds(max(n0, low), m0) > allowed:
         n, m = _scaled_start(allowed, seconds, limits, low)
-        return Size(n, m, allowed, seconds(n, m), "fixed shape (no noise estimate yet)")
+        rule = "fixed shape (no noise estimate yet)" if noise is None else "fixed shape, scaled"
+        return Size(n, m, allowed, seconds(n, m), rule)
+    # The fixed shape fits: the rest goes where the predicted error falls most.
+    low = max(low, n0)
     best: tuple[float, int, int] | None = None
-    for m in range(limits.min_products, limits.max_products + 1):
+    for m in range(m0, limits.max_products + 1):
         room = (allowed - c0) / (c1 * (m + extra_products)) if c1 > 0 else math.inf
         n = limits.max_samples if room >= limits.max_samples else math.floor(room)
-        if m == limits.min_products:
+        if m == m0:
             n = max(n, low)  # it fits (checked above); the division may round a hair below
         if n < low:
             break  # more products leave even fewer samples
@@ -241,8 +250,7 @@ def choose_size(
             best = (var, n, m)
     assert best is not None  # the minimum (or the floor, checked) fits
     _, n, m = best
-    rule = "balanced" if low == limits.min_samples else "balanced, λ_max's batch kept"
-    return Size(n, m, allowed, seconds(n, m), rule)
+    return Size(n, m, allowed, seconds(n, m), "balanced")
 
 
 def _scaled_start(

@@ -135,14 +135,28 @@ def test_smoothed_noise_keeps_the_products_it_was_last_measured_with() -> None:
 
 
 def test_the_lambda_batch_is_kept_whenever_it_fits() -> None:
-    """Data noise would be happy with 8 samples x many products; with λ_max measured the batch
+    """Probe noise would be happy with 8 samples x many products; with λ_max measured the batch
     stays at floor_samples = 64 while 64 x 2 products fit, and drops below only when not."""
     limits = dataclasses.replace(WIDE, floor_samples=64)
     noise = Noise(probe=1e6, data=1.0, products=2)
     size = choose_size(640.0, (0.0, 1.0), noise, limits)
-    assert (size.samples, size.products) == (64, 10) and "kept" in size.rule
+    assert (size.samples, size.products) == (64, 10) and size.rule == "balanced"
     size = choose_size(100.0, (0.0, 1.0), noise, limits)  # 64 x 2 = 128 does not fit
-    assert size.samples < 64 and size.rule == "balanced"
+    assert size.samples < 64  # no fixed shape given: the minimum is the shape
+
+
+def test_below_the_fixed_shape_the_shape_is_scaled_above_it_the_error_model_splits() -> None:
+    """Hutch++'s shape 64 x 10: with 400 sample-products it is scaled (the batch kept, products
+    down to 6), whatever the noise says; with 1280 the noise decides the rest, never going below
+    64 samples or 10 products (data noise dominating: samples)."""
+    limits = Limits(8, 512, 5, start=(64, 10), floor_samples=64)
+    noise = Noise(probe=1.0, data=1e4, products=10)
+    small = choose_size(400.0, (0.0, 1.0), noise, limits)
+    assert (small.samples, small.products, small.rule) == (64, 6, "fixed shape, scaled")
+    large = choose_size(1280.0, (0.0, 1.0), noise, limits)
+    assert (large.samples, large.products, large.rule) == (128, 10, "balanced")
+    probe = choose_size(1280.0, (0.0, 1.0), Noise(probe=1e4, data=1.0, products=10), limits)
+    assert (probe.samples, probe.products) == (64, 20)
 
 
 def test_allowed_seconds_tighter_budget_wins_and_carries_over() -> None:
@@ -216,15 +230,15 @@ def test_the_first_measurement_waits_for_a_positive_budget() -> None:
 
 
 def test_the_first_size_is_the_fixed_shape_priced_from_the_steps() -> None:
-    """Steps of 0.1 s on 32 samples: a sample-product priced 4 x 0.1 / 32 = 12.5 ms. 400 s of
-    training at 5 % allow 20 s: the fixed 64 x 10 (with 10 λ_max products: 15.6 s) fits."""
+    """Steps of 0.1 s on 32 samples: a sample-product priced 2 x 0.1 / 32 = 6.25 ms. 400 s of
+    training at 5 % allow 20 s: the fixed 64 x 10 (with 10 λ_max products: 8 s) fits."""
     limits = Limits(min_samples=8, max_samples=512, min_products=2, start=(64, 10))
     budget = TimeBudget(0.05, None, limits, train_batch_size=32, first_extra_products=10.0)
     for _ in range(4000):
         budget.tick(0.1)
     first = budget.size()
     assert (first.samples, first.products) == (64, 10)
-    assert first.predicted_seconds == pytest.approx(64 * 20 * 0.0125)
+    assert first.predicted_seconds == pytest.approx(64 * 20 * 0.00625)
     assert first.rule == "first: fixed shape, cost from the steps"
     # A guess that fits nothing (a step of 1 ms would allow 0.2 s, the minimum costs more at
     # a badly wrong price) still measures small rather than never.
