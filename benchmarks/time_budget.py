@@ -108,9 +108,11 @@ def _run(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> dict[
     return {"cpu": cpu, "wall": wall, "records": records, "run_dir": str(run_dir)}
 
 
-def _replay(args: argparse.Namespace, seed: int, steps: set[int], ckpt: Path) -> dict[int, Any]:
+def _replay(
+    args: argparse.Namespace, seed: int, steps: set[int], ckpt: Path | None
+) -> dict[int, Any]:
     """Model weights at ``steps`` of the same training run, replayed in this process; checks the
-    final weights against the subprocess's checkpoint."""
+    final weights against the subprocess's checkpoint (``None``: no check)."""
     import copy
 
     import torch
@@ -151,9 +153,11 @@ def _replay(args: argparse.Namespace, seed: int, steps: set[int], ckpt: Path) ->
             callbacks=[Keep()],
         )
         trainer.fit(module, datamodule=data)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    final = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    same = all(torch.equal(final[k], v) for k, v in module.model.state_dict().items())
+    same = None
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        final = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        same = all(torch.equal(final[k], v) for k, v in module.model.state_dict().items())
     data.setup("fit")
     return {"states": saved, "module": module, "data": data, "replay_matches": same}
 

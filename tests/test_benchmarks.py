@@ -44,6 +44,7 @@ SMOKE: dict[str, list[str]] = {
     "cost_accuracy": ["--quick"],
     "parameter_guard": ["--batch", "4", "--reps", "1"],
     "time_budget": ["--quick"],
+    "budget_noise": ["--quick"],
     "eig_wrong_converged": ["--networks", "6"],
     "eig_tolerance": ["--quick", "--no-mlp"],
 }
@@ -123,6 +124,12 @@ def _check(name: str, data: dict[str, Any]) -> None:
         default = data["lambda_max"]["float32"]["default"]
         assert default["converged"] is True and default["note"] is None
         assert 0 < max(default["rel_errors"]) < 1e-3, default
+    elif name == "budget_noise":
+        (step,) = data["steps"].values()
+        assert step["reference"]["trace"] > 0
+        for row in step["shapes"].values():
+            assert all(math.isfinite(row[k]) and row[k] >= 0 for k in ("err_mean", "err_median"))
+            assert row["stderr_probe_median"] >= 0 and row["stderr_data_median"] >= 0
     elif name == "trace_accuracy":
         assert set(data["accuracy"]) >= {"cnn_init", "cnn_trained"}
         assert all("met" in t for t in data["targets"])

@@ -24,11 +24,13 @@ products than the measurement the noise came from are counted at ``1/m²`` (Hutc
 faster one), more at ``1/m`` (Hutchinson's, the slower): the rule never counts on a product being
 worth more than it may be.
 
-**Where the size starts.** Without a noise estimate the measurement has the fixed shape
-(``hessian_batch_size`` samples, ``num_hvps`` products), scaled down only if it does not fit; the
-first one's cost is predicted from the timed training steps (:data:`FIRST_COST_RATIO`). With
-λ_max measured, the batch stays at ``hessian_batch_size`` samples or more whenever that fits
-(λ_max of a small batch is biased upwards; its error is not in the trace's model).
+**The fixed shape** (``hessian_batch_size`` samples, ``num_hvps`` products) bounds where the
+error model is used. Without a noise estimate, or when the shape does not fit, the measurement is
+the shape scaled down (with λ_max measured the batch is kept while it fits: λ_max of a small batch
+is biased upwards, which the trace's model does not see); below the shape Hutch++ loses its
+deflation faster than any per-product rate says (``benchmarks/budget_noise.py``). When the shape
+fits, :func:`choose_size` spends the rest by the error model. The first measurement's cost is
+predicted from the timed training steps (:data:`FIRST_COST_RATIO`).
 
 **Spending.** The next measurement may take what this interval's training earned plus a quarter
 (:data:`PAYBACK_INTERVALS`) of the balance carried from before: an overspent or underspent
