@@ -12,6 +12,7 @@ import random
 import pytest
 
 from deconcnn_curvature.monitor.budget import (
+    MAX_GROWTH,
     NOISE_FLOOR,
     Limits,
     Noise,
@@ -126,6 +127,25 @@ def test_fewer_products_than_measured_are_counted_at_one_over_m_squared() -> Non
     assert predicted_variance(8, 5, noise) == pytest.approx(10.0 / 5 * 2)  # fewer: 1/m^2
 
 
+def test_a_cost_fitted_on_small_measurements_is_not_extrapolated_far() -> None:
+    """Two measurements of nearly the same work whose seconds differ by timing noise fit an
+    intercept with almost no slope: without a cap the next one would be as large as the limits
+    allow (it once became 169 x 54 after 30 x 5, and overspent the target). It is at most twice
+    the largest work timed."""
+    limits = Limits(8, 512, 5, max_products=200, start=(64, 10))
+    budget = TimeBudget(0.05, None, limits)
+    noise_free = {"stderr_probe": 0.1, "stderr_data": 1.0}
+    budget.observe(Size(30, 5, 1.0, None, "first"), 0.30, 20, **noise_free)  # work 600
+    budget.observe(Size(30, 5, 1.0, None, "scaled"), 0.3000, 20, **noise_free)
+    budget.observe(Size(31, 5, 1.0, None, "scaled"), 0.3001, 20, **noise_free)  # work 620
+    budget.tick(1000.0)  # plenty of budget
+    c0, c1 = fit_cost(budget.points)
+    assert c1 > 0 and c0 + c1 * 169 * 69 < 1.0  # the fit alone would allow a huge measurement
+    size = budget.size()
+    assert size.skipped is None
+    assert size.samples * (size.products + budget.extra_products) <= MAX_GROWTH * 620 + 1e-9
+
+
 def test_smoothed_noise_keeps_the_products_it_was_last_measured_with() -> None:
     limits = Limits(min_samples=8, max_samples=512, min_products=2)
     budget = TimeBudget(0.1, None, limits)
@@ -197,10 +217,10 @@ def test_the_time_budget_sizes_from_what_it_timed() -> None:
     # 0.2/(16*8) s per sample-product.
     assert second.seconds == pytest.approx(1.2)
     assert second.predicted_seconds <= 1.2
-    # Probe part floored at 10 % of the variance: A = 0.101 * 4, B = 1 * 16; K = 768
-    # sample-products: m = sqrt(A K / B) = 4.4; n = K / (m + 4). Integer pairs: (85, 5) gives
-    # 0.2690, (95, 4) 0.2694 (96 x 8 is a hair over K in floating point): samples first.
-    assert (second.samples, second.products) == (85, 5)
+    # Probe part floored at 10 % of the variance: A = 0.101 * 4, B = 1 * 16. The time allows
+    # K = 768 sample-products, but at most twice the 16 x 8 = 128 timed: 256. m = 4 leaves
+    # n = 32 (V = 0.101 + 16/32 = 0.601), m = 5 leaves 28 (0.652): samples first.
+    assert (second.samples, second.products) == (32, 4)
     budget.observe(second, second.predicted_seconds, second.products + 4, 0.1, 1.0)
     summary = budget.summary()
     assert summary["share"] == pytest.approx((0.2 + second.predicted_seconds) / 20.0)
