@@ -35,6 +35,10 @@ predicted from the timed training steps (:data:`FIRST_COST_RATIO`).
 **Spending.** The next measurement may take what this interval's training earned plus a quarter
 (:data:`PAYBACK_INTERVALS`) of the balance carried from before: an overspent or underspent
 measurement is evened out over the next few, never paid back at once by one tiny measurement.
+A shortfall of at most a fifth of the fixed shape's predicted seconds (:data:`SHAPE_SLACK`, in
+the allowance and in the whole balance) does not shrink it: it is measured as it is and the debt
+evened out the same way (``max_seconds`` is never exceeded for it); once measured, the shape is
+priced by its own recent seconds rather than the fit.
 
 **Minimums.** A measurement keeps its interval: at least ``min_products`` products (2, or the
 backend's minimum) and at least 2 samples per data group (``data_groups ≥ 2``). When even the
@@ -52,10 +56,12 @@ __all__ = [
     "FIRST_COST_RATIO",
     "FIRST_PRODUCTS",
     "FIRST_SAMPLES_PER_GROUP",
+    "FIT_SPREAD",
     "MAX_BATCH_FACTOR",
     "MAX_GROWTH",
     "MAX_PRODUCTS",
     "PAYBACK_INTERVALS",
+    "SHAPE_SLACK",
     "Limits",
     "Noise",
     "Size",
@@ -85,12 +91,24 @@ PAYBACK_INTERVALS = 4
 MAX_GROWTH = 2.0
 #: The budget's curvature batch is at most this many times ``hessian_batch_size`` (memory bound).
 MAX_BATCH_FACTOR = 8
+#: The fixed shape is measured as it is when the allowance (and the run's whole balance) falls
+#: short of its predicted seconds by at most this share of them: the run then goes at most a
+#: fifth of a measurement into debt, paid back from the next intervals, instead of measuring a
+#: scaled-down shape whose error is far larger (``benchmarks/budget_noise.py``: Hutch++'s probe
+#: variance 25-55x from 10 to 5 products) for a shortfall within the cost model's own scatter.
+#: Never beyond ``max_seconds``, which is a per-measurement limit.
+SHAPE_SLACK = 0.2
 #: Most trace products one measurement may be given.
 MAX_PRODUCTS = 512
 #: Neither noise component is taken below this share of the measured variance: a data part from
 #: ``G − 1`` degrees of freedom (3 with 4 groups) is often estimated as 0 when it is not, and a 0
 #: would put the whole budget into products on a minimal batch.
 NOISE_FLOOR = 0.1
+#: An intercept is fitted to the cost only when the works timed span at least this factor: over
+#: nearly equal works the slope is timing noise (seven measurements of 64 x 20 and one of 64 x 18,
+#: their seconds +-15 %, fitted 0.13 s of intercept and a hundredth of the slope, which priced
+#: even the smallest measurement over the allowance and skipped one).
+FIT_SPREAD = 2.0
 #: Smoothing of the step time and the noise components (weight of the newest value).
 EWMA_WEIGHT = 0.5
 
@@ -162,9 +180,9 @@ class Size:
 
 def fit_cost(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """``(c0, c1)`` of ``seconds ≈ c0 + c1 · work`` (``work`` = samples × products) by least
-    squares over ``points = [(work, seconds), ...]``, with ``c0, c1 ≥ 0``. One point, or points
-    of one ``work``: ``c0 = 0`` and ``c1`` their mean ratio (it overstates the cost of a larger
-    measurement when ``c0 > 0``: the safe side)."""
+    squares over ``points = [(work, seconds), ...]``, with ``c0, c1 ≥ 0``. One point, or works
+    spanning less than a factor :data:`FIT_SPREAD`: ``c0 = 0`` and ``c1`` their mean ratio (it
+    overstates the cost of a larger measurement when ``c0 > 0``: the safe side)."""
     pts = [(float(w), float(s)) for w, s in points if w > 0 and math.isfinite(s)]
     if not pts:
         raise ValueError("fit_cost needs at least one measurement with work > 0")
@@ -173,7 +191,8 @@ def fit_cost(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     mw = sum(w for w, _ in pts) / n
     ms = sum(s for _, s in pts) / n
     sww = sum((w - mw) ** 2 for w, _ in pts)
-    if n < 2 or sww <= 1e-12 * max(mw, 1.0) ** 2:
+    works = [w for w, _ in pts]
+    if n < 2 or sww <= 1e-12 * max(mw, 1.0) ** 2 or max(works) < FIT_SPREAD * min(works):
         return 0.0, ratio
     c1 = sum((w - mw) * (s - ms) for w, s in pts) / sww
     c0 = ms - c1 * mw
@@ -204,10 +223,20 @@ def choose_size(
     extra_products: float = 0.0,
     data_weight: float = 1.0,
     max_work: float = math.inf,
+    balance: float = math.inf,
+    hard_limit: float = math.inf,
+    shape_seconds: float | None = None,
 ) -> Size:
     """The size of a measurement whose predicted seconds ``c0 + c1 · n · (m + extra_products)``
     are at most ``allowed`` and whose work ``n · (m + extra_products)`` is at most ``max_work``
     (a cost fitted on small measurements is not trusted far beyond them).
+
+    The one exception: the fixed shape ``limits.start`` is measured as it is when its predicted
+    seconds ``s`` exceed ``allowed`` and the run's whole ``balance`` by at most
+    :data:`SHAPE_SLACK` ``· s`` and are within ``hard_limit`` (``max_seconds``): rule ``"fixed
+    shape, kept"``. ``shape_seconds``: the shape's own measured seconds, used for ``s`` instead
+    of the fit (a fit over smaller measurements overstates it: their fixed costs and λ_max's
+    extra products are spread over less work).
 
     When the fixed shape ``limits.start`` fits and the noise is known: the ``(n, m)`` of least
     :func:`predicted_variance` with at least the shape's samples and products (the rest of the
@@ -244,7 +273,13 @@ def choose_size(
         if seconds(floor, limits.min_products) <= allowed:
             low = floor
     n0, m0 = limits.start_shape
-    if noise is None or seconds(max(n0, low), m0) > allowed:
+    shape = seconds(max(n0, low), m0)
+    if shape_seconds is not None and max(n0, low) == n0 and math.isfinite(shape):
+        shape = shape_seconds
+    short = allowed < shape <= hard_limit and math.isfinite(shape)
+    if short and shape * (1 - SHAPE_SLACK) <= min(allowed, balance):
+        return Size(max(n0, low), m0, allowed, shape, "fixed shape, kept")
+    if noise is None or shape > allowed:
         n, m = _scaled_start(allowed, seconds, limits, low)
         rule = "fixed shape (no noise estimate yet)" if noise is None else "fixed shape, scaled"
         return Size(n, m, allowed, seconds(n, m), rule)
@@ -337,6 +372,7 @@ class TimeBudget:
         self.steps = 0
         self.first_point: tuple[float, float] | None = None  # (samples x products, seconds)
         self.points: list[tuple[float, float]] = []  # the later ones, the last 8
+        self.shape_points: list[float] = []  # seconds of the later ones of the fixed shape, last 4
         self.extra_products: float | None = None  # EWMA: products beyond the trace's
         self.noise: Noise | None = None
         self.chosen: list[dict[str, Any]] = []
@@ -373,6 +409,8 @@ class TimeBudget:
                 self.first_point = point
             else:
                 self.points = [*self.points, point][-8:]
+                if (size.samples, size.products) == self.limits.start_shape:
+                    self.shape_points = [*self.shape_points, float(seconds)][-4:]
             extra = max(0.0, float(total_products - size.products))
             prev = self.extra_products
             self.extra_products = extra if prev is None else _ewma(prev, extra)
@@ -398,6 +436,25 @@ class TimeBudget:
 
     # -------------------------------------------------------------------------- sizing
 
+    def balance(self) -> float:
+        """``max_overhead · train_seconds − spent_seconds`` (``inf`` without ``max_overhead``):
+        what the run may still spend in all."""
+        if self.max_overhead is None:
+            return math.inf
+        return self.max_overhead * self.train_seconds - self.spent_seconds
+
+    def _slack(self) -> dict[str, Any]:
+        """:func:`choose_size`'s ``balance``, ``hard_limit`` and ``shape_seconds`` (the fixed
+        shape kept; its price the mean of its recent measurements, the first left out: it pays
+        one-time costs)."""
+        return {
+            "balance": self.balance(),
+            "hard_limit": math.inf if self.max_seconds is None else self.max_seconds,
+            "shape_seconds": (
+                sum(self.shape_points) / len(self.shape_points) if self.shape_points else None
+            ),
+        }
+
     def allowed(self) -> float:
         """Seconds the next measurement may take (:func:`allowed_seconds`)."""
         return allowed_seconds(
@@ -419,7 +476,12 @@ class TimeBudget:
         if self.step_seconds and self.train_batch_size:
             per = FIRST_COST_RATIO * self.step_seconds / self.train_batch_size
             size = choose_size(
-                allowed, (0.0, per), None, lim, extra_products=self.first_extra_products
+                allowed,
+                (0.0, per),
+                None,
+                lim,
+                extra_products=self.first_extra_products,
+                **self._slack(),
             )
             if size.skipped is None:
                 return dataclasses.replace(size, rule="first: fixed shape, cost from the steps")
@@ -457,6 +519,7 @@ class TimeBudget:
                 extra_products=self.extra_products or 0.0,
                 data_weight=self.data_weight,
                 max_work=MAX_GROWTH * max(w for w, _ in [self.first_point, *self.points]),
+                **self._slack(),
             )
         if size.skipped is None:
             self.chosen.append(_said(size))
@@ -505,6 +568,7 @@ class TimeBudget:
             "steps": self.steps,
             "first_point": None if self.first_point is None else list(self.first_point),
             "points": [list(p) for p in self.points],
+            "shape_points": list(self.shape_points),
             "extra_products": self.extra_products,
             "noise": None if self.noise is None else dataclasses.asdict(self.noise),
         }
@@ -520,6 +584,7 @@ class TimeBudget:
         first = state.get("first_point")
         self.first_point = None if first is None else (float(first[0]), float(first[1]))
         self.points = [(float(w), float(s)) for w, s in state.get("points", ())]
+        self.shape_points = [float(s) for s in state.get("shape_points", ())]
         self.extra_products = state.get("extra_products")
         noise = state.get("noise")
         self.noise = None if noise is None else Noise(**noise)
