@@ -10,9 +10,10 @@ a fixed population whose full-data Hessian is well defined), one subprocess per 
   every ``--cadence`` steps;
 - ``budget``: the same with ``curvature.max_overhead=--target`` (the monitor sizes each
   measurement);
-- ``matched``: the same with ``curvature.max_overhead`` set to the overhead the ``fixed`` run
-  achieved (measured from outside, this seed), so budget and fixed settings are compared at the
-  same realised overhead.
+- ``matched``: the same with ``curvature.max_overhead`` set to the share the ``fixed`` run took
+  on the monitor's own clock (this seed; :func:`_clock`: its whole measurements over the training
+  between them, from its ``metrics.jsonl``, plus the budget's set-up charge), so budget and fixed
+  settings are compared at the same realised overhead.
 
 **Overhead from outside**, in process CPU time (``resource.getrusage(RUSAGE_CHILDREN)`` around
 each subprocess; ``OMP_NUM_THREADS`` = ``--threads``): ``(CPU(run) − CPU(off)) / (CPU(off) −
@@ -40,7 +41,7 @@ the mean over (seed, step) cells of the paired difference, with a 95 % bootstrap
 the cells; coverage with its Wilson bounds over all draws. The run's own errors are kept in the
 JSON (``own_errors``).
 
-    python benchmarks/time_budget.py           # 3 seeds, 1600 steps, cadence 200 (~30 min CPU)
+    python benchmarks/time_budget.py           # 3 seeds, 1600 steps, cadence 200 (~20 min CPU)
     python benchmarks/time_budget.py --quick   # smoke run (a few minutes)
 
 Prints a table and writes ``--out`` (default ``benchmarks/results/time_budget.json``).
@@ -49,6 +50,7 @@ Prints a table and writes ``--out`` (default ``benchmarks/results/time_budget.js
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -319,6 +321,31 @@ def _share(rec: list[dict[str, Any]]) -> float | None:
     return spent / last["train_seconds"] if last["train_seconds"] else None
 
 
+def _clock(run_dir: str) -> dict[str, float] | None:
+    """A run's measuring and training seconds on the monitor's clock, from its ``metrics.jsonl``
+    (one line per measured step, written after the measurement): ``spent`` the sum of
+    ``curvature/seconds`` (whole measurements, batch building included, as a budget counts
+    them); ``train`` the seconds between measurements less the later one's, the first interval
+    (from the training start, not in the file) taken as their mean. ``None``: fewer than two."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        seconds = row.get("metrics", {}).get("curvature/seconds")
+        if seconds is not None:
+            rows.append((float(row["timestamp"]), float(seconds)))
+    if len(rows) < 2:
+        return None
+    gaps = [(b[0] - a[0]) - b[1] for a, b in itertools.pairwise(rows)]
+    return {
+        "spent": sum(s for _, s in rows),
+        "train": statistics.fmean(gaps) * len(rows),
+        "measurements": float(len(rows)),
+    }
+
+
 def _seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     base = [*_common(args, seed), "curvature.enabled=false"]
     runs: dict[str, dict[str, Any]] = {}
@@ -343,16 +370,19 @@ def _seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     budget = [*on, f"curvature.max_overhead={args.target}"]
     runs["budget"] = _run(args, budget, work / f"s{seed}-budget")
     # The fixed run's share on the monitor's own clock (wall time, as the budget counts it):
-    # its measuring seconds over the rest of its training. From outside, CPU differences of a few
-    # per cent between runs on a loaded machine can swamp it (it once came out <= 0).
+    # its whole measurements (batch building included, as a budget counts its own) over the
+    # training between them, from its metrics file. From outside, CPU differences of a few per
+    # cent between runs on a loaded machine swamp it; the run's wall time less a start-up run's
+    # counted more than the steps the monitor times (the matched runs realised 3-12 % less than
+    # the fixed run's measuring time and measured smaller shapes).
     # The budget pays the monitor's one-time set-up from its allowance (the first record's
     # spent_seconds is that charge, measured by the budgeted run's own monitor), so the fixed run's
-    # set-up counts on its side too: otherwise the matched run has less time per measurement
-    # than the fixed one (it realised 7-14 % less when the set-up was left out).
-    fixed_spent = sum(float(r.get("seconds") or 0.0) for r in runs["fixed"]["records"])
-    fixed_train = runs["fixed"]["wall"] - runs["start_on"]["wall"] - fixed_spent
+    # set-up counts on its side too.
+    clock = _clock(runs["fixed"]["run_dir"])
+    if clock is None:
+        raise SystemExit("the fixed run logged fewer than two measurements: raise --steps")
     setup = next((r["budget"]["spent_seconds"] for r in runs["budget"]["records"]), 0.0)
-    matched_target = min(1.0, max(1e-3, (fixed_spent + setup) / fixed_train))
+    matched_target = min(1.0, max(1e-3, (clock["spent"] + setup) / clock["train"]))
     matched = [*on, f"curvature.max_overhead={matched_target:.4f}"]
     runs["matched"] = _run(args, matched, work / f"s{seed}-matched")
     measured = {
@@ -368,6 +398,7 @@ def _seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
         "setup_cpu": runs["start_on"]["cpu"] - runs["start"]["cpu"],
         "replay_matches": replay["replay_matches"],
         "matched_target": matched_target,
+        "fixed_clock_share": clock["spent"] / clock["train"],
         "setup_seconds": setup,
         "reference": {str(k): v for k, v in ref.items()},
     }
@@ -377,6 +408,7 @@ def _seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
             "overhead_cpu": overhead(v),
             "overhead_stretch_cpu": stretch(v),
             "monitor_share": _share(recs),
+            "clock": _clock(runs[v]["run_dir"]),
             "errors": drawn[v],
             "own_errors": {str(k): e for k, e in _errors(recs, ref).items()},
             "measured_steps": len({int(r["step"]) for r in recs if r.get("value") is not None}),
@@ -410,6 +442,12 @@ def _pool(seeds: list[dict[str, Any]], variant: str) -> dict[str, Any]:
         "overhead_cpu_per_seed": over,
         "overhead_cpu_ci95": _bootstrap(over),
         "monitor_share": [s[variant]["monitor_share"] for s in seeds],
+        "clock_share": [
+            s[variant]["clock"]["spent"] / s[variant]["clock"]["train"]
+            if s[variant].get("clock")
+            else None
+            for s in seeds
+        ],
         "trace_err_mean": statistics.fmean([r["trace_err"] for r in rows]) if rows else None,
         "lambda_err_mean": statistics.fmean([r["lambda_err"] for r in rows]) if rows else None,
         "coverage": covered / draws if draws else None,
@@ -538,6 +576,7 @@ def _print(p: dict[str, Any]) -> None:
     print(
         f"{'run':9} {'target':>8} {'seeds':>5} {'overhead, all (CPU)':>22} {'in training':>22} "
         f"{'meas/skip':>10} {'trace err':>10} {'λmax err':>10} {'coverage [Wilson 95%]':>22}"
+        "  share on the monitor's clock, per seed"
     )
     for v, row in p["pooled"].items():
         target = {"fixed": "-", "budget": _fmt(a["target"], True), "matched": "=fixed"}[v]
@@ -549,7 +588,8 @@ def _print(p: dict[str, Any]) -> None:
             f"{v:9} {target:>8} {row['seeds']:>5} {_ci(row, 'overhead_cpu'):>22} "
             f"{_ci(row, 'overhead_stretch_cpu'):>22} {row['measurements']:>5}/{row['skipped']:<4} "
             f"{_fmt(row['trace_err_mean'], True):>10} {_fmt(row['lambda_err_mean'], True):>10}"
-            f" {_fmt(row['coverage'], True):>8} [{w[0]:.0%}, {w[1]:.0%}]"
+            f" {_fmt(row['coverage'], True):>8} [{w[0]:.0%}, {w[1]:.0%}]  "
+            + " / ".join(_fmt(x, True) for x in row.get("clock_share", []))
         )
     for name in ("matched", "budget"):
         for key, d in p[f"{name}_vs_fixed"].items():
