@@ -38,6 +38,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): tiny models and small dense matrices are
+    fastest on one, and immune to a busy machine's oversubscription. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A temporary working folder holding the checkpoint helper module (importable, the current
     directory); a test file adds what it needs by overriding ``workdir`` and requesting it."""

@@ -31,13 +31,7 @@ CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest, and immune to a busy machine's oversubscription.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _exact_trace(case: Case) -> float:

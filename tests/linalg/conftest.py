@@ -1,15 +1,11 @@
-"""Shared set-up of the estimators' tests on small dense matrices."""
+"""Shared set-up of the estimators' tests on small dense matrices: one torch thread
+(``one_thread`` in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Small dense matrices: one BLAS thread is fastest and immune to a busy machine's contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
