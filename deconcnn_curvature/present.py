@@ -831,7 +831,8 @@ def budget_share(records: Sequence[Mapping[str, Any]]) -> str | None:
     measured = len({r["step"] for r in budgeted if r.get("value") is not None})
     return (
         f"{share} of training time measuring (target: {' and '.join(target)}); "
-        f"{measured} steps measured, {skipped} skipped to stay within it"
+        f"{measured} step{'' if measured == 1 else 's'} measured, {skipped} skipped to stay "
+        "within it"
     )
 
 

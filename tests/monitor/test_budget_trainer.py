@@ -199,3 +199,18 @@ def test_hutchpp_spends_the_chosen_products_in_its_joint_call(tmp_path: Path) ->
         assert r["n_hvp"] == r["budget"]["products"] <= 83
         assert r["batch_size"] == r["budget"]["samples"]
         assert r["budget"]["seconds"] == 30.0 and r["budget"]["max_overhead"] is None
+
+
+def test_the_summary_row_counts_steps_in_words() -> None:
+    """One step measured and two skipped: "1 step measured, 2 skipped" (the row of a short
+    demo run once read "1 steps measured")."""
+
+    def rec(step: int, value: float | None, spent: float) -> dict:
+        budget = {"max_overhead": 0.05, "max_seconds": None, "train_seconds": 100.0}
+        budget["spent_seconds"] = spent
+        skipped = None if value is not None else "the smallest measurement exceeds the budget"
+        return {"step": step, "value": value, "seconds": 1.0, "budget": budget, "skipped": skipped}
+
+    line = budget_share([rec(8, 2.0, 0.5), rec(16, None, 1.5), rec(24, None, 1.5)])
+    assert line is not None and line.endswith("1 step measured, 2 skipped to stay within it")
+    assert line.startswith("2.5% of training time measuring (target: 5.0% of training time)")
