@@ -84,7 +84,8 @@ def test_records_carry_the_chosen_sizes_and_the_share_tracks_the_target(tmp_path
         assert b["max_seconds"] is None and b["seconds"] > 0
         assert r["details"]["data_groups"] == 4
     assert traces[0]["budget"]["rule"].startswith("first")
-    assert all(r["budget"]["rule"] in ("balanced", "fixed shape, scaled") for r in traces[1:])
+    later = ("balanced", "fixed shape, kept", "fixed shape, scaled")
+    assert all(r["budget"]["rule"] in later for r in traces[1:])
     summary = monitor.budget_summary()
     assert summary is not None and summary["measured"] == len(traces)
     assert 0.3 * target <= summary["share"] <= 1.4 * target, summary
