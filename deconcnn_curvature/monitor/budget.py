@@ -190,10 +190,10 @@ def fit_cost(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     n = len(pts)
     mw = sum(w for w, _ in pts) / n
     ms = sum(s for _, s in pts) / n
-    sww = sum((w - mw) ** 2 for w, _ in pts)
     works = [w for w, _ in pts]
-    if n < 2 or sww <= 1e-12 * max(mw, 1.0) ** 2 or max(works) < FIT_SPREAD * min(works):
+    if max(works) < FIT_SPREAD * min(works):  # one point, or works too close to fit a slope
         return 0.0, ratio
+    sww = sum((w - mw) ** 2 for w, _ in pts)
     c1 = sum((w - mw) * (s - ms) for w, s in pts) / sww
     c0 = ms - c1 * mw
     if c1 <= 0:
@@ -333,7 +333,7 @@ def allowed_seconds(
     from before, so a surplus or a debt is evened out over the next few measurements."""
     limit = math.inf
     if max_overhead is not None:
-        limit = max_overhead * train_seconds - spent_seconds
+        limit = _balance(max_overhead, train_seconds, spent_seconds)
         if since_last is not None:
             earned = max_overhead * since_last
             limit = earned + (limit - earned) / PAYBACK_INTERVALS
@@ -441,7 +441,7 @@ class TimeBudget:
         what the run may still spend in all."""
         if self.max_overhead is None:
             return math.inf
-        return self.max_overhead * self.train_seconds - self.spent_seconds
+        return _balance(self.max_overhead, self.train_seconds, self.spent_seconds)
 
     def _slack(self) -> dict[str, Any]:
         """:func:`choose_size`'s ``balance``, ``hard_limit`` and ``shape_seconds`` (the fixed
@@ -588,6 +588,11 @@ class TimeBudget:
         self.extra_products = state.get("extra_products")
         noise = state.get("noise")
         self.noise = None if noise is None else Noise(**noise)
+
+
+def _balance(max_overhead: float, train_seconds: float, spent_seconds: float) -> float:
+    """What a run may still spend in all: its share of the training so far less what it spent."""
+    return max_overhead * train_seconds - spent_seconds
 
 
 def _ewma(old: float, new: float) -> float:

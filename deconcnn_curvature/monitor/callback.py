@@ -842,7 +842,9 @@ class CurvatureMonitor(pl.Callback):
         # the same batch) has only data noise, biased upwards on a small batch: its samples count
         # twice in the split, and the batch stays at hessian_batch_size whenever that fits.
         eig = "eigenvalues" in self.quantities
-        shape = (self.hessian_batch_size, self.num_hvps or option.default or least_products)
+        assert self.plan is not None  # setup() made it
+        planned = self.plan.resolve().get("trace", {}).get(option.name)  # the router's products
+        shape = (self.hessian_batch_size, int(planned) if planned else least_products)
         limits = Limits(
             min_samples,
             max(min_samples, most),
